@@ -1,0 +1,52 @@
+# PhenoLens: `make demo` and `make test` work from a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SETUP_STAMP := $(VENV)/.setup-stamp
+ASSETS_STAMP := data/.assets-stamp
+
+.PHONY: setup test demo serve bench lint proto container-test clean
+
+setup: $(SETUP_STAMP) $(ASSETS_STAMP)
+
+$(SETUP_STAMP): requirements.txt requirements-nodeps.txt pyproject.toml client/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The CPU torch wheel first, from the local wheel directory: everything after
+	# sees torch==2.13.0 already satisfied and never reaches for a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
+	$(PIP) install -q --no-deps -e ./client
+	$(PIP) install -q --no-deps -e .
+	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') and torch.version.cuda is None else 'wrong torch: ' + v)"
+	touch $@
+
+$(ASSETS_STAMP): $(SETUP_STAMP) encoder/assets.py
+	$(PY) -m encoder.assets fetch
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m server.demo
+
+serve: setup
+	$(VENV)/bin/phenolens serve
+
+bench: setup
+	$(PY) -m bench.run_all
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+proto: setup
+	$(PY) -m server.protogen
+
+container-test: setup
+	bash tests/container/run.sh
+
+clean:
+	rm -rf $(VENV) data/.assets-stamp demo-output

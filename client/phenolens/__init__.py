@@ -1,0 +1,1 @@
+"""PhenoLens Python client (stub; filled in by the service issue)."""

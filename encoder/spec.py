@@ -1,0 +1,75 @@
+"""What every encoder declares about itself, and the features/head split.
+
+Like timm's pretrained configs: an encoder carries its input size, its
+normalisation, its embedding size and its CAM layer, so nothing else hard-codes
+them. Every encoder is split into ``features(x) -> (B, C, H, W)`` and an affine
+(in eval mode) ``head(F) -> (B, D)``; explanations rely on that split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Static facts about one encoder.
+
+    ``mean``/``std`` apply to pixel values in 0..255: ``x = (pixel - mean) / std``.
+    ``alignment`` names the crop the encoder expects (see ``encoder.align``).
+    """
+
+    name: str
+    input_size: tuple[int, int]  # (H, W) of the aligned crop
+    channels: int  # 3 = RGB, 1 = grayscale
+    mean: float
+    std: float
+    embedding_dim: int
+    feature_shape: tuple[int, int, int]  # (C, H, W) of features(x)
+    cam_layer: str  # the module whose output features(x) returns
+    alignment: str  # "arcface112", "gm100gray", "facenet160"
+    version: str = "1"
+
+
+class FaceEncoder(nn.Module):
+    """Base class: subclasses implement ``features`` and ``head``."""
+
+    spec: EncoderSpec
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised input -> (B, C', h, w) CAM-layer feature map."""
+        raise NotImplementedError
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """(B, C', h, w) -> (B, D) embedding; affine in eval mode."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def preprocess(self, aligned: np.ndarray) -> torch.Tensor:
+        """(N, H, W, 3) or (H, W, 3) uint8 RGB aligned crops -> (N, C, H, W) float input.
+
+        Grayscale encoders take the ITU-R 601 luma of the RGB crop.
+        """
+        arr = np.asarray(aligned)
+        if arr.ndim == 3:
+            arr = arr[None]
+        h, w = self.spec.input_size
+        if arr.shape[1:3] != (h, w):
+            from encoder.errors import WrongImageSize
+
+            raise WrongImageSize(
+                f"encoder {self.spec.name} expects {w}x{h} aligned crops, got "
+                f"{arr.shape[2]}x{arr.shape[1]}"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(arr)).float().permute(0, 3, 1, 2)
+        if self.spec.channels == 1:
+            x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = (x - self.spec.mean) / self.spec.std
+        device = next(self.parameters()).device
+        return x.to(device)

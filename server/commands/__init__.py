@@ -1,0 +1,1 @@
+"""Subcommands of the phenolens CLI, one module per area."""
