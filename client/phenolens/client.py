@@ -1,0 +1,295 @@
+"""The synchronous client: ``Client(target, token=..., tls=...)``.
+
+>>> from phenolens import Client
+>>> with Client("localhost:50051", token="...") as pl:
+...     result = pl.match("face.jpg", top_k=5)
+...     best = pl.explain("face.jpg", top_k=1).explanations[0]
+...     best.save_overlay("best.png")
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from . import requests as rq
+from ._proto import gallery_pb2, gallery_pb2_grpc, phenolens_pb2, phenolens_pb2_grpc
+from .arrays import ImageLike, to_image, to_rgb
+from .errors import PhenoLensError, from_rpc_error
+from .results import (
+    Encoding,
+    ExplainedMatch,
+    ExplainResult,
+    GalleryImage,
+    GalleryRecord,
+    GalleryStats,
+    ImportSummary,
+    MatchResult,
+    Page,
+    ServerInfo,
+)
+
+T = TypeVar("T")
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def _read(value: bytes | str | Path | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+@dataclass(frozen=True)
+class TLS:
+    """Transport security. ``ca``: PEM of the CA that signed the server (None: system roots);
+    ``cert``/``key``: the client's own certificate for mutual TLS; ``server_name``: override
+    the name checked against the server certificate. PEM as bytes or a file path."""
+
+    ca: bytes | str | Path | None = None
+    cert: bytes | str | Path | None = None
+    key: bytes | str | Path | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca), private_key=_read(self.key),
+            certificate_chain=_read(self.cert),
+        )
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Exponential backoff with jitter on UNAVAILABLE: waits base, 2*base, ... up to cap."""
+
+    attempts: int = 4
+    base_s: float = 0.1
+    cap_s: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        for n in range(self.attempts - 1):
+            yield min(self.cap_s, self.base_s * 2**n) * random.uniform(0.5, 1.0)
+
+
+def channel_options(tls: TLS | bool | None, max_message_bytes: int) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+    if isinstance(tls, TLS) and tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return options
+
+
+def channel_credentials(tls: TLS | bool | None) -> grpc.ChannelCredentials | None:
+    if tls is None or tls is False:
+        return None
+    return TLS().credentials() if tls is True else tls.credentials()
+
+
+class Client:
+    """A PhenoLens connection. Thread-safe; close it (or use ``with``) when done.
+
+    ``timeout`` is the default deadline of each call in seconds (None: no deadline).
+    Every failed call raises a ``phenolens.errors.PhenoLensError`` subclass.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        tls: TLS | bool | None = None,
+        *,
+        timeout: float | None = 60.0,
+        retry: Retry | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        options = channel_options(tls, max_message_bytes)
+        creds = channel_credentials(tls)
+        self._channel = (grpc.secure_channel(target, creds, options=options) if creds
+                         else grpc.insecure_channel(target, options=options))
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout = timeout
+        self._retry = retry or Retry()
+        self._lens = phenolens_pb2_grpc.PhenoLensStub(self._channel)
+        self._gallery = gallery_pb2_grpc.GalleryAdminStub(self._channel)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        timeout = self._timeout if timeout is None else timeout
+        delays = self._retry.delays()
+        while True:
+            try:
+                return method(request, timeout=timeout, metadata=self._metadata)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    delay = next(delays, None)
+                    if delay is not None:
+                        time.sleep(delay)
+                        continue
+                raise from_rpc_error(error) from None
+
+    # -- matching ---------------------------------------------------------------------------
+    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        return ServerInfo.from_proto(
+            self._call(self._lens.GetServerInfo, phenolens_pb2.ServerInfoRequest(), timeout))
+
+    def encode(self, image: ImageLike, *, aligned: bool = False, return_crop: bool = False,
+               timeout: float | None = None) -> Encoding:
+        """Detect, align and embed one face; ``aligned=True`` skips detection for a crop."""
+        request = phenolens_pb2.EncodeRequest(image=to_image(image, aligned=aligned),
+                                              return_aligned_crop=return_crop)
+        return Encoding.from_proto(self._call(self._lens.Encode, request, timeout))
+
+    def match(self, image: ImageLike | None = None, *, aligned: bool = False,
+              embedding: np.ndarray | None = None, view_scheme: str = "", top_k: int = 10,
+              top_syndromes: int = 10, top_genes: int = 10, filters: rq.Filters | None = None,
+              exclude_subjects: Sequence[str] = (), timeout: float | None = None) -> MatchResult:
+        """Top-k gallery images and the syndrome and gene rankings for a face or embedding."""
+        request = rq.match_request(image, aligned=aligned, embedding=embedding,
+                                   view_scheme=view_scheme, top_k=top_k,
+                                   top_syndromes=top_syndromes, top_genes=top_genes,
+                                   filters=filters, exclude_subjects=exclude_subjects)
+        return MatchResult.from_proto(self._call(self._lens.Match, request, timeout))
+
+    def explain(self, image: ImageLike, *, aligned: bool = False, top_k: int = 3,
+                methods: Sequence[str] = (), photo_maps: bool = True, overlays: bool = False,
+                gallery_crops: bool = True, feature_maps: bool = False,
+                gallery_ids: Sequence[str] = (), filters: rq.Filters | None = None,
+                exclude_subjects: Sequence[str] = (), timeout: float | None = None
+                ) -> ExplainResult:
+        """Match, then maps on both faces of every hit (see ExplainedMatch.save_overlay)."""
+        request = rq.explain_request(image, aligned=aligned, top_k=top_k, methods=methods,
+                                     photo_maps=photo_maps, overlays=overlays,
+                                     gallery_crops=gallery_crops, feature_maps=feature_maps,
+                                     gallery_ids=gallery_ids, filters=filters,
+                                     exclude_subjects=exclude_subjects)
+        response = self._call(self._lens.Explain, request, timeout)
+        photo = to_rgb(image) if photo_maps else None
+        return ExplainResult(
+            MatchResult.from_proto(response.match),
+            tuple(ExplainedMatch.from_proto(e, query_crop_png=response.query_crop_png,
+                                            query_photo=photo) for e in response.explanations),
+            response.query_crop_png,
+        )
+
+    def explain_stream(self, image: ImageLike, *, aligned: bool = False, top_k: int = 3,
+                       methods: Sequence[str] = (), photo_maps: bool = True,
+                       overlays: bool = False, gallery_crops: bool = True,
+                       feature_maps: bool = False, gallery_ids: Sequence[str] = (),
+                       filters: rq.Filters | None = None, exclude_subjects: Sequence[str] = (),
+                       timeout: float | None = None
+                       ) -> Iterator[MatchResult | ExplainedMatch]:
+        """Yields the MatchResult first, then each ExplainedMatch as the server finishes it.
+
+        Closing the iterator early (``break``) cancels the call on the server.
+        """
+        request = rq.explain_request(image, aligned=aligned, top_k=top_k, methods=methods,
+                                     photo_maps=photo_maps, overlays=overlays,
+                                     gallery_crops=gallery_crops, feature_maps=feature_maps,
+                                     gallery_ids=gallery_ids, filters=filters,
+                                     exclude_subjects=exclude_subjects)
+        photo = to_rgb(image) if photo_maps else None
+        timeout = self._timeout if timeout is None else timeout
+        delays = self._retry.delays()
+        while True:
+            call = self._lens.ExplainStream(request, timeout=timeout, metadata=self._metadata)
+            received = 0
+            crop = b""
+            try:
+                for event in call:
+                    received += 1
+                    crop = crop or event.query_crop_png
+                    if event.HasField("match"):
+                        yield MatchResult.from_proto(event.match)
+                    else:
+                        yield ExplainedMatch.from_proto(event.explanation, query_crop_png=crop,
+                                                        query_photo=photo)
+                return
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE and received == 0:
+                    delay = next(delays, None)
+                    if delay is not None:
+                        time.sleep(delay)
+                        continue
+                raise from_rpc_error(error) from None
+            finally:
+                call.cancel()
+
+    # -- gallery ----------------------------------------------------------------------------
+    def add_image(self, image: ImageLike, record: GalleryRecord | None = None, *,
+                  aligned: bool = False, timeout: float | None = None, **fields: Any
+                  ) -> GalleryRecord:
+        """Add one image (needs the admin scope). Metadata as a GalleryRecord or keywords
+        (image_id=, subject_id=, syndrome_id=, syndrome_name=, omim=, genes=, source=)."""
+        if record is None:
+            fields["genes"] = tuple(fields.get("genes", ()))
+            record = GalleryRecord(gallery_id="", **fields)
+        response = self._call(self._gallery.AddImage,
+                              rq.add_image_request(image, record, aligned=aligned), timeout)
+        return GalleryRecord.from_proto(response.record)
+
+    def import_gallery(self, items: Iterable[rq.ImportItem], *, timeout: float | None = None
+                       ) -> ImportSummary:
+        """Stream records to the server (admin scope); not retried, since items are consumed."""
+        timeout = self._timeout if timeout is None else timeout
+        try:
+            s = self._gallery.ImportGallery(rq.import_records(items), timeout=timeout,
+                                            metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return ImportSummary(s.received, s.added, s.unchanged, s.gallery_version)
+
+    def delete_images(self, gallery_ids: Sequence[str], *, missing_ok: bool = False,
+                      timeout: float | None = None) -> int:
+        request = gallery_pb2.DeleteImagesRequest(gallery_ids=list(gallery_ids),
+                                                  missing_ok=missing_ok)
+        return self._call(self._gallery.DeleteImages, request, timeout).deleted
+
+    def get_image(self, gallery_id: str, *, include_crop: bool = False,
+                  include_embedding: bool = False, timeout: float | None = None) -> GalleryImage:
+        request = gallery_pb2.GetImageRequest(gallery_id=gallery_id, include_crop=include_crop,
+                                              include_embedding=include_embedding)
+        return GalleryImage.from_proto(self._call(self._gallery.GetImage, request, timeout))
+
+    def list_images(self, *, page_size: int = 100, page_token: str = "", syndrome_id: str = "",
+                    subject_id: str = "", timeout: float | None = None) -> Page:
+        request = gallery_pb2.ListImagesRequest(page_size=page_size, page_token=page_token,
+                                                syndrome_id=syndrome_id, subject_id=subject_id)
+        r = self._call(self._gallery.ListImages, request, timeout)
+        return Page(tuple(GalleryRecord.from_proto(x) for x in r.records), r.next_page_token,
+                    r.total)
+
+    def iter_images(self, *, page_size: int = 100, syndrome_id: str = "", subject_id: str = ""
+                    ) -> Iterator[GalleryRecord]:
+        """Every matching record, following page tokens."""
+        token = ""
+        while True:
+            page = self.list_images(page_size=page_size, page_token=token,
+                                    syndrome_id=syndrome_id, subject_id=subject_id)
+            yield from page.records
+            token = page.next_page_token
+            if not token:
+                return
+
+    def gallery_stats(self, *, timeout: float | None = None) -> GalleryStats:
+        return GalleryStats.from_proto(
+            self._call(self._gallery.GalleryStats, gallery_pb2.GalleryStatsRequest(), timeout))
+
+
+__all__ = ["Client", "TLS", "Retry", "PhenoLensError"]

@@ -1,0 +1,85 @@
+"""Signed explanation maps drawn over faces, with Pillow and a built-in colormap.
+
+The colormap is diverging and colour-blind safe (ColorBrewer RdBu, reversed):
+blue cells push two faces apart, red cells pull them together, and cells near
+zero leave the face visible. Maps are scaled by their largest absolute value,
+so zero stays white-transparent and the sign is never lost.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# ColorBrewer RdBu, 11 classes, from negative (blue) to positive (red).
+_DIVERGING = np.array(
+    [
+        (5, 48, 97), (33, 102, 172), (67, 147, 195), (146, 197, 222), (209, 229, 240),
+        (247, 247, 247),
+        (253, 219, 199), (244, 165, 130), (214, 96, 77), (178, 24, 43), (103, 0, 31),
+    ],
+    dtype=np.float32,
+)
+
+
+def diverging_colors(values: np.ndarray) -> np.ndarray:
+    """(...,) values in [-1, 1] -> (..., 3) float32 RGB in 0..255, by linear interpolation."""
+    t = (np.clip(values, -1.0, 1.0) + 1.0) / 2.0 * (len(_DIVERGING) - 1)
+    lo = np.floor(t).astype(int).clip(0, len(_DIVERGING) - 2)
+    frac = (t - lo)[..., None]
+    return _DIVERGING[lo] * (1.0 - frac) + _DIVERGING[lo + 1] * frac
+
+
+def resize_map(signed_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) float map -> (H, W) float32 by bilinear interpolation; ``size`` is (H, W)."""
+    from PIL import Image
+
+    arr = np.asarray(signed_map, dtype=np.float32)
+    if arr.shape == tuple(size):
+        return arr
+    im = Image.fromarray(np.ascontiguousarray(arr)).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.float32)
+
+
+def render_overlay(base_rgb: np.ndarray, signed_map: np.ndarray, *, alpha: float = 0.6) -> np.ndarray:
+    """(H, W, 3) uint8 face and (h, w) signed map -> (H, W, 3) uint8 overlay.
+
+    Opacity grows with |map| up to ``alpha``; the map is resized to the face.
+    """
+    base = np.asarray(base_rgb, dtype=np.float32)[..., :3]
+    m = resize_map(signed_map, base.shape[:2])
+    scale = float(np.max(np.abs(m))) or 1.0
+    v = m / scale
+    weight = (alpha * np.abs(v))[..., None]
+    out = base * (1.0 - weight) + diverging_colors(v) * weight
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def side_by_side(images: list[np.ndarray], *, gap: int = 8) -> np.ndarray:
+    """Images of any size in a row on a white background, scaled to the tallest height."""
+    from PIL import Image
+
+    height = max(im.shape[0] for im in images)
+    scaled = []
+    for im in images:
+        pil = Image.fromarray(im)
+        if im.shape[0] != height:
+            pil = pil.resize((round(im.shape[1] * height / im.shape[0]), height))
+        scaled.append(np.asarray(pil))
+    width = sum(im.shape[1] for im in scaled) + gap * (len(scaled) - 1)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    x = 0
+    for im in scaled:
+        canvas[:, x : x + im.shape[1]] = im[..., :3]
+        x += im.shape[1] + gap
+    return canvas
+
+
+def save_png(rgb: np.ndarray, path: str | Path) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(path)
+    return path

@@ -1,0 +1,334 @@
+"""What the client returns: small frozen dataclasses with numpy arrays.
+
+Each ``from_proto`` turns one response message into plain Python; nothing
+outside this module and ``requests`` touches protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from . import overlay
+from ._proto import gallery_pb2, phenolens_pb2, types_pb2
+from .arrays import decode_png, from_float_array, optional_array
+
+Side = Literal["query", "gallery"]
+_SIDES: dict[int, Side] = {phenolens_pb2.SIDE_QUERY: "query", phenolens_pb2.SIDE_GALLERY: "gallery"}
+
+
+@dataclass(frozen=True, eq=False)
+class FaceAlignment:
+    """How the face was found and aligned. Matrices are (2, 3) affine; points (5, 2) x, y."""
+
+    detected: bool
+    detection_score: float
+    face_count: int
+    boxes: np.ndarray  # (n, 4) x0, y0, x1, y1 in photo pixels
+    landmarks_photo: np.ndarray | None
+    landmarks_crop: np.ndarray | None
+    photo_to_crop: np.ndarray | None
+    crop_to_photo: np.ndarray | None
+    photo_size: tuple[int, int]  # (H, W)
+    crop_size: tuple[int, int]  # (H, W)
+    template: str
+
+    @classmethod
+    def from_proto(cls, m: types_pb2.Alignment) -> FaceAlignment:
+        boxes = optional_array(m.boxes)
+        return cls(
+            detected=m.detected,
+            detection_score=m.detection_score,
+            face_count=m.face_count,
+            boxes=boxes if boxes is not None else np.zeros((0, 4), np.float32),
+            landmarks_photo=optional_array(m.landmarks_photo),
+            landmarks_crop=optional_array(m.landmarks_crop),
+            photo_to_crop=optional_array(m.photo_to_crop),
+            crop_to_photo=optional_array(m.crop_to_photo),
+            photo_size=(m.photo_height, m.photo_width),
+            crop_size=(m.crop_height, m.crop_width),
+            template=m.template,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Encoding:
+    encoder_id: str
+    view_scheme: str
+    embedding: np.ndarray  # (V, D), L2-normalised per view
+    alignment: FaceAlignment
+    aligned_crop_png: bytes = b""
+
+    @classmethod
+    def from_proto(cls, m: phenolens_pb2.EncodeResponse) -> Encoding:
+        return cls(m.encoder_id, m.view_scheme, from_float_array(m.embedding),
+                   FaceAlignment.from_proto(m.alignment), m.aligned_crop_png)
+
+    def aligned_crop(self) -> np.ndarray:
+        """(H, W, 3) uint8 aligned crop (needs Pillow and ``return_crop=True``)."""
+        return decode_png(self.aligned_crop_png)
+
+
+@dataclass(frozen=True)
+class GalleryRecord:
+    gallery_id: str
+    image_id: str = ""
+    subject_id: str = ""
+    syndrome_id: str = ""
+    syndrome_name: str = ""
+    omim: str = ""
+    genes: tuple[str, ...] = ()
+    source: str = ""
+    encoder_id: str = ""
+    view_scheme: str = ""
+
+    @classmethod
+    def from_proto(cls, m: types_pb2.GalleryRecord) -> GalleryRecord:
+        return cls(m.gallery_id, m.image_id, m.subject_id, m.syndrome_id, m.syndrome_name,
+                   m.omim, tuple(m.genes), m.source, m.encoder_id, m.view_scheme)
+
+    def to_proto(self) -> types_pb2.GalleryRecord:
+        return types_pb2.GalleryRecord(
+            gallery_id=self.gallery_id, image_id=self.image_id, subject_id=self.subject_id,
+            syndrome_id=self.syndrome_id, syndrome_name=self.syndrome_name, omim=self.omim,
+            genes=list(self.genes), source=self.source,
+        )
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    record: GalleryRecord
+    cosine: float
+    distance: float
+
+    @property
+    def gallery_id(self) -> str:
+        return self.record.gallery_id
+
+    @property
+    def syndrome_id(self) -> str:
+        return self.record.syndrome_id
+
+    @classmethod
+    def from_proto(cls, m: types_pb2.Hit) -> Hit:
+        return cls(m.rank, GalleryRecord.from_proto(m.record), m.cosine, m.distance)
+
+
+@dataclass(frozen=True)
+class SyndromeRank:
+    rank: int
+    syndrome_id: str
+    syndrome_name: str
+    omim: str
+    cosine: float
+    nearest_gallery_id: str
+
+
+@dataclass(frozen=True)
+class GeneRank:
+    rank: int
+    gene: str
+    cosine: float
+    nearest_gallery_id: str
+
+
+@dataclass(frozen=True, eq=False)
+class MatchResult:
+    encoder_id: str
+    view_scheme: str
+    gallery_version: int
+    hits: tuple[Hit, ...]
+    syndromes: tuple[SyndromeRank, ...]
+    genes: tuple[GeneRank, ...]
+    alignment: FaceAlignment | None
+
+    @classmethod
+    def from_proto(cls, m: phenolens_pb2.MatchResponse) -> MatchResult:
+        return cls(
+            encoder_id=m.encoder_id,
+            view_scheme=m.view_scheme,
+            gallery_version=m.gallery_version,
+            hits=tuple(Hit.from_proto(h) for h in m.hits),
+            syndromes=tuple(
+                SyndromeRank(s.rank, s.syndrome_id, s.syndrome_name, s.omim, s.cosine,
+                             s.nearest_gallery_id) for s in m.syndromes
+            ),
+            genes=tuple(GeneRank(g.rank, g.gene, g.cosine, g.nearest_gallery_id) for g in m.genes),
+            alignment=FaceAlignment.from_proto(m.alignment) if m.HasField("alignment") else None,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ExplanationMap:
+    """One signed map of one face. Positive cells pull the faces together."""
+
+    method: str
+    side: Side
+    aligned: np.ndarray  # (h, w) in aligned-crop pixels
+    photo: np.ndarray | None = None  # (H, W) in the submitted photo's pixels (query side)
+    feature: np.ndarray | None = None  # (h', w') at the layer's resolution
+    overlay_png: bytes = b""
+    photo_overlay_png: bytes = b""
+
+    @classmethod
+    def from_proto(cls, m: phenolens_pb2.Map) -> ExplanationMap:
+        return cls(m.method, _SIDES.get(m.side, "query"), from_float_array(m.aligned),
+                   optional_array(m.photo), optional_array(m.feature), m.overlay_png,
+                   m.photo_overlay_png)
+
+
+@dataclass(frozen=True, eq=False)
+class ExplainedMatch:
+    """The explanation of one hit: maps on both faces, and the faces to draw them on."""
+
+    index: int
+    hit: Hit
+    maps: tuple[ExplanationMap, ...]
+    residual: float
+    bias_share: float
+    gallery_crop_png: bytes = b""
+    query_crop_png: bytes = b""
+    query_photo: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8
+
+    @classmethod
+    def from_proto(cls, m: phenolens_pb2.ExplainedMatch, *, query_crop_png: bytes = b"",
+                   query_photo: np.ndarray | None = None) -> ExplainedMatch:
+        return cls(m.index, Hit.from_proto(m.hit),
+                   tuple(ExplanationMap.from_proto(x) for x in m.maps), m.residual,
+                   m.bias_share, m.gallery_crop_png, query_crop_png, query_photo)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(m.method for m in self.maps))
+
+    def map(self, method: str | None = None, side: Side = "query") -> ExplanationMap:
+        """The map of ``method`` (default: the first one sent) on ``side``."""
+        method = method or self.methods[0]
+        for m in self.maps:
+            if m.method == method and m.side == side:
+                return m
+        raise KeyError(f"no {side} map for method {method!r}; have {self.methods}")
+
+    def overlay(self, method: str | None = None, side: Side = "query", *,
+                coords: Literal["aligned", "photo"] = "aligned", alpha: float = 0.6) -> np.ndarray:
+        """(H, W, 3) uint8 rendering of one map over its face (needs Pillow)."""
+        m = self.map(method, side)
+        if coords == "photo":
+            if side != "query" or m.photo is None or self.query_photo is None:
+                raise ValueError("photo overlays need the query side, photo_maps=True and the "
+                                 "query photo (a numpy input, or Pillow to decode it)")
+            return overlay.render_overlay(self.query_photo, m.photo, alpha=alpha)
+        crop_png = self.query_crop_png if side == "query" else self.gallery_crop_png
+        if not crop_png:
+            raise ValueError(f"the server sent no {side} crop: ask for gallery_crops=True")
+        return overlay.render_overlay(decode_png(crop_png), m.aligned, alpha=alpha)
+
+    def save_overlay(self, path: str | Path, method: str | None = None,
+                     side: Side | Literal["both"] = "both", *,
+                     coords: Literal["aligned", "photo"] = "aligned", alpha: float = 0.6) -> Path:
+        """Write a PNG: one face with its map, or (``side="both"``) query | gallery side by side."""
+        if side == "both":
+            images = [self.overlay(method, "query", coords=coords, alpha=alpha),
+                      self.overlay(method, "gallery", alpha=alpha)]
+            return overlay.save_png(overlay.side_by_side(images), path)
+        return overlay.save_png(self.overlay(method, side, coords=coords, alpha=alpha), path)
+
+
+@dataclass(frozen=True, eq=False)
+class ExplainResult:
+    match: MatchResult
+    explanations: tuple[ExplainedMatch, ...]
+    query_crop_png: bytes = b""
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    name: str
+    version: str
+    embedding_dim: int
+    input_size: tuple[int, int]
+    alignment: str
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    server_version: str
+    api_version: str
+    encoder_id: str
+    encoders: tuple[EncoderInfo, ...]
+    view_scheme: str
+    gallery_version: int
+    gallery_size: int
+    limits: dict[str, float]
+    explain_methods: tuple[str, ...]
+    default_explain_methods: tuple[str, ...]
+    features: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, m: phenolens_pb2.ServerInfo) -> ServerInfo:
+        limits = {f.name: getattr(m.limits, f.name) for f in m.limits.DESCRIPTOR.fields}
+        return cls(
+            m.server_version, m.api_version, m.encoder_id,
+            tuple(EncoderInfo(e.name, e.version, e.embedding_dim, (e.input_height, e.input_width),
+                              e.alignment) for e in m.encoders),
+            m.view_scheme, m.gallery_version, m.gallery_size, limits,
+            tuple(m.explain_methods), tuple(m.default_explain_methods), tuple(m.features),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class GalleryImage:
+    record: GalleryRecord
+    aligned_crop_png: bytes
+    embedding: np.ndarray | None  # (V, D)
+
+    @classmethod
+    def from_proto(cls, m: gallery_pb2.GalleryImage) -> GalleryImage:
+        return cls(GalleryRecord.from_proto(m.record), m.aligned_crop_png,
+                   optional_array(m.embedding))
+
+
+@dataclass(frozen=True)
+class Page:
+    records: tuple[GalleryRecord, ...]
+    next_page_token: str
+    total: int
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    received: int
+    added: int
+    unchanged: int
+    gallery_version: int
+
+
+@dataclass(frozen=True)
+class SyndromeCount:
+    syndrome_id: str
+    syndrome_name: str
+    images: int
+    subjects: int
+
+
+@dataclass(frozen=True)
+class GalleryStats:
+    images: int
+    subjects: int
+    syndromes: int
+    per_syndrome: tuple[SyndromeCount, ...]
+    imbalance: float
+    gallery_version: int
+    encoder_id: str
+    view_scheme: str
+
+    @classmethod
+    def from_proto(cls, m: gallery_pb2.GalleryStatsResponse) -> GalleryStats:
+        return cls(m.images, m.subjects, m.syndromes,
+                   tuple(SyndromeCount(s.syndrome_id, s.syndrome_name, s.images, s.subjects)
+                         for s in m.per_syndrome),
+                   m.imbalance, m.gallery_version, m.encoder_id, m.view_scheme)
