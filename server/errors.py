@@ -8,9 +8,64 @@ from __future__ import annotations
 import grpc
 
 from encoder import errors as enc
+from explain import errors as xpl
+from gallery import errors as gal
+
+
+class ServiceError(Exception):
+    """Base of the errors the server raises itself (not the library's)."""
+
+
+class BadRequest(ServiceError):
+    """A request that is malformed or over a configured limit (top_k, methods, page size)."""
+
+
+class Saturated(ServiceError):
+    """Every heavy-work slot is busy and none freed up within the queue timeout."""
+
+
+class Unauthenticated(ServiceError):
+    """No bearer token, or one the server does not know."""
+
+
+class PermissionDenied(ServiceError):
+    """A known token without the scope the method needs."""
+
+
+class NotFound(ServiceError):
+    pass
+
+
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed while the server was still working."""
+
+
+class Cancelled(ServiceError):
+    """The caller went away (cancelled the call or disconnected)."""
 
 # Ordered most specific first; the first isinstance match wins.
 STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (Saturated, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    (gal.UnknownId, grpc.StatusCode.NOT_FOUND),
+    (gal.DuplicateId, grpc.StatusCode.ALREADY_EXISTS),
+    (gal.SchemeMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (gal.DimensionMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (gal.SchemaTooNew, grpc.StatusCode.FAILED_PRECONDITION),
+    (gal.InvalidEmbedding, grpc.StatusCode.INVALID_ARGUMENT),
+    (gal.ImportFormatError, grpc.StatusCode.INVALID_ARGUMENT),
+    (xpl.UnknownMethod, grpc.StatusCode.INVALID_ARGUMENT),
+    (xpl.InvalidOption, grpc.StatusCode.INVALID_ARGUMENT),
+    (xpl.BudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (xpl.TimeLimitExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (xpl.Cancelled, grpc.StatusCode.CANCELLED),
+    (xpl.NonAffineHead, grpc.StatusCode.FAILED_PRECONDITION),
+    (xpl.IncompatibleViews, grpc.StatusCode.FAILED_PRECONDITION),
     (enc.ImageError, grpc.StatusCode.INVALID_ARGUMENT),
     (enc.FaceError, grpc.StatusCode.INVALID_ARGUMENT),
     (enc.UnknownEncoder, grpc.StatusCode.INVALID_ARGUMENT),
