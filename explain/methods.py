@@ -1,0 +1,502 @@
+"""The attribution family: one uniform call, each method a few lines that say how it differs.
+
+``attribute(method, explainer, query, hit, *, budget, time_limit, cancel, ...)``
+explains one pair. Every method targets the pair similarity with the norm of
+the explained face held constant (DESIGN.md §5):
+
+    t(x) = <e(x), ê_other> / ‖e_self‖        (‖e_self‖ and ê_other fixed)
+
+so perturbation and gradient methods answer the same question as the
+similarity maps. Feature-resolution methods (the CAM family) reuse the
+engine's affine head: their gradients are ``Wᵀ ê_other / ‖e_self‖`` and cost
+no backward pass; pixel methods (occlusion, RISE, gradients) run the encoder on
+perturbed inputs and return crop-resolution maps, channels summed.
+
+Shape: as in pytorch-grad-cam, a CAM method overrides ``weights(grads, acts)``
+only. Maps are signed; ``relu``, ``absolute`` and ``normalise`` (divide by
+max |map|, keeping the sign) are options, never applied silently. Each call
+has a budget of forward passes (images through the encoder) checked before it
+starts and while it runs, a time limit, and a cancellation signal.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from captum._utils.common import _register_backward_hook
+from captum.attr import DeepLift, GuidedBackprop, IntegratedGradients, Occlusion, Saliency
+from captum.attr._core.deep_lift import nonlinear
+from torch import nn
+
+from encoder.spec import FaceEncoder
+from explain.affine import AffineHead, affine_head
+from explain.engine import Explainer, _upsample
+from explain.errors import InvalidOption, UnknownMethod
+from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal, Guard
+from explain.views import view_inputs
+
+SIDES = ("query", "gallery")
+
+
+@dataclass(frozen=True)
+class AttributionMap:
+    """One method's maps on both faces of a pair, averaged over views.
+
+    query/gallery: (h, w) for feature-resolution methods, (H, W) for pixel
+    methods; ``*_aligned`` (H, W) on the aligned crop either way. A side not
+    asked for is None. forward_passes counts images through the encoder.
+    """
+
+    method: str
+    resolution: str
+    cosine: float
+    query: np.ndarray | None
+    gallery: np.ndarray | None
+    query_aligned: np.ndarray | None
+    gallery_aligned: np.ndarray | None
+    forward_passes: int
+    seconds: float
+    options: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class SideProblem:
+    """One face of the pair in one view: what a method needs to explain it.
+
+    x (1, C, H, W) encoder input (already flipped for a flipped view);
+    feature_map (1, C', h, w); direction (D,) = ê of the other face; norm = ‖e‖
+    of this face; baseline = the encoder-input value of a black pixel.
+    """
+
+    encoder: FaceEncoder
+    x: torch.Tensor
+    feature_map: torch.Tensor
+    direction: torch.Tensor
+    norm: torch.Tensor
+    head: AffineHead
+    baseline: float
+    guard: Guard
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B,) held-norm similarity; counts B forward passes."""
+        self.guard.spend(int(x.shape[0]))
+        return self.encoder(x) @ self.direction / self.norm
+
+    def batched_target(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return torch.cat([self.target(chunk) for chunk in torch.split(x, batch_size)])
+
+    def gradient(self) -> torch.Tensor:
+        """(C', P): ∂t/∂F, constant for an affine head."""
+        return self.head.pullback(self.direction[None])[0] / self.norm
+
+
+class Method:
+    """Base: ``defaults`` names every option; ``cost`` is forward passes per side and view."""
+
+    name: ClassVar[str]
+    resolution: ClassVar[str] = "pixel"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def cost(self, opts: dict[str, Any], problem: SideProblem) -> int:
+        return 1
+
+    def side_map(self, p: SideProblem, opts: dict[str, Any]) -> torch.Tensor:
+        """-> (h, w) or (H, W) signed map in the view's (possibly flipped) frame."""
+        raise NotImplementedError
+
+
+class CamMethod(Method):
+    """Σ_c w_c ⊙ F_c with the held-norm gradient; subclasses give the weights only."""
+
+    resolution: ClassVar[str] = "feature"
+
+    def cost(self, opts: dict[str, Any], problem: SideProblem) -> int:
+        return 0
+
+    def weights(self, grads: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+        """grads, acts (C, P) -> (C,) channel weights or (C, P) per-position weights."""
+        raise NotImplementedError
+
+    def side_map(self, p: SideProblem, opts: dict[str, Any]) -> torch.Tensor:
+        acts = p.feature_map[0].flatten(1)
+        w = self.weights(p.gradient(), acts)
+        cam = (w[:, None] * acts if w.dim() == 1 else w * acts).sum(0)
+        return cam.reshape(p.head.grid)
+
+
+class Similarity(CamMethod):
+    """The engine's similarity map; equals HiResCAM of the held-norm target."""
+
+    name = "similarity"
+
+    def weights(self, grads, acts):
+        return grads
+
+
+class HiResCAM(Similarity):
+    name = "hirescam"
+
+
+class GradCAM(CamMethod):
+    name = "gradcam"
+
+    def weights(self, grads, acts):
+        return grads.mean(1)
+
+
+class GradCAMPlusPlus(CamMethod):
+    """Chattopadhyay et al.'s closed form with the exponential-output assumption,
+    as pytorch-grad-cam computes it."""
+
+    name = "gradcam++"
+
+    def weights(self, grads, acts):
+        g2, g3 = grads**2, grads**3
+        denom = 2 * g2 + acts.sum(1, keepdim=True) * g3
+        aij = torch.where(grads != 0, g2 / (denom + 1e-7), torch.zeros_like(grads))
+        return (aij * grads.clamp_min(0)).sum(1)
+
+
+class XGradCAM(CamMethod):
+    name = "xgradcam"
+
+    def weights(self, grads, acts):
+        return (grads * acts).sum(1) / (acts.sum(1) + 1e-7)
+
+
+class LayerCAM(CamMethod):
+    name = "layercam"
+
+    def weights(self, grads, acts):
+        return grads.clamp_min(0)
+
+
+class ScoreCAM(Method):
+    """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the face
+    (towards black); its weight is the similarity gained over the all-black face.
+    With C' = 1024 channels the ``channels`` most active ones are used."""
+
+    name = "scorecam"
+    resolution = "feature"
+    defaults = {"channels": 64, "batch_size": 32}
+
+    def cost(self, opts, problem):
+        return min(opts["channels"], problem.feature_map.shape[1]) + 1
+
+    def side_map(self, p, opts):
+        acts = p.feature_map[0]  # (C', h, w)
+        n = min(opts["channels"], acts.shape[0])
+        chosen = acts.flatten(1).mean(1).topk(n).indices
+        masks = _upsample(acts[chosen], tuple(p.x.shape[-2:]))  # (n, H, W)
+        lo = masks.flatten(1).min(1).values[:, None, None]
+        hi = masks.flatten(1).max(1).values[:, None, None]
+        masks = ((masks - lo) / (hi - lo).clamp_min(1e-7))[:, None]
+        with torch.no_grad():
+            masked = p.baseline + masks * (p.x - p.baseline)
+            scores = p.batched_target(masked, opts["batch_size"])
+            blank = p.target(torch.full_like(p.x, p.baseline))
+        return torch.einsum("c,chw->hw", scores - blank, acts[chosen])
+
+
+class OcclusionMethod(Method):
+    """captum Occlusion: black ``patch``×``patch`` squares every ``stride`` pixels
+    (10×10 by default, as in the GestaltMatcher explainability thesis); a pixel's
+    value is the mean similarity lost when the squares covering it are black."""
+
+    name = "occlusion"
+    defaults = {"patch": 10, "stride": 10, "batch_size": 32}
+
+    def cost(self, opts, problem):
+        h, w = problem.x.shape[-2:]
+        patch, stride = opts["patch"], opts["stride"]
+        if not (1 <= patch <= min(h, w)) or stride < 1:
+            raise InvalidOption(f"occlusion patch {patch} / stride {stride} do not fit a {w}x{h} crop")
+        return ((h - patch) // stride + 1) * ((w - patch) // stride + 1) + 1
+
+    def side_map(self, p, opts):
+        c = p.x.shape[1]
+        with torch.no_grad():
+            attr = Occlusion(p.target).attribute(
+                p.x,
+                sliding_window_shapes=(c, opts["patch"], opts["patch"]),
+                strides=(c, opts["stride"], opts["stride"]),
+                baselines=p.baseline,
+                perturbations_per_eval=opts["batch_size"],
+            )
+        return attr[0].sum(0)
+
+
+class RISE(Method):
+    """RISE (Petsiuk et al. 2018): random smooth masks (``grid``×``grid`` cells kept
+    with probability ``p``), the map is Σ_i (t_i − t̄) M_i / (N p). Centring on the
+    mean score t̄ makes it signed; ``centre=False`` gives the original estimator."""
+
+    name = "rise"
+    defaults = {"masks": 256, "grid": 7, "p": 0.5, "seed": 0, "batch_size": 32, "centre": True}
+
+    def cost(self, opts, problem):
+        return opts["masks"]
+
+    def side_map(self, p, opts):
+        h, w = p.x.shape[-2:]
+        n, s, keep = opts["masks"], opts["grid"], opts["p"]
+        gen = torch.Generator().manual_seed(opts["seed"])
+        cell = (math.ceil(h / s), math.ceil(w / s))
+        coarse = (torch.rand(n, 1, s, s, generator=gen) < keep).float()
+        big = nnf.interpolate(coarse, size=((s + 1) * cell[0], (s + 1) * cell[1]),
+                              mode="bilinear", align_corners=False)
+        dy = torch.randint(0, cell[0], (n,), generator=gen)
+        dx = torch.randint(0, cell[1], (n,), generator=gen)
+        masks = torch.stack([big[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+        masks = masks.to(p.x.device)
+        with torch.no_grad():
+            scores = p.batched_target(p.baseline + masks * (p.x - p.baseline), opts["batch_size"])
+        if opts["centre"]:
+            scores = scores - scores.mean()
+        return torch.einsum("n,nhw->hw", scores, masks[:, 0]) / (n * keep)
+
+
+class IntegratedGradientsMethod(Method):
+    """captum IntegratedGradients from the black face (Gauss-Legendre, ``steps`` points)."""
+
+    name = "integrated_gradients"
+    defaults = {"steps": 32, "batch_size": 32}
+
+    def cost(self, opts, problem):
+        return opts["steps"]
+
+    def side_map(self, p, opts):
+        attr = IntegratedGradients(p.target).attribute(
+            p.x, baselines=p.baseline, n_steps=opts["steps"],
+            internal_batch_size=opts["batch_size"],
+        )
+        return attr[0].sum(0)
+
+
+class SaliencyMethod(Method):
+    """captum Saliency, signed (abs=False): the held-norm similarity's input gradient."""
+
+    name = "saliency"
+
+    def side_map(self, p, opts):
+        return Saliency(p.target).attribute(p.x, abs=False)[0].sum(0)
+
+
+class SmoothGrad(Method):
+    """SmoothGrad: the input gradient averaged over ``samples`` noisy copies (σ =
+    ``sigma`` × input range). Its own seeded generator, not captum's NoiseTunnel,
+    which draws from torch's global RNG and so depends on concurrent requests."""
+
+    name = "smoothgrad"
+    defaults = {"samples": 16, "sigma": 0.15, "seed": 0, "batch_size": 16, "times_input": False}
+
+    def cost(self, opts, problem):
+        return opts["samples"]
+
+    def side_map(self, p, opts):
+        gen = torch.Generator().manual_seed(opts["seed"])
+        sigma = opts["sigma"] * float(p.x.max() - p.x.min())
+        noise = torch.randn((opts["samples"], *p.x.shape[1:]), generator=gen).to(p.x.device)
+        total = torch.zeros_like(p.x[0])
+        for chunk in torch.split(noise, opts["batch_size"]):
+            noisy = (p.x + sigma * chunk).requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(p.target(noisy).sum(), noisy)
+            total += grad.sum(0)
+        grad = total / opts["samples"]
+        return (grad * p.x[0] if opts["times_input"] else grad).sum(0)
+
+
+class _TargetModule(nn.Module):
+    """t(x) as a module, around a private copy of the encoder (hooks land on the copy)."""
+
+    def __init__(self, p: SideProblem) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(p.encoder)
+        self.problem = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.problem.guard.spend(int(x.shape[0]))
+        return self.encoder(x) @ self.problem.direction / self.problem.norm
+
+
+class _GuidedBackpropPReLU(GuidedBackprop):
+    """captum's GuidedBackprop hooks nn.ReLU only; SFace and iResNet use nn.PReLU.
+    The same rule (only positive gradients flow back) applies to their PReLUs."""
+
+    def _register_hooks(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.ReLU, nn.PReLU)):
+            self.backward_hooks.extend(_register_backward_hook(module, self._backward_hook, self))
+
+
+class _DeepLiftPReLU(DeepLift):
+    """captum's DeepLift has no rule for nn.PReLU and would pass plain gradients through
+    it (breaking summation-to-delta); PReLU is elementwise, so the Rescale rule applies."""
+
+    def _is_non_linear(self, module: nn.Module) -> bool:
+        return type(module) is nn.PReLU or super()._is_non_linear(module)
+
+    def _backward_hook(self, module, grad_input, grad_output):
+        if type(module) is not nn.PReLU:
+            return super()._backward_hook(module, grad_input, grad_output)
+        if not self.satisfies_attribute_criteria(module):
+            raise RuntimeError(f"DeepLift: module {module} is used more than once")
+        multipliers = nonlinear(module, module.input, module.output, grad_input, grad_output,
+                                eps=self.eps)
+        del module.input
+        del module.output
+        return multipliers
+
+
+class GuidedBackpropMethod(Method):
+    name = "guided_backprop"
+
+    def side_map(self, p, opts):
+        module = _TargetModule(p)
+        return _GuidedBackpropPReLU(module).attribute(p.x)[0].sum(0)
+
+
+class DeepLiftMethod(Method):
+    """captum DeepLift (Rescale rule) from the black face, on a private copy of the encoder."""
+
+    name = "deeplift"
+
+    def cost(self, opts, problem):
+        return 2
+
+    def side_map(self, p, opts):
+        module = _TargetModule(p)
+        baseline = torch.full_like(p.x, p.baseline)
+        return _DeepLiftPReLU(module).attribute(p.x, baselines=baseline)[0].sum(0)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m()
+    for m in (
+        Similarity, HiResCAM, GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, ScoreCAM,
+        OcclusionMethod, RISE, IntegratedGradientsMethod, SmoothGrad, SaliencyMethod,
+        GuidedBackpropMethod, DeepLiftMethod,
+    )
+}
+
+
+def list_methods() -> list[str]:
+    return list(METHODS)
+
+
+def _options(method: Method, given: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(method.defaults))
+    if unknown:
+        raise InvalidOption(
+            f"method {method.name} has no option {', '.join(unknown)}; "
+            f"it takes {sorted(method.defaults) or 'none'}"
+        )
+    opts = {**method.defaults, **given}
+    for key, value in opts.items():
+        default = method.defaults[key]
+        if isinstance(default, int) and not isinstance(default, bool) and (
+            not isinstance(value, int) or value < 0
+        ):
+            raise InvalidOption(f"option {key} of {method.name} must be a non-negative int")
+    return opts
+
+
+def _postprocess(m: torch.Tensor, relu: bool, absolute: bool, normalise: bool) -> torch.Tensor:
+    if relu:
+        m = m.clamp_min(0)
+    if absolute:
+        m = m.abs()
+    if normalise:
+        m = m / m.abs().max().clamp_min(1e-12)
+    return m
+
+
+def attribute(
+    method: str,
+    explainer: Explainer,
+    query: np.ndarray,
+    hit: np.ndarray,
+    *,
+    budget: int | None = DEFAULT_BUDGET,
+    time_limit: float | None = DEFAULT_TIME_LIMIT_S,
+    cancel: CancelSignal = None,
+    sides: tuple[str, ...] = SIDES,
+    relu: bool = False,
+    absolute: bool = False,
+    normalise: bool = False,
+    **options: Any,
+) -> AttributionMap:
+    """Explain one pair with one method of the family.
+
+    query, hit: (H, W, 3) uint8 aligned crops. budget: most forward passes
+    (images through the encoder, the 2 encodes per view included); the plan is
+    checked first (BudgetExceeded) and spending is enforced while running.
+    time_limit: seconds (TimeLimitExceeded); cancel: threading.Event or
+    callable, polled before every forward pass (Cancelled). ``options`` are the
+    method's own (see ``METHODS[name].defaults``). Raises UnknownMethod.
+    """
+    impl = METHODS.get(method)
+    if impl is None:
+        raise UnknownMethod(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
+    bad_sides = set(sides) - set(SIDES) if sides else {"(none)"}
+    if bad_sides:
+        raise InvalidOption(f"sides must be a non-empty subset of {SIDES}, got {sides}")
+    opts = _options(impl, options)
+    guard = Guard(budget, time_limit, cancel)
+    crops = np.stack([np.asarray(query), np.asarray(hit)])
+    views = view_inputs(explainer.source, crops)
+    crop_size = (int(crops.shape[1]), int(crops.shape[2]))
+
+    per_side: dict[str, list[torch.Tensor]] = {s: [] for s in sides}
+    cosines = []
+    planned = 0
+    for view in views:
+        guard.spend(2)
+        with torch.no_grad():
+            fmaps = view.encoder.features(view.inputs)
+            embs = view.encoder.head(fmaps)
+        head = affine_head(view.encoder, fmaps.device)
+        norms = embs.norm(dim=1)
+        units = embs / norms[:, None]
+        cosines.append(float(units[0] @ units[1]))
+        baseline = (0.0 - view.encoder.spec.mean) / view.encoder.spec.std
+        for side in sides:
+            me, other = (0, 1) if side == "query" else (1, 0)
+            problem = SideProblem(
+                view.encoder, view.inputs[me:me + 1], fmaps[me:me + 1], units[other],
+                norms[me], head, baseline, guard,
+            )
+            if not planned:
+                planned = 2 * len(views) + impl.cost(opts, problem) * len(views) * len(sides)
+                guard.require(planned, f"{method} with {opts}")
+            m = impl.side_map(problem, opts).detach()
+            per_side[side].append(torch.flip(m, dims=[-1]) if view.flipped else m)
+
+    maps: dict[str, np.ndarray | None] = {}
+    for side in SIDES:
+        if side not in per_side:
+            maps[side] = maps[f"{side}_aligned"] = None
+            continue
+        mean = torch.stack(per_side[side]).mean(0)
+        aligned = mean if mean.shape == crop_size else _upsample(mean[None], crop_size)[0]
+        maps[side] = _postprocess(mean, relu, absolute, normalise).cpu().numpy()
+        maps[f"{side}_aligned"] = _postprocess(aligned, relu, absolute, normalise).cpu().numpy()
+    given = {"relu": relu, "absolute": absolute, "normalise": normalise, **opts}
+    return AttributionMap(
+        method=method,
+        resolution=impl.resolution,
+        cosine=float(np.mean(cosines)),
+        query=maps["query"],
+        gallery=maps["gallery"],
+        query_aligned=maps["query_aligned"],
+        gallery_aligned=maps["gallery_aligned"],
+        forward_passes=guard.used,
+        seconds=guard.elapsed,
+        options=tuple(sorted(given.items())),
+    )
