@@ -106,6 +106,7 @@ class LimitsConfig:
     max_top_k: int = 50
     max_explain_methods: int = 4
     max_page_size: int = 1000
+    max_photo_map_side: int = 1024  # photo maps are downscaled to this longer side
     # Heavy calls (Encode, Match, Explain, AddImage, ImportGallery) hold one of
     # max_concurrent slots; a call that cannot get one within queue_timeout_s is
     # refused with RESOURCE_EXHAUSTED instead of queueing without bound.
@@ -246,7 +247,7 @@ def _build(cls: type, data: Any, where: str, base_dir: Path | None) -> Any:
 def _validate(config: ServiceConfig) -> ServiceConfig:
     limits = config.limits
     for name in ("max_top_k", "max_concurrent", "workers", "max_pending_rpcs", "max_page_size",
-                 "max_explain_methods", "max_message_bytes", "max_image_bytes",
+                 "max_explain_methods", "max_photo_map_side", "max_message_bytes", "max_image_bytes",
                  "max_image_pixels"):
         if getattr(limits, name) < 1:
             raise ConfigError(f"limits.{name} must be at least 1")

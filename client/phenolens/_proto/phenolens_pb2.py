@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import types_pb2 as phenolens_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cphenolens/v1/phenolens.proto\x12\x0cphenolens.v1\x1a\x18phenolens/v1/types.proto\"\x13\n\x11ServerInfoRequest\"\x81\x01\n\x0b\x45ncoderInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x14\n\x0cinput_height\x18\x04 \x01(\r\x12\x13\n\x0binput_width\x18\x05 \x01(\r\x12\x11\n\talignment\x18\x06 \x01(\t\"\xdf\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x17\n\x0fmax_image_bytes\x18\x02 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x03 \x01(\x04\x12\x11\n\tmax_top_k\x18\x04 \x01(\r\x12\"\n\x1amax_concurrent_heavy_calls\x18\x05 \x01(\r\x12\x1b\n\x13max_explain_methods\x18\x06 \x01(\r\x12\x1c\n\x14\x65xplain_time_limit_s\x18\x07 \x01(\x02\x12\x15\n\rmax_page_size\x18\x08 \x01(\r\"\xb0\x02\n\nServerInfo\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12\x12\n\nencoder_id\x18\x03 \x01(\t\x12+\n\x08\x65ncoders\x18\x04 \x03(\x0b\x32\x19.phenolens.v1.EncoderInfo\x12\x13\n\x0bview_scheme\x18\x05 \x01(\t\x12\x17\n\x0fgallery_version\x18\x06 \x01(\x04\x12\x14\n\x0cgallery_size\x18\x07 \x01(\x04\x12$\n\x06limits\x18\x08 \x01(\x0b\x32\x14.phenolens.v1.Limits\x12\x17\n\x0f\x65xplain_methods\x18\t \x03(\t\x12\x1f\n\x17\x64\x65\x66\x61ult_explain_methods\x18\n \x03(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x0b \x03(\t\"P\n\rEncodeRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.phenolens.v1.Image\x12\x1b\n\x13return_aligned_crop\x18\x02 \x01(\x08\"\xac\x01\n\x0e\x45ncodeResponse\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12\x13\n\x0bview_scheme\x18\x02 \x01(\t\x12+\n\tembedding\x18\x03 \x01(\x0b\x32\x18.phenolens.v1.FloatArray\x12*\n\talignment\x18\x04 \x01(\x0b\x32\x17.phenolens.v1.Alignment\x12\x18\n\x10\x61ligned_crop_png\x18\x05 \x01(\x0c\"\xd3\x01\n\x0cMatchRequest\x12$\n\x05image\x18\x01 \x01(\x0b\x32\x13.phenolens.v1.ImageH\x00\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.phenolens.v1.EmbeddingH\x00\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x15\n\rtop_syndromes\x18\x04 \x01(\r\x12\x11\n\ttop_genes\x18\x05 \x01(\r\x12-\n\x07\x66ilters\x18\x06 \x01(\x0b\x32\x1c.phenolens.v1.GalleryFiltersB\x07\n\x05query\"\xf4\x01\n\rMatchResponse\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12\x13\n\x0bview_scheme\x18\x02 \x01(\t\x12\x17\n\x0fgallery_version\x18\x03 \x01(\x04\x12\x1f\n\x04hits\x18\x04 \x03(\x0b\x32\x11.phenolens.v1.Hit\x12-\n\tsyndromes\x18\x05 \x03(\x0b\x32\x1a.phenolens.v1.SyndromeRank\x12%\n\x05genes\x18\x06 \x03(\x0b\x32\x16.phenolens.v1.GeneRank\x12*\n\talignment\x18\x07 \x01(\x0b\x32\x17.phenolens.v1.Alignment\"\xe6\x01\n\x03Map\x12\x0e\n\x06method\x18\x01 \x01(\t\x12 \n\x04side\x18\x02 \x01(\x0e\x32\x12.phenolens.v1.Side\x12)\n\x07\x61ligned\x18\x03 \x01(\x0b\x32\x18.phenolens.v1.FloatArray\x12\'\n\x05photo\x18\x04 \x01(\x0b\x32\x18.phenolens.v1.FloatArray\x12)\n\x07\x66\x65\x61ture\x18\x05 \x01(\x0b\x32\x18.phenolens.v1.FloatArray\x12\x13\n\x0boverlay_png\x18\x06 \x01(\x0c\x12\x19\n\x11photo_overlay_png\x18\x07 \x01(\x0c\"\xb4\x01\n\x0e\x45xplainRequest\x12)\n\x05match\x18\x01 \x01(\x0b\x32\x1a.phenolens.v1.MatchRequest\x12\x0f\n\x07methods\x18\x02 \x03(\t\x12\x12\n\nphoto_maps\x18\x03 \x01(\x08\x12\x10\n\x08overlays\x18\x04 \x01(\x08\x12\x15\n\rgallery_crops\x18\x05 \x01(\x08\x12\x14\n\x0c\x66\x65\x61ture_maps\x18\x06 \x01(\x08\x12\x13\n\x0bgallery_ids\x18\x07 \x03(\t\"\xa0\x01\n\x0e\x45xplainedMatch\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1e\n\x03hit\x18\x02 \x01(\x0b\x32\x11.phenolens.v1.Hit\x12\x1f\n\x04maps\x18\x03 \x03(\x0b\x32\x11.phenolens.v1.Map\x12\x10\n\x08residual\x18\x04 \x01(\x02\x12\x12\n\nbias_share\x18\x05 \x01(\x02\x12\x18\n\x10gallery_crop_png\x18\x06 \x01(\x0c\"\x89\x01\n\x0f\x45xplainResponse\x12*\n\x05match\x18\x01 \x01(\x0b\x32\x1b.phenolens.v1.MatchResponse\x12\x32\n\x0c\x65xplanations\x18\x02 \x03(\x0b\x32\x1c.phenolens.v1.ExplainedMatch\x12\x16\n\x0equery_crop_png\x18\x03 \x01(\x0c\"\x92\x01\n\x0c\x45xplainEvent\x12,\n\x05match\x18\x01 \x01(\x0b\x32\x1b.phenolens.v1.MatchResponseH\x00\x12\x33\n\x0b\x65xplanation\x18\x02 \x01(\x0b\x32\x1c.phenolens.v1.ExplainedMatchH\x00\x12\x16\n\x0equery_crop_png\x18\x03 \x01(\x0c\x42\x07\n\x05\x65vent*>\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x0e\n\nSIDE_QUERY\x10\x01\x12\x10\n\x0cSIDE_GALLERY\x10\x02\x32\xf3\x02\n\tPhenoLens\x12J\n\rGetServerInfo\x12\x1f.phenolens.v1.ServerInfoRequest\x1a\x18.phenolens.v1.ServerInfo\x12\x43\n\x06\x45ncode\x12\x1b.phenolens.v1.EncodeRequest\x1a\x1c.phenolens.v1.EncodeResponse\x12@\n\x05Match\x12\x1a.phenolens.v1.MatchRequest\x1a\x1b.phenolens.v1.MatchResponse\x12\x46\n\x07\x45xplain\x12\x1c.phenolens.v1.ExplainRequest\x1a\x1d.phenolens.v1.ExplainResponse\x12K\n\rExplainStream\x12\x1c.phenolens.v1.ExplainRequest\x1a\x1a.phenolens.v1.ExplainEvent0\x01\x42\x14\n\x10org.phenolens.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cphenolens/v1/phenolens.proto\x12\x0cphenolens.v1\x1a\x18phenolens/v1/types.proto\"\x13\n\x11ServerInfoRequest\"\x81\x01\n\x0b\x45ncoderInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x14\n\x0cinput_height\x18\x04 \x01(\r\x12\x13\n\x0binput_width\x18\x05 \x01(\r\x12\x11\n\talignment\x18\x06 \x01(\t\"\x97\x02\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x17\n\x0fmax_image_bytes\x18\x02 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x03 \x01(\x04\x12\x11\n\tmax_top_k\x18\x04 \x01(\r\x12\"\n\x1amax_concurrent_heavy_calls\x18\x05 \x01(\r\x12\x1b\n\x13max_explain_methods\x18\x06 \x01(\r\x12\x1c\n\x14\x65xplain_time_limit_s\x18\x07 \x01(\x02\x12\x15\n\rmax_page_size\x18\x08 \x01(\r\x12\x1a\n\x12max_photo_map_side\x18\t \x01(\r\x12\x1a\n\x12max_explain_budget\x18\n \x01(\r\"\xb0\x02\n\nServerInfo\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12\x12\n\nencoder_id\x18\x03 \x01(\t\x12+\n\x08\x65ncoders\x18\x04 \x03(\x0b\x32\x19.phenolens.v1.EncoderInfo\x12\x13\n\x0bview_scheme\x18\x05 \x01(\t\x12\x17\n\x0fgallery_version\x18\x06 \x01(\x04\x12\x14\n\x0cgallery_size\x18\x07 \x01(\x04\x12$\n\x06limits\x18\x08 \x01(\x0b\x32\x14.phenolens.v1.Limits\x12\x17\n\x0f\x65xplain_methods\x18\t \x03(\t\x12\x1f\n\x17\x64\x65\x66\x61ult_explain_methods\x18\n \x03(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x0b \x03(\t\"P\n\rEncodeRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.phenolens.v1.Image\x12\x1b\n\x13return_aligned_crop\x18\x02 \x01(\x08\"\xac\x01\n\x0e\x45ncodeResponse\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12\x13\n\x0bview_scheme\x18\x02 \x01(\t\x12+\n\tembedding\x18\x03 \x01(\x0b\x32\x18.phenolens.v1.FloatArray\x12*\n\talignment\x18\x04 \x01(\x0b\x32\x17.phenolens.v1.Alignment\x12\x18\n\x10\x61ligned_crop_png\x18\x05 \x01(\x0c\"\xd3\x01\n\x0cMatchRequest\x12$\n\x05image\x18\x01 \x01(\x0b\x32\x13.phenolens.v1.ImageH\x00\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.phenolens.v1.EmbeddingH\x00\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x15\n\rtop_syndromes\x18\x04 \x01(\r\x12\x11\n\ttop_genes\x18\x05 \x01(\r\x12-\n\x07\x66ilters\x18\x06 \x01(\x0b\x32\x1c.phenolens.v1.GalleryFiltersB\x07\n\x05query\"\xf4\x01\n\rMatchResponse\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12\x13\n\x0bview_scheme\x18\x02 \x01(\t\x12\x17\n\x0fgallery_version\x18\x03 \x01(\x04\x12\x1f\n\x04hits\x18\x04 \x03(\x0b\x32\x11.phenolens.v1.Hit\x12-\n\tsyndromes\x18\x05 \x03(\x0b\x32\x1a.phenolens.v1.SyndromeRank\x12%\n\x05genes\x18\x06 \x03(\x0b\x32\x16.phenolens.v1.GeneRank\x12*\n\talignment\x18\x07 \x01(\x0b\x32\x17.phenolens.v1.Alignment\"\xe6\x01\n\x03Map\x12\x0e\n\x06method\x18\x01 \x01(\t\x12 \n\x04side\x18\x02 \x01(\x0e\x32\x12.phenolens.v1.Side\x12)\n\x07\x61ligned\x18\x03 \x01(\x0b\x32\x18.phenolens.v1.FloatArray\x12\'\n\x05photo\x18\x04 \x01(\x0b\x32\x18.phenolens.v1.FloatArray\x12)\n\x07\x66\x65\x61ture\x18\x05 \x01(\x0b\x32\x18.phenolens.v1.FloatArray\x12\x13\n\x0boverlay_png\x18\x06 \x01(\x0c\x12\x19\n\x11photo_overlay_png\x18\x07 \x01(\x0c\"\xd0\x02\n\x0e\x45xplainRequest\x12)\n\x05match\x18\x01 \x01(\x0b\x32\x1a.phenolens.v1.MatchRequest\x12\x0f\n\x07methods\x18\x02 \x03(\t\x12\x12\n\nphoto_maps\x18\x03 \x01(\x08\x12\x10\n\x08overlays\x18\x04 \x01(\x08\x12\x15\n\rgallery_crops\x18\x05 \x01(\x08\x12\x14\n\x0c\x66\x65\x61ture_maps\x18\x06 \x01(\x08\x12\x13\n\x0bgallery_ids\x18\x07 \x03(\t\x12G\n\x0emethod_options\x18\x08 \x03(\x0b\x32/.phenolens.v1.ExplainRequest.MethodOptionsEntry\x1aQ\n\x12MethodOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.phenolens.v1.MethodOptions:\x02\x38\x01\"w\n\rMethodOptions\x12\x37\n\x06values\x18\x01 \x03(\x0b\x32\'.phenolens.v1.MethodOptions.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa0\x01\n\x0e\x45xplainedMatch\x12\r\n\x05index\x18\x01 \x01(\r\x12\x1e\n\x03hit\x18\x02 \x01(\x0b\x32\x11.phenolens.v1.Hit\x12\x1f\n\x04maps\x18\x03 \x03(\x0b\x32\x11.phenolens.v1.Map\x12\x10\n\x08residual\x18\x04 \x01(\x02\x12\x12\n\nbias_share\x18\x05 \x01(\x02\x12\x18\n\x10gallery_crop_png\x18\x06 \x01(\x0c\"\x89\x01\n\x0f\x45xplainResponse\x12*\n\x05match\x18\x01 \x01(\x0b\x32\x1b.phenolens.v1.MatchResponse\x12\x32\n\x0c\x65xplanations\x18\x02 \x03(\x0b\x32\x1c.phenolens.v1.ExplainedMatch\x12\x16\n\x0equery_crop_png\x18\x03 \x01(\x0c\"\x92\x01\n\x0c\x45xplainEvent\x12,\n\x05match\x18\x01 \x01(\x0b\x32\x1b.phenolens.v1.MatchResponseH\x00\x12\x33\n\x0b\x65xplanation\x18\x02 \x01(\x0b\x32\x1c.phenolens.v1.ExplainedMatchH\x00\x12\x16\n\x0equery_crop_png\x18\x03 \x01(\x0c\x42\x07\n\x05\x65vent*>\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x0e\n\nSIDE_QUERY\x10\x01\x12\x10\n\x0cSIDE_GALLERY\x10\x02\x32\xf3\x02\n\tPhenoLens\x12J\n\rGetServerInfo\x12\x1f.phenolens.v1.ServerInfoRequest\x1a\x18.phenolens.v1.ServerInfo\x12\x43\n\x06\x45ncode\x12\x1b.phenolens.v1.EncodeRequest\x1a\x1c.phenolens.v1.EncodeResponse\x12@\n\x05Match\x12\x1a.phenolens.v1.MatchRequest\x1a\x1b.phenolens.v1.MatchResponse\x12\x46\n\x07\x45xplain\x12\x1c.phenolens.v1.ExplainRequest\x1a\x1d.phenolens.v1.ExplainResponse\x12K\n\rExplainStream\x12\x1c.phenolens.v1.ExplainRequest\x1a\x1a.phenolens.v1.ExplainEvent0\x01\x42\x14\n\x10org.phenolens.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,44 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phenolens.v1.phenolens_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020org.phenolens.v1P\001'
-  _globals['_SIDE']._serialized_start=2344
-  _globals['_SIDE']._serialized_end=2406
+  _globals['_EXPLAINREQUEST_METHODOPTIONSENTRY']._loaded_options = None
+  _globals['_EXPLAINREQUEST_METHODOPTIONSENTRY']._serialized_options = b'8\001'
+  _globals['_METHODOPTIONS_VALUESENTRY']._loaded_options = None
+  _globals['_METHODOPTIONS_VALUESENTRY']._serialized_options = b'8\001'
+  _globals['_SIDE']._serialized_start=2677
+  _globals['_SIDE']._serialized_end=2739
   _globals['_SERVERINFOREQUEST']._serialized_start=72
   _globals['_SERVERINFOREQUEST']._serialized_end=91
   _globals['_ENCODERINFO']._serialized_start=94
   _globals['_ENCODERINFO']._serialized_end=223
   _globals['_LIMITS']._serialized_start=226
-  _globals['_LIMITS']._serialized_end=449
-  _globals['_SERVERINFO']._serialized_start=452
-  _globals['_SERVERINFO']._serialized_end=756
-  _globals['_ENCODEREQUEST']._serialized_start=758
-  _globals['_ENCODEREQUEST']._serialized_end=838
-  _globals['_ENCODERESPONSE']._serialized_start=841
-  _globals['_ENCODERESPONSE']._serialized_end=1013
-  _globals['_MATCHREQUEST']._serialized_start=1016
-  _globals['_MATCHREQUEST']._serialized_end=1227
-  _globals['_MATCHRESPONSE']._serialized_start=1230
-  _globals['_MATCHRESPONSE']._serialized_end=1474
-  _globals['_MAP']._serialized_start=1477
-  _globals['_MAP']._serialized_end=1707
-  _globals['_EXPLAINREQUEST']._serialized_start=1710
-  _globals['_EXPLAINREQUEST']._serialized_end=1890
-  _globals['_EXPLAINEDMATCH']._serialized_start=1893
-  _globals['_EXPLAINEDMATCH']._serialized_end=2053
-  _globals['_EXPLAINRESPONSE']._serialized_start=2056
-  _globals['_EXPLAINRESPONSE']._serialized_end=2193
-  _globals['_EXPLAINEVENT']._serialized_start=2196
-  _globals['_EXPLAINEVENT']._serialized_end=2342
-  _globals['_PHENOLENS']._serialized_start=2409
-  _globals['_PHENOLENS']._serialized_end=2780
+  _globals['_LIMITS']._serialized_end=505
+  _globals['_SERVERINFO']._serialized_start=508
+  _globals['_SERVERINFO']._serialized_end=812
+  _globals['_ENCODEREQUEST']._serialized_start=814
+  _globals['_ENCODEREQUEST']._serialized_end=894
+  _globals['_ENCODERESPONSE']._serialized_start=897
+  _globals['_ENCODERESPONSE']._serialized_end=1069
+  _globals['_MATCHREQUEST']._serialized_start=1072
+  _globals['_MATCHREQUEST']._serialized_end=1283
+  _globals['_MATCHRESPONSE']._serialized_start=1286
+  _globals['_MATCHRESPONSE']._serialized_end=1530
+  _globals['_MAP']._serialized_start=1533
+  _globals['_MAP']._serialized_end=1763
+  _globals['_EXPLAINREQUEST']._serialized_start=1766
+  _globals['_EXPLAINREQUEST']._serialized_end=2102
+  _globals['_EXPLAINREQUEST_METHODOPTIONSENTRY']._serialized_start=2021
+  _globals['_EXPLAINREQUEST_METHODOPTIONSENTRY']._serialized_end=2102
+  _globals['_METHODOPTIONS']._serialized_start=2104
+  _globals['_METHODOPTIONS']._serialized_end=2223
+  _globals['_METHODOPTIONS_VALUESENTRY']._serialized_start=2178
+  _globals['_METHODOPTIONS_VALUESENTRY']._serialized_end=2223
+  _globals['_EXPLAINEDMATCH']._serialized_start=2226
+  _globals['_EXPLAINEDMATCH']._serialized_end=2386
+  _globals['_EXPLAINRESPONSE']._serialized_start=2389
+  _globals['_EXPLAINRESPONSE']._serialized_end=2526
+  _globals['_EXPLAINEVENT']._serialized_start=2529
+  _globals['_EXPLAINEVENT']._serialized_end=2675
+  _globals['_PHENOLENS']._serialized_start=2742
+  _globals['_PHENOLENS']._serialized_end=3113
 # @@protoc_insertion_point(module_scope)

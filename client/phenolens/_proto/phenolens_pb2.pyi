@@ -39,7 +39,7 @@ class EncoderInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., alignment: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_image_bytes", "max_image_pixels", "max_top_k", "max_concurrent_heavy_calls", "max_explain_methods", "explain_time_limit_s", "max_page_size")
+    __slots__ = ("max_message_bytes", "max_image_bytes", "max_image_pixels", "max_top_k", "max_concurrent_heavy_calls", "max_explain_methods", "explain_time_limit_s", "max_page_size", "max_photo_map_side", "max_explain_budget")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,8 @@ class Limits(_message.Message):
     MAX_EXPLAIN_METHODS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_TIME_LIMIT_S_FIELD_NUMBER: _ClassVar[int]
     MAX_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PHOTO_MAP_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXPLAIN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_image_bytes: int
     max_image_pixels: int
@@ -56,7 +58,9 @@ class Limits(_message.Message):
     max_explain_methods: int
     explain_time_limit_s: float
     max_page_size: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_concurrent_heavy_calls: _Optional[int] = ..., max_explain_methods: _Optional[int] = ..., explain_time_limit_s: _Optional[float] = ..., max_page_size: _Optional[int] = ...) -> None: ...
+    max_photo_map_side: int
+    max_explain_budget: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_concurrent_heavy_calls: _Optional[int] = ..., max_explain_methods: _Optional[int] = ..., explain_time_limit_s: _Optional[float] = ..., max_page_size: _Optional[int] = ..., max_photo_map_side: _Optional[int] = ..., max_explain_budget: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("server_version", "api_version", "encoder_id", "encoders", "view_scheme", "gallery_version", "gallery_size", "limits", "explain_methods", "default_explain_methods", "features")
@@ -159,7 +163,14 @@ class Map(_message.Message):
     def __init__(self, method: _Optional[str] = ..., side: _Optional[_Union[Side, str]] = ..., aligned: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., photo: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., feature: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., photo_overlay_png: _Optional[bytes] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("match", "methods", "photo_maps", "overlays", "gallery_crops", "feature_maps", "gallery_ids")
+    __slots__ = ("match", "methods", "photo_maps", "overlays", "gallery_crops", "feature_maps", "gallery_ids", "method_options")
+    class MethodOptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: MethodOptions
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MethodOptions, _Mapping]] = ...) -> None: ...
     MATCH_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     PHOTO_MAPS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +178,7 @@ class ExplainRequest(_message.Message):
     GALLERY_CROPS_FIELD_NUMBER: _ClassVar[int]
     FEATURE_MAPS_FIELD_NUMBER: _ClassVar[int]
     GALLERY_IDS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     match: MatchRequest
     methods: _containers.RepeatedScalarFieldContainer[str]
     photo_maps: bool
@@ -174,7 +186,21 @@ class ExplainRequest(_message.Message):
     gallery_crops: bool
     feature_maps: bool
     gallery_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, match: _Optional[_Union[MatchRequest, _Mapping]] = ..., methods: _Optional[_Iterable[str]] = ..., photo_maps: _Optional[bool] = ..., overlays: _Optional[bool] = ..., gallery_crops: _Optional[bool] = ..., feature_maps: _Optional[bool] = ..., gallery_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    method_options: _containers.MessageMap[str, MethodOptions]
+    def __init__(self, match: _Optional[_Union[MatchRequest, _Mapping]] = ..., methods: _Optional[_Iterable[str]] = ..., photo_maps: _Optional[bool] = ..., overlays: _Optional[bool] = ..., gallery_crops: _Optional[bool] = ..., feature_maps: _Optional[bool] = ..., gallery_ids: _Optional[_Iterable[str]] = ..., method_options: _Optional[_Mapping[str, MethodOptions]] = ...) -> None: ...
+
+class MethodOptions(_message.Message):
+    __slots__ = ("values",)
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.ScalarMap[str, float]
+    def __init__(self, values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ExplainedMatch(_message.Message):
     __slots__ = ("index", "hit", "maps", "residual", "bias_share", "gallery_crop_png")

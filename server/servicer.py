@@ -1,0 +1,345 @@
+"""The gRPC servicers: validate, convert to library values, call the backend, convert back.
+
+No business logic lives here (see ``server.backend``), and no status codes:
+errors are raised and mapped to statuses in ``server.interceptor`` through
+``server.errors``. Heavy work holds a slot of the ``HeavyWorkLimiter``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from phenolens._proto import gallery_pb2, gallery_pb2_grpc, phenolens_pb2, phenolens_pb2_grpc
+from phenolens.arrays import to_float_array
+
+from server import convert
+from server.backend import Backend, Query, png_bytes, png_pixels
+from server.errors import BadRequest
+from server.limits import HeavyWorkLimiter, RequestScope
+
+API_VERSION = "phenolens.v1"
+SERVER_VERSION = "0.1.0"
+FEATURES = ("encode", "match", "explain", "explain-stream", "gallery-admin", "health",
+            "reflection")
+
+
+class Limits:
+    """Request validation against the configured limits."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.config = backend.config.limits
+
+    def top_k(self, value: int, default: int, what: str = "top_k") -> int:
+        value = value or default
+        if value > self.config.max_top_k:
+            raise BadRequest(f"{what} {value} is above the server's limit of "
+                             f"{self.config.max_top_k}")
+        return value
+
+
+class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
+    def __init__(self, backend: Backend, limiter: HeavyWorkLimiter) -> None:
+        self.backend = backend
+        self.limiter = limiter
+        self.limits = Limits(backend)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _query(self, request: phenolens_pb2.MatchRequest, scope: RequestScope
+               ) -> tuple[Query, bool]:
+        which = request.WhichOneof("query")
+        if which == "embedding":
+            vectors, scheme = convert.embedding_input(request.embedding)
+            return self.backend.query_of_embedding(vectors, scheme), False
+        if which != "image":
+            raise BadRequest("MatchRequest needs an image or an embedding")
+        image, aligned = convert.image_input(request.image,
+                                             self.backend.config.limits.max_image_pixels)
+        face = self.backend.face(image, aligned=aligned, scope=scope)
+        return self.backend.query_of_face(face, scope), not aligned
+
+    def _match(self, request: phenolens_pb2.MatchRequest, scope: RequestScope, *,
+               default_k: int = 10):
+        query, detected = self._query(request, scope)
+        outcome = self.backend.match(
+            query,
+            top_k=self.limits.top_k(request.top_k, default_k),
+            top_syndromes=self.limits.top_k(request.top_syndromes, 10, "top_syndromes"),
+            top_genes=self.limits.top_k(request.top_genes, 10, "top_genes"),
+            filters=convert.filters(request.filters), scope=scope)
+        return outcome, detected
+
+    def _methods(self, request: phenolens_pb2.ExplainRequest) -> tuple[str, ...]:
+        from explain.errors import UnknownMethod
+        from explain.methods import METHODS
+
+        methods = tuple(dict.fromkeys(request.methods)) or self.backend.config.explain.methods
+        if len(methods) > self.backend.config.limits.max_explain_methods:
+            raise BadRequest(f"{len(methods)} methods asked for; the limit is "
+                             f"{self.backend.config.limits.max_explain_methods}")
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise UnknownMethod(f"unknown explain method(s) {unknown}; known: {list(METHODS)}")
+        return methods
+
+    def _explain(self, request: phenolens_pb2.ExplainRequest, scope: RequestScope
+                 ) -> Iterator[phenolens_pb2.ExplainEvent]:
+        """The events of an explanation: the match first, then each explained hit."""
+        methods = self._methods(request)
+        options = {name: dict(o.values) for name, o in request.method_options.items()}
+        if request.match.WhichOneof("query") != "image":
+            raise BadRequest("Explain needs a query image")
+        outcome, detected = self._match(request.match, scope, default_k=3)
+        hits = outcome.hits
+        if request.gallery_ids:
+            if len(request.gallery_ids) > self.backend.config.limits.max_top_k:
+                raise BadRequest("too many gallery_ids")
+            hits = self.backend.hits_by_id([convert.gallery_id(g) for g in request.gallery_ids],
+                                           outcome.query)
+        b = self.backend
+        match = convert.match_response(outcome, b.encoder_id, b.view_scheme, detected=detected)
+        if request.gallery_ids:
+            del match.hits[:]
+            match.hits.extend(convert.hit(h, i + 1, b.encoder_id, b.view_scheme)
+                              for i, h in enumerate(hits))
+        face = outcome.query.face
+        crop_png = png_bytes(face.crop) if (request.overlays or request.gallery_crops) else b""
+        yield phenolens_pb2.ExplainEvent(match=match, query_crop_png=crop_png)
+        photo = None
+        if request.overlays and request.photo_maps:
+            image, _ = convert.image_input(request.match.image, b.config.limits.max_image_pixels)
+            photo = b.pipeline.load(image)
+            photo = _downscale_rgb(photo, b.config.limits.max_photo_map_side)
+        for explained in b.explain(outcome.query, hits, methods=methods, options=options,
+                                   photo_maps=request.photo_maps,
+                                   feature_maps=request.feature_maps, scope=scope):
+            scope.check()
+            yield phenolens_pb2.ExplainEvent(explanation=convert.explained_match(
+                explained, rank=explained.index + 1, encoder_id=b.encoder_id,
+                view_scheme=b.view_scheme, query_crop=face.crop, overlays=request.overlays,
+                gallery_crops=request.gallery_crops, query_photo=photo))
+
+    # -- RPCs ----------------------------------------------------------------------------
+    def GetServerInfo(self, request: phenolens_pb2.ServerInfoRequest,
+                      context: grpc.ServicerContext) -> phenolens_pb2.ServerInfo:
+        from explain.methods import METHODS
+
+        b = self.backend
+        limits = b.config.limits
+        return phenolens_pb2.ServerInfo(
+            server_version=SERVER_VERSION, api_version=API_VERSION, encoder_id=b.encoder_id,
+            encoders=[phenolens_pb2.EncoderInfo(
+                name=e.spec.name, version=str(e.spec.version),
+                embedding_dim=e.spec.embedding_dim, input_height=e.spec.input_size[0],
+                input_width=e.spec.input_size[1], alignment=e.spec.alignment)
+                for e in b.encoders],
+            view_scheme=b.view_scheme, gallery_version=b.gallery.version,
+            gallery_size=len(b.gallery),
+            limits=phenolens_pb2.Limits(
+                max_message_bytes=limits.max_message_bytes,
+                max_image_bytes=limits.max_image_bytes, max_image_pixels=limits.max_image_pixels,
+                max_top_k=limits.max_top_k, max_concurrent_heavy_calls=limits.max_concurrent,
+                max_explain_methods=limits.max_explain_methods,
+                explain_time_limit_s=b.config.explain.time_limit_s,
+                max_page_size=limits.max_page_size,
+                max_photo_map_side=limits.max_photo_map_side,
+                max_explain_budget=b.config.explain.budget),
+            explain_methods=list(METHODS), default_explain_methods=list(b.config.explain.methods),
+            features=list(FEATURES),
+        )
+
+    def Encode(self, request: phenolens_pb2.EncodeRequest, context: grpc.ServicerContext
+               ) -> phenolens_pb2.EncodeResponse:
+        scope = RequestScope.of(context)
+        image, aligned = convert.image_input(request.image,
+                                             self.backend.config.limits.max_image_pixels)
+        with self.limiter.slot():
+            face = self.backend.face(image, aligned=aligned, scope=scope)
+            query = self.backend.query_of_face(face, scope)
+        return phenolens_pb2.EncodeResponse(
+            encoder_id=self.backend.encoder_id, view_scheme=self.backend.view_scheme,
+            embedding=to_float_array(query.views),
+            alignment=convert.alignment(face, detected=not aligned),
+            aligned_crop_png=png_bytes(face.crop) if request.return_aligned_crop else b"",
+        )
+
+    def Match(self, request: phenolens_pb2.MatchRequest, context: grpc.ServicerContext
+              ) -> phenolens_pb2.MatchResponse:
+        scope = RequestScope.of(context)
+        with self.limiter.slot():
+            outcome, detected = self._match(request, scope)
+        b = self.backend
+        return convert.match_response(outcome, b.encoder_id, b.view_scheme, detected=detected)
+
+    def Explain(self, request: phenolens_pb2.ExplainRequest, context: grpc.ServicerContext
+                ) -> phenolens_pb2.ExplainResponse:
+        scope = RequestScope.of(context)
+        response = phenolens_pb2.ExplainResponse()
+        with self.limiter.slot():
+            for event in self._explain(request, scope):
+                if event.HasField("match"):
+                    response.match.CopyFrom(event.match)
+                    response.query_crop_png = event.query_crop_png
+                else:
+                    response.explanations.append(event.explanation)
+        return response
+
+    def ExplainStream(self, request: phenolens_pb2.ExplainRequest,
+                      context: grpc.ServicerContext) -> Iterator[phenolens_pb2.ExplainEvent]:
+        scope = RequestScope.of(context)
+        with self.limiter.slot():
+            yield from self._explain(request, scope)
+
+
+class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
+    def __init__(self, backend: Backend, limiter: HeavyWorkLimiter) -> None:
+        self.backend = backend
+        self.limiter = limiter
+
+    def AddImage(self, request: gallery_pb2.AddImageRequest, context: grpc.ServicerContext
+                 ) -> gallery_pb2.AddImageResponse:
+        scope = RequestScope.of(context)
+        image, aligned = convert.image_input(request.image,
+                                             self.backend.config.limits.max_image_pixels)
+        with self.limiter.slot():
+            face = self.backend.face(image, aligned=aligned, scope=scope)
+            entry = self.backend.entry(face, convert.record_fields(request.record), scope)
+        scope.check()
+        gid = self.backend.gallery.add(entry)
+        info = self.backend.gallery.get(gid).info
+        return gallery_pb2.AddImageResponse(record=convert.record_info(info),
+                                            gallery_version=self.backend.gallery.version,
+                                            alignment=convert.alignment(face,
+                                                                        detected=not aligned))
+
+    def ImportGallery(self, request_iterator: Iterator[gallery_pb2.ImportRecord],
+                      context: grpc.ServicerContext) -> gallery_pb2.ImportSummary:
+        scope = RequestScope.of(context)
+        b = self.backend
+        received = added = unchanged = 0
+        batch: list[Any] = []
+
+        def commit() -> None:
+            nonlocal added, unchanged
+            if batch:
+                report = b.gallery.add_many(batch)
+                added += len(report.added) + len(report.updated)
+                unchanged += len(report.unchanged)
+                batch.clear()
+
+        with self.limiter.slot():
+            for item in request_iterator:
+                scope.check()
+                received += 1
+                fields = convert.record_fields(item.record)
+                if item.WhichOneof("content") == "image":
+                    image, aligned = convert.image_input(item.image,
+                                                         b.config.limits.max_image_pixels)
+                    face = b.face(image, aligned=aligned, scope=scope)
+                    batch.append(b.entry(face, fields, scope))
+                elif item.WhichOneof("content") == "precomputed":
+                    vectors, scheme = convert.embedding_input(item.precomputed.embedding)
+                    crop = item.precomputed.aligned_crop_png
+                    if crop:
+                        png_pixels(crop)  # refuse a corrupt crop before it is stored
+                    batch.append(b.entry_of(vectors, crop, fields, scheme))
+                else:
+                    raise BadRequest(f"import record {received} has neither image nor "
+                                     "precomputed embedding")
+                if len(batch) >= 64:
+                    commit()
+            commit()
+        return gallery_pb2.ImportSummary(received=received, added=added, unchanged=unchanged,
+                                         gallery_version=b.gallery.version)
+
+    def DeleteImages(self, request: gallery_pb2.DeleteImagesRequest,
+                     context: grpc.ServicerContext) -> gallery_pb2.DeleteImagesResponse:
+        ids = [convert.gallery_id(g) for g in request.gallery_ids]
+        gallery = self.backend.gallery
+        if request.missing_ok:
+            known = []
+            for gid in ids:
+                try:
+                    gallery.get(gid)
+                    known.append(gid)
+                except Exception as exc:  # noqa: BLE001 - only UnknownId is expected here
+                    from gallery import UnknownId
+
+                    if not isinstance(exc, UnknownId):
+                        raise
+            ids = known
+        deleted = gallery.delete(ids) if ids else 0
+        return gallery_pb2.DeleteImagesResponse(deleted=deleted,
+                                                gallery_version=gallery.version)
+
+    def GetImage(self, request: gallery_pb2.GetImageRequest, context: grpc.ServicerContext
+                 ) -> gallery_pb2.GalleryImage:
+        record = self.backend.gallery.get(convert.gallery_id(request.gallery_id))
+        response = gallery_pb2.GalleryImage(record=convert.record_info(record.info))
+        if request.include_crop and record.crop_png:
+            response.aligned_crop_png = record.crop_png
+        if request.include_embedding:
+            import numpy as np
+
+            response.embedding.CopyFrom(to_float_array(np.stack(record.views)))
+        return response
+
+    def ListImages(self, request: gallery_pb2.ListImagesRequest, context: grpc.ServicerContext
+                   ) -> gallery_pb2.ListImagesResponse:
+        limits = self.backend.config.limits
+        size = request.page_size or 100
+        if size > limits.max_page_size:
+            raise BadRequest(f"page_size {size} is above the limit of {limits.max_page_size}")
+        offset = _decode_page_token(request.page_token)
+        gallery = self.backend.gallery
+        syndrome = request.syndrome_id or None
+        subject = request.subject_id or None
+        if subject is None:
+            infos = gallery.list(limit=size + 1, offset=offset, syndrome_id=syndrome)
+            stats = gallery.stats()
+            total = stats.records if syndrome is None else \
+                stats.images_per_syndrome.get(syndrome, 0)
+        else:
+            everything = [i for i in gallery.list(limit=10**9, syndrome_id=syndrome)
+                          if i.subject_id == subject]
+            total = len(everything)
+            infos = everything[offset:offset + size + 1]
+        more = len(infos) > size
+        return gallery_pb2.ListImagesResponse(
+            records=[convert.record_info(i) for i in infos[:size]],
+            next_page_token=_encode_page_token(offset + size) if more else "",
+            total=total)
+
+    def GalleryStats(self, request: gallery_pb2.GalleryStatsRequest,
+                     context: grpc.ServicerContext) -> gallery_pb2.GalleryStatsResponse:
+        return convert.stats_response(self.backend.gallery.stats())
+
+
+def _encode_page_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"o": offset}).encode()).decode()
+
+
+def _decode_page_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        offset = int(json.loads(base64.urlsafe_b64decode(token.encode()))["o"])
+    except (ValueError, KeyError, TypeError):
+        raise BadRequest("page_token is not one this server issued") from None
+    if offset < 0:
+        raise BadRequest("page_token is not one this server issued")
+    return offset
+
+
+def _downscale_rgb(rgb: Any, max_side: int) -> Any:
+    import cv2
+
+    h, w = rgb.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return rgb
+    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
+                      interpolation=cv2.INTER_AREA)
