@@ -94,10 +94,9 @@ def start(config: ServiceConfig, backend: Backend | None = None) -> Server:
             ("grpc.so_reuseport", 0),
         ],
     )
-    lens = PhenoLensServicer(backend, limiter)
+    lens = PhenoLensServicer(backend, limiter, config)
     phenolens_pb2_grpc.add_PhenoLensServicer_to_server(lens, server)
-    gallery_pb2_grpc.add_GalleryAdminServicer_to_server(GalleryAdminServicer(backend, limiter),
-                                                        server)
+    gallery_pb2_grpc.add_GalleryAdminServicer_to_server(GalleryAdminServicer(backend, limiter, config), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -18,6 +18,7 @@ from phenolens.arrays import to_float_array
 
 from server import convert
 from server.backend import Backend, Query, png_bytes, png_pixels
+from server.config import ServiceConfig
 from server.errors import BadRequest
 from server.limits import HeavyWorkLimiter, RequestScope
 
@@ -30,8 +31,8 @@ FEATURES = ("encode", "match", "explain", "explain-stream", "gallery-admin", "he
 class Limits:
     """Request validation against the configured limits."""
 
-    def __init__(self, backend: Backend) -> None:
-        self.config = backend.config.limits
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config.limits
 
     def top_k(self, value: int, default: int, what: str = "top_k") -> int:
         value = value or default
@@ -42,10 +43,12 @@ class Limits:
 
 
 class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
-    def __init__(self, backend: Backend, limiter: HeavyWorkLimiter) -> None:
+    def __init__(self, backend: Backend, limiter: HeavyWorkLimiter,
+                 config: ServiceConfig) -> None:
         self.backend = backend
         self.limiter = limiter
-        self.limits = Limits(backend)
+        self.config = config
+        self.limits = Limits(config)
 
     # -- helpers -------------------------------------------------------------------------
     def _query(self, request: phenolens_pb2.MatchRequest, scope: RequestScope
@@ -57,7 +60,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         if which != "image":
             raise BadRequest("MatchRequest needs an image or an embedding")
         image, aligned = convert.image_input(request.image,
-                                             self.backend.config.limits.max_image_pixels)
+                                             self.config.limits.max_image_pixels)
         face = self.backend.face(image, aligned=aligned, scope=scope)
         return self.backend.query_of_face(face, scope), not aligned
 
@@ -77,9 +80,9 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         from explain.methods import METHODS
 
         methods = tuple(dict.fromkeys(request.methods)) or self.backend.config.explain.methods
-        if len(methods) > self.backend.config.limits.max_explain_methods:
+        if len(methods) > self.config.limits.max_explain_methods:
             raise BadRequest(f"{len(methods)} methods asked for; the limit is "
-                             f"{self.backend.config.limits.max_explain_methods}")
+                             f"{self.config.limits.max_explain_methods}")
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise UnknownMethod(f"unknown explain method(s) {unknown}; known: {list(METHODS)}")
@@ -95,7 +98,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         outcome, detected = self._match(request.match, scope, default_k=3)
         hits = outcome.hits
         if request.gallery_ids:
-            if len(request.gallery_ids) > self.backend.config.limits.max_top_k:
+            if len(request.gallery_ids) > self.config.limits.max_top_k:
                 raise BadRequest("too many gallery_ids")
             hits = self.backend.hits_by_id([convert.gallery_id(g) for g in request.gallery_ids],
                                            outcome.query)
@@ -110,9 +113,9 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         yield phenolens_pb2.ExplainEvent(match=match, query_crop_png=crop_png)
         photo = None
         if request.overlays and request.photo_maps:
-            image, _ = convert.image_input(request.match.image, b.config.limits.max_image_pixels)
+            image, _ = convert.image_input(request.match.image, self.config.limits.max_image_pixels)
             photo = b.pipeline.load(image)
-            photo = _downscale_rgb(photo, b.config.limits.max_photo_map_side)
+            photo = _downscale_rgb(photo, self.config.limits.max_photo_map_side)
         for explained in b.explain(outcome.query, hits, methods=methods, options=options,
                                    photo_maps=request.photo_maps,
                                    feature_maps=request.feature_maps, scope=scope):
@@ -128,7 +131,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         from explain.methods import METHODS
 
         b = self.backend
-        limits = b.config.limits
+        limits = self.config.limits
         return phenolens_pb2.ServerInfo(
             server_version=SERVER_VERSION, api_version=API_VERSION, encoder_id=b.encoder_id,
             encoders=[phenolens_pb2.EncoderInfo(
@@ -155,7 +158,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
                ) -> phenolens_pb2.EncodeResponse:
         scope = RequestScope.of(context)
         image, aligned = convert.image_input(request.image,
-                                             self.backend.config.limits.max_image_pixels)
+                                             self.config.limits.max_image_pixels)
         with self.limiter.slot():
             face = self.backend.face(image, aligned=aligned, scope=scope)
             query = self.backend.query_of_face(face, scope)
@@ -195,15 +198,17 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
 
 
 class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
-    def __init__(self, backend: Backend, limiter: HeavyWorkLimiter) -> None:
+    def __init__(self, backend: Backend, limiter: HeavyWorkLimiter,
+                 config: ServiceConfig) -> None:
         self.backend = backend
         self.limiter = limiter
+        self.config = config
 
     def AddImage(self, request: gallery_pb2.AddImageRequest, context: grpc.ServicerContext
                  ) -> gallery_pb2.AddImageResponse:
         scope = RequestScope.of(context)
         image, aligned = convert.image_input(request.image,
-                                             self.backend.config.limits.max_image_pixels)
+                                             self.config.limits.max_image_pixels)
         with self.limiter.slot():
             face = self.backend.face(image, aligned=aligned, scope=scope)
             entry = self.backend.entry(face, convert.record_fields(request.record), scope)
@@ -237,7 +242,7 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
                 fields = convert.record_fields(item.record)
                 if item.WhichOneof("content") == "image":
                     image, aligned = convert.image_input(item.image,
-                                                         b.config.limits.max_image_pixels)
+                                                         self.config.limits.max_image_pixels)
                     face = b.face(image, aligned=aligned, scope=scope)
                     batch.append(b.entry(face, fields, scope))
                 elif item.WhichOneof("content") == "precomputed":
@@ -289,7 +294,7 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
 
     def ListImages(self, request: gallery_pb2.ListImagesRequest, context: grpc.ServicerContext
                    ) -> gallery_pb2.ListImagesResponse:
-        limits = self.backend.config.limits
+        limits = self.config.limits
         size = request.page_size or 100
         if size > limits.max_page_size:
             raise BadRequest(f"page_size {size} is above the limit of {limits.max_page_size}")

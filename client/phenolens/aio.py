@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -110,12 +110,14 @@ class AsyncClient:
                       overlays: bool = False, gallery_crops: bool = True,
                       feature_maps: bool = False, gallery_ids: Sequence[str] = (),
                       filters: rq.Filters | None = None, exclude_subjects: Sequence[str] = (),
+                      method_options: Mapping[str, Mapping[str, float]] | None = None,
                       timeout: float | None = None) -> ExplainResult:
         request = rq.explain_request(image, aligned=aligned, top_k=top_k, methods=methods,
                                      photo_maps=photo_maps, overlays=overlays,
                                      gallery_crops=gallery_crops, feature_maps=feature_maps,
                                      gallery_ids=gallery_ids, filters=filters,
-                                     exclude_subjects=exclude_subjects)
+                                     exclude_subjects=exclude_subjects,
+                                     method_options=method_options)
         response = await self._call(self._lens.Explain, request, timeout)
         photo = to_rgb(image) if photo_maps else None
         return ExplainResult(
@@ -131,6 +133,7 @@ class AsyncClient:
                              feature_maps: bool = False, gallery_ids: Sequence[str] = (),
                              filters: rq.Filters | None = None,
                              exclude_subjects: Sequence[str] = (),
+                             method_options: Mapping[str, Mapping[str, float]] | None = None,
                              timeout: float | None = None
                              ) -> AsyncIterator[MatchResult | ExplainedMatch]:
         """Yields the MatchResult, then each ExplainedMatch as it is ready (not retried)."""
@@ -138,7 +141,8 @@ class AsyncClient:
                                      photo_maps=photo_maps, overlays=overlays,
                                      gallery_crops=gallery_crops, feature_maps=feature_maps,
                                      gallery_ids=gallery_ids, filters=filters,
-                                     exclude_subjects=exclude_subjects)
+                                     exclude_subjects=exclude_subjects,
+                                     method_options=method_options)
         photo = to_rgb(image) if photo_maps else None
         timeout = self._timeout if timeout is None else timeout
         call = self._lens.ExplainStream(request, timeout=timeout, metadata=self._metadata)

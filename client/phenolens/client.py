@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -171,14 +171,16 @@ class Client:
                 methods: Sequence[str] = (), photo_maps: bool = True, overlays: bool = False,
                 gallery_crops: bool = True, feature_maps: bool = False,
                 gallery_ids: Sequence[str] = (), filters: rq.Filters | None = None,
-                exclude_subjects: Sequence[str] = (), timeout: float | None = None
-                ) -> ExplainResult:
+                exclude_subjects: Sequence[str] = (),
+                method_options: Mapping[str, Mapping[str, float]] | None = None,
+                timeout: float | None = None) -> ExplainResult:
         """Match, then maps on both faces of every hit (see ExplainedMatch.save_overlay)."""
         request = rq.explain_request(image, aligned=aligned, top_k=top_k, methods=methods,
                                      photo_maps=photo_maps, overlays=overlays,
                                      gallery_crops=gallery_crops, feature_maps=feature_maps,
                                      gallery_ids=gallery_ids, filters=filters,
-                                     exclude_subjects=exclude_subjects)
+                                     exclude_subjects=exclude_subjects,
+                                     method_options=method_options)
         response = self._call(self._lens.Explain, request, timeout)
         photo = to_rgb(image) if photo_maps else None
         return ExplainResult(
@@ -193,6 +195,7 @@ class Client:
                        overlays: bool = False, gallery_crops: bool = True,
                        feature_maps: bool = False, gallery_ids: Sequence[str] = (),
                        filters: rq.Filters | None = None, exclude_subjects: Sequence[str] = (),
+                       method_options: Mapping[str, Mapping[str, float]] | None = None,
                        timeout: float | None = None
                        ) -> Iterator[MatchResult | ExplainedMatch]:
         """Yields the MatchResult first, then each ExplainedMatch as the server finishes it.
@@ -203,7 +206,8 @@ class Client:
                                      photo_maps=photo_maps, overlays=overlays,
                                      gallery_crops=gallery_crops, feature_maps=feature_maps,
                                      gallery_ids=gallery_ids, filters=filters,
-                                     exclude_subjects=exclude_subjects)
+                                     exclude_subjects=exclude_subjects,
+                                     method_options=method_options)
         photo = to_rgb(image) if photo_maps else None
         timeout = self._timeout if timeout is None else timeout
         delays = self._retry.delays()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,12 +99,17 @@ def explain_request(
     gallery_ids: Sequence[str] = (),
     filters: Filters | None = None,
     exclude_subjects: Sequence[str] = (),
+    method_options: Mapping[str, Mapping[str, float]] | None = None,
 ) -> phenolens_pb2.ExplainRequest:
+    """``method_options``: per method name, its numeric options, e.g.
+    ``{"occlusion": {"patch": 10, "stride": 5}}``."""
     return phenolens_pb2.ExplainRequest(
         match=match_request(image, aligned=aligned, top_k=top_k, filters=filters,
                             exclude_subjects=exclude_subjects),
         methods=list(methods), photo_maps=photo_maps, overlays=overlays,
         gallery_crops=gallery_crops, feature_maps=feature_maps, gallery_ids=list(gallery_ids),
+        method_options={name: phenolens_pb2.MethodOptions(values=dict(values))
+                        for name, values in (method_options or {}).items()},
     )
 
 
