@@ -1,1 +1,35 @@
+"""The gallery store: SQLite as the source of truth, FAISS as a derived index,
+GestaltMatcher-style syndrome and gene ranking, imports and exports.
 
+Never imports torch: embeddings arrive as numpy arrays (or through an injected
+``embed(path)`` callable in ``gallery.imports``).
+"""
+
+from gallery.errors import (
+    DimensionMismatch,
+    DuplicateId,
+    GalleryError,
+    ImportFormatError,
+    InvalidEmbedding,
+    SchemaTooNew,
+    SchemeMismatch,
+    UnknownId,
+)
+from gallery.records import (
+    AddReport,
+    ClassBalance,
+    Entry,
+    GalleryStats,
+    GeneHit,
+    Hit,
+    Record,
+    RecordInfo,
+    SyndromeHit,
+)
+from gallery.store import Gallery
+
+__all__ = [
+    "AddReport", "ClassBalance", "DimensionMismatch", "DuplicateId", "Entry", "Gallery",
+    "GalleryError", "GalleryStats", "GeneHit", "Hit", "ImportFormatError", "InvalidEmbedding",
+    "Record", "RecordInfo", "SchemaTooNew", "SchemeMismatch", "SyndromeHit", "UnknownId",
+]

@@ -1,0 +1,831 @@
+"""The gallery: SQLite records as the only durable truth, a FAISS index derived from them.
+
+Files: ``PATH`` is the SQLite database (WAL journal), ``PATH.faiss`` the saved
+index and ``PATH.faiss.json`` its sidecar.
+
+Durability: WAL with ``synchronous=FULL`` fsyncs the WAL on every commit, so a
+committed write survives a power cut, not only a killed process (NORMAL would
+keep the database consistent but may lose the last commits on power loss). Imports
+commit in batches, so the fsync costs little per record.
+
+Concurrency: searches share a readers-writer lock; a writer holds it exclusively
+only while it mutates the in-memory index (after its SQLite commit). Writers are
+serialised by one mutex. Every thread gets its own SQLite connection. Index
+rebuilds are built beside the live index and swapped in, so searches continue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from gallery import schema
+from gallery._rwlock import ReadWriteLock
+from gallery.errors import DuplicateId, SchemeMismatch, UnknownId
+from gallery.index import EXACT, StaleIndex, VectorIndex
+from gallery.records import (
+    AddReport,
+    Entry,
+    GalleryStats,
+    GeneHit,
+    Hit,
+    Record,
+    RecordInfo,
+    SyndromeHit,
+    class_balance,
+)
+from gallery.vectors import ViewsLike, check_dims, pack, query_matrix, search_matrix, unpack
+
+log = logging.getLogger(__name__)
+
+_INFO_COLUMNS = (
+    "gallery_id, image_id, subject_id, syndrome_id, syndrome_name, omim_id, genes, source,"
+    " encoder_id, view_scheme, created_at, updated_at, provenance"
+)
+_EXACT_FALLBACK_LIMIT = 200_000
+
+
+def _info(row: Sequence) -> RecordInfo:
+    return RecordInfo(
+        gallery_id=int(row[0]), image_id=row[1], subject_id=row[2], syndrome_id=row[3],
+        syndrome_name=row[4], omim_id=row[5], genes=tuple(json.loads(row[6])), source=row[7],
+        encoder_id=row[8], view_scheme=row[9], created_at=row[10], updated_at=row[11],
+        provenance=row[12],
+    )
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class Gallery:
+    """A syndrome-labelled face gallery. Open with ``Gallery.open(path)``; thread-safe."""
+
+    def __init__(
+        self, path: Path, *, index: str = EXACT, nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.index_path = self.path.with_name(self.path.name + ".faiss")
+        self.factory = index
+        self._nprobe = nprobe
+        self._ef_search = ef_search
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._conn_lock = threading.Lock()
+        self._writer = threading.RLock()
+        self._rw = ReadWriteLock()
+        self._index: VectorIndex | None = None
+        self._index_version = -1
+        self._saved_version = -1
+        self._closed = False
+
+    # -- opening ------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        index: str = EXACT,
+        encoder_id: str | None = None,
+        view_scheme: str | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        create: bool = True,
+    ) -> Gallery:
+        """Open (or create) the gallery at ``path`` with FAISS index ``index`` (factory string).
+
+        ``encoder_id``/``view_scheme``: the caller's encoder; a gallery built with
+        another raises SchemeMismatch, a new gallery adopts them.
+        """
+        path = Path(path)
+        if not create and not path.exists():
+            raise FileNotFoundError(f"no gallery at {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self = cls(path, index=index, nprobe=nprobe, ef_search=ef_search)
+        schema.migrate(self._conn())
+        self._adopt_scheme(encoder_id, view_scheme)
+        self._load_or_rebuild_index()
+        return self
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise RuntimeError("gallery is closed")
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=60, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+            with self._conn_lock:
+                self._connections.append(conn)
+        return conn
+
+    def _meta(self, key: str) -> str | None:
+        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _adopt_scheme(self, encoder_id: str | None, view_scheme: str | None) -> None:
+        with self._writer:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for key, wanted in (("encoder_id", encoder_id), ("view_scheme", view_scheme)):
+                    have = self._meta(key)
+                    if wanted is None:
+                        continue
+                    if have is None:
+                        conn.execute("INSERT INTO meta VALUES (?, ?)", (key, wanted))
+                    elif have != wanted:
+                        raise SchemeMismatch(
+                            f"gallery was built with {key.replace('_', ' ')} {have!r}, not {wanted!r}"
+                        )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def encoder_id(self) -> str | None:
+        return self._meta("encoder_id")
+
+    @property
+    def view_scheme(self) -> str | None:
+        return self._meta("view_scheme")
+
+    @property
+    def view_dims(self) -> tuple[int, ...]:
+        raw = self._meta("view_dims")
+        return tuple(json.loads(raw)) if raw else ()
+
+    @property
+    def version(self) -> int:
+        """Monotonic gallery version, bumped by every write transaction."""
+        return int(self._meta("gallery_version") or 0)
+
+    @property
+    def index_effective_factory(self) -> str:
+        return self._index.effective_factory if self._index else self.factory
+
+    def __len__(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM records").fetchone()[0])
+
+    # -- index lifecycle ----------------------------------------------------------
+
+    def _load_or_rebuild_index(self) -> None:
+        dims = self.view_dims
+        if not dims:
+            self._index, self._index_version = None, self.version
+            return
+        try:
+            index = VectorIndex.load(
+                self.index_path, factory=self.factory, dim=sum(dims), gallery_version=self.version,
+                count=len(self), nprobe=self._nprobe, ef_search=self._ef_search,
+            )
+        except StaleIndex as why:
+            log.info("rebuilding the gallery index from SQLite (saved index %s)", why)
+            self.rebuild_index()
+            return
+        with self._rw.write():
+            self._index, self._index_version = index, self.version
+        self._saved_version = self._index_version
+
+    def rebuild_index(self, *, save: bool = True) -> None:
+        """Rebuild the FAISS index from SQLite (beside the live one, then swapped in)."""
+        with self._writer:
+            conn = self._conn()
+            conn.execute("BEGIN")
+            try:
+                version = self.version
+                index = self._build_index()
+            finally:
+                conn.execute("COMMIT")
+            self._swap_in(index, version)
+            if save:
+                self.flush()
+
+    def _build_index(self) -> VectorIndex:
+        """A new index from the records this thread's connection sees (its own open
+        transaction included)."""
+        dims = self.view_dims
+        count = len(self)
+        ids = np.empty(count, dtype=np.int64)
+        vectors = np.empty((count, sum(dims)), dtype=np.float32)
+        cursor = self._conn().execute("SELECT gallery_id, embedding FROM records ORDER BY gallery_id")
+        at = 0
+        while rows := cursor.fetchmany(65_536):
+            n = len(rows)
+            ids[at : at + n] = [r[0] for r in rows]
+            flat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(n, -1)
+            vectors[at : at + n] = search_matrix(flat, dims)
+            at += n
+        index = VectorIndex(self.factory, sum(dims), nprobe=self._nprobe, ef_search=self._ef_search)
+        index.build(ids, vectors)
+        return index
+
+    def _swap_in(self, index: VectorIndex, version: int) -> None:
+        with self._rw.write():
+            self._index, self._index_version = index, version
+
+    def refresh(self) -> None:
+        """Catch up with writes made by another process (rebuilds when the version moved)."""
+        if self.version != self._index_version:
+            self._load_or_rebuild_index()
+
+    def flush(self) -> None:
+        """Save the index if it changed since the last save (atomic; see gallery.index)."""
+        with self._writer:
+            if self._index is None or self._saved_version == self._index_version:
+                return
+            with self._rw.read():
+                self._index.save(self.index_path, self._index_version)
+            self._saved_version = self._index_version
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        with self._conn_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    # -- writes -------------------------------------------------------------------
+
+    def add(self, entry: Entry, *, update: bool = False) -> int:
+        """Add one image; returns its gallery id. Same image id with identical content is
+        a no-op; with other content it raises DuplicateId unless ``update``."""
+        report = self.add_many([entry], update=update)
+        return (report.added + report.updated + report.unchanged)[0]
+
+    def update(self, entry: Entry) -> int:
+        """Replace the record with ``entry.image_id`` in place (same gallery id)."""
+        report = self.update_many([entry])
+        return (report.updated + report.unchanged)[0]
+
+    def update_many(self, entries: Iterable[Entry]) -> AddReport:
+        entries = list(entries)
+        missing = [e.image_id for e in entries if not self._exists(e.image_id)]
+        if missing:
+            raise UnknownId(f"{len(missing)} image id(s) are not in the gallery")
+        return self.add_many(entries, update=True)
+
+    def _exists(self, image_id: str) -> bool:
+        return self._conn().execute(
+            "SELECT 1 FROM records WHERE image_id = ?", (str(image_id),)
+        ).fetchone() is not None
+
+    def add_many(
+        self, entries: Iterable[Entry], *, update: bool = False, batch_size: int = 1000,
+    ) -> AddReport:
+        """Add entries, committing every ``batch_size`` (each batch is atomic)."""
+        report = AddReport()
+        for batch in _chunks(entries, batch_size):
+            report = report + self._write_batch(batch, update)
+        return report
+
+    def _check_entry(self, entry: Entry, encoder_id: str | None, scheme: str | None, dims: tuple[int, ...]) -> None:
+        if entry.encoder_id is not None and encoder_id is not None and entry.encoder_id != encoder_id:
+            raise SchemeMismatch(f"entry encoder {entry.encoder_id!r} differs from the gallery's {encoder_id!r}")
+        if entry.view_scheme is not None and scheme is not None and entry.view_scheme != scheme:
+            raise SchemeMismatch(f"entry view scheme {entry.view_scheme!r} differs from the gallery's {scheme!r}")
+        if dims:
+            check_dims(entry.views, dims)
+
+    def _write_batch(self, batch: list[Entry], update: bool) -> AddReport:
+        with self._writer:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                encoder_id = self.encoder_id or next((e.encoder_id for e in batch if e.encoder_id), None)
+                scheme = self.view_scheme or next((e.view_scheme for e in batch if e.view_scheme), None)
+                dims = self.view_dims or tuple(int(v.shape[0]) for v in batch[0].views)
+                encoder_id = encoder_id or "unknown"
+                scheme = scheme or "unknown"
+                for entry in batch:
+                    self._check_entry(entry, encoder_id, scheme, dims)
+                rows = {}
+                for entry in batch:
+                    blob = pack(entry.views)
+                    digest = schema.content_hash(
+                        entry.image_id, entry.subject_id, entry.syndrome_id, entry.syndrome_name,
+                        entry.omim_id, entry.genes, encoder_id, scheme, blob,
+                    )
+                    if entry.image_id in rows and rows[entry.image_id][1] != digest:
+                        raise DuplicateId("the same image id appears twice with different content")
+                    rows[entry.image_id] = (entry, digest, blob)
+                existing = {
+                    image_id: (gid, digest)
+                    for gid, image_id, digest in conn.execute(
+                        "SELECT gallery_id, image_id, content_hash FROM records"
+                        " WHERE image_id IN (SELECT value FROM json_each(?))",
+                        (json.dumps(list(rows)),),
+                    )
+                }
+                added, updated, unchanged = [], [], []
+                conflicts = [i for i, (_, d, _) in rows.items() if i in existing and existing[i][1] != d]
+                if conflicts and not update:
+                    raise DuplicateId(
+                        f"{len(conflicts)} image id(s) already in the gallery with different content"
+                        " (use update to replace them)"
+                    )
+                now = time.time()
+                touched_vectors = []
+                for image_id, (entry, digest, blob) in rows.items():
+                    if image_id in existing and existing[image_id][1] == digest:
+                        unchanged.append(existing[image_id][0])
+                        continue
+                    values = (
+                        entry.subject_id, entry.syndrome_id, entry.syndrome_name, entry.omim_id,
+                        json.dumps(list(entry.genes)), entry.source, encoder_id, scheme,
+                        json.dumps(list(dims)), blob, entry.crop_png, now, digest,
+                        json.dumps(entry.provenance, sort_keys=True, default=str),
+                    )
+                    if image_id in existing:
+                        gid = existing[image_id][0]
+                        conn.execute(
+                            "UPDATE records SET subject_id=?, syndrome_id=?, syndrome_name=?, omim_id=?,"
+                            " genes=?, source=?, encoder_id=?, view_scheme=?, view_dims=?, embedding=?,"
+                            " crop_png=?, updated_at=?, content_hash=?, provenance=? WHERE gallery_id=?",
+                            (*values, gid),
+                        )
+                        updated.append(gid)
+                    else:
+                        gid = conn.execute(
+                            "INSERT INTO records (subject_id, syndrome_id, syndrome_name, omim_id, genes,"
+                            " source, encoder_id, view_scheme, view_dims, embedding, crop_png, updated_at,"
+                            " content_hash, provenance, image_id, created_at)"
+                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING gallery_id",
+                            (*values, image_id, now),
+                        ).fetchone()[0]
+                        added.append(gid)
+                    touched_vectors.append((gid, blob))
+                if touched_vectors:
+                    for key, value in (
+                        ("encoder_id", encoder_id), ("view_scheme", scheme), ("view_dims", json.dumps(list(dims))),
+                    ):
+                        conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+                    self._bump_version(conn)
+                version = self.version
+                replaced = set(updated)
+                fresh = [t for t in touched_vectors if t[0] not in replaced]
+                if replaced:
+                    changed = [t for t in touched_vectors if t[0] in replaced]
+                    if not self._replace_in_index(changed, dims, version, complete=not fresh):
+                        self._swap_in(self._build_index(), version)
+                        fresh = []
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                self._index_version = -1
+                raise
+            if fresh:
+                self._add_to_index(fresh, dims, version)
+            if self._index is not None and self._index.needs_training_rebuild(self._index.ntotal):
+                self.rebuild_index(save=False)
+            return AddReport(tuple(added), tuple(updated), tuple(unchanged))
+
+    @staticmethod
+    def _bump_version(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'gallery_version'"
+        )
+
+    def _add_to_index(self, touched: list[tuple[int, bytes]], dims: tuple[int, ...], version: int) -> None:
+        """After the commit: new rows become searchable (never an index id without a row)."""
+        if self._index is None or self._index_version != version - 1:
+            self.rebuild_index(save=False)
+            return
+        ids = np.array([gid for gid, _ in touched], dtype=np.int64)
+        flat = np.frombuffer(b"".join(blob for _, blob in touched), dtype="<f4").reshape(len(touched), -1)
+        vectors = search_matrix(flat, dims)
+        with self._rw.write():
+            self._index.add(ids, vectors)
+            self._index_version = version
+
+    def _replace_in_index(
+        self, changed: list[tuple[int, bytes]], dims: tuple[int, ...], version: int, *, complete: bool
+    ) -> bool:
+        """Before the commit of in-place updates: swap their vectors (their rows exist
+        throughout). ``complete``: the batch has no new rows, so the index then reflects
+        ``version``. False when the index cannot remove ids or is behind (the caller rebuilds)."""
+        if self._index is None or self._index_version != version - 1:
+            return False
+        ids = np.array([gid for gid, _ in changed], dtype=np.int64)
+        flat = np.frombuffer(b"".join(blob for _, blob in changed), dtype="<f4").reshape(len(changed), -1)
+        vectors = search_matrix(flat, dims)
+        with self._rw.write():
+            if not self._index.remove(ids):
+                return False
+            self._index.add(ids, vectors)
+            if complete:
+                self._index_version = version
+        return True
+
+    def delete(self, gallery_ids: Iterable[int]) -> int:
+        """Delete records by gallery id (all or none: an unknown id raises UnknownId)."""
+        ids = sorted({int(g) for g in gallery_ids})
+        return self._delete("gallery_id", ids)
+
+    def delete_images(self, image_ids: Iterable[str]) -> int:
+        """Delete records by image id (all or none: an unknown id raises UnknownId)."""
+        return self._delete("image_id", sorted({str(i) for i in image_ids}))
+
+    def _delete(self, column: str, keys: list) -> int:
+        if not keys:
+            return 0
+        with self._writer:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                found = [
+                    r[0] for r in conn.execute(
+                        f"SELECT gallery_id FROM records WHERE {column} IN (SELECT value FROM json_each(?))",
+                        (json.dumps(keys),),
+                    )
+                ]
+                if len(found) != len(keys):
+                    raise UnknownId(f"{len(keys) - len(found)} of {len(keys)} id(s) are not in the gallery")
+                conn.execute(
+                    "DELETE FROM records WHERE gallery_id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(found),),
+                )
+                self._bump_version(conn)
+                version = self.version
+                # Before the commit, so a search never meets an index id whose row is gone.
+                removed = False
+                if self._index is not None and self._index_version == version - 1:
+                    with self._rw.write():
+                        removed = self._index.remove(np.asarray(found, dtype=np.int64))
+                        if removed:
+                            self._index_version = version
+                if not removed:
+                    self._swap_in(self._build_index(), version)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                self._index_version = -1
+                raise
+            return len(found)
+
+    # -- reads --------------------------------------------------------------------
+
+    def get(self, gallery_id: int) -> Record:
+        return self._get("gallery_id", int(gallery_id))
+
+    def get_image(self, image_id: str) -> Record:
+        return self._get("image_id", str(image_id))
+
+    def _get(self, column: str, key: object) -> Record:
+        row = self._conn().execute(
+            f"SELECT {_INFO_COLUMNS}, view_dims, embedding, crop_png FROM records WHERE {column} = ?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            raise UnknownId(f"{column.replace('_', ' ')} is not in the gallery")
+        info = _info(row[:13])
+        return Record(info=info, views=unpack(row[14], json.loads(row[13])), crop_png=row[15])
+
+    def list(self, *, limit: int = 100, offset: int = 0, syndrome_id: str | None = None) -> list[RecordInfo]:
+        """Records in gallery-id order, one page."""
+        where, args = ("WHERE syndrome_id = ?", [syndrome_id]) if syndrome_id is not None else ("", [])
+        rows = self._conn().execute(
+            f"SELECT {_INFO_COLUMNS} FROM records {where} ORDER BY gallery_id LIMIT ? OFFSET ?",
+            (*args, int(limit), int(offset)),
+        )
+        return [_info(r) for r in rows]
+
+    def iter_records(self, *, batch: int = 1000) -> Iterator[Record]:
+        """Every full record in gallery-id order (for exports)."""
+        last = -1
+        while True:
+            rows = self._conn().execute(
+                f"SELECT {_INFO_COLUMNS}, view_dims, embedding, crop_png FROM records"
+                " WHERE gallery_id > ? ORDER BY gallery_id LIMIT ?",
+                (last, batch),
+            ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield Record(info=_info(row[:13]), views=unpack(row[14], json.loads(row[13])), crop_png=row[15])
+            last = rows[-1][0]
+
+    def find_images(self, image_ids: Iterable[str]) -> dict[str, RecordInfo]:
+        """image id -> RecordInfo for those of ``image_ids`` in the gallery (absent ones left out)."""
+        keys = sorted({str(i) for i in image_ids})
+        if not keys:
+            return {}
+        rows = self._conn().execute(
+            f"SELECT {_INFO_COLUMNS} FROM records WHERE image_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(keys),),
+        )
+        return {r[1]: _info(r) for r in rows}
+
+    def _infos(self, ids: Iterable[int]) -> dict[int, RecordInfo]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return {}
+        rows = self._conn().execute(
+            f"SELECT {_INFO_COLUMNS} FROM records WHERE gallery_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids),),
+        )
+        return {int(r[0]): _info(r) for r in rows}
+
+    # -- search -------------------------------------------------------------------
+
+    def search(
+        self,
+        query_views: ViewsLike,
+        k: int = 10,
+        *,
+        exclude_subjects: Iterable[str] = (),
+        same_patient_distance: float | None = None,
+        syndromes: Iterable[str] | None = None,
+        view_scheme: str | None = None,
+    ) -> list[Hit]:
+        """The ``k`` nearest gallery images to one query (V views, (V, D) or a sequence of (D_v,)).
+
+        Filters: drop the subjects in ``exclude_subjects``; drop hits at mean cosine
+        distance ≤ ``same_patient_distance`` (GestaltMatcher's "likely the same
+        patient" rule, e.g. 0.4; off when None); keep only ``syndromes`` (ids).
+        Filtered searches still return ``k`` hits when the gallery has them.
+        """
+        return self.search_batch(
+            [query_views], k, exclude_subjects=exclude_subjects,
+            same_patient_distance=same_patient_distance, syndromes=syndromes, view_scheme=view_scheme,
+        )[0]
+
+    def search_batch(
+        self,
+        queries: np.ndarray | Sequence[ViewsLike],
+        k: int = 10,
+        *,
+        exclude_subjects: Iterable[str] = (),
+        same_patient_distance: float | None = None,
+        syndromes: Iterable[str] | None = None,
+        view_scheme: str | None = None,
+    ) -> list[list[Hit]]:
+        """``search`` for N queries: an (N, V, D) array or a sequence of per-query views."""
+        with self._rw.read():  # ids and their rows read under one lock: deletes cannot slip between
+            ranked = self._ranked(
+                queries, k, exclude_subjects, same_patient_distance, syndromes, view_scheme
+            )
+            infos = self._infos({int(g) for ids, _ in ranked for g in ids})
+        out = []
+        for ids, scores in ranked:
+            hits = []
+            for gid, score in zip(ids, scores, strict=True):
+                info = infos.get(int(gid))
+                if info is None:  # deleted between the index read and this lookup
+                    continue
+                hits.append(Hit(
+                    gallery_id=info.gallery_id, image_id=info.image_id, subject_id=info.subject_id,
+                    syndrome_id=info.syndrome_id, syndrome_name=info.syndrome_name,
+                    omim_id=info.omim_id, genes=info.genes, score=float(score),
+                ))
+            out.append(hits[:k])
+        return out
+
+    def _query_matrix(self, queries, view_scheme: str | None) -> np.ndarray | None:
+        if view_scheme is not None and self.view_scheme is not None and view_scheme != self.view_scheme:
+            raise SchemeMismatch(
+                f"query view scheme {view_scheme!r} differs from the gallery's {self.view_scheme!r}"
+            )
+        dims = self.view_dims
+        if not dims:
+            return None
+        return query_matrix(queries, dims)
+
+    def _selection(
+        self, exclude_subjects: Iterable[str], syndromes: Iterable[str] | None
+    ) -> tuple[faiss.IDSelector | None, np.ndarray | None, list]:
+        """(selector, eligible ids when restricted to syndromes, objects to keep alive)."""
+        excluded = sorted({str(s) for s in exclude_subjects})
+        conn = self._conn()
+        if syndromes is not None:
+            wanted = sorted({str(s) for s in syndromes})
+            ids = np.fromiter(
+                (r[0] for r in conn.execute(
+                    "SELECT gallery_id FROM records WHERE syndrome_id IN (SELECT value FROM json_each(?))"
+                    " AND subject_id NOT IN (SELECT value FROM json_each(?))",
+                    (json.dumps(wanted), json.dumps(excluded)),
+                )),
+                dtype=np.int64,
+            )
+            selector = faiss.IDSelectorBatch(ids)
+            return selector, ids, [selector, ids]
+        if excluded:
+            ids = np.fromiter(
+                (r[0] for r in conn.execute(
+                    "SELECT gallery_id FROM records WHERE subject_id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(excluded),),
+                )),
+                dtype=np.int64,
+            )
+            if len(ids):
+                inner = faiss.IDSelectorBatch(ids)
+                selector = faiss.IDSelectorNot(inner)
+                return selector, None, [selector, inner, ids]
+        return None, None, []
+
+    def _ranked(
+        self, queries, k: int, exclude_subjects, same_patient_distance, syndromes, view_scheme,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query (gallery ids, scores) best first, at most ``k``, filters applied.
+
+        The caller holds the read lock.
+        """
+        q = self._query_matrix(queries, view_scheme)
+        if q is None:
+            n = len(queries)
+            return [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * n
+        if k <= 0:
+            raise ValueError("k must be positive")
+        selector, eligible, _keep = self._selection(exclude_subjects, syndromes)
+        if eligible is not None and len(eligible) == 0:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
+        index = self._index
+        if index is None or index.ntotal == 0:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
+        total = index.ntotal if eligible is None else min(index.ntotal, len(eligible))
+        fetch = min(total, k if same_patient_distance is None else k + 16)
+        while True:
+            scores, ids = index.search(q, fetch, selector)
+            results = []
+            short = False
+            for row_ids, row_scores in zip(ids, scores, strict=True):
+                keep = row_ids >= 0
+                exhausted = keep.sum() < fetch
+                if same_patient_distance is not None:
+                    keep &= (1.0 - row_scores) > same_patient_distance
+                results.append((row_ids[keep][:k], row_scores[keep][:k]))
+                if keep.sum() < k and not exhausted:
+                    short = True
+            if not short or fetch >= total:
+                break
+            fetch = min(total, fetch * 4)
+        approximate = not index.exact
+        if approximate and eligible is not None and len(eligible) <= _EXACT_FALLBACK_LIMIT:
+            want = min(k, len(eligible))
+            if any(len(r[0]) < want for r in results):
+                results = self._exact_scan(q, eligible, k, same_patient_distance)
+        return results
+
+    def _exact_scan(
+        self, q: np.ndarray, ids: np.ndarray, k: int, same_patient_distance: float | None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Brute force over ``ids`` from SQLite, for filters an approximate index serves poorly."""
+        rows = self._conn().execute(
+            "SELECT gallery_id, embedding FROM records WHERE gallery_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids.tolist()),),
+        ).fetchall()
+        gids = np.array([r[0] for r in rows], dtype=np.int64)
+        flat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
+        scores = q @ search_matrix(flat, self.view_dims).T
+        out = []
+        for row in scores:
+            order = np.argsort(-row, kind="stable")
+            if same_patient_distance is not None:
+                order = order[(1.0 - row[order]) > same_patient_distance]
+            order = order[:k]
+            out.append((gids[order], row[order].astype(np.float32)))
+        return out
+
+    def rank_syndromes(
+        self,
+        query_views: ViewsLike,
+        top: int | None = 30,
+        *,
+        exclude_subjects: Iterable[str] = (),
+        same_patient_distance: float | None = None,
+        syndromes: Iterable[str] | None = None,
+        view_scheme: str | None = None,
+    ) -> list[SyndromeHit]:
+        """Syndromes ranked by their nearest gallery image (GestaltMatcher); ``top=None``: all."""
+        out: list[SyndromeHit] = []
+        for gid, score, info in self._walk(
+            query_views, top, lambda info: [info.syndrome_id], exclude_subjects,
+            same_patient_distance, syndromes, view_scheme,
+        ):
+            if top is not None and len(out) >= top:
+                break
+            out.append(SyndromeHit(
+                syndrome_id=info.syndrome_id, syndrome_name=info.syndrome_name, omim_id=info.omim_id,
+                score=score, gallery_id=gid, image_id=info.image_id, subject_id=info.subject_id,
+            ))
+        return out
+
+    def rank_genes(
+        self,
+        query_views: ViewsLike,
+        top: int | None = 30,
+        *,
+        exclude_subjects: Iterable[str] = (),
+        same_patient_distance: float | None = None,
+        syndromes: Iterable[str] | None = None,
+        view_scheme: str | None = None,
+    ) -> list[GeneHit]:
+        """Genes ranked by the nearest gallery image that carries them; ``top=None``: all."""
+        out: list[GeneHit] = []
+        seen_gene: set[str] = set()
+        for gid, score, info in self._walk(
+            query_views, top, lambda info: list(info.genes), exclude_subjects,
+            same_patient_distance, syndromes, view_scheme,
+        ):
+            for gene in info.genes:
+                if gene not in seen_gene and (top is None or len(out) < top):
+                    seen_gene.add(gene)
+                    out.append(GeneHit(
+                        gene=gene, score=score, gallery_id=gid, image_id=info.image_id,
+                        subject_id=info.subject_id, syndrome_id=info.syndrome_id,
+                    ))
+        return out
+
+    def _walk(self, query_views, top, keys_of, exclude_subjects, same_patient_distance, syndromes, view_scheme):
+        """Yield (gallery id, score, info) for each image that is the first to carry a new key,
+        widening the candidate list until ``top`` keys are found or the gallery is exhausted."""
+        total = len(self)
+        if total == 0:
+            return
+        fetch = total if top is None else min(total, max(64, 8 * top))
+        while True:
+            with self._rw.read():
+                ids, scores = self._ranked(
+                    [query_views], fetch, exclude_subjects, same_patient_distance, syndromes, view_scheme
+                )[0]
+                infos = self._infos(ids)
+            seen: set[str] = set()
+            found = []
+            for gid, score in zip(ids, scores, strict=True):
+                info = infos.get(int(gid))
+                if info is None:
+                    continue
+                new = [key for key in keys_of(info) if key not in seen]
+                if new:
+                    seen.update(new)
+                    found.append((int(gid), float(score), info))
+            if (top is not None and len(seen) >= top) or len(ids) < fetch or fetch >= total:
+                break
+            fetch = min(total, fetch * 4)
+        yield from found
+
+    # -- statistics ---------------------------------------------------------------
+
+    def stats(self) -> GalleryStats:
+        conn = self._conn()
+        per_syndrome = conn.execute(
+            "SELECT syndrome_id, MAX(syndrome_name), COUNT(*), COUNT(DISTINCT subject_id)"
+            " FROM records GROUP BY syndrome_id ORDER BY COUNT(*) DESC, syndrome_id"
+        ).fetchall()
+        per_subject = conn.execute(
+            "SELECT subject_id, COUNT(*) FROM records GROUP BY subject_id ORDER BY COUNT(*) DESC, subject_id"
+        ).fetchall()
+        genes = conn.execute(
+            "SELECT COUNT(DISTINCT value) FROM records, json_each(records.genes)"
+        ).fetchone()[0]
+        return GalleryStats(
+            records=len(self),
+            subjects=len(per_subject),
+            syndromes=len(per_syndrome),
+            genes=int(genes),
+            encoder_id=self.encoder_id,
+            view_scheme=self.view_scheme,
+            view_dims=self.view_dims,
+            gallery_version=self.version,
+            schema_version=schema.schema_version(conn),
+            index_factory=self.factory,
+            index_effective_factory=self.index_effective_factory,
+            images_per_syndrome={r[0]: r[2] for r in per_syndrome},
+            subjects_per_syndrome={r[0]: r[3] for r in per_syndrome},
+            syndrome_names={r[0]: r[1] for r in per_syndrome},
+            images_per_subject={r[0]: r[1] for r in per_subject},
+            syndrome_balance=class_balance([r[2] for r in per_syndrome]),
+            subject_balance=class_balance([r[1] for r in per_subject]),
+            syndromes_with_one_subject=sum(1 for r in per_syndrome if r[3] == 1),
+        )
+
