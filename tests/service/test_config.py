@@ -1,0 +1,70 @@
+"""One configuration file plus PHENOLENS_ environment overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.auth import ADMIN, ANONYMOUS, READ, TokenAuth, hash_token
+from server.config import ConfigError, load_config
+from server.errors import PermissionDenied, Unauthenticated
+
+
+def test_yaml_file_then_environment_overrides(tmp_path):
+    path = tmp_path / "phenolens.yaml"
+    path.write_text("listen: 0.0.0.0:6000\nlimits:\n  max_top_k: 20\n  max_concurrent: 3\n"
+                    "gallery:\n  path: galleries/g.sqlite\n")
+    config = load_config(path, env={"PHENOLENS_LIMITS__MAX_TOP_K": "7",
+                                    "PHENOLENS_DEVICE": "cpu",  # encoder.runtime's, ignored here
+                                    "PHENOLENS_EXPLAIN__METHODS": "similarity,occlusion"})
+    assert config.listen == "0.0.0.0:6000"
+    assert config.limits.max_top_k == 7 and config.limits.max_concurrent == 3
+    assert config.explain.methods == ("similarity", "occlusion")
+    assert config.gallery.path == tmp_path / "galleries" / "g.sqlite"
+
+
+def test_toml_file_is_read(tmp_path):
+    path = tmp_path / "phenolens.toml"
+    path.write_text('listen = "127.0.0.1:7000"\n[tls]\ncert = "s.pem"\nkey = "s.key"\n')
+    config = load_config(path, env={})
+    assert config.tls.enabled and config.tls.cert == tmp_path / "s.pem"
+
+
+def test_unknown_key_is_an_error_that_names_it(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("limits:\n  max_topk: 3\n")
+    with pytest.raises(ConfigError, match="max_topk"):
+        load_config(path, env={})
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(ConfigError, match="limits.max_concurrent"):
+        load_config(env={"PHENOLENS_LIMITS__MAX_CONCURRENT": "many"})
+
+
+def test_mutual_tls_without_server_certificate_is_refused():
+    with pytest.raises(ConfigError, match="client_ca"):
+        load_config(env={"PHENOLENS_TLS__CLIENT_CA": "/tmp/ca.pem"})
+
+
+def test_tokens_are_kept_hashed_and_scopes_enforced():
+    config = load_config(env={"PHENOLENS_AUTH__TOKENS":
+                              f"[{{name: r, scopes: [read], sha256: {hash_token('r1')}}},"
+                              " {name: a, scopes: [admin], token: a1}]"})
+    auth = TokenAuth(config.auth.tokens)
+    reader = auth.authenticate([("authorization", "Bearer r1")])
+    admin = auth.authenticate([("authorization", "Bearer a1")])
+    assert reader.allows(READ) and not reader.allows(ADMIN)
+    assert admin.allows(READ) and admin.allows(ADMIN)
+    with pytest.raises(Unauthenticated):
+        auth.authenticate([])
+    with pytest.raises(Unauthenticated):
+        auth.authenticate([("authorization", "Bearer nope")])
+    with pytest.raises(PermissionDenied):
+        auth.authorize(reader, "/phenolens.v1.GalleryAdmin/DeleteImages")
+    auth.authorize(reader, "/grpc.health.v1.Health/Check")
+    assert "a1" not in repr(config)
+
+
+def test_no_tokens_means_auth_off():
+    auth = TokenAuth(())
+    assert not auth.enabled and auth.authenticate([]) is ANONYMOUS
