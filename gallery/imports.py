@@ -94,7 +94,7 @@ def _progress(items: Sequence, desc: str, progress: bool | None) -> Iterable:
     return tqdm(items, desc=desc, unit="img", disable=disable, file=sys.stderr)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -403,7 +403,7 @@ def import_rows(
         known = gallery.find_images(r.image_id for r in chunk)
         for row in _progress(chunk, "import", progress) if len(rows) > batch_size else chunk:
             try:
-                digest = _file_sha256(row.path)
+                digest = file_sha256(row.path)
             except OSError as exc:
                 failed.append(ImportFailure(str(row.path), type(exc).__name__))
                 continue
@@ -500,7 +500,8 @@ def import_gm_encodings(
     table = read_gm_encodings(encodings)
     labels = gm_labels(split_csv=split_csv, syndromes_tsv=syndromes_tsv, metadata=metadata)
     entries, failed = [], []
-    for key in _progress(list(table.views), "gm-encodings", progress):
+    keys = sorted(table.views, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    for key in _progress(keys, "gm-encodings", progress):
         row = labels.row(key, Path(key))
         if row is None:
             failed.append(ImportFailure(key, "no labels for this image"))
