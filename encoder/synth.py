@@ -438,22 +438,7 @@ def load_source_faces(pipeline=None, photos: Sequence | None = None,
 
 def _all_alignments(pipeline, rgb: np.ndarray) -> list:
     """Alignments of every detected face, left to right."""
-    if hasattr(pipeline, "faces"):
-        faces = list(pipeline.faces(rgb))
-        alignments = [f.alignment for f in faces]
-    else:
-        # Re-detect inside a margin around each box, then map back to the photo.
-        from encoder.align import align_face
-
-        boxes = pipeline.face(rgb).boxes
-        alignments = []
-        h, w = rgb.shape[:2]
-        for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64):
-            mx, my = 0.6 * (x1 - x0), 0.6 * (y1 - y0)
-            cx0, cy0 = int(max(0, x0 - mx)), int(max(0, y0 - my))
-            cx1, cy1 = int(min(w, x1 + mx)), int(min(h, y1 + my))
-            sub = pipeline.face(np.ascontiguousarray(rgb[cy0:cy1, cx0:cx1])).alignment
-            alignments.append(align_face(rgb, sub.landmarks_photo + [cx0, cy0]))
+    alignments = [f.alignment for f in pipeline.faces(rgb)]
     return sorted(alignments, key=lambda a: float(np.mean(a.landmarks_photo[:, 0])))
 
 
