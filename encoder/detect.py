@@ -118,6 +118,9 @@ class FaceDetector:
         h, w = rgb.shape[:2]
         small, scale = self._downscale(rgb)
         sy = small.shape[0] / h
+        if min(small.shape[:2]) < self.min_face_size:
+            # MTCNN's image pyramid would be empty (and facenet-pytorch fails on that)
+            return DetectionResult((), (h, w), scale)
         with self._lock, torch.inference_mode():
             boxes, probs, points = self._mtcnn.detect(np.ascontiguousarray(small), landmarks=True)
         if boxes is None or len(boxes) == 0:

@@ -209,3 +209,10 @@ def test_concurrent_calls_give_the_same_faces_as_serial_ones(pipeline, photo_pat
         t.join()
     for name in names:
         assert np.array_equal(results[name].crop, faces[name].crop), name
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (12, 12), (19, 25), (3, 5000)])
+def test_images_too_small_for_mtcnn_raise_no_face_found(pipeline, shape):
+    tiny = np.full((*shape, 3), 200, dtype=np.uint8)
+    with pytest.raises(NoFaceFound):
+        pipeline.face(tiny)
