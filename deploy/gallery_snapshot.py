@@ -1,0 +1,136 @@
+"""Publish and restore read-only gallery snapshots for PhenoLens read replicas.
+
+The gallery's SQLite file is the only durable truth and one process (the
+writer) owns it. Read replicas serve a snapshot instead:
+
+``publish GALLERY SNAPSHOTS [--keep N]``
+    Copies the live gallery with SQLite's online backup (consistent while the
+    writer keeps writing) into ``SNAPSHOTS/<UTC time>-v<version>/`` together
+    with its FAISS sidecar, then repoints ``SNAPSHOTS/current`` atomically and
+    keeps the newest N snapshots.
+``restore SNAPSHOTS TARGET``
+    Copies ``SNAPSHOTS/current`` to TARGET (the replica's private gallery path)
+    and its sidecar beside it. The server rebuilds the FAISS index from SQLite
+    when the sidecar is missing or older than the snapshot.
+
+Standard library only, so it runs in the image (``phenolens-snapshot``) and on
+any host with Python 3.11.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+CURRENT = "current"
+SIDE_CAR = ".faiss"  # gallery.sqlite -> gallery.sqlite.faiss (gallery.store)
+DB_NAME = "gallery.sqlite"
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot cannot be published or restored (says what is missing)."""
+
+
+def _version(db: Path) -> str:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'gallery_version'").fetchone()
+    except sqlite3.Error:
+        row = None
+    finally:
+        conn.close()
+    return str(row[0]) if row else "0"
+
+
+def publish(gallery: Path, snapshots: Path, keep: int = 3) -> Path:
+    """Snapshot ``gallery`` into a new folder under ``snapshots``; returns that folder."""
+    if not gallery.is_file():
+        raise SnapshotError(f"no gallery at {gallery}")
+    snapshots.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    staging = snapshots / f".staging-{stamp}-{os.getpid()}"
+    staging.mkdir()
+    try:
+        src = sqlite3.connect(f"file:{gallery}?mode=ro", uri=True)
+        dst = sqlite3.connect(staging / DB_NAME)
+        try:
+            src.backup(dst)
+            # a snapshot is one self-contained file: no -wal/-shm beside it
+            dst.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            dst.close()
+            src.close()
+        sidecar = gallery.with_name(gallery.name + SIDE_CAR)
+        if sidecar.is_file():
+            shutil.copy2(sidecar, staging / (DB_NAME + SIDE_CAR))
+        final = snapshots / f"{stamp}-v{_version(staging / DB_NAME)}"
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    link = snapshots / f".{CURRENT}.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(final.name)
+    link.replace(snapshots / CURRENT)
+    published = sorted(p for p in snapshots.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for old in published[: max(len(published) - keep, 0)]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore(snapshots: Path, target: Path) -> Path:
+    """Copy the current snapshot to ``target`` (and its sidecar); returns the snapshot folder."""
+    current = snapshots / CURRENT
+    db = current / DB_NAME
+    if not db.is_file():
+        raise SnapshotError(
+            f"no published gallery snapshot at {db}: run `phenolens-snapshot publish` on the writer"
+        )
+    source = current.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".restoring")
+    shutil.copyfile(source / DB_NAME, tmp)
+    tmp.replace(target)
+    for stale in (target.with_name(target.name + "-wal"), target.with_name(target.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    sidecar = source / (DB_NAME + SIDE_CAR)
+    target_sidecar = target.with_name(target.name + SIDE_CAR)
+    if sidecar.is_file():
+        shutil.copyfile(sidecar, target_sidecar)
+    else:
+        target_sidecar.unlink(missing_ok=True)
+    return source
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="phenolens-snapshot", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    pub = sub.add_parser("publish", help="snapshot the live gallery for the read replicas")
+    pub.add_argument("gallery", type=Path)
+    pub.add_argument("snapshots", type=Path)
+    pub.add_argument("--keep", type=int, default=3, help="snapshots to keep (default 3)")
+    res = sub.add_parser("restore", help="copy the current snapshot to a replica's gallery path")
+    res.add_argument("snapshots", type=Path)
+    res.add_argument("target", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "publish":
+            print(f"published {publish(args.gallery, args.snapshots, max(args.keep, 1))}")
+        else:
+            print(f"restored {restore(args.snapshots, args.target)} to {args.target}")
+    except (SnapshotError, sqlite3.Error, OSError) as exc:
+        print(f"phenolens-snapshot: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
