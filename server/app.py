@@ -59,6 +59,7 @@ class Server:
     port: int
     address: str
     lens: PhenoLensServicer
+    owns_backend: bool = True
 
     def stop(self, grace_s: float | None = None) -> None:
         """Drain and stop: NOT_SERVING, refuse new calls, let in-flight ones finish."""
@@ -66,7 +67,8 @@ class Server:
         log_event(log, "shutting down", grace_s=grace, in_flight_heavy=self.limiter.busy)
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
-        self.backend.close()
+        if self.owns_backend:
+            self.backend.close()
         log_event(log, "stopped")
 
     def wait(self) -> None:
@@ -74,7 +76,9 @@ class Server:
 
 
 def start(config: ServiceConfig, backend: Backend | None = None) -> Server:
-    """Build the backend (unless given), bind ``config.listen`` and start serving."""
+    """Build the backend (unless given: then the caller closes it), bind ``config.listen``
+    and start serving."""
+    owns_backend = backend is None
     if backend is None:
         backend = Backend.from_config(config)
         backend.warm_up()
@@ -115,7 +119,7 @@ def start(config: ServiceConfig, backend: Backend | None = None) -> Server:
               mutual_tls=config.tls.client_ca is not None, auth=auth.enabled,
               encoder_id=backend.encoder_id, view_scheme=backend.view_scheme,
               gallery_version=backend.gallery.version, max_concurrent=limits.max_concurrent)
-    return Server(server, backend, limiter, health_servicer, port, address, lens)
+    return Server(server, backend, limiter, health_servicer, port, address, lens, owns_backend)
 
 
 def serve(config: ServiceConfig) -> int:

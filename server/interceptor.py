@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from server.auth import Principal, TokenAuth
+from server.auth import Principal, TokenAuth, required_scope
 from server.errors import status_for
 from server.logs import RPC_LOGGER, log_event
 
@@ -56,7 +56,10 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                        response_serializer=handler.response_serializer)
 
     # ------------------------------------------------------------------------------------
-    def _admit(self, method: str, metadata: tuple, context: grpc.ServicerContext) -> Principal:
+    def _admit(self, method: str, metadata: tuple, context: grpc.ServicerContext
+               ) -> Principal | None:
+        if required_scope(method) is None:  # health checking and reflection are open
+            return None
         principal = self.auth.authenticate(metadata)
         self.auth.authorize(principal, method)
         return principal

@@ -59,9 +59,8 @@ def test_float_array_with_wrong_length_is_refused():
 
 
 def test_image_inputs_become_bytes_or_raw_pixels(photo_paths):
-    from PIL import Image
-
     from phenolens.arrays import to_image
+    from PIL import Image
 
     path = photo_paths["astronaut.png"]
     assert to_image(path).encoded == path.read_bytes()
