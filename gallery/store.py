@@ -265,10 +265,12 @@ class Gallery:
                 self._index.save(self.index_path, self._index_version)
             self._saved_version = self._index_version
 
-    def close(self) -> None:
+    def close(self, *, save_index: bool = True) -> None:
+        """Save the index (unless ``save_index=False``: the next open rebuilds) and close."""
         if self._closed:
             return
-        self.flush()
+        if save_index:
+            self.flush()
         self._closed = True
         with self._conn_lock:
             for conn in self._connections:
@@ -355,39 +357,52 @@ class Gallery:
                         " (use update to replace them)"
                     )
                 now = time.time()
-                touched_vectors = []
+                dims_json = json.dumps(list(dims))
+                inserts, updates, blobs = [], [], {}
                 for image_id, (entry, digest, blob) in rows.items():
                     if image_id in existing and existing[image_id][1] == digest:
                         unchanged.append(existing[image_id][0])
                         continue
                     values = (
                         entry.subject_id, entry.syndrome_id, entry.syndrome_name, entry.omim_id,
-                        json.dumps(list(entry.genes)), entry.source, encoder_id, scheme,
-                        json.dumps(list(dims)), blob, entry.crop_png, now, digest,
-                        json.dumps(entry.provenance, sort_keys=True, default=str),
+                        json.dumps(list(entry.genes)) if entry.genes else "[]", entry.source,
+                        encoder_id, scheme, dims_json, blob, entry.crop_png, now, digest,
+                        json.dumps(entry.provenance, sort_keys=True, default=str) if entry.provenance else "{}",
                     )
                     if image_id in existing:
                         gid = existing[image_id][0]
-                        conn.execute(
-                            "UPDATE records SET subject_id=?, syndrome_id=?, syndrome_name=?, omim_id=?,"
-                            " genes=?, source=?, encoder_id=?, view_scheme=?, view_dims=?, embedding=?,"
-                            " crop_png=?, updated_at=?, content_hash=?, provenance=? WHERE gallery_id=?",
-                            (*values, gid),
-                        )
+                        updates.append((*values, gid))
                         updated.append(gid)
+                        blobs[gid] = blob
                     else:
-                        gid = conn.execute(
-                            "INSERT INTO records (subject_id, syndrome_id, syndrome_name, omim_id, genes,"
-                            " source, encoder_id, view_scheme, view_dims, embedding, crop_png, updated_at,"
-                            " content_hash, provenance, image_id, created_at)"
-                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING gallery_id",
-                            (*values, image_id, now),
-                        ).fetchone()[0]
+                        inserts.append((*values, image_id, now))
+                conn.executemany(
+                    "UPDATE records SET subject_id=?, syndrome_id=?, syndrome_name=?, omim_id=?,"
+                    " genes=?, source=?, encoder_id=?, view_scheme=?, view_dims=?, embedding=?,"
+                    " crop_png=?, updated_at=?, content_hash=?, provenance=? WHERE gallery_id=?",
+                    updates,
+                )
+                conn.executemany(
+                    "INSERT INTO records (subject_id, syndrome_id, syndrome_name, omim_id, genes,"
+                    " source, encoder_id, view_scheme, view_dims, embedding, crop_png, updated_at,"
+                    " content_hash, provenance, image_id, created_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    inserts,
+                )
+                if inserts:
+                    new_ids = dict(conn.execute(
+                        "SELECT image_id, gallery_id FROM records"
+                        " WHERE image_id IN (SELECT value FROM json_each(?))",
+                        (json.dumps([row[-2] for row in inserts]),),
+                    ).fetchall())
+                    for row in inserts:
+                        gid = new_ids[row[-2]]
                         added.append(gid)
-                    touched_vectors.append((gid, blob))
+                        blobs[gid] = row[9]
+                touched_vectors = [(gid, blobs[gid]) for gid in updated + added]
                 if touched_vectors:
                     for key, value in (
-                        ("encoder_id", encoder_id), ("view_scheme", scheme), ("view_dims", json.dumps(list(dims))),
+                        ("encoder_id", encoder_id), ("view_scheme", scheme), ("view_dims", dims_json),
                     ):
                         conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
                     self._bump_version(conn)
