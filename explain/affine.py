@@ -30,6 +30,7 @@ class AffineHead:
     weight: torch.Tensor
     bias: torch.Tensor
     mean_weight: torch.Tensor
+    weight_by_position: torch.Tensor  # (P, D, C), for per-position products
     grid: tuple[int, int]  # (h, w) of the feature map
 
     @property
@@ -38,11 +39,13 @@ class AffineHead:
 
     def contributions(self, feature_maps: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, P, D): position p adds ``m_p = W_p F_p`` to the embedding."""
-        return torch.einsum("dcp,bcp->bpd", self.weight, feature_maps.flatten(2))
+        per_position = feature_maps.flatten(2).permute(2, 1, 0)  # (P, C, B)
+        return torch.bmm(self.weight_by_position, per_position).permute(2, 0, 1)
 
     def pullback(self, directions: torch.Tensor) -> torch.Tensor:
         """(K, D) -> (K, C, P): ``W^T u``, the gradient of ``<e, u>`` with respect to F."""
-        return torch.einsum("kd,dcp->kcp", directions, self.weight)
+        d, c, p = self.weight.shape
+        return (directions @ self.weight.reshape(d, c * p)).reshape(-1, c, p)
 
 
 _CACHE: weakref.WeakKeyDictionary[FaceEncoder, dict[tuple, AffineHead]] = weakref.WeakKeyDictionary()
@@ -89,7 +92,9 @@ def _linearise(encoder: FaceEncoder, device: torch.device) -> AffineHead:
             jac = torch.stack(rows)
     weight = jac.reshape(d, c, h * w).detach().contiguous()
     bias = bias_row.detach().reshape(d)
-    head = AffineHead(weight, bias, weight.mean(dim=2), (h, w))
+    head = AffineHead(
+        weight, bias, weight.mean(dim=2), weight.permute(2, 0, 1).contiguous(), (h, w)
+    )
     _check_affine(encoder, head, device)
     return head
 

@@ -300,12 +300,12 @@ def _two_sided(
     fg_flat = fg.flatten(2)  # (K, C, P)
     m_q = head.contributions(fq[None])[0]  # (P, D)
     sim_q = (m_q @ ug.T).T / nq  # (K, P)
-    pull_q = torch.einsum("d,dcp->cp", uq, head.weight)  # W^T ê_q  (C, P)
-    sim_g = torch.einsum("cp,kcp->kp", pull_q, fg_flat) / ng[:, None]
+    pull_q = head.pullback(uq[None])[0]  # W^T ê_q  (C, P)
+    sim_g = (pull_q * fg_flat).sum(1) / ng[:, None]
     alpha_q = ug @ head.mean_weight / nq  # (K, C)
     cam_q = alpha_q @ fq_flat  # (K, P)
     alpha_g = uq @ head.mean_weight  # (C,)
-    cam_g = torch.einsum("c,kcp->kp", alpha_g, fg_flat) / ng[:, None]
+    cam_g = (alpha_g @ fg_flat) / ng[:, None]
     return _ViewMaps(
         cos,
         sim_q.reshape(k, h, w),
