@@ -12,7 +12,9 @@ import ast
 import fnmatch
 import importlib.util
 import re
+import shutil
 import sqlite3
+import subprocess
 import sys
 from concurrent import futures
 from pathlib import Path
@@ -231,6 +233,37 @@ def test_healthcheck_fails_when_nothing_listens():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert healthcheck.main([f"127.0.0.1:{port}", "--timeout", "1"]) == 1
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_healthcheck_speaks_tls_to_a_tls_only_port(tmp_path):
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=phenolens-test-ca", cwd=tmp_path)
+    _openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost",
+             cwd=tmp_path)
+    (tmp_path / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.cnf",
+             cwd=tmp_path)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    creds = grpc.ssl_server_credentials(
+        [((tmp_path / "server.key").read_bytes(), (tmp_path / "server.pem").read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    try:
+        target = f"127.0.0.1:{port}"
+        assert healthcheck.main([target, "--timeout", "3"]) == 1  # plain text is refused
+        assert healthcheck.main([target, "--timeout", "3", "--ca", str(tmp_path / "ca.pem")]) == 0
+    finally:
+        server.stop(None)
 
 
 def test_healthcheck_targets_the_port_of_phenolens_listen():
