@@ -784,7 +784,8 @@ class Gallery:
     def _walk(self, query_views, top, keys_of, exclude_subjects, same_patient_distance, syndromes, view_scheme):
         """Yield (gallery id, score, info) for each image that is the first to carry a new key,
         widening the candidate list until ``top`` keys are found or the gallery is exhausted."""
-        total = len(self)
+        index = self._index
+        total = index.ntotal if index is not None else 0
         if total == 0:
             return
         fetch = total if top is None else min(total, max(64, 8 * top))

@@ -388,3 +388,16 @@ def test_updates_and_deletes_on_an_index_that_cannot_remove(gallery_path):
         g.delete_images(["img90"])
         assert g.search(entries[90].views, k=1)[0].image_id == "img10"
         assert len(g) == 101
+
+
+def test_refresh_picks_up_writes_from_another_gallery_handle(gallery_path):
+    with Gallery.open(gallery_path) as reader, Gallery.open(gallery_path) as writer:
+        writer.add_many(make_entries(5))
+        assert reader.search(make_entries(1)[0].views, k=1) == []
+        reader.refresh()
+        assert reader.search(make_entries(1)[0].views, k=1)[0].image_id == "img0"
+
+
+def test_opening_a_missing_gallery_without_create_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Gallery.open(tmp_path / "absent.db", create=False)
