@@ -98,6 +98,9 @@ class FaceDetector:
             post_process=False,
             device=self.device,
         ).eval()
+        # MTCNN's R/O-net stages max-pool hundreds of small crops at once; torch's CPU
+        # max_pool2d is several times faster on channels-last tensors (same results to 1e-4 px).
+        self._mtcnn.to(memory_format=torch.channels_last)
         # One lock: MTCNN already uses every intra-op thread for one image.
         self._lock = threading.Lock()
 
