@@ -50,9 +50,12 @@ class View:
 
     @classmethod
     def parse(cls, text: str) -> View:
-        """``"sface:orig"``, ``"sface:flip"``, ``"r100:orig+gray"``, ``"r100:flip+gray"``."""
+        """``"sface:orig"``, ``"sface:flip"``, ``"r100:orig+gray"``, ``"r100:flip+gray"``;
+        ``"r100"`` alone means orig and ``"r100:gray"`` orig+gray."""
         encoder, sep, mode = text.strip().partition(":")
         parts = mode.split("+") if sep else ["orig"]
+        if parts == ["gray"]:
+            parts = ["orig", "gray"]
         if parts[0] not in ("orig", "flip") or parts[1:] not in ([], ["gray"]):
             raise ValueError(f"not a view id: {text!r} (expected e.g. 'sface:orig' or 'sface:flip+gray')")
         return cls(encoder, flip=parts[0] == "flip", gray=parts[1:] == ["gray"])

@@ -32,7 +32,11 @@ def test_gm_arc_twelve_view_scheme_is_expressible():
     assert scheme.encoders == ("r50", "r100", "r100_glint")
 
 
-@pytest.mark.parametrize("bad", ["sface:sideways", "sface:gray", "sface:orig+blur", "a,b:x"])
+def test_short_view_ids_parse_to_canonical_ones():
+    assert ViewScheme.parse("sface,sface:gray").id == "sface:orig,sface:orig+gray"
+
+
+@pytest.mark.parametrize("bad", ["sface:sideways", "sface:gray+flip", "sface:orig+blur", "a,b:x"])
 def test_malformed_view_ids_are_rejected(bad):
     with pytest.raises(ValueError):
         ViewScheme.parse(bad)
