@@ -175,12 +175,12 @@ def _composite_on_white(im: Image.Image) -> Image.Image:
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
     mode = im.mode
-    if mode == "RGB":
-        out = im
-    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         mode in ("P", "L", "RGB", "1") and "transparency" in im.info
     ):
         out = _composite_on_white(im)
+    elif mode == "RGB":
+        out = im
     elif mode in ("P", "L", "1", "CMYK", "YCbCr", "LAB", "HSV"):
         try:
             out = im.convert("RGB")

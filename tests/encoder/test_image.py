@@ -157,6 +157,14 @@ def test_palette_transparency_is_composited_on_white(hopper):
     assert not (out[40:] == 255).all()
 
 
+def test_rgb_png_with_a_transparent_colour_key_is_composited_on_white(hopper_rgb):
+    rgb = hopper_rgb.copy()
+    rgb[:30] = (1, 2, 3)
+    out = decode_image(_encode(Image.fromarray(rgb), "PNG", transparency=(1, 2, 3)))
+    assert (out[:30] == 255).all()
+    assert np.array_equal(out[30:], rgb[30:])
+
+
 def test_gif_decodes_its_first_frame(hopper):
     first = hopper.quantize(64)
     second = Image.new("RGB", hopper.size, (255, 0, 0)).quantize(4)
@@ -346,3 +354,10 @@ def test_refuses_to_decode_when_truncated_loading_was_enabled_globally(photo_pat
     data = photo_paths["grace_hopper.jpg"].read_bytes()
     with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
         decode_image(data[: len(data) // 2])
+
+
+def test_lazily_opened_truncated_pil_image_raises_truncated_image(photo_paths):
+    data = photo_paths["grace_hopper.jpg"].read_bytes()
+    with Image.open(io.BytesIO(data[: len(data) // 2])) as im:
+        with pytest.raises(TruncatedImage):
+            load_rgb(im)
