@@ -140,13 +140,21 @@ class Explainer:
     def _encode_views(
         self, views: list[ViewInput], crop_size: tuple[int, int], guard: Guard
     ) -> FaceFeatures:
-        maps, embs = [], []
+        maps: list[torch.Tensor | None] = [None] * len(views)
+        embs: list[torch.Tensor | None] = [None] * len(views)
+        groups: dict[int, list[int]] = {}
+        for index, view in enumerate(views):  # views of one encoder share one batched forward
+            groups.setdefault(id(view.encoder), []).append(index)
         with torch.no_grad():
-            for view in views:
+            for indices in groups.values():
                 guard.check()
-                fmap = view.encoder.features(view.inputs)
-                maps.append(fmap)
-                embs.append(view.encoder.head(fmap))
+                encoder = views[indices[0]].encoder
+                fmap = encoder.features(torch.cat([views[i].inputs for i in indices]))
+                emb = encoder.head(fmap)
+                n = views[indices[0]].inputs.shape[0]
+                for j, i in enumerate(indices):
+                    maps[i] = fmap[j * n : (j + 1) * n]
+                    embs[i] = emb[j * n : (j + 1) * n]
         grids = {tuple(m.shape[-2:]) for m in maps}
         if len(grids) > 1:
             raise IncompatibleViews(f"views have different feature grids {sorted(grids)}")
@@ -192,7 +200,11 @@ class Explainer:
             per_view = [
                 _two_sided(affine_head(enc, fq.device), fq[0], eq[0], fg, eg)
                 for enc, fq, eq, fg, eg in zip(
-                    q.encoders, q.feature_maps, q.embeddings, g.feature_maps, g.embeddings,
+                    q.encoders,
+                    q.feature_maps,
+                    q.embeddings,
+                    g.feature_maps,
+                    g.embeddings,
                     strict=True,
                 )
             ]
@@ -230,8 +242,13 @@ class Explainer:
         maps, sims, biases = [], [], []
         with torch.no_grad():
             for enc, fs, es, fd, ed, flipped in zip(
-                src.encoders, src.feature_maps, src.embeddings, dst.feature_maps, dst.embeddings,
-                src.flipped, strict=True,
+                src.encoders,
+                src.feature_maps,
+                src.embeddings,
+                dst.feature_maps,
+                dst.embeddings,
+                src.flipped,
+                strict=True,
             ):
                 head = affine_head(enc, fs.device)
                 h, w = head.grid
@@ -266,8 +283,10 @@ class Explainer:
 
 
 def _check_compatible(q: FaceFeatures, g: FaceFeatures) -> None:
-    if q.flipped != g.flipped or len(q.encoders) != len(g.encoders) or any(
-        a is not b for a, b in zip(q.encoders, g.encoders, strict=True)
+    if (
+        q.flipped != g.flipped
+        or len(q.encoders) != len(g.encoders)
+        or any(a is not b for a, b in zip(q.encoders, g.encoders, strict=True))
     ):
         raise IncompatibleViews("query and hit features come from different view schemes")
     if q.crop_size != g.crop_size:
@@ -322,8 +341,10 @@ def _average_views(
 ) -> list[PairExplanation]:
     def mean(name: str, unflip: bool) -> torch.Tensor:
         return torch.stack(
-            [_unflip(getattr(v, name), f) if unflip else getattr(v, name)
-             for v, f in zip(per_view, flipped, strict=True)]
+            [
+                _unflip(getattr(v, name), f) if unflip else getattr(v, name)
+                for v, f in zip(per_view, flipped, strict=True)
+            ]
         ).mean(0)
 
     cos = mean("cos", False)
@@ -335,6 +356,7 @@ def _average_views(
     res_g = cos - maps["sim_g"].sum((1, 2)) - bias_g
     out = []
     for i in range(cos.shape[0]):
+
         def side(s: str, bias: torch.Tensor, res: torch.Tensor, i: int = i) -> SideMaps:
             return SideMaps(
                 maps[f"sim_{s}"][i].cpu().numpy(),

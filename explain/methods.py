@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +43,10 @@ from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal, G
 from explain.views import view_inputs
 
 SIDES = ("query", "gallery")
+
+# captum announces every hook it sets; ours go on private copies and are removed by captum.
+warnings.filterwarnings("ignore", message=r"Setting (forward, )?backward hooks", module="captum")
+warnings.filterwarnings("ignore", message=r"\s*Setting forward, backward hooks", module="captum")
 
 
 @dataclass(frozen=True)
@@ -216,7 +221,9 @@ class OcclusionMethod(Method):
         h, w = problem.x.shape[-2:]
         patch, stride = opts["patch"], opts["stride"]
         if not (1 <= patch <= min(h, w)) or stride < 1:
-            raise InvalidOption(f"occlusion patch {patch} / stride {stride} do not fit a {w}x{h} crop")
+            raise InvalidOption(
+                f"occlusion patch {patch} / stride {stride} do not fit a {w}x{h} crop"
+            )
         return ((h - patch) // stride + 1) * ((w - patch) // stride + 1) + 1
 
     def side_map(self, p, opts):
@@ -249,11 +256,15 @@ class RISE(Method):
         gen = torch.Generator().manual_seed(opts["seed"])
         cell = (math.ceil(h / s), math.ceil(w / s))
         coarse = (torch.rand(n, 1, s, s, generator=gen) < keep).float()
-        big = nnf.interpolate(coarse, size=((s + 1) * cell[0], (s + 1) * cell[1]),
-                              mode="bilinear", align_corners=False)
+        big = nnf.interpolate(
+            coarse,
+            size=((s + 1) * cell[0], (s + 1) * cell[1]),
+            mode="bilinear",
+            align_corners=False,
+        )
         dy = torch.randint(0, cell[0], (n,), generator=gen)
         dx = torch.randint(0, cell[1], (n,), generator=gen)
-        masks = torch.stack([big[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+        masks = torch.stack([big[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
         masks = masks.to(p.x.device)
         with torch.no_grad():
             scores = p.batched_target(p.baseline + masks * (p.x - p.baseline), opts["batch_size"])
@@ -273,7 +284,9 @@ class IntegratedGradientsMethod(Method):
 
     def side_map(self, p, opts):
         attr = IntegratedGradients(p.target).attribute(
-            p.x, baselines=p.baseline, n_steps=opts["steps"],
+            p.x,
+            baselines=p.baseline,
+            n_steps=opts["steps"],
             internal_batch_size=opts["batch_size"],
         )
         return attr[0].sum(0)
@@ -285,7 +298,7 @@ class SaliencyMethod(Method):
     name = "saliency"
 
     def side_map(self, p, opts):
-        return Saliency(p.target).attribute(p.x, abs=False)[0].sum(0)
+        return Saliency(p.target).attribute(_leaf(p.x), abs=False)[0].sum(0)
 
 
 class SmoothGrad(Method):
@@ -311,6 +324,10 @@ class SmoothGrad(Method):
             total += grad.sum(0)
         grad = total / opts["samples"]
         return (grad * p.x[0] if opts["times_input"] else grad).sum(0)
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_(True)
 
 
 class _TargetModule(nn.Module):
@@ -347,8 +364,9 @@ class _DeepLiftPReLU(DeepLift):
             return super()._backward_hook(module, grad_input, grad_output)
         if not self.satisfies_attribute_criteria(module):
             raise RuntimeError(f"DeepLift: module {module} is used more than once")
-        multipliers = nonlinear(module, module.input, module.output, grad_input, grad_output,
-                                eps=self.eps)
+        multipliers = nonlinear(
+            module, module.input, module.output, grad_input, grad_output, eps=self.eps
+        )
         del module.input
         del module.output
         return multipliers
@@ -359,7 +377,7 @@ class GuidedBackpropMethod(Method):
 
     def side_map(self, p, opts):
         module = _TargetModule(p)
-        return _GuidedBackpropPReLU(module).attribute(p.x)[0].sum(0)
+        return _GuidedBackpropPReLU(module).attribute(_leaf(p.x))[0].sum(0)
 
 
 class DeepLiftMethod(Method):
@@ -373,15 +391,26 @@ class DeepLiftMethod(Method):
     def side_map(self, p, opts):
         module = _TargetModule(p)
         baseline = torch.full_like(p.x, p.baseline)
-        return _DeepLiftPReLU(module).attribute(p.x, baselines=baseline)[0].sum(0)
+        return _DeepLiftPReLU(module).attribute(_leaf(p.x), baselines=baseline)[0].sum(0)
 
 
 METHODS: dict[str, Method] = {
     m.name: m()
     for m in (
-        Similarity, HiResCAM, GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, ScoreCAM,
-        OcclusionMethod, RISE, IntegratedGradientsMethod, SmoothGrad, SaliencyMethod,
-        GuidedBackpropMethod, DeepLiftMethod,
+        Similarity,
+        HiResCAM,
+        GradCAM,
+        GradCAMPlusPlus,
+        XGradCAM,
+        LayerCAM,
+        ScoreCAM,
+        OcclusionMethod,
+        RISE,
+        IntegratedGradientsMethod,
+        SmoothGrad,
+        SaliencyMethod,
+        GuidedBackpropMethod,
+        DeepLiftMethod,
     )
 }
 
@@ -400,8 +429,10 @@ def _options(method: Method, given: dict[str, Any]) -> dict[str, Any]:
     opts = {**method.defaults, **given}
     for key, value in opts.items():
         default = method.defaults[key]
-        if isinstance(default, int) and not isinstance(default, bool) and (
-            not isinstance(value, int) or value < 0
+        if (
+            isinstance(default, int)
+            and not isinstance(default, bool)
+            and (not isinstance(value, int) or value < 0)
         ):
             raise InvalidOption(f"option {key} of {method.name} must be a non-negative int")
     return opts
@@ -469,8 +500,14 @@ def attribute(
         for side in sides:
             me, other = (0, 1) if side == "query" else (1, 0)
             problem = SideProblem(
-                view.encoder, view.inputs[me:me + 1], fmaps[me:me + 1], units[other],
-                norms[me], head, baseline, guard,
+                view.encoder,
+                view.inputs[me : me + 1],
+                fmaps[me : me + 1],
+                units[other],
+                norms[me],
+                head,
+                baseline,
+                guard,
             )
             if not planned:
                 planned = 2 * len(views) + impl.cost(opts, problem) * len(views) * len(sides)
