@@ -46,9 +46,10 @@ def upsample_map(attribution: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def threshold_map(attribution: np.ndarray, k: float = 1.0) -> np.ndarray:
-    """(h, w) bool: cells above ``mean + k * std`` of the map (signed values)."""
+    """(h, w) bool: cells above ``mean + k * std`` of the signed map that are also positive
+    (a cell that pushes the other way is never "attributed", whatever the threshold)."""
     a = np.asarray(attribution, dtype=np.float64)
-    return a > a.mean() + k * a.std()
+    return a > max(a.mean() + k * a.std(), 0.0)
 
 
 # ---------------------------------------------------------------- localisation

@@ -1,0 +1,395 @@
+"""Evaluation results as JSON, Markdown tables and PNG plots.
+
+Takes the frozen result objects of ``explain.evaluate`` and writes them into
+one output folder: ``<name>.json`` (everything, machine-readable),
+``<name>.md`` (the tables a person reads) and PNG plots (deletion/insertion
+curves, the randomisation cascade).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from explain import metrics as M
+from explain.evaluate import (
+    SANITY_PASS_SPEARMAN,
+    CostResult,
+    CurveSet,
+    FaithfulnessResult,
+    LocalisationResult,
+    SanityResult,
+)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, numpy arrays and scalars -> plain JSON types (NaN/inf -> None)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, M.Curve):
+            out["auc"] = obj.auc
+        return out
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return obj
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- faithfulness
+
+
+def curve_summary(curves: Sequence[CurveSet]) -> dict[tuple[str, str, str], dict[str, float]]:
+    """(method, side, baseline) -> mean over pairs (and random repeats) of the AUCs.
+
+    ``deletion``/``insertion``: AUC of the held-norm similarity; ``*_cos``: of
+    the plain cosine; ``start``: the unperturbed similarity.
+    """
+    groups: dict[tuple[str, str, str], list[CurveSet]] = defaultdict(list)
+    for c in curves:
+        groups[(c.method, c.side, c.baseline)].append(c)
+    out = {}
+    for key, cs in groups.items():
+        out[key] = {
+            "deletion": float(np.mean([c.deletion.auc for c in cs])),
+            "insertion": float(np.mean([c.insertion.auc for c in cs])),
+            "deletion_cos": float(
+                np.mean([M.auc(c.deletion.fractions, c.deletion_cosine) for c in cs])
+            ),
+            "insertion_cos": float(
+                np.mean([M.auc(c.insertion.fractions, c.insertion_cosine) for c in cs])
+            ),
+            "start": float(np.mean([c.deletion.scores[0] for c in cs])),
+            "n": len(cs),
+        }
+    return out
+
+
+def beats_random(curves: Sequence[CurveSet]) -> dict[tuple[str, str, str], float]:
+    """(method, side, baseline) -> fraction of pairs whose deletion AUC beats the
+    pair's mean random-order AUC (lower on the positive side, higher on the negative)."""
+    random_auc: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for c in curves:
+        if c.method == "random":
+            random_auc[(c.pair, c.baseline)].append(c.deletion.auc)
+    wins: dict[tuple[str, str, str], list[bool]] = defaultdict(list)
+    for c in curves:
+        if c.method == "random":
+            continue
+        ref = float(np.mean(random_auc[(c.pair, c.baseline)]))
+        better = c.deletion.auc < ref if c.side == "positive" else c.deletion.auc > ref
+        wins[(c.method, c.side, c.baseline)].append(better)
+    return {k: float(np.mean(v)) for k, v in wins.items()}
+
+
+def faithfulness_markdown(result: FaithfulnessResult) -> str:
+    summary = curve_summary(result.curves)
+    wins = beats_random(result.curves)
+    baselines = sorted({c.baseline for c in result.curves})
+    methods = list(dict.fromkeys(c.method for c in result.curves if c.method != "random"))
+    pairs = sorted({c.pair for c in result.curves})
+    parts = [
+        "## Faithfulness: deletion / insertion of the held-norm pair similarity",
+        "",
+        f"{len(pairs)} pairs, {result.steps} steps, {result.n_random} random orders per pair. "
+        "AUC over the fraction of query pixels perturbed (most attributed first). "
+        "Positive side: most-similar pixels first, deletion AUC should be LOW and insertion "
+        "AUC HIGH versus random. Negative side: most-dissimilar pixels first, the similarity "
+        "should RISE on deletion (deletion AUC HIGH versus random). `win` = fraction of pairs "
+        "beating that pair's random-order AUC.",
+        "",
+    ]
+    header = ["method"]
+    for b in baselines:
+        header += [f"del+ {b}", f"ins+ {b}", f"win+ {b}", f"del− {b}", f"win− {b}"]
+    header += ["infidelity", "max-sens", "s/map"]
+    rows = []
+    for b_method in ["random", *methods]:
+        row = [b_method]
+        for b in baselines:
+            if b_method == "random":
+                s = summary.get(("random", "random", b), {})
+                row += [
+                    _fmt(s.get("deletion")),
+                    _fmt(s.get("insertion")),
+                    "",
+                    _fmt(s.get("deletion")),
+                    "",
+                ]
+                continue
+            pos = summary.get((b_method, "positive", b), {})
+            neg = summary.get((b_method, "negative", b), {})
+            row += [
+                _fmt(pos.get("deletion")),
+                _fmt(pos.get("insertion")),
+                _fmt(wins.get((b_method, "positive", b)), 2),
+                _fmt(neg.get("deletion")),
+                _fmt(wins.get((b_method, "negative", b)), 2),
+            ]
+        inf = result.infidelity.get(b_method, {})
+        sen = result.sensitivity.get(b_method, {})
+        sec = result.seconds.get(b_method, {})
+        row += [
+            _fmt(float(np.mean(list(inf.values()))) if inf else None, 4),
+            _fmt(float(np.mean(list(sen.values()))) if sen else None),
+            _fmt(float(np.mean(list(sec.values()))) if sec else None, 2),
+        ]
+        rows.append(row)
+    parts.append(_table(header, rows))
+    if result.errors:
+        parts += [
+            "",
+            "Skipped methods: " + "; ".join(f"{m} ({e})" for m, e in result.errors.items()),
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def plot_curves(
+    result: FaithfulnessResult, out_dir: Path, prefix: str = "faithfulness"
+) -> list[Path]:
+    """One PNG per (side, baseline): deletion and insertion curves, mean over pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    methods = list(dict.fromkeys(c.method for c in result.curves if c.method != "random"))
+    cmap = plt.get_cmap("tab20")
+    for side in ("positive", "negative"):
+        for baseline in sorted({c.baseline for c in result.curves}):
+            fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+            for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
+                for i, method in enumerate(["random", *methods]):
+                    want_side = "random" if method == "random" else side
+                    cs = [
+                        c
+                        for c in result.curves
+                        if c.method == method and c.side == want_side and c.baseline == baseline
+                    ]
+                    if not cs:
+                        continue
+                    curve = M.mean_curve([getattr(c, kind) for c in cs])
+                    style = (
+                        dict(color="black", lw=2.2, ls="--")
+                        if method == "random"
+                        else dict(color=cmap(i % 20), lw=1.3)
+                    )
+                    ax.plot(
+                        curve.fractions, curve.scores, label=f"{method} ({curve.auc:.3f})", **style
+                    )
+                ax.set_title(f"{kind}, {side} side, {baseline} baseline")
+                ax.set_xlabel(
+                    "fraction of query pixels " + ("removed" if kind == "deletion" else "restored")
+                )
+                ax.grid(alpha=0.3)
+            axes[0].set_ylabel("held-norm pair similarity")
+            axes[1].legend(fontsize=7, loc="best", ncol=2)
+            fig.tight_layout()
+            path = out_dir / f"{prefix}_{side}_{baseline}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------- sanity
+
+
+def sanity_markdown(result: SanityResult, threshold: float = SANITY_PASS_SPEARMAN) -> str:
+    stages = sorted({s.n_units for s in result.steps})
+    methods = list(dict.fromkeys(s.method for s in result.steps))
+    by = {(s.method, s.n_units): s for s in result.steps}
+    full = len(result.units)
+    passed = result.passed(threshold)
+    parts = [
+        "## Sanity: cascading model-parameter randomisation (top-down)",
+        "",
+        f"Spearman rank correlation of the signed query maps with the original model's, "
+        f"mean over pairs, after randomising the top N of {full} units "
+        f"({', '.join(result.units[:4])}, …, {result.units[-1]}); N = 0 is an untouched deep copy. "
+        f"Pass: |Spearman| after full randomisation < {threshold}.",
+        "",
+    ]
+    header = ["method", *[f"N={n}" for n in stages], "|map| ρ full", "SSIM full", "pass"]
+    rows = []
+    for m in methods:
+        row = [m] + [_fmt(by[(m, n)].spearman) if (m, n) in by else "–" for n in stages]
+        last = by.get((m, full))
+        row += [
+            _fmt(last.spearman_abs) if last else "–",
+            _fmt(last.ssim) if last else "–",
+            ("yes" if passed.get(m) else "no") if m in passed else "–",
+        ]
+        rows.append(row)
+    parts.append(_table(header, rows))
+    cos = {n: next((s.cosine_mean for s in result.steps if s.n_units == n), None) for n in stages}
+    parts += [
+        "",
+        "Mean pair cosine under the randomised model: "
+        + ", ".join(f"N={n}: {_fmt(c)}" for n, c in cos.items()),
+    ]
+    if result.labels:
+        parts += [
+            "",
+            "### Data randomisation: gallery labels permuted",
+            "",
+            "Query map towards the centroid of its label before vs after permuting the gallery "
+            "labels (mean over permutations). Low agreement = the map depends on the label's members.",
+            "",
+            _table(
+                ["method", "Spearman", "|map| Spearman", "SSIM", "permutations"],
+                [
+                    [
+                        r.method,
+                        _fmt(r.spearman),
+                        _fmt(r.spearman_abs),
+                        _fmt(r.ssim),
+                        str(r.n_permutations),
+                    ]
+                    for r in result.labels
+                ],
+            ),
+        ]
+    if result.errors:
+        parts += [
+            "",
+            "Skipped methods: " + "; ".join(f"{m} ({e})" for m, e in result.errors.items()),
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def plot_cascade(result: SanityResult, out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    cmap = plt.get_cmap("tab20")
+    for i, m in enumerate(dict.fromkeys(s.method for s in result.steps)):
+        pts = sorted((s.n_units, s.spearman) for s in result.steps if s.method == m)
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=cmap(i % 20), label=m
+        )
+    ax.axhline(SANITY_PASS_SPEARMAN, color="black", ls="--", lw=1)
+    ax.set_xlabel("units randomised, top-down")
+    ax.set_ylabel("Spearman with the original map")
+    ax.set_ylim(-0.3, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = out_dir / "sanity_cascade.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------- localisation
+
+
+def localisation_markdown(result: LocalisationResult) -> str:
+    regions = list(next(iter(result.iou.values()), {}).keys())
+    header = ["method"] + [f"{r} IOU / IOU*" for r in regions] + [f"{r} energy" for r in regions]
+    rows = []
+    for m in result.iou:
+        rows.append(
+            [m]
+            + [f"{_fmt(result.iou[m][r])} / {_fmt(result.iou_star[m][r])}" for r in regions]
+            + [_fmt(result.energy[m][r], 2) for r in regions]
+        )
+    text = [
+        f"## Localisation ({result.side} side): maps thresholded at mean + {result.k:g} std vs landmark regions",
+        "",
+        "Mean over pairs. IOU* weighs each surviving cell by its intensity (weighted Jaccard); "
+        "energy = share of the positive attribution inside the region.",
+        "",
+        _table(header, rows),
+    ]
+    if result.errors:
+        text += [
+            "",
+            "Skipped methods: " + "; ".join(f"{m} ({e})" for m, e in result.errors.items()),
+        ]
+    return "\n".join(text) + "\n"
+
+
+def cost_markdown(result: CostResult) -> str:
+    rows = [
+        [
+            m,
+            _fmt(result.seconds[m], 3),
+            _fmt(result.repeat_spearman[m]),
+            _fmt(result.noise_spearman[m]),
+        ]
+        for m in result.seconds
+    ]
+    text = [
+        "## Run time and consistency",
+        "",
+        f"Median seconds per query map; mean pairwise Spearman over {result.repeats} repeats "
+        f"(seeded methods get a new seed each repeat); Spearman between the map of the clean "
+        f"query and of the query with Gaussian pixel noise (std {result.noise_std:g} levels).",
+        "",
+        _table(["method", "s/map", "repeat ρ", "noise ρ"], rows),
+    ]
+    if result.errors:
+        text += [
+            "",
+            "Skipped methods: " + "; ".join(f"{m} ({e})" for m, e in result.errors.items()),
+        ]
+    return "\n".join(text) + "\n"
+
+
+def accuracy_markdown(result: M.TopKAccuracy) -> str:
+    header = ["", *[f"top-{k}" for k in result.ks]]
+    rows = [
+        ["macro", *[_fmt(result.macro[k]) for k in result.ks]],
+        ["micro", *[_fmt(result.micro[k]) for k in result.ks]],
+    ]
+    return (
+        "## Matching accuracy (GestaltMatcher protocol)\n\n"
+        f"{result.n_queries} test images, {result.n_syndromes} syndromes, "
+        f"{result.n_missing_in_gallery} test images whose syndrome has no gallery image "
+        "(counted as misses). Macro = mean over syndromes of the per-syndrome accuracy.\n\n"
+        + _table(header, rows)
+        + "\n"
+    )
+
+
+def write_report(
+    out_dir: str | Path, name: str, sections: dict[str, Any], markdown: str, header: str = ""
+) -> dict[str, Path]:
+    """Write ``<name>.json`` (sections) and ``<name>.md`` (header + markdown) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{name}.json"
+    md_path = out / f"{name}.md"
+    json_path.write_text(json.dumps(to_jsonable(sections), indent=1))
+    md_path.write_text((header + "\n" if header else "") + markdown)
+    return {"json": json_path, "markdown": md_path}
