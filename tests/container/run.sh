@@ -13,6 +13,7 @@
 #                          (default: pip's find-links when it holds one; else the build
 #                          downloads torch from download.pytorch.org/whl/cpu)
 #   PHENOLENS_SERVE_TIMEOUT  seconds to wait for SERVING (default 300)
+#   PHENOLENS_NO_CACHE=1   build without buildah's layer cache (a cold build; default: use it)
 #   KEEP_IMAGE=0           remove the image afterwards (default: keep it)
 set -euo pipefail
 
@@ -22,7 +23,6 @@ IMAGE=${PHENOLENS_IMAGE:-phenolens:container-test}
 BASE_SCRIPT=${PHENOLENS_BASE_SCRIPT:-/work/shared/container/make-base-image.sh}
 SERVE_TIMEOUT=${PHENOLENS_SERVE_TIMEOUT:-300}
 HOST_PY=${HOST_PY:-$REPO/.venv/bin/python}
-export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
 
 skip() { echo "container-test: SKIPPED: $*"; exit 0; }
 log() { echo "container-test: $*"; }
@@ -67,7 +67,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 # -- build ----------------------------------------------------------------------
-build_args=(--pull-never --isolation chroot --format docker -t "$IMAGE"
+build_args=(--pull-never --isolation chroot --format docker --layers -t "$IMAGE"
             --build-arg "REVISION=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
             --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)")
 wheels=${PHENOLENS_WHEELS:-$("$HOST_PY" -m pip config get global.find-links 2>/dev/null || true)}
@@ -80,6 +80,7 @@ if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
     build_args+=(-v /etc/ssl/certs:/host-certs:ro
                  --build-arg PIP_CA_BUNDLE=/host-certs/ca-certificates.crt)
 fi
+[ "${PHENOLENS_NO_CACHE:-0}" = 1 ] && build_args+=(--no-cache)
 old_id=$(buildah images -q "$IMAGE" 2>/dev/null || true)
 log "building $IMAGE (log: $WORK/build.log)"
 t0=$(now)
