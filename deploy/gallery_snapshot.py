@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Publish and restore read-only gallery snapshots for PhenoLens read replicas.
 
 The gallery's SQLite file is the only durable truth and one process (the

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Container health check: exit 0 when the local server reports SERVING.
 
 Asks the standard grpc.health.v1 service, so it works the same for Docker's

@@ -162,6 +162,20 @@ uid=$(buildah run --isolation chroot "$CONTAINER" -- id -u)
 ls "$WORK/volume"/gallery.sqlite >/dev/null \
     || { echo "container-test: FAILED: the gallery is not on the volume" >&2; exit 1; }
 
+# -- replicas: publish a snapshot of the live gallery, restore it as a replica would --
+mkdir -p "$WORK/replica"
+chown 10001:10001 "$WORK/replica"
+buildah run --isolation chroot -v "$WORK/volume:/var/lib/phenolens" "$CONTAINER" -- \
+    phenolens-snapshot publish /var/lib/phenolens/gallery.sqlite /var/lib/phenolens/snapshots
+buildah run --isolation chroot -v "$WORK/volume/snapshots:/snapshots:ro" \
+    -v "$WORK/replica:/var/lib/phenolens" "$CONTAINER" -- \
+    phenolens-snapshot restore /snapshots /var/lib/phenolens/gallery.sqlite
+live=$("$HOST_PY" -c 'import sqlite3, sys; print(sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True).execute("SELECT COUNT(*) FROM records").fetchone()[0])' "$WORK/volume/gallery.sqlite")
+copy=$("$HOST_PY" -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT COUNT(*) FROM records").fetchone()[0])' "$WORK/replica/gallery.sqlite")
+[ "$live" = "$copy" ] && [ "$copy" -gt 0 ] \
+    || { echo "container-test: FAILED: snapshot holds $copy records, live gallery $live" >&2; exit 1; }
+log "snapshot published and restored: $copy records"
+
 # -- graceful stop ---------------------------------------------------------------
 t0=$(now)
 kill -TERM "$SERVER_PID"

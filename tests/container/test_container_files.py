@@ -169,6 +169,13 @@ def test_runtime_stage_exposes_the_grpc_port_volume_and_health_check():
     assert '"serve"' in cmd and "/etc/phenolens/phenolens.yaml" in cmd
 
 
+@pytest.mark.parametrize("tool", ["healthcheck.py", "gallery_snapshot.py"])
+def test_operator_tools_are_executable_python_scripts(tool):
+    path = REPO / "deploy" / tool
+    assert path.read_text().startswith("#!/usr/bin/env python3\n")
+    assert path.stat().st_mode & 0o111  # COPY keeps the mode: runnable by name in the image
+
+
 def test_default_container_config_listens_on_all_interfaces_and_keeps_the_gallery_on_the_volume():
     from server.config import load_config
 
