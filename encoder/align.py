@@ -270,7 +270,11 @@ def warp_to_photo(
         if return_mask:
             ones = np.ones(alignment.crop_size, dtype=np.uint8)
             covered = cv2.warpAffine(
-                ones, m, size, flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                ones,
+                m,
+                size,
+                flags=cv2.INTER_NEAREST,
+                borderMode=cv2.BORDER_CONSTANT,
                 borderValue=0,
             )
             mask[by1:by2, bx1:bx2] = covered.astype(bool)
@@ -286,6 +290,10 @@ def warp_to_crop(photo_map: np.ndarray, alignment: Alignment) -> np.ndarray:
         raise ValueError(f"photo_map must be {alignment.photo_size}, got {pmap.shape}")
     h, w = alignment.crop_size
     return cv2.warpAffine(
-        pmap, alignment.photo_to_crop, (w, h), flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT, borderValue=0.0,
+        pmap,
+        alignment.photo_to_crop,
+        (w, h),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
     )

@@ -62,7 +62,14 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"PK\x03\x04", 0, "ZIP archive"),
     (b"\x1f\x8b", 0, "gzip archive"),
 )
-_IMAGE_KINDS = {"JPEG image", "PNG image", "RIFF (WebP) image", "BMP image", "GIF image", "TIFF image"}
+_IMAGE_KINDS = {
+    "JPEG image",
+    "PNG image",
+    "RIFF (WebP) image",
+    "BMP image",
+    "GIF image",
+    "TIFF image",
+}
 _UNSUPPORTED_KINDS = {"HEIC image", "HEIF image", "AVIF image"}
 
 
@@ -95,7 +102,9 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
 
 def _check_bytes(size: int, max_bytes: int) -> None:
     if size == 0:
-        raise EmptyImage("the image is empty (0 bytes); send the bytes of a JPEG, PNG, WebP or BMP file")
+        raise EmptyImage(
+            "the image is empty (0 bytes); send the bytes of a JPEG, PNG, WebP or BMP file"
+        )
     if size > max_bytes:
         raise ImageTooLarge(
             f"the image file is {size} bytes ({_mib(size)}), above the limit of {max_bytes} bytes "
@@ -235,7 +244,9 @@ def _array_to_rgb(arr: np.ndarray, max_pixels: int) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise UnsupportedImage(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4); got {arr.shape}")
+        raise UnsupportedImage(
+            f"image arrays must be (H, W), (H, W, 3) or (H, W, 4); got {arr.shape}"
+        )
     if arr.size == 0:
         raise EmptyImage(f"the image array is empty, shape {arr.shape}")
     _check_pixels(arr.shape[1], arr.shape[0], max_pixels)

@@ -23,8 +23,12 @@ def _random_similarity(rng: np.random.Generator) -> np.ndarray:
     angle = rng.uniform(-np.pi, np.pi)
     scale = rng.uniform(0.2, 5.0)
     c, s = np.cos(angle), np.sin(angle)
-    return np.array([[scale * c, -scale * s, rng.uniform(-300, 300)],
-                     [scale * s, scale * c, rng.uniform(-300, 300)]])
+    return np.array(
+        [
+            [scale * c, -scale * s, rng.uniform(-300, 300)],
+            [scale * s, scale * c, rng.uniform(-300, 300)],
+        ]
+    )
 
 
 # ---------------------------------------------------------------- templates

@@ -76,7 +76,9 @@ def test_ensure_torchvision_is_safe_to_call_from_many_threads():
     from encoder._torchvision_compat import ensure_torchvision
 
     results: list[object] = []
-    threads = [threading.Thread(target=lambda: results.append(ensure_torchvision())) for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: results.append(ensure_torchvision())) for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -94,7 +96,9 @@ def test_every_single_face_photo_is_detected_and_aligned_onto_the_template(faces
     assert face.score > 0.99
     assert face.crop.shape == (112, 112, 3) and face.crop.dtype == np.uint8
     # the similarity fit's residual: face shape and pose, not detector noise
-    errors = np.linalg.norm(face.alignment.landmarks_crop - get_template("arcface112").points, axis=1)
+    errors = np.linalg.norm(
+        face.alignment.landmarks_crop - get_template("arcface112").points, axis=1
+    )
     assert errors.mean() <= 5.0, errors
     assert errors.max() <= 8.0, errors
 
@@ -148,11 +152,15 @@ def test_exif_rotated_jpeg_is_decoded_upright_and_its_face_found(pipeline, photo
     assert rgb.shape == original.shape
     face = pipeline.face(buf.getvalue())
     assert face.alignment.photo_size == original.shape[:2]
-    moved = np.linalg.norm(face.alignment.landmarks_photo - faces[name].alignment.landmarks_photo, axis=1)
+    moved = np.linalg.norm(
+        face.alignment.landmarks_photo - faces[name].alignment.landmarks_photo, axis=1
+    )
     assert moved.mean() < 4.0
 
 
-def test_detection_on_a_large_photo_maps_landmarks_back_to_full_resolution(pipeline, photo_paths, faces):
+def test_detection_on_a_large_photo_maps_landmarks_back_to_full_resolution(
+    pipeline, photo_paths, faces
+):
     name = "grace_hopper.jpg"
     small = Image.fromarray(load_rgb(photo_paths[name]))
     big = np.asarray(small.resize((small.width * 3, small.height * 3), Image.Resampling.BICUBIC))
@@ -171,8 +179,10 @@ def test_aligned_crop_skips_detection_with_the_identity_alignment(pipeline, phot
     assert np.array_equal(face.crop, crop)
     assert np.allclose(face.alignment.photo_to_crop, [[1, 0, 0], [0, 1, 0]])
     assert face.face_count == 1 and face.alignment.photo_size == (112, 112)
-    assert np.allclose(apply_affine(face.alignment.crop_to_photo, face.alignment.landmarks_crop),
-                       face.alignment.landmarks_photo)
+    assert np.allclose(
+        apply_affine(face.alignment.crop_to_photo, face.alignment.landmarks_crop),
+        face.alignment.landmarks_photo,
+    )
 
 
 def test_aligned_crop_of_the_wrong_size_names_the_expected_size(pipeline, photo_paths):
@@ -184,7 +194,9 @@ def test_aligned_crop_of_the_wrong_size_names_the_expected_size(pipeline, photo_
 
 def test_detector_finds_the_landmarks_of_an_aligned_crop_near_the_template(pipeline, photo_paths):
     face = pipeline.face(photo_paths["Tom_Hanks_54745.png"])
-    offsets = np.linalg.norm(face.alignment.landmarks_photo - get_template("arcface112").points, axis=1)
+    offsets = np.linalg.norm(
+        face.alignment.landmarks_photo - get_template("arcface112").points, axis=1
+    )
     # a head turned to one side: the eyes sit on the template, nose and mouth less so
     assert offsets[:2].max() < 6.0 and offsets.mean() < 8.0, offsets
 
