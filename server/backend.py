@@ -166,8 +166,7 @@ class Backend:
 
         runtime = configure_torch(config.runtime.device, config.runtime.torch_threads)
         enc = config.encoder
-        scheme = ev.ViewScheme.parse(enc.view_scheme) if enc.view_scheme else \
-            ev.ViewScheme.parse(_scheme_id(enc.name, enc.flip, enc.gray))
+        scheme = ev.ViewScheme.parse(enc.scheme_id())
         names = list(dict.fromkeys(v.encoder for v in scheme.views))
         weights = {enc.name: enc.weights} if enc.weights else {}
         encoders = {n: shared_encoder(n, weights.get(n), str(runtime.device)) for n in names}
@@ -342,14 +341,3 @@ def _unit_views(embeddings: Sequence[Any]) -> np.ndarray:
     rows = [np.asarray(e.detach().cpu().numpy(), np.float32).reshape(-1) for e in embeddings]
     arr = np.stack(rows)
     return arr / np.linalg.norm(arr, axis=1, keepdims=True)
-
-
-def _scheme_id(name: str, flip: bool, gray: bool) -> str:
-    views = [f"{name}:orig"]
-    if flip:
-        views.append(f"{name}:flip")
-    if gray:
-        views += [f"{name}:gray"] + ([f"{name}:flip+gray"] if flip else [])
-    return ",".join(views)
-
-

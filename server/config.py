@@ -78,6 +78,16 @@ class EncoderConfig:
     gray: bool = False
     view_scheme: str = ""  # e.g. "sface:orig,sface:flip"; overrides name/flip/gray when set
 
+    def scheme_id(self) -> str:
+        """The view scheme id these settings name: ``view_scheme`` when set, else
+        ``name:orig`` (+ ``name:flip``) (+ ``name:gray`` (+ ``name:flip+gray``))."""
+        if self.view_scheme:
+            return self.view_scheme
+        views = [f"{self.name}:orig"] + ([f"{self.name}:flip"] if self.flip else [])
+        if self.gray:
+            views += [f"{self.name}:orig+gray"] + ([f"{self.name}:flip+gray"] if self.flip else [])
+        return ",".join(views)
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:

@@ -16,6 +16,8 @@ import grpc
 from phenolens._proto import gallery_pb2, gallery_pb2_grpc, phenolens_pb2, phenolens_pb2_grpc
 from phenolens.arrays import to_float_array
 
+from explain.errors import UnknownMethod
+from explain.methods import METHODS
 from server import convert
 from server.backend import Backend, Query, png_bytes, png_pixels
 from server.config import ServiceConfig
@@ -76,9 +78,6 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         return outcome, detected
 
     def _methods(self, request: phenolens_pb2.ExplainRequest) -> tuple[str, ...]:
-        from explain.errors import UnknownMethod
-        from explain.methods import METHODS
-
         methods = tuple(dict.fromkeys(request.methods)) or self.backend.config.explain.methods
         if len(methods) > self.config.limits.max_explain_methods:
             raise BadRequest(f"{len(methods)} methods asked for; the limit is "
@@ -128,8 +127,6 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
     # -- RPCs ----------------------------------------------------------------------------
     def GetServerInfo(self, request: phenolens_pb2.ServerInfoRequest,
                       context: grpc.ServicerContext) -> phenolens_pb2.ServerInfo:
-        from explain.methods import METHODS
-
         b = self.backend
         limits = self.config.limits
         return phenolens_pb2.ServerInfo(

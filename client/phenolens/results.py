@@ -214,8 +214,10 @@ class ExplainedMatch:
         raise KeyError(f"no {side} map for method {method!r}; have {self.methods}")
 
     def overlay(self, method: str | None = None, side: Side = "query", *,
-                coords: Literal["aligned", "photo"] = "aligned", alpha: float = 0.6) -> np.ndarray:
-        """(H, W, 3) uint8 rendering of one map over its face (needs Pillow)."""
+                coords: Literal["aligned", "photo"] = "aligned", alpha: float = 0.6,
+                scale: int = 1) -> np.ndarray:
+        """(H, W, 3) uint8 rendering of one map over its face (needs Pillow); aligned crops
+        are enlarged ``scale`` times first (crops are small: 112 pixels for ArcFace)."""
         m = self.map(method, side)
         if coords == "photo":
             if side != "query" or m.photo is None or self.query_photo is None:
@@ -225,17 +227,24 @@ class ExplainedMatch:
         crop_png = self.query_crop_png if side == "query" else self.gallery_crop_png
         if not crop_png:
             raise ValueError(f"the server sent no {side} crop: ask for gallery_crops=True")
-        return overlay.render_overlay(decode_png(crop_png), m.aligned, alpha=alpha)
+        crop = decode_png(crop_png)
+        if scale > 1:
+            crop = np.repeat(np.repeat(crop, scale, axis=0), scale, axis=1)
+        return overlay.render_overlay(crop, m.aligned, alpha=alpha)
 
     def save_overlay(self, path: str | Path, method: str | None = None,
                      side: Side | Literal["both"] = "both", *,
-                     coords: Literal["aligned", "photo"] = "aligned", alpha: float = 0.6) -> Path:
-        """Write a PNG: one face with its map, or (``side="both"``) query | gallery side by side."""
+                     coords: Literal["aligned", "photo"] = "aligned", alpha: float = 0.6,
+                     scale: int = 2) -> Path:
+        """Write a PNG: one face with its map, or (``side="both"``) query | gallery side by side.
+
+        Red cells pull the faces together, blue cells push them apart."""
         if side == "both":
-            images = [self.overlay(method, "query", coords=coords, alpha=alpha),
-                      self.overlay(method, "gallery", alpha=alpha)]
+            images = [self.overlay(method, "query", coords=coords, alpha=alpha, scale=scale),
+                      self.overlay(method, "gallery", alpha=alpha, scale=scale)]
             return overlay.save_png(overlay.side_by_side(images), path)
-        return overlay.save_png(self.overlay(method, side, coords=coords, alpha=alpha), path)
+        return overlay.save_png(
+            self.overlay(method, side, coords=coords, alpha=alpha, scale=scale), path)
 
 
 @dataclass(frozen=True, eq=False)

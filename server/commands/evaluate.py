@@ -27,7 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "GestaltMatcher's macro top-k on subject-disjoint splits."
         ),
     )
-    parser.add_argument("protocol", choices=PROTOCOLS)
+    parser.add_argument(
+        "protocol",
+        help=f"one of {', '.join(PROTOCOLS)}, or several joined by commas "
+        "(localization then reuses the maps of faithfulness)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--encoder", default="sface", help="encoder name (default sface)")
     parser.add_argument("--weights", type=Path, help="checkpoint for the encoder")
@@ -61,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     faith.add_argument("--baselines", default="blur,mean", help="comma-separated: blur, mean")
     faith.add_argument("--no-captum", action="store_true", help="skip infidelity/max-sensitivity")
     faith.add_argument("--perturb-samples", type=int, default=8, help="captum n_perturb_samples")
+    faith.add_argument(
+        "--sensitivity-pairs", type=int, help="max-sensitivity on the first N pairs only"
+    )
 
     sanity = parser.add_argument_group("sanity")
     sanity.add_argument(
@@ -189,6 +196,7 @@ def _faithfulness(args, model, pairs, methods, options, out: Path) -> tuple[str,
         n_random=args.random_orders,
         captum_metrics=not args.no_captum,
         n_perturb_samples=args.perturb_samples,
+        sensitivity_pairs=args.sensitivity_pairs,
         method_options=options,
         seed=args.seed,
     )
@@ -196,7 +204,8 @@ def _faithfulness(args, model, pairs, methods, options, out: Path) -> tuple[str,
     plots = R.plot_curves(result, out)
     summary = {f"{m}|{side}|{b}": v for (m, side, b), v in R.curve_summary(result.curves).items()}
     R.write_report(out, "faithfulness", {"summary": summary, "result": result}, md)
-    return md, {"plots": [str(p) for p in plots], "summary": summary, "errors": result.errors}
+    info = {"plots": [str(p) for p in plots], "summary": summary, "errors": result.errors}
+    return md, info, result.maps
 
 
 def _sanity(args, encoder, pairs, methods, options, out: Path) -> tuple[str, dict]:
@@ -269,15 +278,18 @@ def _sanity_pairs(pairs, n: int):
     return mixed[:n]
 
 
-def _localization(args, model, pairs, methods, options, out: Path) -> tuple[str, dict]:
+def _localization(args, model, pairs, methods, options, out: Path, maps=None) -> tuple[str, dict]:
     from explain import evaluate as E
     from explain import metrics_report as R
 
-    pos = E.localisation(model, pairs, methods, k=args.k, method_options=options)
-    neg = E.localisation(model, pairs, methods, k=args.k, side="negative", method_options=options)
+    errors: dict[str, str] = {}
+    if maps is None:  # one pass over the methods serves both sides
+        maps, errors = E.query_maps(model, pairs, methods, method_options=options)
+    pos = E.localisation(model, pairs, tuple(maps), k=args.k, maps=maps)
+    neg = E.localisation(model, pairs, tuple(maps), k=args.k, side="negative", maps=maps)
     md = R.localisation_markdown(pos) + "\n" + R.localisation_markdown(neg)
     R.write_report(out, "localization", {"positive": pos, "negative": neg}, md)
-    return md, {"iou": pos.iou, "iou_star": pos.iou_star, "errors": pos.errors}
+    return md, {"iou": pos.iou, "iou_star": pos.iou_star, "errors": errors}
 
 
 def _cost(args, model, pairs, methods, options, out: Path) -> tuple[str, dict]:
@@ -353,13 +365,21 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     options = _method_options(args.option)
-    wanted = (
-        ["faithfulness", "sanity", "localization", "cost"]
-        if args.protocol == "all"
-        else [args.protocol]
-    )
-    if args.protocol == "all" and args.gallery_split and args.test_split:
-        wanted.append("accuracy")
+    wanted: list[str] = []
+    for name in args.protocol.split(","):
+        name = name.strip()
+        if name not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+        if name == "all":
+            wanted += ["faithfulness", "localization", "sanity", "cost"]
+            if args.gallery_split and args.test_split:
+                wanted.append("accuracy")
+        elif name not in wanted:
+            wanted.append(name)
+    if "faithfulness" in wanted and "localization" in wanted:
+        wanted.remove("localization")
+        wanted.insert(wanted.index("faithfulness") + 1, "localization")
+    maps = None
     sections: list[str] = []
     summary: dict[str, Any] = {}
     started = time.perf_counter()
@@ -370,11 +390,11 @@ def run(args: argparse.Namespace) -> int:
     for protocol in wanted:
         t0 = time.perf_counter()
         if protocol == "faithfulness":
-            md, info = _faithfulness(args, model, pairs, methods, options, out)
+            md, info, maps = _faithfulness(args, model, pairs, methods, options, out)
         elif protocol == "sanity":
             md, info = _sanity(args, encoder, pairs, methods, options, out)
         elif protocol == "localization":
-            md, info = _localization(args, model, pairs, methods, options, out)
+            md, info = _localization(args, model, pairs, methods, options, out, maps)
         elif protocol == "cost":
             md, info = _cost(args, model, pairs, methods, options, out)
         else:
@@ -383,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
         summary[protocol] = info
         sections.append(md)
         print(f"{protocol}: done in {info['seconds']} s", file=sys.stderr)
-    command = "phenolens evaluate " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
+    command = "phenolens " + " ".join(sys.argv[1:]) if len(sys.argv) > 2 else ""
     header = f"# PhenoLens evaluation\n\nencoder `{args.encoder}`{' + flip' if args.flip else ''}; "
     header += f"total {time.perf_counter() - started:.0f} s.\n\n" + (
         f"`{command}`\n" if command else ""

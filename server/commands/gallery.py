@@ -138,7 +138,7 @@ def _open_gallery(args: argparse.Namespace, config, *, encoder_id: str | None = 
 
 
 class PipelineEmbedder:
-    """``embed(path) -> (views (V, D), aligned crop (H, W, 3) uint8)`` for gallery imports."""
+    """``embed(path) -> (V per-view vectors (D_v,), aligned crop (H, W, 3) uint8)`` for imports."""
 
     def __init__(self, config, args: argparse.Namespace) -> None:
         from encoder import views as ev
@@ -171,7 +171,7 @@ class PipelineEmbedder:
     def __call__(self, path: Path):
         face = self.pipeline.face(Path(path), aligned=self.aligned)
         self.last_face = face
-        views = self.ensemble.embed(face.crop[None])[0]
+        views = [v[0] for v in self.ensemble.embed_views(face.crop[None])]  # V x (D_v,)
         return views, face.crop
 
 

@@ -1,0 +1,142 @@
+"""Service latency: p50/p95 per call type against a real server on loopback.
+
+    .venv/bin/python -m bench.bench_service                  # 30 calls per type
+    .venv/bin/python -m bench.bench_service --calls 50 --json
+
+A server is started in this process on a free loopback port (real SFace, MTCNN,
+SQLite + FAISS gallery of the bundled photos, imported through ImportGallery)
+and driven by the Python client, one call at a time after 3 warm-up calls:
+
+- Encode: a photo (decode + MTCNN detection + alignment + 2 views of SFace);
+- Encode (aligned): an already-aligned 112x112 crop (no detection);
+- Match: the photo, top 10 images + syndrome and gene rankings;
+- Explain: the photo, top 3, default methods (similarity + Grad-CAM) with query
+  photo maps and gallery crops;
+- ExplainStream first message: time until the MatchResponse event arrives;
+- ExplainStream all: time until the last explained match arrives.
+
+Latency includes gRPC, protobuf and the client's conversion to numpy. On a
+shared machine the numbers move with the load: the load average is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+QUERY = "person_a_2.jpg"
+ALIGNED = "Tom_Hanks_54745.png"
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        return 1000.0 * float(np.percentile(ordered, q))
+
+    return {"p50_ms": round(at(50), 1), "p95_ms": round(at(95), 1),
+            "mean_ms": round(1000.0 * statistics.fmean(ordered), 1), "n": len(ordered)}
+
+
+def _time(fn: Callable[[], object], calls: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def run(calls: int, threads: int | None) -> dict:
+    import phenolens
+    from PIL import Image
+
+    from encoder.assets import PHOTOS, photo
+    from server.app import start
+    from server.config import load_config
+
+    tmp = Path(tempfile.mkdtemp(prefix="phenolens-bench-"))
+    config = load_config(None, env={}, listen="127.0.0.1:0",
+                         gallery={"path": str(tmp / "bench.sqlite")},
+                         runtime={"torch_threads": threads} if threads else {},
+                         log={"level": "WARNING"})
+    t0 = time.perf_counter()
+    server = start(config)
+    startup_s = time.perf_counter() - t0
+    try:
+        with phenolens.Client(server.address, timeout=300) as client:
+            items = [phenolens.ImportItem(
+                phenolens.GalleryRecord("", image_id=p.name, subject_id=p.person,
+                                        syndrome_id=p.person), image=p.path, aligned=p.aligned)
+                for p in PHOTOS if p.faces == 1 and p.name != QUERY]
+            client.import_gallery(items)
+            query = photo(QUERY).read_bytes()
+            crop = np.asarray(Image.open(photo(ALIGNED)).convert("RGB"))
+
+            def stream_first() -> None:
+                events = client.explain_stream(query, top_k=3)
+                next(events)
+                events.close()
+
+            def stream_all() -> None:
+                for _ in client.explain_stream(query, top_k=3):
+                    pass
+
+            cases = {
+                "Encode (photo)": lambda: client.encode(query),
+                "Encode (aligned crop)": lambda: client.encode(crop, aligned=True),
+                "Match (photo, top 10)": lambda: client.match(query, top_k=10),
+                "Explain (photo, top 3)": lambda: client.explain(query, top_k=3),
+                "ExplainStream first message": stream_first,
+                "ExplainStream all (top 3)": stream_all,
+            }
+            results = {name: _percentiles(_time(fn, calls)) for name, fn in cases.items()}
+            info = client.server_info()
+    finally:
+        server.stop(grace_s=1.0)
+    import torch
+
+    return {
+        "server_start_s": round(startup_s, 2),
+        "encoder_id": info.encoder_id, "view_scheme": info.view_scheme,
+        "gallery_size": info.gallery_size, "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(), "cpus": os.cpu_count(), "latency": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_service", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=30, help="timed calls per type")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads in the server")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    report = run(args.calls, args.threads)
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "bench_service.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"PhenoLens service latency, {report['encoder_id']} [{report['view_scheme']}], "
+          f"gallery of {report['gallery_size']}, {report['cpus']} CPUs, torch threads "
+          f"{report['torch_threads']}, load average {report['load_average'][0]:.1f}")
+    print(f"{'call':<30} {'p50 ms':>9} {'p95 ms':>9} {'mean ms':>9} {'n':>4}")
+    for name, r in report["latency"].items():
+        print(f"{name:<30} {r['p50_ms']:>9.1f} {r['p95_ms']:>9.1f} {r['mean_ms']:>9.1f} "
+              f"{r['n']:>4}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
