@@ -632,3 +632,78 @@ def load_image_and_mask(root: str | Path, row: ManifestRow) -> tuple[np.ndarray,
     image = np.asarray(Image.open(root / row.image_path).convert("RGB"))
     mask = np.asarray(Image.open(root / row.mask_path).convert("L")) >= 128
     return image, mask
+
+
+# --------------------------------------------------------------------------- in-memory sets
+
+
+@dataclass(frozen=True)
+class FaceSet:
+    """N labelled synthetic faces as arrays: images (N, 112, 112, 3) uint8, masks
+    (N, 112, 112) bool, and parallel (N,) image ids, subjects and labels."""
+
+    images: np.ndarray = field(repr=False)
+    masks: np.ndarray = field(repr=False)
+    image_ids: tuple[str, ...]
+    subjects: tuple[str, ...]
+    labels: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def select(self, index: Sequence[int]) -> FaceSet:
+        idx = list(index)
+        return FaceSet(self.images[idx], self.masks[idx], tuple(self.image_ids[i] for i in idx),
+                       tuple(self.subjects[i] for i in idx), tuple(self.labels[i] for i in idx))
+
+
+def face_set(samples: Iterable[SynthSample]) -> FaceSet:
+    items = list(samples)
+    if not items:
+        empty = np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
+        return FaceSet(empty, np.zeros((0, CROP_SIZE, CROP_SIZE), bool), (), (), ())
+    return FaceSet(np.stack([s.image for s in items]), np.stack([s.mask for s in items]),
+                   tuple(s.image_id for s in items), tuple(s.subject for s in items),
+                   tuple(s.label for s in items))
+
+
+def load_face_set(root: str | Path, split: str | None = None) -> FaceSet:
+    """The rows of ``root/manifest.csv`` (one split, or all) as a :class:`FaceSet`."""
+    root = Path(root)
+    rows = [r for r in read_manifest(root / "manifest.csv") if split is None or r.split == split]
+    pairs = [load_image_and_mask(root, r) for r in rows]
+    if not rows:
+        return face_set([])
+    return FaceSet(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]),
+                   tuple(r.image_id for r in rows), tuple(r.subject for r in rows),
+                   tuple(r.label for r in rows))
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How a synthetic data set is cut: subject fractions per split, the class
+    sizes of the training split and the per-class size of the other splits."""
+
+    class_sizes: Mapping[str, int]
+    eval_size: int = 20
+    fractions: Mapping[str, float] = field(
+        default_factory=lambda: {"train": 0.6, "val": 0.15, "test": 0.25})
+    seed: int = 0
+    strength_range: tuple[float, float] = (0.8, 1.2)
+    augment_config: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def generate_splits(sources: Sequence[SourceFace], plan: SplitPlan) -> dict[str, list[SynthSample]]:
+    """Subject-disjoint splits: ``train`` gets ``plan.class_sizes``, the others
+    ``plan.eval_size`` per class; subjects are split by ``plan.fractions``."""
+    subjects = split_subjects([s.subject for s in sources], plan.fractions, plan.seed)
+    assert_subject_disjoint(subjects)
+    out = {}
+    for name, members in subjects.items():
+        src = [s for s in sources if s.subject in members]
+        sizes = (dict(plan.class_sizes) if name == "train"
+                 else {c: plan.eval_size for c in plan.class_sizes})
+        out[name] = list(generate(src, sizes, seed=plan.seed, split=name,
+                                  strength_range=plan.strength_range,
+                                  augment_config=plan.augment_config))
+    return out
