@@ -48,7 +48,7 @@ def _embed(model, crops: np.ndarray) -> np.ndarray:
 def _tom_hanks() -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.open(photo("Tom_Hanks_54745.png")).convert("RGB"))
+    return np.array(Image.open(photo("Tom_Hanks_54745.png")).convert("RGB"))
 
 
 def test_sface_matches_onnxruntime_on_random_inputs(sface, onnx_session):
