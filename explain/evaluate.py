@@ -247,13 +247,14 @@ def _curve_set(
     method: str,
     side: str,
     insertion: bool = True,
+    max_fraction: float = 1.0,
 ) -> CurveSet:
     base = M.BASELINES[baseline_name](image)
-    dele, f = M.perturbation_images(image, base, order, steps, "deletion")
+    images, f = M.perturbation_images(image, base, order, steps, "deletion", max_fraction)
     if insertion:
-        ins, _ = M.perturbation_images(image, base, order, steps, "insertion")
-        dele = np.concatenate([dele, ins])
-    held, cos = target.scores(dele)
+        ins, _ = M.perturbation_images(image, base, order, steps, "insertion", max_fraction)
+        images = np.concatenate([images, ins])
+    held, cos = target.scores(images)
     n = steps + 1
     return CurveSet(
         pair,
@@ -280,7 +281,7 @@ def faithfulness(
     n_perturb_samples: int = 8,
     sensitivity_radius: float = 2.0,
     sensitivity_pairs: int | None = None,
-    negative_insertion: bool = False,
+    negative_fraction: float = 0.25,
     method_options: dict[str, dict] | None = None,
     seed: int = 0,
 ) -> FaithfulnessResult:
@@ -290,8 +291,13 @@ def faithfulness(
     ``sensitivity_radius`` is in pixel levels (0..255); infidelity perturbs with
     Gaussian noise (std 16 levels) on 7x7-pixel patches (see :func:`captum_scores`).
     Max-sensitivity recomputes maps, so ``sensitivity_pairs`` may limit it to the
-    first N pairs. On the negative side only deletion is measured unless
-    ``negative_insertion`` (restoring the most dissimilar pixels first).
+    first N pairs.
+
+    The negative side deletes the most dissimilar pixels first, over the first
+    ``negative_fraction`` of the pixels only (the similarity should rise): over
+    the full range its curve would be the positive insertion curve read
+    backwards, so only the truncated curve says something new. Its random
+    reference (side ``"random-"``) uses the same range.
     """
     methods = tuple(methods or available_methods())
     method_options = method_options or {}
@@ -313,6 +319,21 @@ def faithfulness(
                 curves.append(
                     _curve_set(target, image, b, order, steps, pair.name, "random", "random")
                 )
+                if "negative" in sides:
+                    curves.append(
+                        _curve_set(
+                            target,
+                            image,
+                            b,
+                            order,
+                            steps,
+                            pair.name,
+                            "random",
+                            "random-",
+                            insertion=False,
+                            max_fraction=negative_fraction,
+                        )
+                    )
         for method in methods:
             if method in errors:
                 continue
@@ -328,10 +349,21 @@ def faithfulness(
             maps[method].append(amap)
             for side in sides:
                 order = M.pixel_order(amap, size, side, np.random.default_rng(seed))
-                both = side == "positive" or negative_insertion
+                positive = side == "positive"
                 for b in baselines:
                     curves.append(
-                        _curve_set(target, image, b, order, steps, pair.name, method, side, both)
+                        _curve_set(
+                            target,
+                            image,
+                            b,
+                            order,
+                            steps,
+                            pair.name,
+                            method,
+                            side,
+                            insertion=positive,
+                            max_fraction=1.0 if positive else negative_fraction,
+                        )
                     )
             if captum_metrics:
                 sens_here = sensitivity_pairs is None or pair_index < sensitivity_pairs
@@ -697,6 +729,30 @@ def label_randomisation(
 
 
 # ----------------------------------------------------------- localisation
+
+
+def query_maps(
+    model: FaceEncoder | ViewSource,
+    pairs: Sequence[FacePair],
+    methods: Sequence[str] | None = None,
+    *,
+    method_options: dict[str, dict] | None = None,
+) -> tuple[dict[str, list[np.ndarray]], dict[str, str]]:
+    """Every method's (H, W) query map for every pair; failing methods go to the errors."""
+    explainer = Explainer(model)
+    method_options = method_options or {}
+    maps: dict[str, list[np.ndarray]] = {}
+    errors: dict[str, str] = {}
+    for method in methods or available_methods():
+        try:
+            maps[method] = [
+                query_map(method, explainer, p.query, p.gallery, **method_options.get(method, {}))
+                for p in pairs
+            ]
+        except Exception as exc:
+            log.warning("method %s failed: %s", method, exc)
+            errors[method] = f"{type(exc).__name__}: {exc}"
+    return maps, errors
 
 
 @dataclass(frozen=True)

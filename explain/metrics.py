@@ -204,6 +204,12 @@ class Curve:
     def auc(self) -> float:
         return auc(self.fractions, self.scores)
 
+    @property
+    def mean_score(self) -> float:
+        """AUC divided by the fraction range: comparable between truncated curves."""
+        span = float(self.fractions[-1] - self.fractions[0])
+        return self.auc / span if span > 0 else float(self.scores[0])
+
 
 def auc(x: np.ndarray, y: np.ndarray) -> float:
     """Trapezoidal area under y(x)."""
@@ -218,8 +224,10 @@ def perturbation_images(
     order: np.ndarray,
     steps: int = 16,
     kind: str = "deletion",
+    max_fraction: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The images of one curve: (S+1, H, W, 3) float32 and their fractions (S+1,).
+    """The images of one curve: (S+1, H, W, 3) float32 and their fractions (S+1,),
+    from 0 to ``max_fraction`` of the pixels.
 
     Deletion replaces the first ``n`` pixels of ``order`` by the baseline;
     insertion starts from the baseline and restores them from the image.
@@ -232,7 +240,9 @@ def perturbation_images(
     n_pixels = h * w
     if order.shape != (n_pixels,):
         raise ValueError(f"order must list all {n_pixels} pixels")
-    counts = np.round(np.linspace(0, n_pixels, steps + 1)).astype(int)
+    if not 0 < max_fraction <= 1:
+        raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+    counts = np.round(np.linspace(0, max_fraction * n_pixels, steps + 1)).astype(int)
     rank = np.empty(n_pixels, dtype=np.int64)
     rank[order] = np.arange(n_pixels)
     rank = rank.reshape(h, w)
@@ -253,13 +263,14 @@ def perturbation_curve(
     order: np.ndarray,
     steps: int = 16,
     kind: str = "deletion",
+    max_fraction: float = 1.0,
 ) -> Curve:
     """Score the images of one deletion or insertion curve.
 
     Args:
         score_fn: (N, H, W, 3) float32 pixels in 0..255 -> (N,) scores.
     """
-    images, fractions = perturbation_images(image, baseline, order, steps, kind)
+    images, fractions = perturbation_images(image, baseline, order, steps, kind, max_fraction)
     scores = np.asarray(score_fn(images), dtype=np.float64).reshape(-1)
     if scores.shape != fractions.shape:
         raise ValueError(f"score_fn returned {scores.shape}, expected {fractions.shape}")

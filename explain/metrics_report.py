@@ -65,45 +65,58 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def curve_summary(curves: Sequence[CurveSet]) -> dict[tuple[str, str, str], dict[str, float]]:
-    """(method, side, baseline) -> mean over pairs (and random repeats) of the AUCs.
+    """(method, side, baseline) -> means over pairs (and random repeats).
 
-    ``deletion``/``insertion``: AUC of the held-norm similarity; ``*_cos``: of
-    the plain cosine; ``start``: the unperturbed similarity.
+    ``deletion``/``insertion``: AUC of the held-norm similarity; ``deletion_mean``:
+    the deletion AUC divided by its fraction range (for truncated curves);
+    ``*_cos``: the same AUCs of the plain cosine; ``start``: the unperturbed similarity.
     """
     groups: dict[tuple[str, str, str], list[CurveSet]] = defaultdict(list)
     for c in curves:
         groups[(c.method, c.side, c.baseline)].append(c)
     out = {}
     for key, cs in groups.items():
+        ins = [c for c in cs if c.insertion is not None]
         out[key] = {
             "deletion": float(np.mean([c.deletion.auc for c in cs])),
-            "insertion": float(np.mean([c.insertion.auc for c in cs])),
+            "deletion_mean": float(np.mean([c.deletion.mean_score for c in cs])),
+            "insertion": float(np.mean([c.insertion.auc for c in ins])) if ins else None,
             "deletion_cos": float(
                 np.mean([M.auc(c.deletion.fractions, c.deletion_cosine) for c in cs])
             ),
             "insertion_cos": float(
-                np.mean([M.auc(c.insertion.fractions, c.insertion_cosine) for c in cs])
-            ),
+                np.mean([M.auc(c.insertion.fractions, c.insertion_cosine) for c in ins])
+            )
+            if ins
+            else None,
             "start": float(np.mean([c.deletion.scores[0] for c in cs])),
+            "max_fraction": float(cs[0].deletion.fractions[-1]),
             "n": len(cs),
         }
     return out
 
 
+def _random_side(side: str) -> str:
+    return "random" if side == "positive" else "random-"
+
+
 def beats_random(curves: Sequence[CurveSet]) -> dict[tuple[str, str, str], float]:
-    """(method, side, baseline) -> fraction of pairs whose deletion AUC beats the
-    pair's mean random-order AUC (lower on the positive side, higher on the negative)."""
-    random_auc: dict[tuple[str, str], list[float]] = defaultdict(list)
+    """(method, side, baseline) -> fraction of pairs whose deletion curve beats the pair's
+    random orders: lower mean similarity on the positive side, higher on the negative."""
+    random_score: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for c in curves:
         if c.method == "random":
-            random_auc[(c.pair, c.baseline)].append(c.deletion.auc)
+            random_score[(c.pair, c.side, c.baseline)].append(c.deletion.mean_score)
     wins: dict[tuple[str, str, str], list[bool]] = defaultdict(list)
     for c in curves:
-        if c.method == "random":
+        ref_scores = random_score.get((c.pair, _random_side(c.side), c.baseline))
+        if c.method == "random" or not ref_scores:
             continue
-        ref = float(np.mean(random_auc[(c.pair, c.baseline)]))
-        better = c.deletion.auc < ref if c.side == "positive" else c.deletion.auc > ref
-        wins[(c.method, c.side, c.baseline)].append(better)
+        ref = float(np.mean(ref_scores))
+        score = c.deletion.mean_score
+        wins[(c.method, c.side, c.baseline)].append(
+            score < ref if c.side == "positive" else score > ref
+        )
     return {k: float(np.mean(v)) for k, v in wins.items()}
 
 
@@ -113,15 +126,22 @@ def faithfulness_markdown(result: FaithfulnessResult) -> str:
     baselines = sorted({c.baseline for c in result.curves})
     methods = list(dict.fromkeys(c.method for c in result.curves if c.method != "random"))
     pairs = sorted({c.pair for c in result.curves})
+    neg_range = next(
+        (v["max_fraction"] for (m, side, _), v in summary.items() if side == "random-"), None
+    )
+    start = float(
+        np.mean([v["start"] for (m, side, _), v in summary.items() if side == "random"] or [0])
+    )
     parts = [
         "## Faithfulness: deletion / insertion of the held-norm pair similarity",
         "",
-        f"{len(pairs)} pairs, {result.steps} steps, {result.n_random} random orders per pair. "
-        "AUC over the fraction of query pixels perturbed (most attributed first). "
-        "Positive side: most-similar pixels first, deletion AUC should be LOW and insertion "
-        "AUC HIGH versus random. Negative side: most-dissimilar pixels first, the similarity "
-        "should RISE on deletion (deletion AUC HIGH versus random). `win` = fraction of pairs "
-        "beating that pair's random-order AUC.",
+        f"{len(pairs)} pairs ({', '.join(pairs)}), {result.steps} steps, {result.n_random} "
+        f"random orders per pair; mean unperturbed similarity {start:.3f}. "
+        "`del+`/`ins+`: AUC of the similarity over the fraction of query pixels removed/restored, "
+        "most similar first (deletion should be LOWER and insertion HIGHER than random). "
+        f"`del−`: mean similarity while the most DISSIMILAR pixels are removed, over the first "
+        f"{_fmt(neg_range, 2)} of the pixels (it should RISE: higher than random). "
+        "`win` = fraction of pairs beating that pair's random orders.",
         "",
     ]
     header = ["method"]
@@ -129,31 +149,32 @@ def faithfulness_markdown(result: FaithfulnessResult) -> str:
         header += [f"del+ {b}", f"ins+ {b}", f"win+ {b}", f"del− {b}", f"win− {b}"]
     header += ["infidelity", "max-sens", "s/map"]
     rows = []
-    for b_method in ["random", *methods]:
-        row = [b_method]
+    for method in ["random", *methods]:
+        row = [method]
         for b in baselines:
-            if b_method == "random":
+            if method == "random":
                 s = summary.get(("random", "random", b), {})
+                n = summary.get(("random", "random-", b), {})
                 row += [
                     _fmt(s.get("deletion")),
                     _fmt(s.get("insertion")),
                     "",
-                    _fmt(s.get("deletion")),
+                    _fmt(n.get("deletion_mean")),
                     "",
                 ]
                 continue
-            pos = summary.get((b_method, "positive", b), {})
-            neg = summary.get((b_method, "negative", b), {})
+            pos = summary.get((method, "positive", b), {})
+            neg = summary.get((method, "negative", b), {})
             row += [
                 _fmt(pos.get("deletion")),
                 _fmt(pos.get("insertion")),
-                _fmt(wins.get((b_method, "positive", b)), 2),
-                _fmt(neg.get("deletion")),
-                _fmt(wins.get((b_method, "negative", b)), 2),
+                _fmt(wins.get((method, "positive", b)), 2),
+                _fmt(neg.get("deletion_mean")),
+                _fmt(wins.get((method, "negative", b)), 2),
             ]
-        inf = result.infidelity.get(b_method, {})
-        sen = result.sensitivity.get(b_method, {})
-        sec = result.seconds.get(b_method, {})
+        inf = result.infidelity.get(method, {})
+        sen = {k: v for k, v in result.sensitivity.get(method, {}).items() if math.isfinite(v)}
+        sec = result.seconds.get(method, {})
         row += [
             _fmt(float(np.mean(list(inf.values()))) if inf else None, 4),
             _fmt(float(np.mean(list(sen.values()))) if sen else None),
@@ -172,7 +193,10 @@ def faithfulness_markdown(result: FaithfulnessResult) -> str:
 def plot_curves(
     result: FaithfulnessResult, out_dir: Path, prefix: str = "faithfulness"
 ) -> list[Path]:
-    """One PNG per (side, baseline): deletion and insertion curves, mean over pairs."""
+    """One PNG per (side, baseline): mean curves over pairs, random orders dashed.
+
+    Positive side: deletion and insertion; negative side: the truncated deletion curve.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,39 +206,45 @@ def plot_curves(
     methods = list(dict.fromkeys(c.method for c in result.curves if c.method != "random"))
     cmap = plt.get_cmap("tab20")
     for side in ("positive", "negative"):
+        kinds = ("deletion", "insertion") if side == "positive" else ("deletion",)
         for baseline in sorted({c.baseline for c in result.curves}):
-            fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-            for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
+            fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.8), squeeze=False)
+            drawn = False
+            for ax, kind in zip(axes[0], kinds, strict=True):
                 for i, method in enumerate(["random", *methods]):
-                    want_side = "random" if method == "random" else side
+                    want = _random_side(side) if method == "random" else side
                     cs = [
                         c
                         for c in result.curves
-                        if c.method == method and c.side == want_side and c.baseline == baseline
+                        if c.method == method
+                        and c.side == want
+                        and c.baseline == baseline
+                        and getattr(c, kind) is not None
                     ]
                     if not cs:
                         continue
                     curve = M.mean_curve([getattr(c, kind) for c in cs])
-                    style = (
-                        dict(color="black", lw=2.2, ls="--")
-                        if method == "random"
-                        else dict(color=cmap(i % 20), lw=1.3)
-                    )
+                    if method == "random":
+                        style = {"color": "black", "lw": 2.2, "ls": "--"}
+                    else:
+                        style = {"color": cmap(i % 20), "lw": 1.3}
                     ax.plot(
                         curve.fractions, curve.scores, label=f"{method} ({curve.auc:.3f})", **style
                     )
-                ax.set_title(f"{kind}, {side} side, {baseline} baseline")
-                ax.set_xlabel(
-                    "fraction of query pixels " + ("removed" if kind == "deletion" else "restored")
-                )
+                    drawn = True
+                verb = "removed" if kind == "deletion" else "restored"
+                order = "most similar" if side == "positive" else "most dissimilar"
+                ax.set_title(f"{kind}, {order} first, {baseline} baseline", fontsize=10)
+                ax.set_xlabel(f"fraction of query pixels {verb}")
+                ax.set_ylabel("held-norm pair similarity")
                 ax.grid(alpha=0.3)
-            axes[0].set_ylabel("held-norm pair similarity")
-            axes[1].legend(fontsize=7, loc="best", ncol=2)
+                ax.legend(fontsize=7, loc="best", ncol=2)
             fig.tight_layout()
-            path = out_dir / f"{prefix}_{side}_{baseline}.png"
-            fig.savefig(path, dpi=110)
+            if drawn:
+                path = out_dir / f"{prefix}_{side}_{baseline}.png"
+                fig.savefig(path, dpi=110)
+                paths.append(path)
             plt.close(fig)
-            paths.append(path)
     return paths
 
 
