@@ -202,3 +202,44 @@ def test_graceful_shutdown_lets_in_flight_calls_finish(backend, tmp_path, aligne
                           retry=phenolens.Retry(attempts=1)) as c:
         with pytest.raises(phenolens.Unavailable):
             c.server_info()
+
+
+def test_client_retries_unavailable_until_the_server_is_up(backend, tmp_path, gallery_ids):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outcome: dict = {}
+
+    def call() -> None:
+        retry = phenolens.Retry(attempts=12, base_s=0.2, cap_s=1.0)
+        with phenolens.Client(f"127.0.0.1:{port}", token=READ_TOKEN, retry=retry,
+                              timeout=10) as c:
+            try:
+                outcome["info"] = c.server_info()
+            except phenolens.PhenoLensError as exc:
+                outcome["error"] = exc
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    time.sleep(0.5)  # the first attempts find nothing listening
+    running = start_server(backend, tmp_path, listen=f"127.0.0.1:{port}")
+    try:
+        worker.join(60)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["info"].api_version == "phenolens.v1"
+    finally:
+        running.stop(grace_s=1.0)
+
+
+def test_client_gives_up_with_unavailable_after_its_retries():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with phenolens.Client(f"127.0.0.1:{port}", retry=phenolens.Retry(attempts=2, base_s=0.01),
+                          timeout=5) as c:
+        with pytest.raises(phenolens.Unavailable):
+            c.server_info()
