@@ -310,9 +310,8 @@ class GmEncodings:
 
 
 def gm_view_name(model: str, flip: bool, gray: bool) -> str:
-    """``model:orig``, ``model:flip``, ``model:gray``, ``model:flip+gray`` (encoder.views style)."""
-    mods = [m for m, on in (("flip", flip), ("gray", gray)) if on]
-    return f"{model}:{'+'.join(mods) if mods else 'orig'}"
+    """``model:orig``, ``model:orig+gray``, ``model:flip``, ``model:flip+gray`` (``encoder.views.View.id``)."""
+    return f"{model}:{'flip' if flip else 'orig'}{'+gray' if gray else ''}"
 
 
 def _as_bool(value: Any) -> bool:

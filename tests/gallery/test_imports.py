@@ -185,8 +185,8 @@ def test_gm_encodings_import_groups_views_by_model_flip_gray(tmp_path, fmt):
         path.write_bytes(pickle.dumps({k: [r[k] for r in rows] for k in rows[0]}))
     table = read_gm_encodings(path)
     assert table.view_scheme == (
-        "glint360k_r100:orig,glint360k_r100:gray,glint360k_r100:flip,glint360k_r100:flip+gray,"
-        "glint360k_r50:orig,glint360k_r50:gray,glint360k_r50:flip,glint360k_r50:flip+gray"
+        "glint360k_r100:orig,glint360k_r100:orig+gray,glint360k_r100:flip,glint360k_r100:flip+gray,"
+        "glint360k_r50:orig,glint360k_r50:orig+gray,glint360k_r50:flip,glint360k_r50:flip+gray"
     )
     with Gallery.open(tmp_path / "g.db") as g:
         report = import_gm_encodings(g, path, metadata=meta)
