@@ -64,7 +64,9 @@ def run(calls: int, threads: int | None) -> dict:
     from encoder.assets import PHOTOS, photo
     from server.app import start
     from server.config import load_config
+    from server.logs import setup_logging
 
+    setup_logging("ERROR")
     tmp = Path(tempfile.mkdtemp(prefix="phenolens-bench-"))
     config = load_config(None, env={}, listen="127.0.0.1:0",
                          gallery={"path": str(tmp / "bench.sqlite")},

@@ -116,7 +116,7 @@ class LimitsConfig:
     max_top_k: int = 50
     max_explain_methods: int = 4
     max_page_size: int = 1000
-    max_photo_map_side: int = 1024  # photo maps are downscaled to this longer side
+    max_photo_map_side: int = 512  # photo maps are downscaled to this longer side
     # Heavy calls (Encode, Match, Explain, AddImage, ImportGallery) hold one of
     # max_concurrent slots; a call that cannot get one within queue_timeout_s is
     # refused with RESOURCE_EXHAUSTED instead of queueing without bound.

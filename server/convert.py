@@ -131,12 +131,13 @@ def match_response(outcome: MatchOutcome, encoder_id: str, view_scheme: str, *,
 def _syndrome(s: SyndromeHit, rank: int) -> types_pb2.SyndromeRank:
     return types_pb2.SyndromeRank(rank=rank, syndrome_id=s.syndrome_id,
                                   syndrome_name=s.syndrome_name, omim=s.omim_id or "",
-                                  cosine=s.score, nearest_gallery_id=str(s.gallery_id))
+                                  cosine=s.score, nearest_gallery_id=str(s.gallery_id),
+                                  nearest_image_id=s.image_id)
 
 
 def _gene(g: GeneHit, rank: int) -> types_pb2.GeneRank:
     return types_pb2.GeneRank(rank=rank, gene=g.gene, cosine=g.score,
-                              nearest_gallery_id=str(g.gallery_id))
+                              nearest_gallery_id=str(g.gallery_id), nearest_image_id=g.image_id)
 
 
 def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_scheme: str,

@@ -52,27 +52,42 @@ def client_from_args(args: argparse.Namespace) -> Client:
     return Client(args.server, token=token, tls=tls, timeout=getattr(args, "timeout", 120.0))
 
 
+def _gid(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
 def match_json(result: MatchResult) -> dict[str, Any]:
-    return {
+    """The document ``phenolens match --json`` prints, from a server's MatchResult."""
+    doc: dict[str, Any] = {
         "encoder_id": result.encoder_id,
         "view_scheme": result.view_scheme,
         "gallery_version": result.gallery_version,
-        "hits": [{"rank": h.rank, "gallery_id": h.gallery_id, "image_id": h.record.image_id,
-                  "subject_id": h.record.subject_id, "syndrome_id": h.syndrome_id,
-                  "syndrome_name": h.record.syndrome_name, "cosine": h.cosine,
-                  "distance": h.distance} for h in result.hits],
-        "syndromes": [{"rank": s.rank, "syndrome_id": s.syndrome_id,
-                       "syndrome_name": s.syndrome_name, "cosine": s.cosine,
-                       "nearest_gallery_id": s.nearest_gallery_id} for s in result.syndromes],
-        "genes": [{"rank": g.rank, "gene": g.gene, "cosine": g.cosine} for g in result.genes],
     }
+    if result.alignment is not None:
+        doc["query"] = {"face_count": result.alignment.face_count,
+                        "detection_score": result.alignment.detection_score}
+    doc["hits"] = [{"rank": h.rank, "gallery_id": _gid(h.gallery_id),
+                    "image_id": h.record.image_id, "subject_id": h.record.subject_id,
+                    "syndrome_id": h.syndrome_id, "syndrome_name": h.record.syndrome_name,
+                    "omim_id": h.record.omim or None, "genes": list(h.record.genes),
+                    "cosine": h.cosine, "distance": h.distance} for h in result.hits]
+    doc["syndromes"] = [{"rank": s.rank, "syndrome_id": s.syndrome_id,
+                         "syndrome_name": s.syndrome_name, "omim_id": s.omim or None,
+                         "cosine": s.cosine, "distance": 1.0 - s.cosine,
+                         "nearest_gallery_id": _gid(s.nearest_gallery_id),
+                         "nearest_image_id": s.nearest_image_id} for s in result.syndromes]
+    doc["genes"] = [{"rank": g.rank, "gene": g.gene, "cosine": g.cosine,
+                     "distance": 1.0 - g.cosine, "nearest_gallery_id": _gid(g.nearest_gallery_id)}
+                    for g in result.genes]
+    return doc
 
 
 def explained_json(e: ExplainedMatch) -> dict[str, Any]:
     return {
-        "rank": e.hit.rank, "gallery_id": e.hit.gallery_id, "image_id": e.hit.record.image_id,
-        "syndrome_id": e.hit.syndrome_id, "cosine": e.hit.cosine, "residual": e.residual,
-        "bias_share": e.bias_share, "methods": list(e.methods),
+        "rank": e.hit.rank, "gallery_id": _gid(e.hit.gallery_id),
+        "image_id": e.hit.record.image_id, "syndrome_id": e.hit.syndrome_id,
+        "cosine": e.hit.cosine, "residual": e.residual, "bias_share": e.bias_share,
+        "methods": list(e.methods),
     }
 
 
@@ -83,21 +98,33 @@ def _filters(args: argparse.Namespace) -> Filters:
     syndromes = getattr(args, "syndrome", None) or ()
     if isinstance(syndromes, str):
         syndromes = (syndromes,)
+    distance = getattr(args, "same_patient_distance", None)
     return Filters(exclude_subjects=tuple(exclude),
-                   same_patient_rule=bool(getattr(args, "same_patient", False)),
+                   same_patient_rule=bool(getattr(args, "same_patient", False) or distance),
+                   same_patient_distance=float(distance or 0.0),
                    syndromes=tuple(syndromes))
 
 
 def remote_match(args: argparse.Namespace) -> int:
-    """``phenolens match IMAGE --server ...`` (reads args.image, args.top, args.json)."""
+    """``phenolens match IMAGE --server ...``: reads args.image, top, top_syndromes,
+    top_genes, exclude_subject, syndrome, same_patient(_distance), aligned, json."""
     with client_from_args(args) as client:
-        result = client.match(args.image, top_k=getattr(args, "top", 10) or 10,
+        result = client.match(args.image, aligned=bool(getattr(args, "aligned", False)),
+                              top_k=getattr(args, "top", None) or 10,
+                              top_syndromes=getattr(args, "top_syndromes", None) or 10,
+                              top_genes=getattr(args, "top_genes", None) or 10,
                               filters=_filters(args))
+    doc = match_json(result)
     if getattr(args, "json", False):
-        print(json.dumps(match_json(result)))
-    else:
-        for h in result.hits:
-            print(f"{h.rank:>3}  {h.cosine:+.4f}  {h.syndrome_id:<20} {h.record.image_id}")
+        print(json.dumps(doc, ensure_ascii=False))
+        return 0
+    print(f"{'rank':>4}  {'cosine':>7}  {'syndrome':<20} {'subject':<16} image")
+    for h in doc["hits"]:
+        print(f"{h['rank']:>4}  {h['cosine']:+.4f}  {h['syndrome_id']:<20} {h['subject_id']:<16} "
+              f"{h['image_id']}")
+    print(f"\n{'rank':>4}  {'cosine':>7}  syndrome (nearest image)")
+    for s in doc["syndromes"][:10]:
+        print(f"{s['rank']:>4}  {s['cosine']:+.4f}  {s['syndrome_name']} ({s['nearest_image_id']})")
     return 0
 
 
@@ -151,18 +178,32 @@ def remote_gallery(args: argparse.Namespace) -> int:
                    "per_syndrome": {c.syndrome_id: c.images for c in s.per_syndrome}}
             print(json.dumps(doc) if as_json else "\n".join(f"{k}: {v}" for k, v in doc.items()))
         elif action == "list":
-            for r in client.iter_images(syndrome_id=getattr(args, "syndrome", None) or ""):
-                print(json.dumps(r.__dict__) if as_json else
-                      f"{r.gallery_id:>8}  {r.syndrome_id:<20} {r.image_id}")
+            offset = int(getattr(args, "offset", 0) or 0)
+            limit = int(getattr(args, "limit", 100) or 100)
+            records = client.iter_images(syndrome_id=getattr(args, "syndrome", None) or "")
+            for i, r in enumerate(records):
+                if i >= offset + limit:
+                    break
+                if i >= offset:
+                    print(json.dumps(r.__dict__) if as_json else
+                          f"{r.gallery_id:>8}  {r.syndrome_id:<20} {r.image_id}")
         elif action == "delete":
-            ids = getattr(args, "ids", None) or getattr(args, "gallery_ids", None) or []
-            print(client.delete_images([str(i) for i in ids]))
+            ids = [str(i) for i in (getattr(args, "ids", None) or [])]
+            by_gallery_id = getattr(args, "gallery_ids", False) is True
+            deleted = client.delete_images(ids if by_gallery_id else (),
+                                           image_ids=() if by_gallery_id else ids)
+            print(json.dumps({"deleted": deleted}) if as_json else f"deleted {deleted}")
         elif action == "add":
+            genes = getattr(args, "genes", None) or ()
+            if isinstance(genes, str):
+                genes = tuple(g.strip() for g in genes.split(",") if g.strip())
             record = client.add_image(
-                args.image, image_id=getattr(args, "image_id", None) or Path(args.image).stem,
+                args.image, aligned=bool(getattr(args, "aligned", False)),
+                image_id=getattr(args, "image_id", None) or Path(args.image).stem,
                 subject_id=getattr(args, "subject", None) or "",
                 syndrome_id=getattr(args, "syndrome", None) or "",
-                syndrome_name=getattr(args, "syndrome_name", None) or "")
+                syndrome_name=getattr(args, "syndrome_name", None) or "",
+                omim=getattr(args, "omim", None) or "", genes=tuple(genes))
             print(json.dumps(record.__dict__) if as_json else record.gallery_id)
         elif action == "import":
             source = Path(getattr(args, "source", None) or args.path)

@@ -21,7 +21,7 @@ from explain.methods import METHODS
 from server import convert
 from server.backend import Backend, Query, png_bytes, png_pixels
 from server.config import ServiceConfig
-from server.errors import BadRequest
+from server.errors import BadRequest, NotFound
 from server.limits import HeavyWorkLimiter, RequestScope
 
 API_VERSION = "phenolens.v1"
@@ -259,19 +259,30 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
 
     def DeleteImages(self, request: gallery_pb2.DeleteImagesRequest,
                      context: grpc.ServicerContext) -> gallery_pb2.DeleteImagesResponse:
-        ids = [convert.gallery_id(g) for g in request.gallery_ids]
+        from gallery import UnknownId
+
         gallery = self.backend.gallery
+        ids = []
+        for value in request.gallery_ids:
+            try:
+                ids.append(convert.gallery_id(value))
+            except NotFound:
+                if not request.missing_ok:
+                    raise
+        for image_id in request.image_ids:
+            try:
+                ids.append(gallery.get_image(image_id).info.gallery_id)
+            except UnknownId:
+                if not request.missing_ok:
+                    raise
         if request.missing_ok:
             known = []
             for gid in ids:
                 try:
                     gallery.get(gid)
                     known.append(gid)
-                except Exception as exc:  # noqa: BLE001 - only UnknownId is expected here
-                    from gallery import UnknownId
-
-                    if not isinstance(exc, UnknownId):
-                        raise
+                except UnknownId:
+                    pass
             ids = known
         deleted = gallery.delete(ids) if ids else 0
         return gallery_pb2.DeleteImagesResponse(deleted=deleted,

@@ -180,9 +180,11 @@ class AsyncClient:
             raise from_rpc_error(error) from None
         return ImportSummary(s.received, s.added, s.unchanged, s.gallery_version)
 
-    async def delete_images(self, gallery_ids: Sequence[str], *, missing_ok: bool = False,
+    async def delete_images(self, gallery_ids: Sequence[str] = (), *,
+                            image_ids: Sequence[str] = (), missing_ok: bool = False,
                             timeout: float | None = None) -> int:
         request = gallery_pb2.DeleteImagesRequest(gallery_ids=list(gallery_ids),
+                                                  image_ids=list(image_ids),
                                                   missing_ok=missing_ok)
         return (await self._call(self._gallery.DeleteImages, request, timeout)).deleted
 

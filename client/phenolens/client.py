@@ -259,9 +259,11 @@ class Client:
             raise from_rpc_error(error) from None
         return ImportSummary(s.received, s.added, s.unchanged, s.gallery_version)
 
-    def delete_images(self, gallery_ids: Sequence[str], *, missing_ok: bool = False,
+    def delete_images(self, gallery_ids: Sequence[str] = (), *, image_ids: Sequence[str] = (),
+                      missing_ok: bool = False,
                       timeout: float | None = None) -> int:
         request = gallery_pb2.DeleteImagesRequest(gallery_ids=list(gallery_ids),
+                                                  image_ids=list(image_ids),
                                                   missing_ok=missing_ok)
         return self._call(self._gallery.DeleteImages, request, timeout).deleted
 

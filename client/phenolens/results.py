@@ -126,6 +126,7 @@ class SyndromeRank:
     omim: str
     cosine: float
     nearest_gallery_id: str
+    nearest_image_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class GeneRank:
     gene: str
     cosine: float
     nearest_gallery_id: str
+    nearest_image_id: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,9 +157,10 @@ class MatchResult:
             hits=tuple(Hit.from_proto(h) for h in m.hits),
             syndromes=tuple(
                 SyndromeRank(s.rank, s.syndrome_id, s.syndrome_name, s.omim, s.cosine,
-                             s.nearest_gallery_id) for s in m.syndromes
+                             s.nearest_gallery_id, s.nearest_image_id) for s in m.syndromes
             ),
-            genes=tuple(GeneRank(g.rank, g.gene, g.cosine, g.nearest_gallery_id) for g in m.genes),
+            genes=tuple(GeneRank(g.rank, g.gene, g.cosine, g.nearest_gallery_id, g.nearest_image_id)
+                        for g in m.genes),
             alignment=FaceAlignment.from_proto(m.alignment) if m.HasField("alignment") else None,
         )
 

@@ -57,12 +57,14 @@ class ImportSummary(_message.Message):
     def __init__(self, received: _Optional[int] = ..., added: _Optional[int] = ..., unchanged: _Optional[int] = ..., gallery_version: _Optional[int] = ...) -> None: ...
 
 class DeleteImagesRequest(_message.Message):
-    __slots__ = ("gallery_ids", "missing_ok")
+    __slots__ = ("gallery_ids", "missing_ok", "image_ids")
     GALLERY_IDS_FIELD_NUMBER: _ClassVar[int]
     MISSING_OK_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     gallery_ids: _containers.RepeatedScalarFieldContainer[str]
     missing_ok: bool
-    def __init__(self, gallery_ids: _Optional[_Iterable[str]] = ..., missing_ok: _Optional[bool] = ...) -> None: ...
+    image_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, gallery_ids: _Optional[_Iterable[str]] = ..., missing_ok: _Optional[bool] = ..., image_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteImagesResponse(_message.Message):
     __slots__ = ("deleted", "gallery_version")

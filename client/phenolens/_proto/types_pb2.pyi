@@ -124,29 +124,33 @@ class Hit(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., record: _Optional[_Union[GalleryRecord, _Mapping]] = ..., cosine: _Optional[float] = ..., distance: _Optional[float] = ...) -> None: ...
 
 class SyndromeRank(_message.Message):
-    __slots__ = ("rank", "syndrome_id", "syndrome_name", "omim", "cosine", "nearest_gallery_id")
+    __slots__ = ("rank", "syndrome_id", "syndrome_name", "omim", "cosine", "nearest_gallery_id", "nearest_image_id")
     RANK_FIELD_NUMBER: _ClassVar[int]
     SYNDROME_ID_FIELD_NUMBER: _ClassVar[int]
     SYNDROME_NAME_FIELD_NUMBER: _ClassVar[int]
     OMIM_FIELD_NUMBER: _ClassVar[int]
     COSINE_FIELD_NUMBER: _ClassVar[int]
     NEAREST_GALLERY_ID_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     rank: int
     syndrome_id: str
     syndrome_name: str
     omim: str
     cosine: float
     nearest_gallery_id: str
-    def __init__(self, rank: _Optional[int] = ..., syndrome_id: _Optional[str] = ..., syndrome_name: _Optional[str] = ..., omim: _Optional[str] = ..., cosine: _Optional[float] = ..., nearest_gallery_id: _Optional[str] = ...) -> None: ...
+    nearest_image_id: str
+    def __init__(self, rank: _Optional[int] = ..., syndrome_id: _Optional[str] = ..., syndrome_name: _Optional[str] = ..., omim: _Optional[str] = ..., cosine: _Optional[float] = ..., nearest_gallery_id: _Optional[str] = ..., nearest_image_id: _Optional[str] = ...) -> None: ...
 
 class GeneRank(_message.Message):
-    __slots__ = ("rank", "gene", "cosine", "nearest_gallery_id")
+    __slots__ = ("rank", "gene", "cosine", "nearest_gallery_id", "nearest_image_id")
     RANK_FIELD_NUMBER: _ClassVar[int]
     GENE_FIELD_NUMBER: _ClassVar[int]
     COSINE_FIELD_NUMBER: _ClassVar[int]
     NEAREST_GALLERY_ID_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     rank: int
     gene: str
     cosine: float
     nearest_gallery_id: str
-    def __init__(self, rank: _Optional[int] = ..., gene: _Optional[str] = ..., cosine: _Optional[float] = ..., nearest_gallery_id: _Optional[str] = ...) -> None: ...
+    nearest_image_id: str
+    def __init__(self, rank: _Optional[int] = ..., gene: _Optional[str] = ..., cosine: _Optional[float] = ..., nearest_gallery_id: _Optional[str] = ..., nearest_image_id: _Optional[str] = ...) -> None: ...
