@@ -195,8 +195,6 @@ class Backend:
     # -- faces and embeddings ----------------------------------------------------------
     def face(self, image: bytes | np.ndarray, *, aligned: bool, scope: RequestScope) -> Face:
         scope.check()
-        if isinstance(image, np.ndarray) and image.size > self.config.limits.max_image_pixels * 4:
-            raise BadRequest("raw image above the pixel limit")
         return self.pipeline.face(image, aligned=aligned)
 
     def query_of_face(self, face: Face, scope: RequestScope) -> Query:

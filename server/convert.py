@@ -143,7 +143,7 @@ def _gene(g: GeneHit, rank: int) -> types_pb2.GeneRank:
 def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_scheme: str,
                     query_crop: np.ndarray, overlays: bool, gallery_crops: bool,
                     query_photo: np.ndarray | None = None) -> phenolens_pb2.ExplainedMatch:
-    from phenolens.overlay import render_overlay
+    from explain.render import overlay_png
 
     maps = []
     for m in e.maps:
@@ -157,10 +157,10 @@ def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_schem
             q.feature.CopyFrom(to_float_array(m.query_feature))
             g.feature.CopyFrom(to_float_array(m.gallery_feature))
         if overlays:
-            q.overlay_png = png_bytes(render_overlay(query_crop, m.query_aligned))
-            g.overlay_png = png_bytes(render_overlay(e.gallery_crop, m.gallery_aligned))
+            q.overlay_png = overlay_png(query_crop, m.query_aligned)
+            g.overlay_png = overlay_png(e.gallery_crop, m.gallery_aligned)
             if query_photo is not None and m.query_photo is not None:
-                q.photo_overlay_png = png_bytes(render_overlay(query_photo, m.query_photo))
+                q.photo_overlay_png = overlay_png(query_photo, m.query_photo)
         maps += [q, g]
     return phenolens_pb2.ExplainedMatch(
         index=e.index, hit=hit(e.hit, rank, encoder_id, view_scheme), maps=maps,

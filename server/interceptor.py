@@ -20,13 +20,6 @@ from server.logs import RPC_LOGGER, log_event
 
 log = logging.getLogger(RPC_LOGGER)
 
-PRINCIPAL_KEY = "phenolens.principal"
-
-
-class _Aborted(Exception):
-    """Marks an exception that already carries a status (context.abort was called)."""
-
-
 class ServiceInterceptor(grpc.ServerInterceptor):
     def __init__(self, auth: TokenAuth) -> None:
         self.auth = auth

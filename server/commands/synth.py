@@ -55,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--eval-size", type=int, default=20, help="images per class in val/test splits")
     synth.add_argument("--split", default="train=0.6,val=0.15,test=0.25",
                        help="subject fractions per split")
+    synth.add_argument("--photos", help="comma-separated bundled photo names (default: all)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--strength", default="0.8,1.2", help="range of the deformation strength")
     synth.add_argument("--no-augment", action="store_true", help="no pose/colour/flip jitter")
@@ -103,7 +104,16 @@ def run_synth(args: argparse.Namespace) -> int:
         strength_range=(lo, hi),
         augment_config=synth.AugmentConfig.none() if args.no_augment else synth.AugmentConfig(),
     )
-    sources = synth.load_source_faces()
+    photos = None
+    if args.photos:
+        from encoder.assets import PHOTOS
+
+        wanted = {p.strip() for p in args.photos.split(",") if p.strip()}
+        photos = [p for p in PHOTOS if p.name in wanted]
+        missing = wanted - {p.name for p in photos}
+        if missing:
+            raise ValueError(f"unknown bundled photos: {sorted(missing)}")
+    sources = synth.load_source_faces(photos=photos)
     splits = synth.generate_splits(sources, plan)
     manifest = synth.write_dataset((s for rows in splits.values() for s in rows), args.out)
     summary = {
