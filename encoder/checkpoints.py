@@ -368,7 +368,6 @@ class _HarvestPickle:
     """The ``pickle_module`` torch.load uses for trusted whole-module files."""
 
     Unpickler = _HarvestUnpickler
-    __name__ = "phenolens_harvest_pickle"
 
     @staticmethod
     def load(file: Any, **kwargs: Any) -> Any:
