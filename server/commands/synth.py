@@ -174,7 +174,7 @@ def _write_gallery(args: argparse.Namespace, samples: list) -> dict:
                 ))
     with Gallery.open(args.gallery, encoder_id=encoder_id, view_scheme=scheme) as gallery:
         report = gallery.add_many(entries)
-    return {"path": str(args.gallery), "added": getattr(report, "added", len(entries)),
+    return {"path": str(args.gallery), "added": len(report.added),
             "encoder_id": encoder_id, "view_scheme": scheme}
 
 
