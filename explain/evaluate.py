@@ -784,14 +784,15 @@ def localisation(
     (where the faces differ). Precomputed ``maps`` (method -> per pair) are reused."""
     methods = tuple(methods or available_methods())
     method_options = method_options or {}
-    explainer = Explainer(model)
     sign = 1.0 if side == "positive" else -1.0
     acc: dict[str, dict[str, list]] = {}
     errors: dict[str, str] = {}
     for method in methods:
         try:
             per_pair = (maps or {}).get(method) or [
-                query_map(method, explainer, p.query, p.gallery, **method_options.get(method, {}))
+                query_map(
+                    method, Explainer(model), p.query, p.gallery, **method_options.get(method, {})
+                )
                 for p in pairs
             ]
         except Exception as exc:

@@ -66,13 +66,21 @@ def test_deletion_by_the_true_weights_drops_faster_than_random_order():
 
     true = M.perturbation_curve(score, image, baseline, M.pixel_order(weights, (16, 16)), 16)
     randoms = [
-        M.perturbation_curve(score, image, baseline, M.pixel_order(weights, (16, 16), "random", np.random.default_rng(s)), 16)
+        M.perturbation_curve(
+            score,
+            image,
+            baseline,
+            M.pixel_order(weights, (16, 16), "random", np.random.default_rng(s)),
+            16,
+        )
         for s in range(5)
     ]
     assert true.scores[0] == pytest.approx(score(image[None])[0])
     assert true.scores[-1] == pytest.approx(0.0)
     assert true.auc < 0.5 * M.mean_curve(randoms).auc
-    ins = M.perturbation_curve(score, image, baseline, M.pixel_order(weights, (16, 16)), 16, "insertion")
+    ins = M.perturbation_curve(
+        score, image, baseline, M.pixel_order(weights, (16, 16)), 16, "insertion"
+    )
     assert ins.scores[0] == pytest.approx(0.0) and ins.auc > M.mean_curve(randoms).auc
 
 
