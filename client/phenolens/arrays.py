@@ -86,9 +86,18 @@ def to_rgb(image: ImageLike) -> np.ndarray | None:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
+def require_pillow():
+    """The ``PIL.Image`` module, or an ImportError that says how to get it."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("this needs Pillow: pip install 'phenolens[images]'") from None
+    return Image
+
+
 def decode_png(data: bytes) -> np.ndarray:
     """(H, W, 3) uint8 of PNG bytes sent by the server; needs Pillow."""
-    from PIL import Image
+    Image = require_pillow()
 
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrays import require_pillow
+
 # ColorBrewer RdBu, 11 classes, from negative (blue) to positive (red).
 _DIVERGING = np.array(
     [
@@ -33,7 +35,7 @@ def diverging_colors(values: np.ndarray) -> np.ndarray:
 
 def resize_map(signed_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w) float map -> (H, W) float32 by bilinear interpolation; ``size`` is (H, W)."""
-    from PIL import Image
+    Image = require_pillow()
 
     arr = np.asarray(signed_map, dtype=np.float32)
     if arr.shape == tuple(size):
@@ -58,7 +60,7 @@ def render_overlay(base_rgb: np.ndarray, signed_map: np.ndarray, *, alpha: float
 
 def side_by_side(images: list[np.ndarray], *, gap: int = 8) -> np.ndarray:
     """Images of any size in a row on a white background, scaled to the tallest height."""
-    from PIL import Image
+    Image = require_pillow()
 
     height = max(im.shape[0] for im in images)
     scaled = []
@@ -77,7 +79,7 @@ def side_by_side(images: list[np.ndarray], *, gap: int = 8) -> np.ndarray:
 
 
 def save_png(rgb: np.ndarray, path: str | Path) -> Path:
-    from PIL import Image
+    Image = require_pillow()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
