@@ -375,3 +375,51 @@ class SyndromeExplainer:
             cosine, tuple(cosines), mean.cpu().numpy(), aligned.cpu().numpy(), bias,
             cosine - float(mean.sum()) - bias,
         )
+
+
+def syndrome_figure(
+    composite_image: np.ndarray,
+    maps: SyndromeMaps,
+    *,
+    label: str = "",
+    query_crop: np.ndarray | None = None,
+    pull: QueryPull | None = None,
+    path: str | None = None,
+) -> bytes:
+    """PNG: the composite, the mean maps towards the centroid and towards the rest drawn on
+    it (one ±max|map| scale), and, with a query, the query's pull towards the syndrome."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from explain.render import overlay, symmetric_limit
+
+    panels = [(composite_image, None, "composite"),
+              (composite_image, maps.to_centroid_aligned, "members → centroid"),
+              (composite_image, maps.to_rest_aligned, "members → rest")]
+    if query_crop is not None and pull is not None:
+        panels += [(query_crop, None, "query"),
+                   (query_crop, pull.map_aligned, f"query → syndrome ({pull.cosine:.2f})")]
+    limit = symmetric_limit(maps.to_centroid_aligned, maps.to_rest_aligned)
+    fig = Figure(figsize=(2.2 * len(panels), 2.7), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels))
+    for ax, (rgb, signed, name) in zip(axes, panels, strict=True):
+        scale = symmetric_limit(signed) if pull is not None and signed is pull.map_aligned else limit
+        ax.imshow(rgb if signed is None else overlay(rgb, signed, limit=scale))
+        ax.set_title(name, fontsize=8)
+        ax.set_axis_off()
+    check = maps.check
+    fig.suptitle(
+        f"{label or 'group'} · {check.images} images, {check.subjects} subjects · "
+        f"cos→centroid {maps.mean_cosine_to_centroid:.2f}, →rest {maps.mean_cosine_to_rest:.2f}",
+        fontsize=9,
+    )
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    data = buf.getvalue()
+    if path is not None:
+        with open(path, "wb") as fh:
+            fh.write(data)
+    return data
