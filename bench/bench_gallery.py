@@ -70,9 +70,14 @@ def numpy_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(top, order, axis=1)
 
 
+def _stage(n: int, what: str, since: float) -> None:
+    print(f"#   {n:,}: {what} ({time.perf_counter() - since:.0f} s)", file=sys.stderr, flush=True)
+
+
 def run_one(n: int, dim: int, approx: str, nprobe: int, workdir: Path) -> dict:
     from gallery import Entry, Gallery
 
+    began = time.perf_counter()
     data = synthetic(n, dim, seed=n)
     # queries: new images of gallery subjects (a gallery vector plus fresh noise)
     rng = np.random.default_rng(n + 1)
@@ -93,6 +98,7 @@ def run_one(n: int, dim: int, approx: str, nprobe: int, workdir: Path) -> dict:
         ]
         gallery.add_many(entries, batch_size=batch)
     result["add_s"] = time.perf_counter() - t
+    _stage(n, "added", began)
     result["rss_after_add_mib"] = _rss_mib()[0]
 
     data /= np.linalg.norm(data, axis=1, keepdims=True)
@@ -112,10 +118,12 @@ def run_one(n: int, dim: int, approx: str, nprobe: int, workdir: Path) -> dict:
     result["exact_recall_vs_numpy"] = float(np.mean(
         [len(t & set(row.tolist())) / K for t, row in zip(truth, np_ids, strict=True)]))
     normalised = data = None
+    _stage(n, "exact searches and numpy done", began)
 
     t = time.perf_counter()
     approximate = Gallery.open(path, index=approx, nprobe=nprobe)
     result["approx_build_s"] = time.perf_counter() - t
+    _stage(n, f"{approx} built", began)
     result["approx_effective"] = approximate.index_effective_factory
     found = approximate.search_batch(q64, K)
     result["approx_recall10"] = float(np.mean(
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         approx = args.approx or f"IVF{default_nlist(args.one)},Flat"
         print(json.dumps(run_one(args.one, args.dim, approx, args.nprobe, workdir)))
         return 0
-    rows = []
+    rows: list[dict] = []
     for n in (int(s) for s in args.sizes.split(",") if s):
         cmd = [sys.executable, "-m", "bench.bench_gallery", "--one", str(n), "--dim", str(args.dim),
                "--nprobe", str(args.nprobe), "--workdir", str(workdir)]
@@ -185,16 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         # Passive OpenMP waits: spinning FAISS threads collapse on a shared, busy CPU.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env,
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env,
                              cwd=Path(__file__).resolve().parents[1])
         if out.returncode != 0:
-            print(out.stderr, file=sys.stderr)
-            return out.returncode
+            break
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"# {n:,} records done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    print(f"Gallery benchmark ({args.dim}-d synthetic records, k={K}, {os.cpu_count()} CPU cores)\n")
+        print(f"# {n:,} records done in {time.perf_counter() - t:.0f} s: {json.dumps(rows[-1])}",
+              file=sys.stderr, flush=True)
+    print(f"Gallery benchmark ({args.dim}-d synthetic records, k={K}, {os.cpu_count()} CPU cores, "
+          f"load average {os.getloadavg()[0]:.1f})\n")
     print(table(rows))
-    return 0
+    return 0 if len(rows) == len(args.sizes.split(",")) else 1
 
 
 if __name__ == "__main__":
