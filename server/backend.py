@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from encoder.pipeline import Face, FacePipeline
+from explain.errors import Cancelled as ExplainCancelled
 from gallery import Entry, Gallery, GeneHit, Hit, SchemeMismatch, SyndromeHit
 from server.config import ServiceConfig
 from server.errors import BadRequest
@@ -271,6 +272,9 @@ class Backend:
                 yield HitExplanation(index, hit, tuple(maps), pair.query.residual,
                                      pair.query.bias_share, crops[index])
             completed = True
+        except ExplainCancelled:
+            scope.check()  # past the caller's deadline: say so (DEADLINE_EXCEEDED)
+            raise
         finally:
             self.activity.end(completed)
 

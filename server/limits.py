@@ -76,7 +76,7 @@ class RequestScope:
     def check(self) -> None:
         """Raise when the caller's deadline has passed or the call was cancelled."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise DeadlineExceeded("deadline exceeded before the server finished")
+            raise DeadlineExceeded("the caller's deadline passed before the server finished")
         if self.cancel.is_set():
             raise Cancelled("the call was cancelled by the client")
 
