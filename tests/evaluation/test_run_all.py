@@ -1,0 +1,64 @@
+"""bench.run_all: the parsers turn each benchmark's output into summary ratios."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import run_all
+
+EXPLAIN_OUT = """  sface K=10: done
+
+torch 2.13.0, 2 threads, medians of 2 (peers 1); times in ms
+
+| encoder | K | encode | ours cached | ours full | pytorch-grad-cam | captum | cached / encode | full / encode | grad-cam / full | captum / full |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| sface | 10 | 20.0 | 40.0 | 100.0 | 2000 | 1500 | 2.00x | 5.00x | 20.0x | 15.0x |
+"""
+
+
+def test_explain_table_gives_the_issue_targets():
+    rows = {r.what: r for r in run_all.parse_explain(EXPLAIN_OUT, "")}
+    cached = rows["sface top-10 two-sided maps (cached hit features) vs one encode"]
+    assert cached.value == pytest.approx(2.0) and cached.met is True
+    peer = rows["sface top-10: pytorch-grad-cam pair by pair vs ours"]
+    assert peer.value == pytest.approx(20.0) and peer.met is True
+
+
+def test_gallery_progress_lines_give_numpy_ratios():
+    record = {
+        "n": 10000,
+        "numpy_1_ms": 2.0,
+        "exact_1_ms": 1.0,
+        "numpy_64_ms": 30.0,
+        "exact_64_ms": 10.0,
+        "approx_1_ms": 0.5,
+        "approx_64_ms": 3.0,
+        "approx_effective": "IVF256,Flat",
+        "approx_recall10": 0.97,
+    }
+    err = f"#   10,000: built (3 s)\n# 10,000 records done in 12 s: {json.dumps(record)}\n"
+    values = [r.value for r in run_all.parse_gallery("", err)]
+    assert values == pytest.approx([2.0, 4.0, 3.0, 10.0])
+
+
+def test_service_json_gives_latency_ratios_to_encode():
+    out = json.dumps(
+        {
+            "latency": {
+                "Encode (photo)": {"p50_ms": 200.0},
+                "Explain (photo, top 3)": {"p50_ms": 500.0},
+            }
+        }
+    )
+    (row,) = run_all.parse_service("warming up\n" + out, "")
+    assert row.value == pytest.approx(2.5)
+
+
+def test_unparseable_output_is_reported_not_raised(tmp_path):
+    bench = run_all.Bench(
+        "echo", "bench.run_all", ("--only", "nonexistent"), (), run_all.parse_explain
+    )
+    outcome, rows = run_all.run_bench(bench, False, tmp_path, timeout=60)
+    assert outcome.status in ("failed", "unparsed") and rows == []
