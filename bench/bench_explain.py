@@ -166,7 +166,10 @@ def run(encoders: list[str], ks: list[int], reps: int, peer_reps: int) -> None:
                                   encode, reps, peer_reps)
             rows.append(row)
             residuals[name] = max(residuals.get(name, 0.0), worst)
-            print(f"  {name} K={k}: done", flush=True)
+            _, _, te, tc, tf, tg, tcap = row
+            print(f"  {name} K={k}: encode {te * 1e3:.0f} ms, ours cached {tc * 1e3:.0f} ms, "
+                  f"full {tf * 1e3:.0f} ms, pytorch-grad-cam {tg * 1e3:.0f} ms, "
+                  f"captum {tcap * 1e3:.0f} ms", flush=True)
 
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, medians of {reps} "
           f"(peers {peer_reps}); times in ms\n")
