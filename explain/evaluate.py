@@ -188,7 +188,8 @@ def query_map(
     """(H, W) float32 signed map of ``method`` on the query side, in aligned-crop pixels.
 
     Goes through the family's uniform call ``explain.methods.attribute`` (query
-    side only); ``options`` are passed on (budget, time_limit, method options).
+    side only); ``options`` are passed on (method options; ``budget`` and
+    ``time_limit`` default to None here).
     Without the family, ``similarity`` and ``gradcam`` come from the engine.
     """
     try:
@@ -202,6 +203,9 @@ def query_map(
         side = pair.query
         amap = side.similarity_aligned if method == "similarity" else side.gradcam_aligned
         return np.asarray(amap, dtype=np.float32)
+    # Measurements are not requests: no time limit (a loaded machine must not cut a
+    # method short) and no pass budget unless the caller sets them.
+    options = {"time_limit": None, "budget": None, **options}
     result = attribute(method, explainer, query, gallery, sides=("query",), **options)
     return M.upsample_map(np.asarray(result.query_aligned, dtype=np.float32), query.shape[:2])
 
