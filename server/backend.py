@@ -93,6 +93,7 @@ class HitExplanation:
     residual: float
     bias_share: float
     gallery_crop: np.ndarray  # (H, W, 3) uint8
+    gallery_crop_png: bytes  # as stored in the gallery
 
 
 @dataclass
@@ -259,7 +260,8 @@ class Backend:
         self.activity.begin()
         completed = False
         try:
-            crops = np.stack([self._gallery_crop(h.gallery_id) for h in hits])
+            pngs = [self._gallery_crop_png(h.gallery_id) for h in hits]
+            crops = np.stack([png_pixels(png) for png in pngs])
             scope.check()
             pairs = self.explainer.explain(query.features, crops, cancel=scope.cancelled)
             for index, (hit, pair) in enumerate(zip(hits, pairs, strict=True)):
@@ -270,7 +272,7 @@ class Backend:
                                                   options.get(method, {}), photo_maps,
                                                   feature_maps, scope))
                 yield HitExplanation(index, hit, tuple(maps), pair.query.residual,
-                                     pair.query.bias_share, crops[index])
+                                     pair.query.bias_share, crops[index], pngs[index])
             completed = True
         except ExplainCancelled:
             scope.check()  # past the caller's deadline: say so (DEADLINE_EXCEEDED)
@@ -278,11 +280,11 @@ class Backend:
         finally:
             self.activity.end(completed)
 
-    def _gallery_crop(self, gallery_id: int) -> np.ndarray:
+    def _gallery_crop_png(self, gallery_id: int) -> bytes:
         record = self.gallery.get(gallery_id)
         if not record.crop_png:
             raise BadRequest("a gallery image has no stored aligned crop to explain against")
-        return png_pixels(record.crop_png)
+        return record.crop_png
 
     def _method_maps(self, method: str, pair: Any, query: Query, gallery_crop: np.ndarray,
                      options: Mapping[str, float], photo_maps: bool, feature_maps: bool,

@@ -11,7 +11,7 @@ from phenolens.arrays import from_float_array, to_float_array
 
 from encoder.pipeline import Face
 from gallery import GeneHit, Hit, RecordInfo, SyndromeHit
-from server.backend import HitExplanation, MatchOutcome, SearchFilters, png_bytes
+from server.backend import HitExplanation, MatchOutcome, SearchFilters
 from server.errors import BadRequest, NotFound
 
 SIDE_QUERY, SIDE_GALLERY = phenolens_pb2.SIDE_QUERY, phenolens_pb2.SIDE_GALLERY
@@ -165,7 +165,7 @@ def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_schem
     return phenolens_pb2.ExplainedMatch(
         index=e.index, hit=hit(e.hit, rank, encoder_id, view_scheme), maps=maps,
         residual=e.residual, bias_share=e.bias_share,
-        gallery_crop_png=png_bytes(e.gallery_crop) if gallery_crops else b"",
+        gallery_crop_png=e.gallery_crop_png if gallery_crops else b"",
     )
 
 
