@@ -75,6 +75,16 @@ class Server:
         self.grpc_server.wait_for_termination()
 
 
+def _syndrome_service():
+    try:
+        from server import syndrome_servicer
+    except ModuleNotFoundError as exc:
+        if exc.name != "server.syndrome_servicer":
+            raise
+        return None
+    return syndrome_servicer
+
+
 def start(config: ServiceConfig, backend: Backend | None = None) -> Server:
     """Build the backend (unless given: then the caller closes it), bind ``config.listen``
     and start serving."""
@@ -101,17 +111,23 @@ def start(config: ServiceConfig, backend: Backend | None = None) -> Server:
     lens = PhenoLensServicer(backend, limiter, config)
     phenolens_pb2_grpc.add_PhenoLensServicer_to_server(lens, server)
     gallery_pb2_grpc.add_GalleryAdminServicer_to_server(GalleryAdminServicer(backend, limiter, config), server)
+    services = list(SERVICE_NAMES)
+    syndrome = _syndrome_service()
+    if syndrome is not None:  # issue 8's SyndromeService, when its module is present
+        syndrome.add_syndrome_service(server, backend, limiter, config)
+        services.append(syndrome.SERVICE_NAME)
+        lens.features = (*lens.features, syndrome.FEATURE)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     creds = server_credentials(config)
     port = (server.add_secure_port(config.listen, creds) if creds
             else server.add_insecure_port(config.listen))
     if port == 0:
         raise OSError(f"could not bind {config.listen}")
     server.start()
-    for name in ("", *SERVICE_NAMES):
+    for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"

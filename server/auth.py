@@ -36,6 +36,9 @@ METHOD_SCOPES: dict[str, str] = {
     "/phenolens.v1.GalleryAdmin/AddImage": ADMIN,
     "/phenolens.v1.GalleryAdmin/ImportGallery": ADMIN,
     "/phenolens.v1.GalleryAdmin/DeleteImages": ADMIN,
+    "/phenolens.v1.SyndromeService/Composite": READ,
+    "/phenolens.v1.SyndromeService/SyndromeMap": READ,
+    "/phenolens.v1.SyndromeService/FillIn": READ,
 }
 
 

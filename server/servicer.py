@@ -51,6 +51,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         self.limiter = limiter
         self.config = config
         self.limits = Limits(config)
+        self.features: tuple[str, ...] = FEATURES
 
     # -- helpers -------------------------------------------------------------------------
     def _query(self, request: phenolens_pb2.MatchRequest, scope: RequestScope
@@ -148,7 +149,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
                 max_photo_map_side=limits.max_photo_map_side,
                 max_explain_budget=b.config.explain.budget),
             explain_methods=list(METHODS), default_explain_methods=list(b.config.explain.methods),
-            features=list(FEATURES),
+            features=list(self.features),
         )
 
     def Encode(self, request: phenolens_pb2.EncodeRequest, context: grpc.ServicerContext

@@ -89,11 +89,11 @@ def test_overlay_colours_keep_the_sign():
 
 
 def test_every_rpc_has_a_scope_and_writes_need_admin():
-    from phenolens._proto import gallery_pb2, phenolens_pb2
+    from phenolens._proto import gallery_pb2, phenolens_pb2, syndrome_pb2
 
     from server.auth import METHOD_SCOPES
 
-    for file in (phenolens_pb2, gallery_pb2):
+    for file in (phenolens_pb2, gallery_pb2, syndrome_pb2):
         for service in file.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 assert f"/{service.full_name}/{method.name}" in METHOD_SCOPES

@@ -21,6 +21,7 @@ def test_server_info_reports_encoder_scheme_gallery_and_limits(reader, gallery_i
     assert info.limits["max_top_k"] > 0 and info.limits["max_concurrent_heavy_calls"] == 2
     assert "similarity" in info.explain_methods and "occlusion" in info.explain_methods
     assert info.encoders[0].embedding_dim == 128
+    assert "syndrome" in info.features  # issue 8's SyndromeService is registered
 
 
 def test_encode_returns_unit_views_and_alignment(reader, photo_paths):
@@ -254,7 +255,8 @@ def test_health_and_reflection_are_open_without_a_token(server):
         responses = stub.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
         names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"phenolens.v1.PhenoLens", "phenolens.v1.GalleryAdmin", "grpc.health.v1.Health"} <= names
+    assert {"phenolens.v1.PhenoLens", "phenolens.v1.GalleryAdmin", "grpc.health.v1.Health",
+            "phenolens.v1.SyndromeService"} <= names
 
 
 def test_cli_info_asks_the_server(server, capsys):
