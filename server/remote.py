@@ -129,33 +129,50 @@ def remote_match(args: argparse.Namespace) -> int:
 
 
 def remote_explain(args: argparse.Namespace) -> int:
-    """``phenolens explain IMAGE --server ... --out DIR`` (args.image, args.top, args.methods,
-    args.out, args.json): writes overlays and .npy maps per match, like the local command."""
+    """``phenolens explain IMAGE --server ... --out DIR``: reads args.image, top, methods,
+    out, json, aligned and writes the files the local command writes, per match and method:
+    ``match{rank:02d}_{method}_pair.png``, ``_query_photo.png``, ``_gallery.png``,
+    ``_query.npy`` and ``_gallery.npy`` (feature-resolution maps where the method has them)."""
+    import numpy as np
+
     methods = getattr(args, "methods", None) or ()
     if isinstance(methods, str):
         methods = tuple(m for m in methods.split(",") if m)
     out = Path(getattr(args, "out", None) or "explain-output")
     out.mkdir(parents=True, exist_ok=True)
     with client_from_args(args) as client:
-        result = client.explain(args.image, top_k=getattr(args, "top", 3) or 3,
-                                methods=methods, filters=_filters(args))
-    import numpy as np
-
+        result = client.explain(args.image, aligned=bool(getattr(args, "aligned", False)),
+                                top_k=getattr(args, "top", None) or 5, methods=methods,
+                                feature_maps=True, filters=_filters(args))
     for e in result.explanations:
-        stem = f"match_{e.hit.rank:02d}"
+        doc = explained_json(e)
+        doc["methods"] = {}
         for method in e.methods:
-            for side in ("query", "gallery"):
-                np.save(out / f"{stem}_{method}_{side}.npy", e.map(method, side).aligned)
+            q, g = e.map(method, "query"), e.map(method, "gallery")
+            q_map = q.feature if q.feature is not None else q.aligned
+            g_map = g.feature if g.feature is not None else g.aligned
+            stem = f"match{e.hit.rank:02d}_{method}"
+            files = {"query_map": out / f"{stem}_query.npy",
+                     "gallery_map": out / f"{stem}_gallery.npy"}
+            np.save(files["query_map"], q_map)
+            np.save(files["gallery_map"], g_map)
             try:
-                e.save_overlay(out / f"{stem}_{method}.png", method)
+                files["pair"] = e.save_overlay(out / f"{stem}_pair.png", method, "both")
+                files["gallery_overlay"] = e.save_overlay(out / f"{stem}_gallery.png", method,
+                                                          "gallery")
+                if e.query_photo is not None:
+                    files["query_photo"] = e.save_overlay(out / f"{stem}_query_photo.png",
+                                                          method, "query", coords="photo")
             except ImportError:
-                pass  # Pillow absent: maps are saved, overlays are not
-        line = explained_json(e)
+                pass  # without Pillow the maps are saved, the overlays are not
+            doc["methods"][method] = {"query_sum": float(q_map.sum()),
+                                      "gallery_sum": float(g_map.sum()),
+                                      "files": {k: str(v) for k, v in files.items()}}
         if getattr(args, "json", False):
-            print(json.dumps(line))
+            print(json.dumps(doc, ensure_ascii=False))
         else:
-            print(f"{line['rank']:>3}  {line['cosine']:+.4f}  {line['syndrome_id']:<20} "
-                  f"residual {line['residual']:+.2e}  -> {out / stem}_*")
+            print(f"#{e.hit.rank}  cosine {e.hit.cosine:+.4f}  residual {e.residual:+.1e}  "
+                  f"{e.hit.syndrome_id}  -> {out}/match{e.hit.rank:02d}_*")
     return 0
 
 

@@ -283,3 +283,23 @@ def test_cli_match_and_gallery_go_through_the_server(server, photo_paths, galler
     assert doc["syndromes"][0]["nearest_image_id"] == "person_b_1.jpg"
     assert main(["gallery", "stats", *remote]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == len(GALLERY_PHOTOS)
+
+
+def test_remote_explain_writes_maps_and_overlays(server, photo_paths, gallery_ids, tmp_path,
+                                                 capsys):
+    import argparse
+    import json
+
+    from server.remote import remote_explain
+    from tests.service.conftest import READ_TOKEN
+
+    args = argparse.Namespace(server=server.address, token=READ_TOKEN, image=photo_paths[
+        "person_a_2.jpg"], top=2, methods=["similarity"], out=tmp_path, json=True,
+        aligned=False, timeout=120.0)
+    assert remote_explain(args) == 0
+    docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["rank"] for d in docs] == [1, 2] and docs[0]["syndrome_id"] == "person_a"
+    files = docs[0]["methods"]["similarity"]["files"]
+    assert np.load(files["query_map"]).shape == (7, 7)
+    for key in ("pair", "gallery_overlay", "query_photo"):
+        assert files[key].endswith(".png") and (tmp_path / files[key].split("/")[-1]).exists()
