@@ -43,6 +43,7 @@ class DeadlineExceeded(ServiceError):
 class Cancelled(ServiceError):
     """The caller went away (cancelled the call or disconnected)."""
 
+
 # Ordered most specific first; the first isinstance match wins.
 STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
