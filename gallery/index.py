@@ -23,9 +23,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# faiss-cpu keeps batched queries off BLAS below this many queries (default 20; DESIGN.md §4):
-# every batch goes to BLAS, a single query keeps FAISS's own SIMD loop.
-faiss.cvar.distance_compute_blas_threshold = 2
+# faiss-cpu keeps queries off BLAS below this many (default 20; DESIGN.md §4). At 1M records
+# one query through BLAS took half the time of FAISS's own loop (bench_gallery), so always BLAS.
+faiss.cvar.distance_compute_blas_threshold = 1
 
 EXACT = "Flat"
 # FAISS's own defaults (nprobe 1, efSearch 16) trade too much recall away for a clinical ranking.
