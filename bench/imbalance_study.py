@@ -225,7 +225,7 @@ def make_pool(per_source: int, classes: tuple[str, ...], seed: int, cache: Path)
 
 
 def run(out: Path, *, seed: int, per_source: int, folds: int, accuracy_folds: int,
-        study_folds: int, pool: int, rotations: int, epochs: int, patience: int,
+        study_folds: int, pool: int, rotations: int, epochs: int, patience: int, lr: float,
         deletion_per_class: int, deletion_steps: int, classes: tuple[str, ...]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -235,49 +235,55 @@ def run(out: Path, *, seed: int, per_source: int, folds: int, accuracy_folds: in
     rows: list[ClassRow] = []
     heads = []
     configs = study_configs(classes, pool, rotations, seed)
-    for fold in range(max(accuracy_folds, study_folds)):
+    balanced = [c for c in configs if c.family == "balanced"]
+    others = [c for c in configs if c.family != "balanced"]
+    n_folds = max(accuracy_folds, study_folds)
+    # Balanced heads of the first two folds first, so the frozen-vs-fine-tuned comparison
+    # exists early; results are rewritten after every head.
+    plan = [(f, c) for f in range(min(2, n_folds)) for c in balanced]
+    plan += [(f, c) for f in range(study_folds) for c in others]
+    plan += [(f, c) for f in range(2, n_folds) for c in balanced]
+    report: dict = {}
+    for fold, cfg in plan:
         test_subj = subject_groups[fold]
         val_subj = subject_groups[(fold + 1) % folds]
         train_subj = [s for g in subject_groups for s in g if s not in test_subj + val_subj]
         synth.assert_subject_disjoint({"train": train_subj, "val": val_subj, "test": test_subj})
-        for cfg in configs:
-            if fold >= study_folds and cfg.family != "balanced":
-                continue
-            t = time.time()
-            tr, tr_faces = _take(feats, faces, train_subj, cfg.class_sizes)
-            everything = {c: len(feats) for c in cfg.class_sizes}
-            va, _ = _take(feats, faces, val_subj, everything)
-            te, te_faces = _take(feats, faces, test_subj, everything)
-            result = train_head(
-                sface, tr, va,
-                TrainConfig(max_epochs=epochs, patience=patience, seed=seed + fold),
-                class_names=sorted(cfg.class_sizes))
-            train_s = time.time() - t
-            for label, model in (("frozen", sface), ("finetuned", result.model)):
-                rows += [replace(r, fold=fold) for r in evaluate_model(
-                    model, label, cfg, tr, tr_faces, te, te_faces, deletion_per_class,
-                    deletion_steps)]
-            heads.append({"config": cfg.name, "fold": fold, "family": cfg.family,
-                          "class_sizes": cfg.class_sizes, "train_images": len(tr),
-                          "test_images": len(te), "best_epoch": result.best_epoch,
-                          "selection": result.selection_metric,
-                          "epochs_run": len(result.history) - 1,
-                          "train_seconds": round(train_s, 1),
-                          "eval_seconds": round(time.time() - t - train_s, 1)})
-            print(f"fold {fold} {cfg.name}: trained in {train_s:.0f}s (best epoch "
-                  f"{result.best_epoch}), evaluated in {time.time() - t - train_s:.0f}s", flush=True)
-    report = {
-        "seed": seed, "per_source": per_source, "pool": pool, "folds": folds,
-        "classes": list(classes),
-        "fold_subjects": [list(g) for g in subject_groups],
-        "images": len(feats), "subjects": len(set(feats.subjects)),
-        "mask_area_fraction": _mask_area(faces),
-        "prep_seconds": round(prep_s, 1), "heads": heads,
-        "rows": [asdict(r) for r in rows],
-    }
-    (out / "imbalance.json").write_text(json.dumps(report, indent=2))
-    (out / "imbalance.md").write_text(markdown(report))
-    plot(report, out)
+        t = time.time()
+        tr, tr_faces = _take(feats, faces, train_subj, cfg.class_sizes)
+        everything = {c: len(feats) for c in cfg.class_sizes}
+        va, _ = _take(feats, faces, val_subj, everything)
+        te, te_faces = _take(feats, faces, test_subj, everything)
+        result = train_head(
+            sface, tr, va,
+            TrainConfig(lr=lr, max_epochs=epochs, patience=patience, seed=seed + fold),
+            class_names=sorted(cfg.class_sizes))
+        train_s = time.time() - t
+        for label, model in (("frozen", sface), ("finetuned", result.model)):
+            rows += [replace(r, fold=fold) for r in evaluate_model(
+                model, label, cfg, tr, tr_faces, te, te_faces, deletion_per_class,
+                deletion_steps)]
+        heads.append({"config": cfg.name, "fold": fold, "family": cfg.family,
+                      "class_sizes": cfg.class_sizes, "train_images": len(tr),
+                      "test_images": len(te), "best_epoch": result.best_epoch,
+                      "selection": result.selection_metric,
+                      "epochs_run": len(result.history) - 1,
+                      "train_seconds": round(train_s, 1),
+                      "eval_seconds": round(time.time() - t - train_s, 1)})
+        print(f"fold {fold} {cfg.name}: trained in {train_s:.0f}s (best epoch "
+              f"{result.best_epoch}), evaluated in {time.time() - t - train_s:.0f}s", flush=True)
+        report = {
+            "seed": seed, "per_source": per_source, "pool": pool, "folds": folds, "lr": lr,
+            "classes": list(classes),
+            "fold_subjects": [list(g) for g in subject_groups],
+            "images": len(feats), "subjects": len(set(feats.subjects)),
+            "mask_area_fraction": _mask_area(faces),
+            "prep_seconds": round(prep_s, 1), "heads": heads,
+            "rows": [asdict(r) for r in rows],
+        }
+        (out / "imbalance.json").write_text(json.dumps(report, indent=2))
+        (out / "imbalance.md").write_text(markdown(report))
+        plot(report, out)
     example_figure(faces, out / "syndromes.png")
     return report
 
@@ -390,6 +396,8 @@ def plot(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["rows"] if r["family"] == "imbalanced"]
+    if not rows:
+        return
     metrics = (("top1", "macro top-1"), ("contrast_iou", "contrast-map IOU"),
                ("sim_iou", "similarity-map IOU"), ("cam_pointing", "Grad-CAM pointing game"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4))
@@ -442,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rotations", type=int, default=3, help="imbalanced heads (ladder rotations)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--patience", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=1e-5, help="learning rate of the head")
     parser.add_argument("--deletion-per-class", type=int, default=1)
     parser.add_argument("--deletion-steps", type=int, default=10)
     parser.add_argument("--classes", default=",".join(synth.SYNDROMES))
@@ -454,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         accuracy_folds=args.accuracy_folds or (1 if quick else args.folds),
         study_folds=args.study_folds, pool=args.pool or (per_source * 7),
         rotations=1 if quick else args.rotations, epochs=3 if quick else args.epochs,
-        patience=args.patience, deletion_per_class=1 if quick else args.deletion_per_class,
+        patience=args.patience, lr=args.lr, deletion_per_class=1 if quick else args.deletion_per_class,
         deletion_steps=4 if quick else args.deletion_steps,
         classes=tuple(c.strip() for c in args.classes.split(",")),
     )
