@@ -161,3 +161,44 @@ def test_phenolens_evaluate_accuracy_writes_json_markdown_and_rejects_leakage(tm
         )
         == 2
     )
+
+
+def test_phenolens_evaluate_accuracy_reads_embeddings_from_a_real_gallery(tmp_path):
+    from gallery import Entry, Gallery
+    from server.cli import main
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(2, 8))
+    labels = ["A", "B", "A", "B", "A", "B"]
+    with Gallery.open(tmp_path / "g.sqlite", encoder_id="test@1", view_scheme="test:orig") as g:
+        g.add_many(
+            Entry(f"i{i}", f"s{i}", lab, lab, [centres[int(lab == "B")] + 0.1 * rng.normal(size=8)])
+            for i, lab in enumerate(labels)
+        )
+    (tmp_path / "gallery.csv").write_text("image_id,subject,label\ni0,s0,A\ni1,s1,B\n")
+    # i5 is labelled A in the split (the split's label wins), but it looks like B.
+    (tmp_path / "test.csv").write_text(
+        "image_id,subject,label\ni2,s2,A\ni3,s3,B\ni4,s4,A\ni5,s5,A\n"
+    )
+    out = tmp_path / "out"
+    code = main(
+        [
+            "evaluate",
+            "accuracy",
+            "--gallery",
+            str(tmp_path / "g.sqlite"),
+            "--gallery-split",
+            str(tmp_path / "gallery.csv"),
+            "--test-split",
+            str(tmp_path / "test.csv"),
+            "--ks",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    result = json.loads((out / "accuracy.json").read_text())["result"]
+    # A: 2 of 3 right, B: 1 of 1 -> macro (2/3 + 1) / 2, micro 3/4.
+    assert result["macro"]["1"] == pytest.approx((2 / 3 + 1) / 2)
+    assert result["micro"]["1"] == pytest.approx(3 / 4)
