@@ -62,3 +62,44 @@ def test_unparseable_output_is_reported_not_raised(tmp_path):
     )
     outcome, rows = run_all.run_bench(bench, False, tmp_path, timeout=60)
     assert outcome.status in ("failed", "unparsed") and rows == []
+
+
+def test_pipeline_and_encoder_json_give_ratios():
+    pipeline = json.dumps(
+        {
+            "threads": 2,
+            "rows": [
+                {
+                    "photo": "a.jpg",
+                    "decode_ms": 5.0,
+                    "detect_ms": 100.0,
+                    "detect_cpu_ms": 150.0,
+                    "align_ms": 1.0,
+                    "warp_back_ms": 0.5,
+                },
+                {
+                    "photo": "b.jpg",
+                    "decode_ms": 15.0,
+                    "detect_ms": 300.0,
+                    "detect_cpu_ms": 350.0,
+                    "align_ms": 3.0,
+                    "warp_back_ms": 0.5,
+                },
+            ],
+        }
+    )
+    detect_vs_align, decode_vs_detect = run_all.parse_pipeline(pipeline, "")
+    assert detect_vs_align.value == pytest.approx(100.0)
+    assert decode_vs_detect.value == pytest.approx(10.0 / 200.0)
+    encoder = json.dumps(
+        {
+            "view_scheme": "sface:orig",
+            "threads": 2,
+            "cosine": {},
+            "timings": {"a.jpg": {"embed_ms": 40.0, "detect_ms": 200.0}},
+            "embed_per_image_batch8_ms": 10.0,
+        }
+    )
+    batching, detect_vs_embed = run_all.parse_encoder(encoder, "")
+    assert batching.value == pytest.approx(4.0)
+    assert detect_vs_embed.value == pytest.approx(5.0)
