@@ -70,6 +70,7 @@ print('torch', v, 'cuda', cuda); sys.exit(0 if ok else 'wrong torch build for va
 
 # ---------------------------------------------------------------------------
 FROM deps AS app
+ARG PIP_CA_BUNDLE=
 
 # encoder.assets keeps its data/ next to the encoder package: /opt/phenolens/lib/data.
 # The assets depend only on encoder/assets.py, so they are fetched before the rest

@@ -7,7 +7,7 @@ writer) owns it. Read replicas serve a snapshot instead:
 ``publish GALLERY SNAPSHOTS [--keep N]``
     Copies the live gallery with SQLite's online backup (consistent while the
     writer keeps writing) into ``SNAPSHOTS/<UTC time>-v<version>/`` together
-    with its FAISS sidecar, then repoints ``SNAPSHOTS/current`` atomically and
+    with its FAISS sidecar files, then repoints ``SNAPSHOTS/current`` atomically and
     keeps the newest N snapshots.
 ``restore SNAPSHOTS TARGET``
     Copies ``SNAPSHOTS/current`` to TARGET (the replica's private gallery path)
@@ -29,12 +29,17 @@ import time
 from pathlib import Path
 
 CURRENT = "current"
-SIDE_CAR = ".faiss"  # gallery.sqlite -> gallery.sqlite.faiss (gallery.store)
+SIDE_CAR = ".faiss"  # gallery.sqlite -> gallery.sqlite.faiss, .faiss.json (gallery.index)
 DB_NAME = "gallery.sqlite"
 
 
 class SnapshotError(RuntimeError):
     """A snapshot cannot be published or restored (says what is missing)."""
+
+
+def _sidecars(db: Path) -> list[Path]:
+    """The derived FAISS index files beside ``db`` (gallery.sqlite.faiss, .faiss.json, ...)."""
+    return sorted(p for p in db.parent.glob(db.name + SIDE_CAR + "*") if p.is_file())
 
 
 def _version(db: Path) -> str:
@@ -66,9 +71,8 @@ def publish(gallery: Path, snapshots: Path, keep: int = 3) -> Path:
         finally:
             dst.close()
             src.close()
-        sidecar = gallery.with_name(gallery.name + SIDE_CAR)
-        if sidecar.is_file():
-            shutil.copy2(sidecar, staging / (DB_NAME + SIDE_CAR))
+        for sidecar in _sidecars(gallery):
+            shutil.copy2(sidecar, staging / (DB_NAME + sidecar.name[len(gallery.name):]))
         final = snapshots / f"{stamp}-v{_version(staging / DB_NAME)}"
         staging.rename(final)
     except BaseException:
@@ -100,12 +104,10 @@ def restore(snapshots: Path, target: Path) -> Path:
     tmp.replace(target)
     for stale in (target.with_name(target.name + "-wal"), target.with_name(target.name + "-shm")):
         stale.unlink(missing_ok=True)
-    sidecar = source / (DB_NAME + SIDE_CAR)
-    target_sidecar = target.with_name(target.name + SIDE_CAR)
-    if sidecar.is_file():
-        shutil.copyfile(sidecar, target_sidecar)
-    else:
-        target_sidecar.unlink(missing_ok=True)
+    for stale in _sidecars(target):
+        stale.unlink()
+    for sidecar in _sidecars(source / DB_NAME):
+        shutil.copyfile(sidecar, target.with_name(target.name + sidecar.name[len(DB_NAME):]))
     return source
 
 

@@ -47,6 +47,7 @@ buildah info >/dev/null 2>&1 || skip "buildah is installed but cannot be used he
 
 WORK=$(mktemp -d /tmp/phenolens-container-test.XXXXXX)
 CONTAINER=""
+REPLICA=""
 SERVER_PID=""
 cleanup() {
     local rc=$?
@@ -56,6 +57,7 @@ cleanup() {
         kill -KILL "$SERVER_PID" 2>/dev/null || true
     fi
     [ -n "$CONTAINER" ] && buildah rm "$CONTAINER" >/dev/null 2>&1 || true
+    [ -n "$REPLICA" ] && buildah rm "$REPLICA" >/dev/null 2>&1 || true
     if [ "${KEEP_IMAGE:-1}" = 0 ]; then buildah rmi "$IMAGE" >/dev/null 2>&1 || true; fi
     if [ "$rc" != 0 ] && [ -f "$WORK/server.log" ]; then
         echo "---- server log (last 40 lines) ----" >&2
@@ -67,7 +69,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 # -- build ----------------------------------------------------------------------
-build_args=(--pull-never --isolation chroot --format docker --layers -t "$IMAGE"
+build_args=(--pull-never --isolation chroot --format docker --layers --force-rm -t "$IMAGE"
             --build-arg "REVISION=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
             --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)")
 wheels=${PHENOLENS_WHEELS:-$("$HOST_PY" -m pip config get global.find-links 2>/dev/null || true)}
@@ -91,7 +93,6 @@ if ! buildah bud "${build_args[@]}" . >"$WORK/build.log" 2>&1; then
 fi
 BUILD_S=$(elapsed "$t0" "$(now)")
 new_id=$(buildah images -q "$IMAGE")
-if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then buildah rmi "$old_id" >/dev/null 2>&1 || true; fi
 log "built in ${BUILD_S} s"
 
 # -- what the image declares ----------------------------------------------------
@@ -167,18 +168,36 @@ mkdir -p "$WORK/replica"
 chown 10001:10001 "$WORK/replica"
 buildah run --isolation chroot -v "$WORK/volume:/var/lib/phenolens" "$CONTAINER" -- \
     phenolens-snapshot publish /var/lib/phenolens/gallery.sqlite /var/lib/phenolens/snapshots
-buildah run --isolation chroot -v "$WORK/volume/snapshots:/snapshots:ro" \
-    -v "$WORK/replica:/var/lib/phenolens" "$CONTAINER" -- \
+# the replica is its own container (with buildah, mounts of a running container's
+# volume path leak into later runs of the same container; a second -v onto an image
+# VOLUME path must also come first)
+REPLICA=$(buildah from --pull-never --name "phenolens-ct-replica-$$" "$IMAGE")
+buildah run --isolation chroot -v "$WORK/replica:/var/lib/phenolens" \
+    -v "$WORK/volume/snapshots:/snapshots:ro" "$REPLICA" -- \
     phenolens-snapshot restore /snapshots /var/lib/phenolens/gallery.sqlite
-live=$("$HOST_PY" -c 'import sqlite3, sys; print(sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True).execute("SELECT COUNT(*) FROM records").fetchone()[0])' "$WORK/volume/gallery.sqlite")
-copy=$("$HOST_PY" -c 'import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("SELECT COUNT(*) FROM records").fetchone()[0])' "$WORK/replica/gallery.sqlite")
+buildah rm "$REPLICA" >/dev/null
+REPLICA=""
+count='import sqlite3, sys; print(sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True).execute("SELECT COUNT(*) FROM records").fetchone()[0])'
+ls -la "$WORK/volume" "$WORK/replica"
+live=$("$HOST_PY" -c "$count" "$WORK/volume/gallery.sqlite") \
+    || { echo "container-test: FAILED: cannot read the live gallery" >&2; exit 1; }
+copy=$("$HOST_PY" -c "$count" "$WORK/replica/gallery.sqlite") \
+    || { echo "container-test: FAILED: cannot read the restored snapshot" >&2; exit 1; }
 [ "$live" = "$copy" ] && [ "$copy" -gt 0 ] \
     || { echo "container-test: FAILED: snapshot holds $copy records, live gallery $live" >&2; exit 1; }
 log "snapshot published and restored: $copy records"
 
 # -- graceful stop ---------------------------------------------------------------
+# SIGTERM goes to the server process itself, as `docker stop` sends it to PID 1
+# (`buildah run` does not forward it; it kills its child).
+descendants() { local p; for p in $(pgrep -P "$1"); do echo "$p"; descendants "$p"; done; }
+server_proc=""
+for p in $(descendants "$SERVER_PID"); do
+    case "$(cat "/proc/$p/comm" 2>/dev/null)" in phenolens|python*) server_proc=$p ;; esac
+done
+[ -n "$server_proc" ] || { echo "container-test: FAILED: no server process under $SERVER_PID" >&2; exit 1; }
 t0=$(now)
-kill -TERM "$SERVER_PID"
+kill -TERM "$server_proc"
 for _ in $(seq 1 60); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
 if kill -0 "$SERVER_PID" 2>/dev/null; then
     echo "container-test: FAILED: the server did not stop within 30 s of SIGTERM" >&2
@@ -186,12 +205,20 @@ if kill -0 "$SERVER_PID" 2>/dev/null; then
 fi
 wait "$SERVER_PID" 2>/dev/null && stop_rc=0 || stop_rc=$?
 SERVER_PID=""
-log "stopped in $(elapsed "$t0" "$(now)") s (exit status $stop_rc)"
+STOP_S=$(elapsed "$t0" "$(now)")
+if [ "$stop_rc" != 0 ] || ! grep -q '"msg": "stopped"' "$WORK/server.log"; then
+    tail -5 "$WORK/server.log" >&2
+    echo "container-test: FAILED: no graceful stop on SIGTERM (exit status $stop_rc)" >&2
+    exit 1
+fi
+log "stopped gracefully in ${STOP_S} s"
 buildah rm "$CONTAINER" >/dev/null
 CONTAINER=""
 
+# the image this build replaced (its layers stay cached for the next build)
+if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then buildah rmi "$old_id" >/dev/null 2>&1 || true; fi
 SIZE=$(buildah images --format '{{.Size}}' "$IMAGE" | head -1)
 echo
 echo "container-test: PASSED"
 printf '  %-22s %s\n' image "$IMAGE" "image size" "$SIZE" "build time" "${BUILD_S} s" \
-    "start -> SERVING" "${SERVING_S} s"
+    "start -> SERVING" "${SERVING_S} s" "SIGTERM -> stopped" "${STOP_S} s"

@@ -315,6 +315,23 @@ def test_published_snapshot_restores_to_a_gallery_a_replica_can_search(tmp_path)
         replica.close()
 
 
+def test_restored_snapshot_brings_its_faiss_index_and_needs_no_rebuild(tmp_path, caplog):
+    from gallery import Gallery
+
+    live = _gallery_with(tmp_path / "writer" / "gallery.sqlite", ["a", "b"])
+    live.close()  # the index sidecar is saved at the gallery's version
+    sidecars = sorted(p.name for p in live.path.parent.glob("gallery.sqlite.faiss*"))
+    assert sidecars
+    snapshot.publish(live.path, tmp_path / "snapshots")
+    target = tmp_path / "replica" / "gallery.sqlite"
+    snapshot.restore(tmp_path / "snapshots", target)
+    assert sorted(p.name for p in target.parent.glob("gallery.sqlite.faiss*")) == sidecars
+    caplog.set_level("INFO", logger="gallery")
+    replica = Gallery.open(target, encoder_id="test-encoder", view_scheme="test:orig")
+    replica.close()
+    assert not [r for r in caplog.records if "rebuilding" in r.getMessage()]
+
+
 def test_snapshot_is_a_single_file_without_a_write_ahead_log(tmp_path):
     live = _gallery_with(tmp_path / "gallery.sqlite", ["a"])
     published = snapshot.publish(live.path, tmp_path / "snapshots")
