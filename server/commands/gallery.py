@@ -13,7 +13,7 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,20 +145,18 @@ class PipelineEmbedder:
         from encoder.pipeline import FacePipeline
         from encoder.registry import shared_encoder
 
-        enc = config.encoder
-        name = getattr(args, "encoder", None) or enc.name
-        flip = enc.flip if getattr(args, "flip", None) is None else args.flip
-        scheme_id = getattr(args, "view_scheme", None) or (
-            enc.view_scheme if not getattr(args, "encoder", None) and getattr(args, "flip", None) is None
-            else "")
-        if not scheme_id:
-            views = [f"{name}:orig"] + ([f"{name}:flip"] if flip else [])
-            if enc.gray:
-                views += [f"{name}:gray"] + ([f"{name}:flip+gray"] if flip else [])
-            scheme_id = ",".join(views)
-        scheme = ev.ViewScheme.parse(scheme_id)
+        overrides: dict[str, Any] = {}
+        if getattr(args, "encoder", None):
+            overrides.update(name=args.encoder, view_scheme="")
+        if getattr(args, "flip", None) is not None:
+            overrides.update(flip=args.flip, view_scheme="")
+        if getattr(args, "view_scheme", None):
+            overrides["view_scheme"] = args.view_scheme
+        enc = replace(config.encoder, **overrides)
+        name = enc.name
+        scheme = ev.ViewScheme.parse(enc.scheme_id())
         names = list(dict.fromkeys(v.encoder for v in scheme.views))
-        weights = getattr(args, "weights", None) or (enc.weights if name == enc.name else None)
+        weights = getattr(args, "weights", None) or enc.weights
         encoders = {n: shared_encoder(n, weights if n == name else None, "cpu") for n in names}
         self.ensemble = ev.Ensemble(encoders, scheme)
         self.view_scheme = scheme.id
