@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 5, 10, 20])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--peer-reps", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: a server runs requests side by side)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     run(args.encoders, args.ks, args.reps, args.peer_reps)
     return 0
 
