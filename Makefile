@@ -1,5 +1,8 @@
 # PhenoLens: `make demo` and `make test` work from a fresh clone.
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# pip warns once per package about this machine's partial local mirrors; hide only that line.
+QUIET_PIP := sed '/WARNING: Location .* is ignored/d'
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,11 +18,11 @@ $(SETUP_STAMP): requirements.txt requirements-nodeps.txt pyproject.toml client/p
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# The CPU torch wheel first, from the local wheel directory: everything after
 	# sees torch==2.13.0 already satisfied and never reaches for a CUDA build.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-deps -r requirements-nodeps.txt
-	$(PIP) install -q --no-deps -e ./client
-	$(PIP) install -q --no-deps -e .
+	$(PIP) install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
+	$(PIP) install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt 2>&1 | $(QUIET_PIP)
+	$(PIP) install -q --no-deps -e ./client 2>&1 | $(QUIET_PIP)
+	$(PIP) install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') and torch.version.cuda is None else 'wrong torch: ' + v)"
 	touch $@
 
