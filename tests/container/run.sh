@@ -178,11 +178,10 @@ buildah run --isolation chroot -v "$WORK/replica:/var/lib/phenolens" \
 buildah rm "$REPLICA" >/dev/null
 REPLICA=""
 count='import sqlite3, sys; print(sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True).execute("SELECT COUNT(*) FROM records").fetchone()[0])'
-ls -la "$WORK/volume" "$WORK/replica"
 live=$("$HOST_PY" -c "$count" "$WORK/volume/gallery.sqlite") \
-    || { echo "container-test: FAILED: cannot read the live gallery" >&2; exit 1; }
+    || { ls -la "$WORK/volume" >&2; echo "container-test: FAILED: cannot read the live gallery" >&2; exit 1; }
 copy=$("$HOST_PY" -c "$count" "$WORK/replica/gallery.sqlite") \
-    || { echo "container-test: FAILED: cannot read the restored snapshot" >&2; exit 1; }
+    || { ls -la "$WORK/replica" >&2; echo "container-test: FAILED: cannot read the restored snapshot" >&2; exit 1; }
 [ "$live" = "$copy" ] && [ "$copy" -gt 0 ] \
     || { echo "container-test: FAILED: snapshot holds $copy records, live gallery $live" >&2; exit 1; }
 log "snapshot published and restored: $copy records"
