@@ -55,16 +55,17 @@ RUN set -eu; \
     if [ -n "$index" ]; then src="--extra-index-url $index"; fi; \
     if [ -n "$TORCH_FIND_LINKS" ]; then src="$src --find-links $TORCH_FIND_LINKS"; fi; \
     pip install -q $src "torch==$TORCH_VERSION"; \
-    python -W ignore -c "import sys, torch; \
+    check_torch="import sys, torch; \
 v, cuda = torch.__version__, torch.version.cuda; \
 ok = v.split('+')[0] == '$TORCH_VERSION' and ((cuda is None) == ('$TORCH_VARIANT' == 'cpu')); \
 print('torch', v, 'cuda', cuda); sys.exit(0 if ok else 'wrong torch build for variant $TORCH_VARIANT')"; \
+    python -W ignore -c "$check_torch"; \
     drop=$(printf '%s\n' $DEV_ONLY | sed 's/.*/^&==/' | paste -sd'|'); \
     grep -Ev "$drop" requirements.txt > /tmp/requirements.txt; \
     grep -Ev "$drop" requirements-nodeps.txt > /tmp/requirements-nodeps.txt; \
     pip install -q -r /tmp/requirements.txt; \
     pip install -q --no-deps -r /tmp/requirements-nodeps.txt; \
-    python -W ignore -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 'torch changed')"; \
+    python -W ignore -c "$check_torch"; \
     echo /opt/phenolens/lib > /opt/venv/lib/python3.11/site-packages/phenolens-app.pth; \
     ln -s /opt/phenolens/lib/bin/phenolens /opt/venv/bin/phenolens
 

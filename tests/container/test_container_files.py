@@ -105,8 +105,11 @@ def test_dockerfile_pins_torch_2_13_0_cpu_by_default():
     runs = " ".join(rest for word, rest in _instructions() if word == "RUN")
     assert "download.pytorch.org/whl/$TORCH_VARIANT" in runs
     assert '"torch==$TORCH_VERSION"' in runs
-    # the torch check runs before and after the other requirements are installed
-    assert runs.count("torch.__version__") >= 2
+    # the torch check (version and CPU/CUDA build) runs before and after the other requirements
+    assert "torch.version.cuda" in runs
+    assert runs.count('python -W ignore -c "$check_torch"') == 2
+    assert runs.index('"$check_torch"') < runs.index("-r /tmp/requirements.txt") < runs.rindex(
+        '"$check_torch"')
     assert "torch" not in args["DEV_ONLY"].split()
 
 
