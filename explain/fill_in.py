@@ -370,10 +370,21 @@ class FillIn:
         )
 
 
+def _stretch_fill(result: FillInResult, crop: np.ndarray, gain: float = 8.0) -> np.ndarray:
+    """Expected fill with its change from the blank value amplified ``gain`` times (display)."""
+    fill = {"gray": 127.5, "black": 0.0}.get(result.options.fill)
+    blank = crop.reshape(-1, 3).mean(0) if fill is None else np.full(3, fill)
+    out = blank + gain * (result.expected_fill.astype(np.float32) - blank)
+    out = np.where(result.coverage[..., None] > 0, out, crop)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
 def fill_in_figure(crop: np.ndarray, result: FillInResult, *, label: str = "",
                    path: str | None = None) -> bytes:
-    """PNG: the crop, the expected-gradient magnitude, the thresholded update (red: brighter,
-    blue: darker), the crop plus update, the expected fill, and one masked/filled pair."""
+    """PNG: the crop, the expected-gradient magnitude (scaled to its 99th percentile), the
+    thresholded update stretched to full range on mid-gray, the crop plus update (with the
+    target similarity before and after), the expected fill and one masked/filled-in pair,
+    changes amplified ×8 for display only (titles say so; the arrays are unscaled)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -381,15 +392,24 @@ def fill_in_figure(crop: np.ndarray, result: FillInResult, *, label: str = "",
 
     from explain.render import overlay
 
-    shade = result.update.sum(-1)
+    def amplified(base: np.ndarray, changed: np.ndarray, gain: float) -> np.ndarray:
+        delta = changed.astype(np.float32) - base.astype(np.float32)
+        return np.clip(base.astype(np.float32) + gain * delta, 0, 255).astype(np.uint8)
+
+    covered = result.magnitude[result.coverage > 0]
+    limit = float(np.quantile(covered, 0.99)) if covered.size and covered.max() > 0 else 1.0
+    gain = 127.5 / max(float(np.abs(result.update).max()), 1e-6)
+    update_rgb = np.clip(127.5 + gain * result.update, 0, 255).astype(np.uint8)
+    fill_gain = 8.0
     panels = [
         (crop, "face"),
-        (overlay(crop, result.magnitude * (result.magnitude > 0)), "|E grad| in blanks"),
-        (overlay(crop, shade), "thresholded update"),
+        (overlay(crop, result.magnitude, limit=limit), "|E grad| in blanks"),
+        (update_rgb, "thresholded update (stretched)"),
         (result.filled, f"face + update ({result.score:.3f}→{result.score_updated:.3f})"),
-        (result.expected_fill, "expected fill"),
+        (_stretch_fill(result, crop, fill_gain), "expected fill (change ×8)"),
         (result.example_masked, "one mask"),
-        (result.example_filled, "filled in"),
+        (amplified(result.example_masked, result.example_filled, fill_gain),
+         "filled in (change ×8)"),
     ]
     fig = Figure(figsize=(2.1 * len(panels), 2.7), dpi=110)
     FigureCanvasAgg(fig)
