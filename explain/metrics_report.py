@@ -263,10 +263,20 @@ def sanity_markdown(result: SanityResult, threshold: float = SANITY_PASS_SPEARMA
         f"Spearman rank correlation of the signed query maps with the original model's, "
         f"mean over pairs, after randomising the top N of {full} units "
         f"({', '.join(result.units[:4])}, …, {result.units[-1]}); N = 0 is an untouched deep copy. "
-        f"Pass: |Spearman| after full randomisation < {threshold}.",
+        f"Pass (full): |Spearman| after full randomisation < {threshold}; pass (every "
+        f"stage): < {threshold} at every randomised stage shown (the map must already change "
+        "when only the top units are random).",
         "",
     ]
-    header = ["method", *[f"N={n}" for n in stages], "|map| ρ full", "SSIM full", "pass"]
+    strict = result.passed(threshold, every_stage=True)
+    header = [
+        "method",
+        *[f"N={n}" for n in stages],
+        "|map| ρ full",
+        "SSIM full",
+        "pass (full)",
+        "pass (every stage)",
+    ]
     rows = []
     for m in methods:
         row = [m] + [_fmt(by[(m, n)].spearman) if (m, n) in by else "–" for n in stages]
@@ -275,6 +285,7 @@ def sanity_markdown(result: SanityResult, threshold: float = SANITY_PASS_SPEARMA
             _fmt(last.spearman_abs) if last else "–",
             _fmt(last.ssim) if last else "–",
             ("yes" if passed.get(m) else "no") if m in passed else "–",
+            ("yes" if strict.get(m) else "no") if m in strict else "–",
         ]
         rows.append(row)
     parts.append(_table(header, rows))

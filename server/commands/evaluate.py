@@ -259,7 +259,7 @@ def _sanity(args, encoder, pairs, methods, options, out: Path) -> tuple[str, dic
     result = E.SanityResult(tuple(steps), tuple(units), tuple(labels), errors)
     md = R.sanity_markdown(result)
     plot = R.plot_cascade(result, out)
-    passed = result.passed()
+    passed = {"full": result.passed(), "every_stage": result.passed(every_stage=True)}
     R.write_report(
         out,
         "sanity",
