@@ -341,7 +341,7 @@ def plot_cascade(result: SanityResult, out_dir: Path) -> Path:
     ax.axhline(SANITY_PASS_SPEARMAN, color="black", ls="--", lw=1)
     ax.set_xlabel("units randomised, top-down")
     ax.set_ylabel("Spearman with the original map")
-    ax.set_ylim(-0.3, 1.05)
+    ax.set_ylim(-0.6, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
