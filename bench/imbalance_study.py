@@ -226,6 +226,7 @@ def make_pool(per_source: int, classes: tuple[str, ...], seed: int, cache: Path)
 
 def run(out: Path, *, seed: int, per_source: int, folds: int, accuracy_folds: int,
         study_folds: int, pool: int, rotations: int, epochs: int, patience: int, lr: float,
+        only: str = "all",
         deletion_per_class: int, deletion_steps: int, classes: tuple[str, ...]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -243,6 +244,8 @@ def run(out: Path, *, seed: int, per_source: int, folds: int, accuracy_folds: in
     plan = [(f, c) for f in range(min(2, n_folds)) for c in balanced]
     plan += [(f, c) for f in range(study_folds) for c in others]
     plan += [(f, c) for f in range(2, n_folds) for c in balanced]
+    if only != "all":
+        plan = [(f, c) for f, c in plan if (c.family == "balanced") == (only == "balanced")]
     report: dict = {}
     for fold, cfg in plan:
         test_subj = subject_groups[fold]
@@ -451,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--patience", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate of the head")
+    parser.add_argument("--only", choices=["all", "balanced", "others"], default="all",
+                        help="run only the balanced heads (all folds) or only the others")
     parser.add_argument("--deletion-per-class", type=int, default=1)
     parser.add_argument("--deletion-steps", type=int, default=10)
     parser.add_argument("--classes", default=",".join(synth.SYNDROMES))
@@ -463,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         accuracy_folds=args.accuracy_folds or (1 if quick else args.folds),
         study_folds=args.study_folds, pool=args.pool or (per_source * 7),
         rotations=1 if quick else args.rotations, epochs=3 if quick else args.epochs,
-        patience=args.patience, lr=args.lr, deletion_per_class=1 if quick else args.deletion_per_class,
+        patience=args.patience, lr=args.lr, only=args.only, deletion_per_class=1 if quick else args.deletion_per_class,
         deletion_steps=4 if quick else args.deletion_steps,
         classes=tuple(c.strip() for c in args.classes.split(",")),
     )

@@ -7,9 +7,13 @@ faces is a few matrix products, fast on a CPU. Class-weighted cross-entropy
 split's macro top-k in GestaltMatcher's protocol (top-5, or top-1 when there
 are at most ``few_classes`` classes and top-5 would be saturated).
 
-With ``init="base"`` the head starts as an exact copy of the base encoder's
-own (affine) head, so epoch 0 *is* the frozen embedding and early stopping
-can only keep or improve on it on the validation split.
+The head starts from the base encoder's own (affine) head, so nothing it
+knew is thrown away: ``init="base"`` copies it exactly (epoch 0 *is* the frozen
+embedding); ``init="wccn"`` (default) also folds a within-class covariance
+normalisation of the training embeddings into the FC layer, a closed-form
+first step that suppresses identity and pose variation; cross-entropy training
+then continues from there and early stopping keeps the best validation epoch
+(epoch 0 included).
 """
 
 from __future__ import annotations
@@ -92,9 +96,10 @@ class TrainConfig:
     """Fine-tuning hyper-parameters. ``embedding_dim=None`` keeps the base's size."""
 
     embedding_dim: int | None = None
-    init: Literal["base", "random"] = "base"
+    init: Literal["wccn", "base", "random"] = "wccn"
+    wccn_shrinkage: float = 1.0  # ridge added to S_w, in units of its mean eigenvalue
     dropout: float = 0.2
-    lr: float = 1e-5  # the head: its weights start as the base's (~5e-3), keep steps small
+    lr: float = 5e-6  # the head: its weights start as the base's (~5e-3), keep steps small
     classifier_lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 32
@@ -151,32 +156,62 @@ def base_affine_head(base: FaceEncoder) -> tuple[torch.Tensor, torch.Tensor]:
     return jac.reshape(d, c * h * w).detach(), bias.detach().reshape(d)
 
 
-def _init_head(model: FineTunedEncoder, base: FaceEncoder, features: torch.Tensor,
-               init: str) -> None:
+def wccn_transform(embeddings: torch.Tensor, labels: Sequence[str],
+                   shrinkage: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Within-class covariance normalisation of (N, D) embeddings: (A (D, D), mean (D,)).
+
+    ``e -> A (e - mean)`` with ``A = (S_w + λ tr(S_w)/D I)^(-1/2)`` whitens the
+    variation *within* a class (here: identity, pose, colour), so cosine scores
+    weigh what differs *between* classes (Hatch et al., cosine scoring, 2006).
+    """
+    x = embeddings.double()
+    mean = x.mean(0)
+    lab = np.asarray(labels, dtype=object)
+    sw = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for c in sorted(set(lab.tolist())):
+        d = x[torch.from_numpy(lab == c)]
+        d = d - d.mean(0)
+        sw += d.T @ d
+    sw /= len(x)
+    ridge = shrinkage * torch.trace(sw) / sw.shape[0]
+    w, v = torch.linalg.eigh(sw + ridge * torch.eye(sw.shape[0], dtype=torch.float64))
+    a = v @ torch.diag(w.clamp_min(1e-12) ** -0.5) @ v.T
+    return a.float(), mean.float()
+
+
+def _init_head(model: FineTunedEncoder, base: FaceEncoder, train: LabelledFeatures,
+               config: TrainConfig) -> None:
     head = model.embedding
+    features = train.features
+    init = config.init
+    if init not in ("wccn", "base", "random"):
+        raise ValueError(f"init must be wccn, base or random, not {init!r}")
     with torch.no_grad():
         mean = features.mean(dim=(0, 2, 3))
         var = features.var(dim=(0, 2, 3), unbiased=False)
         head.norm.running_mean.copy_(mean)
         head.norm.running_var.copy_(var)
-        if init == "base" and model.config.embedding_dim == base.spec.embedding_dim:
-            w_base, b_base = base_affine_head(base)
-            c = features.shape[1]
-            p = features.shape[2] * features.shape[3]
-            sigma = torch.sqrt(var + head.norm.eps)
-            head.fc.weight.copy_((w_base.reshape(-1, c, p) * sigma[None, :, None]).reshape_as(w_base))
-            mu = mean[:, None].expand(c, p).reshape(-1)
-            head.fc.bias.copy_(b_base + w_base @ mu)
-            # BatchNorm1d as the identity on the training distribution.
-            z = torch.cat([head.fc(torch.flatten(head.norm(f), 1))
-                           for f in torch.split(features, 256)])
-            zm, zv = z.mean(0), z.var(0, unbiased=False)
-            head.bn.running_mean.copy_(zm)
-            head.bn.running_var.copy_(zv)
-            head.bn.weight.copy_(torch.sqrt(zv + head.bn.eps))
-            head.bn.bias.copy_(zm)
-        elif init not in ("base", "random"):
-            raise ValueError(f"init must be base or random, not {init!r}")
+        if init == "random" or model.config.embedding_dim != base.spec.embedding_dim:
+            return
+        w_base, b_base = base_affine_head(base)
+        c = features.shape[1]
+        p = features.shape[2] * features.shape[3]
+        sigma = torch.sqrt(var + head.norm.eps)
+        w = (w_base.reshape(-1, c, p) * sigma[None, :, None]).reshape_as(w_base)
+        b = b_base + w_base @ mean[:, None].expand(c, p).reshape(-1)
+        if init == "wccn":
+            emb = torch.cat([f.flatten(1) @ w_base.T + b_base for f in torch.split(features, 256)])
+            a, centre = wccn_transform(emb, train.labels, config.wccn_shrinkage)
+            w, b = a @ w, a @ (b - centre)
+        head.fc.weight.copy_(w)
+        head.fc.bias.copy_(b)
+        # BatchNorm1d as the identity on the training distribution.
+        z = torch.cat([head.fc(torch.flatten(head.norm(f), 1)) for f in torch.split(features, 256)])
+        zm, zv = z.mean(0), z.var(0, unbiased=False)
+        head.bn.running_mean.copy_(zm)
+        head.bn.running_var.copy_(zv)
+        head.bn.weight.copy_(torch.sqrt(zv + head.bn.eps))
+        head.bn.bias.copy_(zm)
 
 
 def _validation(model: FineTunedEncoder, train: LabelledFeatures, val: LabelledFeatures,
@@ -227,7 +262,7 @@ def train_head(base: FaceEncoder, train: LabelledFeatures, val: LabelledFeatures
         dropout=config.dropout,
     )
     model = FineTunedEncoder(base, head_config)
-    _init_head(model, base, train.features, config.init)
+    _init_head(model, base, train, config)
     weights = class_weights(train.labels, names, config.class_weighting)
     target = torch.tensor([index[lab] for lab in train.labels])
     metric = ("train_loss" if val is None or len(val) == 0
@@ -305,7 +340,12 @@ def matching_accuracy(encoder: FaceEncoder, gallery: LabelledFeatures, queries: 
                       ks: Sequence[int] = (1, 5)):
     """GestaltMatcher's macro top-k of ``queries`` against ``gallery`` (subject-disjoint,
     checked) with ``encoder``'s head on cached maps; an ``explain.metrics.TopKAccuracy``."""
-    from explain.metrics import assert_subject_disjoint, macro_topk, mean_view_cosine, syndrome_ranks
+    from explain.metrics import (
+        assert_subject_disjoint,
+        macro_topk,
+        mean_view_cosine,
+        syndrome_ranks,
+    )
 
     assert_subject_disjoint(gallery.subjects, queries.subjects)
     sim = mean_view_cosine(embed_features(encoder, queries.features),

@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train", help="fine-tune an embedding head on a synthetic (or any manifest) data set",
         description="GestaltMatcher-style fine-tuning: frozen backbone, trainable FC+BN "
-        "embedding head and linear classifier, class-weighted cross-entropy, Adam, early "
+        "embedding head (started from the base head with a within-class covariance "
+        "normalisation) and linear classifier, class-weighted cross-entropy, Adam, early "
         "stopping on the validation split's macro top-k. Writes a checkpoint that "
         "`--encoder finetuned --weights CKPT` loads everywhere.")
     train.add_argument("--data", type=Path, required=True, help="folder with manifest.csv (phenolens synth)")
@@ -76,10 +77,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--base", default="sface", help="frozen backbone encoder")
     train.add_argument("--base-weights", type=Path, help="weights of the base (iresnet50/100)")
     train.add_argument("--embedding-dim", type=int, help="embedding size (default: the base's)")
-    train.add_argument("--init", choices=["base", "random"], default="base")
+    train.add_argument("--init", choices=["wccn", "base", "random"], default="wccn",
+                       help="head start: base head + within-class covariance normalisation "
+                       "(wccn), the base head as is, or random")
+    train.add_argument("--wccn-shrinkage", type=float, default=1.0)
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--patience", type=int, default=8)
-    train.add_argument("--lr", type=float, default=1e-5, help="learning rate of the head")
+    train.add_argument("--lr", type=float, default=5e-6, help="learning rate of the head")
     train.add_argument("--classifier-lr", type=float, default=1e-3)
     train.add_argument("--dropout", type=float, default=0.2)
     train.add_argument("--no-class-weights", action="store_true")
@@ -190,7 +194,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}/manifest.csv has no train split")
     feats = {name: labelled_features(base, s) for name, s in sets.items() if len(s)}
     config = TrainConfig(
-        embedding_dim=args.embedding_dim, init=args.init, dropout=args.dropout, lr=args.lr,
+        embedding_dim=args.embedding_dim, init=args.init,
+        wccn_shrinkage=args.wccn_shrinkage, dropout=args.dropout, lr=args.lr,
         classifier_lr=args.classifier_lr, max_epochs=args.epochs, patience=args.patience,
         class_weighting="none" if args.no_class_weights else "balanced", seed=args.seed,
     )
