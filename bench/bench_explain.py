@@ -53,11 +53,21 @@ def _crops(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _encoder(name: str) -> FaceEncoder:
+    """sface with its real weights; iresnet50 random (GM-Arc weights are not public)."""
     if name == "iresnet50":
         from encoder.models.iresnet import iresnet
 
         torch.manual_seed(0)
-        model = iresnet("iresnet50").eval()
+        model = iresnet("iresnet50")
+        # Random N(0, 0.1) convs overflow to inf through 50 layers: calibrate the
+        # BatchNorm statistics on random crops so activations stay finite.
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+                module.momentum = None
+        with torch.no_grad():
+            model.train()(model.preprocess(np.random.default_rng(0).integers(
+                0, 255, (8, 112, 112, 3), dtype=np.uint8)))
+        model.eval()
         model.requires_grad_(False)
         return model
     from encoder.registry import create_encoder
