@@ -849,6 +849,7 @@ class CostResult:
     mean Spearman between clean and noisy-input maps."""
 
     seconds: dict[str, float]
+    cpu_seconds: dict[str, float]  # process CPU time (all threads): steadier on a shared machine
     repeat_spearman: dict[str, float]
     noise_spearman: dict[str, float]
     noise_std: float
@@ -872,18 +873,19 @@ def cost_and_consistency(
     method_options = method_options or {}
     explainer = Explainer(model)
     rng = np.random.default_rng(seed)
-    seconds, rep, noise, errors = {}, {}, {}, {}
+    seconds, cpu, rep, noise, errors = {}, {}, {}, {}, {}
     for method in methods:
         opts = method_options.get(method, {})
-        times, reps, noisy = [], [], []
+        times, cpu_times, reps, noisy = [], [], [], []
         try:
             for pair in pairs:
                 runs = []
                 for r in range(repeats):
                     seeded = {**opts, "seed": seed + r} if _takes_seed(method) else opts
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     runs.append(query_map(method, explainer, pair.query, pair.gallery, **seeded))
                     times.append(time.perf_counter() - t0)
+                    cpu_times.append(time.process_time() - c0)
                 reps += [
                     M.spearman(runs[i], runs[j])
                     for i in range(repeats)
@@ -902,9 +904,10 @@ def cost_and_consistency(
             errors[method] = f"{type(exc).__name__}: {exc}"
             continue
         seconds[method] = float(np.median(times))
+        cpu[method] = float(np.median(cpu_times))
         rep[method] = float(np.mean(reps)) if reps else 1.0
         noise[method] = float(np.mean(noisy))
-    return CostResult(seconds, rep, noise, noise_std, repeats, errors)
+    return CostResult(seconds, cpu, rep, noise, noise_std, repeats, errors)
 
 
 # ----------------------------------------------------------- matching accuracy

@@ -385,6 +385,7 @@ def cost_markdown(result: CostResult) -> str:
         [
             m,
             _fmt(result.seconds[m], 3),
+            _fmt(result.cpu_seconds[m], 3),
             _fmt(result.repeat_spearman[m]),
             _fmt(result.noise_spearman[m]),
         ]
@@ -393,11 +394,12 @@ def cost_markdown(result: CostResult) -> str:
     text = [
         "## Run time and consistency",
         "",
-        f"Median seconds per query map; mean pairwise Spearman over {result.repeats} repeats "
+        f"Median seconds per query map (wall clock, and process CPU time over all threads, "
+        f"which stays meaningful on a shared machine); mean pairwise Spearman over {result.repeats} repeats "
         f"(seeded methods get a new seed each repeat); Spearman between the map of the clean "
         f"query and of the query with Gaussian pixel noise (std {result.noise_std:g} levels).",
         "",
-        _table(["method", "s/map", "repeat ρ", "noise ρ"], rows),
+        _table(["method", "s/map (wall)", "s/map (CPU)", "repeat ρ", "noise ρ"], rows),
     ]
     if result.errors:
         text += [
