@@ -202,6 +202,23 @@ def _deletion_aucs(model, image: np.ndarray, hit_unit: np.ndarray, query_norm: f
     return (M.auc(batches[0][1], scores[:n]), M.auc(batches[1][1], scores[n:]))
 
 
+def chance_levels(faces: synth.FaceSet, grid: tuple[int, int] = (7, 7), per_class: int = 40,
+                  seed: int = 0) -> dict[str, dict[str, float]]:
+    """IOU and pointing rate of random (Gaussian) maps on the feature grid, per syndrome:
+    what a map that knows nothing about the region scores against these masks."""
+    from explain import metrics as M
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for c in sorted(set(faces.labels)):
+        idx = [i for i, lab in enumerate(faces.labels) if lab == c][:per_class]
+        scores = [M.localisation_scores(rng.standard_normal(grid), {"r": faces.masks[i]})[0]
+                  for i in idx]
+        out[c] = {"iou": float(np.mean([s.iou for s in scores])),
+                  "pointing": float(np.mean([s.pointing for s in scores]))}
+    return out
+
+
 def _mask_area(faces: synth.FaceSet) -> dict[str, float]:
     return {c: float(np.mean([faces.masks[i].mean() for i, lab in enumerate(faces.labels)
                               if lab == c])) for c in sorted(set(faces.labels))}
@@ -247,6 +264,7 @@ def run(out: Path, *, seed: int, per_source: int, folds: int, accuracy_folds: in
     if only != "all":
         plan = [(f, c) for f, c in plan if (c.family == "balanced") == (only == "balanced")]
     report: dict = {}
+    chance = chance_levels(faces)
     for fold, cfg in plan:
         test_subj = subject_groups[fold]
         val_subj = subject_groups[(fold + 1) % folds]
@@ -281,6 +299,7 @@ def run(out: Path, *, seed: int, per_source: int, folds: int, accuracy_folds: in
             "fold_subjects": [list(g) for g in subject_groups],
             "images": len(feats), "subjects": len(set(feats.subjects)),
             "mask_area_fraction": _mask_area(faces),
+            "chance": chance,
             "prep_seconds": round(prep_s, 1), "heads": heads,
             "rows": [asdict(r) for r in rows],
         }
@@ -352,9 +371,11 @@ def markdown(report: dict) -> str:
                 f"{_mean(rs, 'deletion_auc'):.3f} | {_mean(rs, 'deletion_auc_random'):.3f} |"
             )
     lines += ["", "## Per syndrome, balanced head (mean over folds)", "",
-              "| syndrome | region % of crop | model | top-1 | sim IOU | sim pointing | cam IOU | "
-              "cam pointing | contrast IOU | contrast pointing | deletion AUC | random AUC |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| syndrome | region % of crop | chance IOU / pointing | model | top-1 | sim IOU | "
+              "sim pointing | cam IOU | cam pointing | contrast IOU | contrast pointing | "
+              "deletion AUC | random AUC |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    chance = report.get("chance", {})
     area = report["mask_area_fraction"]
     for syndrome in report["classes"]:
         for model in ("frozen", "finetuned"):
@@ -362,8 +383,10 @@ def markdown(report: dict) -> str:
                   and r["model"] == model]
             if not rs:
                 continue
+            ch = chance.get(syndrome, {"iou": float("nan"), "pointing": float("nan")})
             lines.append(
-                f"| {syndrome} | {100 * area.get(syndrome, float('nan')):.1f} | {model} | "
+                f"| {syndrome} | {100 * area.get(syndrome, float('nan')):.1f} | "
+                f"{ch['iou']:.3f} / {ch['pointing']:.2f} | {model} | "
                 f"{_mean(rs, 'top1'):.3f} | {_mean(rs, 'sim_iou'):.3f} | "
                 f"{_mean(rs, 'sim_pointing'):.2f} | {_mean(rs, 'cam_iou'):.3f} | "
                 f"{_mean(rs, 'cam_pointing'):.2f} | {_mean(rs, 'contrast_iou'):.3f} | "
@@ -440,6 +463,24 @@ def example_figure(faces: synth.FaceSet, path: Path) -> None:
             (224 * len(tiles), 224), Image.NEAREST).save(path)
 
 
+def render(out: Path, merge: list[Path]) -> dict:
+    """Re-render ``out/imbalance.json`` (plus the heads and rows of other result folders,
+    e.g. the balanced heads run separately) into Markdown and plots."""
+    report = json.loads((out / "imbalance.json").read_text())
+    for other in merge:
+        extra = json.loads((other / "imbalance.json").read_text())
+        report["heads"] = extra["heads"] + report["heads"]
+        report["rows"] = extra["rows"] + report["rows"]
+    if "chance" not in report:
+        cache = sorted((out / "cache").glob("pool-*.pt"))
+        if cache:
+            report["chance"] = chance_levels(torch.load(cache[0], weights_only=False)["faces"])
+    (out / "imbalance_merged.json").write_text(json.dumps(report, indent=2))
+    (out / "imbalance.md").write_text(markdown(report))
+    plot(report, out)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.imbalance_study")
     parser.add_argument("--out", type=Path, default=Path("bench/results/imbalance"))
@@ -459,7 +500,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deletion-per-class", type=int, default=1)
     parser.add_argument("--deletion-steps", type=int, default=10)
     parser.add_argument("--classes", default=",".join(synth.SYNDROMES))
+    parser.add_argument("--render", action="store_true",
+                        help="only re-render --out's JSON (with --merge folders) to Markdown/PNG")
+    parser.add_argument("--merge", type=Path, action="append", default=[],
+                        help="result folder whose heads are merged in when rendering")
     args = parser.parse_args(argv)
+    if args.render:
+        render(args.out, args.merge)
+        print((args.out / "imbalance.md").read_text())
+        return 0
     torch.manual_seed(args.seed)
     quick = args.quick
     per_source = args.per_source or (2 if quick else 8)
