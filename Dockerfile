@@ -26,9 +26,10 @@ ARG PIP_INDEX_URL=https://pypi.org/simple
 # A CA bundle (path inside the build, e.g. from `-v /etc/ssl/certs:/host-certs:ro`)
 # for networks that intercept TLS; used by pip during the build only.
 ARG PIP_CA_BUNDLE=
-# Packages from requirements*.txt that serving never imports (tests, lint, stub
-# generation, the onnxruntime reference check), left out of the image.
-ARG DEV_ONLY="pytest pytest-timeout ruff grad-cam ttach grpcio-tools onnxruntime"
+# Packages from requirements*.txt that serving never imports (tests and their
+# own dependencies, lint, stub generation, the onnxruntime reference check), left
+# out of the image.
+ARG DEV_ONLY="pytest pytest-timeout iniconfig pluggy pygments ruff grad-cam ttach grpcio-tools onnxruntime"
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -61,8 +62,8 @@ ok = v.split('+')[0] == '$TORCH_VERSION' and ((cuda is None) == ('$TORCH_VARIANT
 print('torch', v, 'cuda', cuda); sys.exit(0 if ok else 'wrong torch build for variant $TORCH_VARIANT')"; \
     python -W ignore -c "$check_torch"; \
     drop=$(printf '%s\n' $DEV_ONLY | sed 's/.*/^&==/' | paste -sd'|'); \
-    grep -Ev "$drop" requirements.txt > /tmp/requirements.txt; \
-    grep -Ev "$drop" requirements-nodeps.txt > /tmp/requirements-nodeps.txt; \
+    grep -Evi "$drop" requirements.txt > /tmp/requirements.txt; \
+    grep -Evi "$drop" requirements-nodeps.txt > /tmp/requirements-nodeps.txt; \
     pip install -q -r /tmp/requirements.txt; \
     pip install -q --no-deps -r /tmp/requirements-nodeps.txt; \
     python -W ignore -c "$check_torch"; \

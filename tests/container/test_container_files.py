@@ -31,7 +31,8 @@ K8S = REPO / "deploy" / "k8s"
 RUNTIME_PACKAGES = ("encoder", "gallery", "explain", "server", "client/phenolens")
 # import name of each distribution the Dockerfile may leave out of the image
 IMPORT_NAMES = {
-    "pytest": "pytest", "pytest-timeout": "pytest_timeout", "ruff": "ruff",
+    "pytest": "pytest", "pytest-timeout": "pytest_timeout", "iniconfig": "iniconfig",
+    "pluggy": "pluggy", "pygments": "pygments", "ruff": "ruff",
     "grad-cam": "pytorch_grad_cam", "ttach": "ttach", "grpcio-tools": "grpc_tools",
     "onnxruntime": "onnxruntime",
 }
