@@ -35,6 +35,7 @@ from .results import (
     Page,
     ServerInfo,
 )
+from .syndrome import CompositeResult, FillInResult, SyndromeClient, SyndromeMapResult
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "Encoding", "ExplainedMatch", "ExplainResult", "ExplanationMap", "FaceAlignment",
     "GalleryImage", "GalleryRecord", "GalleryStats", "Hit", "ImportSummary", "MatchResult",
     "Page", "ServerInfo",
+    "SyndromeClient", "CompositeResult", "SyndromeMapResult", "FillInResult",
     "PhenoLensError", "InvalidArgument", "NotFound", "FailedPrecondition", "Unauthenticated",
     "PermissionDenied", "ResourceExhausted", "DeadlineExceeded", "Unavailable",
 ]

@@ -35,6 +35,7 @@ from .results import (
     Page,
     ServerInfo,
 )
+from .syndrome import SyndromeMixin
 
 T = TypeVar("T")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -93,7 +94,7 @@ def channel_credentials(tls: TLS | bool | None) -> grpc.ChannelCredentials | Non
     return TLS().credentials() if tls is True else tls.credentials()
 
 
-class Client:
+class Client(SyndromeMixin):
     """A PhenoLens connection. Thread-safe; close it (or use ``with``) when done.
 
     ``timeout`` is the default deadline of each call in seconds (None: no deadline).
