@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("image", type=Path, help="query photo")
-    target = p.add_mutually_exclusive_group(required=True)
+    target = p.add_mutually_exclusive_group()
     target.add_argument("--gallery", type=Path, help="gallery file to search")
     target.add_argument("--against", type=Path, help="explain one pair: the query and this photo")
     p.add_argument("--top", type=int, default=5, help="gallery matches to explain (default 5)")
@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="add the mirrored view (default: from the configuration)")
     group.add_argument("--view-scheme", help='explicit views, e.g. "sface:orig,sface:flip"')
     group.add_argument("--aligned", action="store_true", help="the images are aligned crops")
+    from server.remote import add_remote_arguments
+
+    add_remote_arguments(p)
     p.set_defaults(func=run_explain)
 
 
@@ -98,6 +101,12 @@ def _gallery_matches(args: argparse.Namespace, config, embed, query_views) -> li
 
 
 def run_explain(args: argparse.Namespace) -> int:
+    if args.server:
+        from server.remote import remote_explain
+
+        return remote_explain(args)
+    if args.gallery is None and args.against is None:
+        raise ValueError("say what to explain against: --gallery PATH, --against PHOTO or --server HOST:PORT")
     from explain.engine import Explainer
     from explain.errors import UnknownMethod
     from explain.methods import METHODS

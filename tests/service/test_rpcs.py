@@ -285,18 +285,16 @@ def test_cli_match_and_gallery_go_through_the_server(server, photo_paths, galler
     assert json.loads(capsys.readouterr().out)["images"] == len(GALLERY_PHOTOS)
 
 
-def test_remote_explain_writes_maps_and_overlays(server, photo_paths, gallery_ids, tmp_path,
-                                                 capsys):
-    import argparse
+def test_cli_explain_goes_through_the_server_and_writes_maps(server, photo_paths, gallery_ids,
+                                                             tmp_path, capsys):
     import json
 
-    from server.remote import remote_explain
+    from server.cli import main
     from tests.service.conftest import READ_TOKEN
 
-    args = argparse.Namespace(server=server.address, token=READ_TOKEN, image=photo_paths[
-        "person_a_2.jpg"], top=2, methods=["similarity"], out=tmp_path, json=True,
-        aligned=False, timeout=120.0)
-    assert remote_explain(args) == 0
+    assert main(["explain", str(photo_paths["person_a_2.jpg"]), "--top", "2", "--methods",
+                 "similarity", "--out", str(tmp_path), "--json", "--server", server.address,
+                 "--token", READ_TOKEN]) == 0
     docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [d["rank"] for d in docs] == [1, 2] and docs[0]["syndrome_id"] == "person_a"
     files = docs[0]["methods"]["similarity"]["files"]
