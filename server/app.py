@@ -95,8 +95,8 @@ def start(config: ServiceConfig, backend: Backend | None = None) -> Server:
     limits = config.limits
     auth = TokenAuth(config.auth.tokens)
     if not auth.enabled:
-        log_event(log, "authentication is OFF: no tokens configured; every caller has all "
-                  "scopes", logging.WARNING)
+        log_event(log, "authentication is OFF: no tokens configured; every caller may read, "
+                  "and gallery writes are refused", logging.WARNING)
     limiter = HeavyWorkLimiter(limits.max_concurrent, limits.queue_timeout_s)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="rpc"),

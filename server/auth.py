@@ -58,7 +58,8 @@ class Principal:
         return scope in self.scopes or ADMIN in self.scopes
 
 
-ANONYMOUS = Principal("anonymous", frozenset({READ, ADMIN}))
+# Without tokens a caller may read but never write: gallery writes always need an admin token.
+ANONYMOUS = Principal("anonymous", frozenset({READ}))
 
 
 def required_scope(method: str) -> str | None:
@@ -71,8 +72,9 @@ def required_scope(method: str) -> str | None:
 class TokenAuth:
     """Resolves ``authorization: Bearer <token>`` metadata to a Principal.
 
-    With no tokens configured, authentication is off and every caller is ANONYMOUS
-    with all scopes (the server logs a warning at startup).
+    With no tokens configured, authentication is off for reads only: every caller is
+    ANONYMOUS with the read scope, and gallery writes are refused (the server logs a
+    warning at startup).
     """
 
     def __init__(self, tokens: Sequence[TokenConfig]) -> None:
@@ -108,5 +110,9 @@ class TokenAuth:
     def authorize(self, principal: Principal, method: str) -> None:
         scope = required_scope(method)
         if scope is not None and not principal.allows(scope):
+            if principal is ANONYMOUS:
+                raise PermissionDenied(f"this method needs the '{scope}' scope, and the server "
+                                       "has no tokens configured: add an admin token under "
+                                       "auth.tokens to write to the gallery")
             raise PermissionDenied(f"this method needs the '{scope}' scope; the token "
                                    f"'{principal.name}' has {sorted(principal.scopes)}")

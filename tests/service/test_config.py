@@ -65,6 +65,10 @@ def test_tokens_are_kept_hashed_and_scopes_enforced():
     assert "a1" not in repr(config)
 
 
-def test_no_tokens_means_auth_off():
+def test_no_tokens_means_anonymous_reads_but_no_gallery_writes():
     auth = TokenAuth(())
-    assert not auth.enabled and auth.authenticate([]) is ANONYMOUS
+    anonymous = auth.authenticate([])
+    assert not auth.enabled and anonymous is ANONYMOUS
+    auth.authorize(anonymous, "/phenolens.v1.PhenoLens/Match")
+    with pytest.raises(PermissionDenied, match="auth.tokens"):
+        auth.authorize(anonymous, "/phenolens.v1.GalleryAdmin/AddImage")
