@@ -23,6 +23,7 @@ from explain.errors import Cancelled as ExplainCancelled
 from gallery import Entry, Gallery, GeneHit, Hit, SchemeMismatch, SyndromeHit
 from server.config import ServiceConfig
 from server.errors import BadRequest
+from server.feature_cache import FeatureCache, Fingerprint
 from server.limits import RequestScope
 
 log = logging.getLogger("phenolens.server")
@@ -142,6 +143,8 @@ class Backend:
 
     pipeline: FacePipeline; views: a view source (``encoder.views.Ensemble``);
     gallery: an open Gallery; explainer: ``explain.engine.Explainer`` over ``views``.
+    ``feature_cache`` holds the explainer's features of recently explained gallery
+    faces (``explain.feature_cache_size`` faces; None when that is 0).
     """
 
     def __init__(self, config: ServiceConfig, *, pipeline: FacePipeline, views: Any,
@@ -156,6 +159,8 @@ class Backend:
         self.view_scheme = view_scheme
         self.encoders = tuple(encoders)
         self.activity = ExplainActivity()
+        size = config.explain.feature_cache_size
+        self.feature_cache: FeatureCache | None = FeatureCache(size) if size > 0 else None
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -263,7 +268,9 @@ class Backend:
             pngs = [self._gallery_crop_png(h.gallery_id) for h in hits]
             crops = np.stack([png_pixels(png) for png in pngs])
             scope.check()
-            pairs = self.explainer.explain(query.features, crops, cancel=scope.cancelled)
+            pairs = self.explainer.explain(query.features,
+                                           self._hit_features(hits, pngs, crops, scope),
+                                           cancel=scope.cancelled)
             for index, (hit, pair) in enumerate(zip(hits, pairs, strict=True)):
                 maps = []
                 for method in methods:
@@ -279,6 +286,17 @@ class Backend:
             raise
         finally:
             self.activity.end(completed)
+
+    def _hit_features(self, hits: Sequence[Hit], pngs: Sequence[bytes], crops: np.ndarray,
+                      scope: RequestScope) -> Any:
+        """The hits' FaceFeatures, from the cache where their stored crop is unchanged;
+        without a cache the (K, H, W, 3) crops themselves (the engine encodes them)."""
+        if self.feature_cache is None:
+            return crops
+        keys = [(h.gallery_id, Fingerprint.of(png, self.encoder_id, self.view_scheme))
+                for h, png in zip(hits, pngs, strict=True)]
+        return self.feature_cache.features(
+            keys, lambda missing: self.explainer.encode(crops[missing], cancel=scope.cancelled))
 
     def _gallery_crop_png(self, gallery_id: int) -> bytes:
         record = self.gallery.get(gallery_id)

@@ -106,6 +106,11 @@ class ExplainConfig:
     methods: tuple[str, ...] = ("similarity", "gradcam")
     time_limit_s: float = 30.0
     budget: int = 1024  # forward passes per method call
+    # Explain keeps the model's features of this many recently explained gallery
+    # faces in memory (LRU, keyed by gallery id and checked against the sha256 of
+    # the stored crop, so an updated crop is recomputed), and top-K maps then cost
+    # about one query encode. SFace with flip: about 0.4 MB per face. 0 disables.
+    feature_cache_size: int = 512
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,8 @@ def _validate(config: ServiceConfig) -> ServiceConfig:
                  "max_image_pixels"):
         if getattr(limits, name) < 1:
             raise ConfigError(f"limits.{name} must be at least 1")
+    if config.explain.feature_cache_size < 0:
+        raise ConfigError("explain.feature_cache_size must be >= 0 (0 disables the cache)")
     if limits.queue_timeout_s < 0 or config.shutdown_grace_s < 0:
         raise ConfigError("limits.queue_timeout_s and shutdown_grace_s must be >= 0")
     if limits.workers < limits.max_concurrent:

@@ -1,0 +1,173 @@
+"""A bounded, thread-safe LRU of the explain engine's features of gallery faces.
+
+Explain runs the query through the model once and, without this cache, every
+hit's stored crop again on every call. Features depend only on the crop's
+pixels and the model, so an entry is stored under the record's gallery id with
+a fingerprint of exactly those: the sha256 of the stored crop PNG, the encoder
+id and the view scheme. A lookup whose fingerprint differs from the stored one
+(the record's crop was replaced) drops the old entry and misses, so an updated
+record never gets stale features; a deleted record is never looked up (the
+gallery refuses its id) and ages out. Label-only updates keep the crop and so
+keep valid features.
+
+The cache holds torch tensors of features and embeddings only: no image bytes,
+no labels. It never logs. Memory per face is ``FaceFeatures`` of one face,
+``sum over views of C*h*w*4 + D*4`` bytes (SFace with two views: 2 x 1 KB of
+embedding plus the feature maps; see ``FeatureCache.stats().bytes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from explain.engine import FaceFeatures
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a face's features depend on: its crop (sha256 of the PNG) and the model."""
+
+    crop_sha256: str
+    encoder_id: str
+    view_scheme: str
+
+    @classmethod
+    def of(cls, crop_png: bytes, encoder_id: str, view_scheme: str) -> Fingerprint:
+        return cls(hashlib.sha256(crop_png).hexdigest(), encoder_id, view_scheme)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters since the cache was made; ``bytes`` is the tensors currently held."""
+
+    capacity: int
+    size: int
+    bytes: int
+    hits: int
+    misses: int
+    stale: int  # lookups that found an entry for an older crop of the record
+    evictions: int
+
+
+def _nbytes(features: FaceFeatures) -> int:
+    return sum(t.numel() * t.element_size()
+               for t in (*features.feature_maps, *features.embeddings))
+
+
+def _own(features: FaceFeatures) -> FaceFeatures:
+    """One face's features in tensors of their own (not views into a batch)."""
+    return FaceFeatures(
+        tuple(f.detach().clone() for f in features.feature_maps),
+        tuple(e.detach().clone() for e in features.embeddings),
+        features.encoders, features.flipped, features.crop_size,
+    )
+
+
+def concat(faces: Sequence[FaceFeatures]) -> FaceFeatures:
+    """Features of N faces (one view scheme, same encoder objects) -> one FaceFeatures of N."""
+    if not faces:
+        raise ValueError("concat needs at least one face")
+    first = faces[0]
+    if len(faces) == 1:
+        return first
+    views = range(len(first.feature_maps))
+    return FaceFeatures(
+        tuple(torch.cat([f.feature_maps[v] for f in faces]) for v in views),
+        tuple(torch.cat([f.embeddings[v] for f in faces]) for v in views),
+        first.encoders, first.flipped, first.crop_size,
+    )
+
+
+class FeatureCache:
+    """LRU of per-face ``FaceFeatures`` keyed by gallery id, checked against a Fingerprint.
+
+    ``capacity`` faces at most (>= 1). Thread-safe: lookups and inserts hold a
+    lock; computing missing features happens outside it, so two calls that miss
+    the same face may both compute it (the results are identical).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"a feature cache holds at least one face, got {capacity}")
+        self.capacity = int(capacity)
+        self._entries: OrderedDict[int, tuple[Fingerprint, FaceFeatures, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._hits = self._misses = self._stale = self._evictions = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def get(self, gallery_id: int, fingerprint: Fingerprint) -> FaceFeatures | None:
+        """The cached features of a face whose crop and model match ``fingerprint``, or None."""
+        with self._lock:
+            entry = self._entries.get(gallery_id)
+            if entry is not None and entry[0] == fingerprint:
+                self._entries.move_to_end(gallery_id)
+                self._hits += 1
+                return entry[1]
+            if entry is not None:
+                self._drop(gallery_id)
+                self._stale += 1
+            self._misses += 1
+            return None
+
+    def put(self, gallery_id: int, fingerprint: Fingerprint, features: FaceFeatures) -> None:
+        """Store one face's features (N = 1), evicting the least recently used beyond capacity."""
+        if len(features) != 1:
+            raise ValueError(f"cache one face at a time, got {len(features)}")
+        owned = _own(features)
+        size = _nbytes(owned)
+        with self._lock:
+            if gallery_id in self._entries:
+                self._drop(gallery_id)
+            self._entries[gallery_id] = (fingerprint, owned, size)
+            self._bytes += size
+            while len(self._entries) > self.capacity:
+                self._drop(next(iter(self._entries)))
+                self._evictions += 1
+
+    def discard(self, gallery_ids: Sequence[int]) -> None:
+        """Forget these faces (e.g. after they were deleted)."""
+        with self._lock:
+            for gid in gallery_ids:
+                if gid in self._entries:
+                    self._drop(gid)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self.capacity, len(self._entries), self._bytes, self._hits,
+                              self._misses, self._stale, self._evictions)
+
+    def features(self, keys: Sequence[tuple[int, Fingerprint]],
+                 compute: Callable[[list[int]], FaceFeatures]) -> FaceFeatures:
+        """Features of the faces ``keys`` = [(gallery_id, fingerprint)], in order.
+
+        Misses are computed together by ``compute(positions)`` (positions into
+        ``keys``; returns FaceFeatures of those faces in that order) and cached.
+        """
+        found: list[FaceFeatures | None] = [self.get(gid, fp) for gid, fp in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            fresh = compute(missing)
+            for j, i in enumerate(missing):
+                one = fresh.select(j)
+                self.put(keys[i][0], keys[i][1], one)
+                found[i] = one
+        return concat([f for f in found if f is not None])
+
+    def _drop(self, gallery_id: int) -> None:
+        _, _, size = self._entries.pop(gallery_id)
+        self._bytes -= size
