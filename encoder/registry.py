@@ -42,6 +42,7 @@ _MODEL_MODULES = (
     "encoder.models.iresnet",
     "encoder.models.facenet",
     "encoder.models.gm_casia",
+    "encoder.models.finetuned",
 )
 _loaded = False
 _load_lock = threading.Lock()
