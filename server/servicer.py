@@ -286,6 +286,8 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
                     pass
             ids = known
         deleted = gallery.delete(ids) if ids else 0
+        if self.backend.feature_cache is not None:
+            self.backend.feature_cache.discard(ids)
         return gallery_pb2.DeleteImagesResponse(deleted=deleted,
                                                 gallery_version=gallery.version)
 

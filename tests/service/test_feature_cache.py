@@ -14,7 +14,9 @@ import threading
 import numpy as np
 import pytest
 
-from tests.service.conftest import READ_TOKEN, make_config, start_server
+from tests.service.conftest import ADMIN_TOKEN, READ_TOKEN, make_config, start_server
+
+_addresses: dict[str, str] = {}
 
 METHODS = ("similarity", "gradcam")
 
@@ -66,6 +68,7 @@ def clients(backend, own_gallery, cached, tmp_path_factory):
     assert uncached.feature_cache is None and cached.feature_cache is not None
     tmp = tmp_path_factory.mktemp("feature-cache-servers")
     servers = [start_server(b, tmp) for b in (cached, uncached)]
+    _addresses["cached"] = servers[0].address
     with Client(servers[0].address, token=READ_TOKEN, timeout=120) as with_cache, \
             Client(servers[1].address, token=READ_TOKEN, timeout=120) as without:
         yield with_cache, without
@@ -143,8 +146,9 @@ def test_an_updated_crop_is_encoded_again_never_served_stale(clients, cached, ow
     assert np.abs(old_map - new_map).max() > 1e-3
 
 
-def test_a_deleted_record_is_refused_not_explained_from_the_cache(clients, cached, own_gallery,
-                                                                  photo_paths):
+def test_a_deleted_record_is_refused_and_leaves_the_cache(clients, cached, own_gallery,
+                                                         photo_paths):
+    from phenolens import Client
     from phenolens.errors import NotFound
 
     with_cache, _ = clients
@@ -152,7 +156,10 @@ def test_a_deleted_record_is_refused_not_explained_from_the_cache(clients, cache
     chosen = _ids(own_gallery, "cache-delete-test")
     query = photo_paths["person_b_2.jpg"]
     with_cache.explain(query, gallery_ids=chosen, methods=["similarity"])
-    assert own_gallery.delete([int(chosen[0])]) == 1
+    before = len(cached.feature_cache)
+    with Client(_addresses["cached"], token=ADMIN_TOKEN, timeout=120) as admin:
+        assert admin.delete_images(chosen) == 1
+    assert len(cached.feature_cache) == before - 1
     with pytest.raises(NotFound):
         with_cache.explain(query, gallery_ids=chosen, methods=["similarity"])
 
