@@ -385,12 +385,11 @@ def fill_in_figure(crop: np.ndarray, result: FillInResult, *, label: str = "",
     thresholded update stretched to full range on mid-gray, the crop plus update (with the
     target similarity before and after), the expected fill and one masked/filled-in pair,
     changes amplified ×8 for display only (titles say so; the arrays are unscaled)."""
-    import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from explain.render import overlay
+    from explain.render import figure_png, overlay
 
     def amplified(base: np.ndarray, changed: np.ndarray, gain: float) -> np.ndarray:
         delta = changed.astype(np.float32) - base.astype(np.float32)
@@ -426,10 +425,4 @@ def fill_in_figure(crop: np.ndarray, result: FillInResult, *, label: str = "",
         f"{c.control_mean_gain:+.3f})",
         fontsize=8,
     )
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    data = buf.getvalue()
-    if path is not None:
-        with open(path, "wb") as fh:
-            fh.write(data)
-    return data
+    return figure_png(fig, path)

@@ -70,6 +70,16 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def figure_png(fig: Figure, path: str | Path | None = None) -> bytes:
+    """PNG bytes of a matplotlib figure, also written to ``path`` when one is given."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    data = buf.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
 def overlay_png(
     rgb: np.ndarray,
     signed_map: np.ndarray,
@@ -138,9 +148,4 @@ def pair_figure(
     bar.ax.tick_params(labelsize=7)
     title = f"cosine {cosine:.3f}"
     fig.suptitle(f"{label} · {title}" if label else title, fontsize=11)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    data = buf.getvalue()
-    if path is not None:
-        Path(path).write_bytes(data)
-    return data
+    return figure_png(fig, path)

@@ -391,7 +391,7 @@ def syndrome_figure(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from explain.render import overlay, symmetric_limit
+    from explain.render import figure_png, overlay, symmetric_limit
 
     panels = [(composite_image, None, "composite"),
               (composite_image, maps.to_centroid_aligned, "members → centroid"),
@@ -414,12 +414,4 @@ def syndrome_figure(
         f"cos→centroid {maps.mean_cosine_to_centroid:.2f}, →rest {maps.mean_cosine_to_rest:.2f}",
         fontsize=9,
     )
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    data = buf.getvalue()
-    if path is not None:
-        with open(path, "wb") as fh:
-            fh.write(data)
-    return data
+    return figure_png(fig, path)

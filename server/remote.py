@@ -115,7 +115,12 @@ def remote_match(args: argparse.Namespace) -> int:
                               top_genes=getattr(args, "top_genes", None) or 10,
                               filters=_filters(args))
     doc = match_json(result)
-    if getattr(args, "json", False):
+    return print_match(doc, as_json=bool(getattr(args, "json", False)))
+
+
+def print_match(doc: dict, *, as_json: bool) -> int:
+    """Prints a match document (``match_json``'s shape) as JSON or as two tables; exit code 0."""
+    if as_json:
         print(json.dumps(doc, ensure_ascii=False))
         return 0
     print(f"{'rank':>4}  {'cosine':>7}  {'syndrome':<20} {'subject':<16} image")

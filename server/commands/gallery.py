@@ -374,14 +374,6 @@ def run_match(args: argparse.Namespace) -> int:
             "genes": [{"rank": i + 1, "gene": g.gene, "cosine": g.score, "distance": g.distance,
                        "nearest_gallery_id": g.gallery_id} for i, g in enumerate(genes)],
         }
-    if args.json:
-        print(json.dumps(doc, ensure_ascii=False))
-        return 0
-    print(f"{'rank':>4}  {'cosine':>7}  {'syndrome':<20} {'subject':<16} image")
-    for h in doc["hits"]:
-        print(f"{h['rank']:>4}  {h['cosine']:+.4f}  {h['syndrome_id']:<20} {h['subject_id']:<16} "
-              f"{h['image_id']}")
-    print(f"\n{'rank':>4}  {'cosine':>7}  syndrome (nearest image)")
-    for s in doc["syndromes"][:10]:
-        print(f"{s['rank']:>4}  {s['cosine']:+.4f}  {s['syndrome_name']} ({s['nearest_image_id']})")
-    return 0
+    from server.remote import print_match
+
+    return print_match(doc, as_json=args.json)
