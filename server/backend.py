@@ -339,6 +339,33 @@ class Backend:
                           qf, gf, photo)
 
     # -- gallery writes ----------------------------------------------------------------
+    def delete_images(self, gallery_ids: Sequence[int], image_ids: Sequence[str], *,
+                      missing_ok: bool) -> int:
+        """Deletes by gallery id and by image id; unknown ids raise UnknownId unless
+        ``missing_ok``. Deleted faces leave the feature cache too. Returns the count deleted."""
+        from gallery import UnknownId
+
+        ids = list(gallery_ids)
+        for image_id in image_ids:
+            try:
+                ids.append(self.gallery.get_image(image_id).info.gallery_id)
+            except UnknownId:
+                if not missing_ok:
+                    raise
+        if missing_ok:
+            known = []
+            for gid in ids:
+                try:
+                    self.gallery.get(gid)
+                    known.append(gid)
+                except UnknownId:
+                    pass
+            ids = known
+        deleted = self.gallery.delete(ids) if ids else 0
+        if self.feature_cache is not None:
+            self.feature_cache.discard(ids)
+        return deleted
+
     def entry(self, face: Face, record: Mapping[str, Any], scope: RequestScope) -> Entry:
         """A gallery Entry for an aligned face and its labels (embeds the crop)."""
         query = self.query_of_face(face, scope)

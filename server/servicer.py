@@ -260,36 +260,17 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
 
     def DeleteImages(self, request: gallery_pb2.DeleteImagesRequest,
                      context: grpc.ServicerContext) -> gallery_pb2.DeleteImagesResponse:
-        from gallery import UnknownId
-
-        gallery = self.backend.gallery
-        ids = []
+        gallery_ids = []
         for value in request.gallery_ids:
             try:
-                ids.append(convert.gallery_id(value))
+                gallery_ids.append(convert.gallery_id(value))
             except NotFound:
                 if not request.missing_ok:
                     raise
-        for image_id in request.image_ids:
-            try:
-                ids.append(gallery.get_image(image_id).info.gallery_id)
-            except UnknownId:
-                if not request.missing_ok:
-                    raise
-        if request.missing_ok:
-            known = []
-            for gid in ids:
-                try:
-                    gallery.get(gid)
-                    known.append(gid)
-                except UnknownId:
-                    pass
-            ids = known
-        deleted = gallery.delete(ids) if ids else 0
-        if self.backend.feature_cache is not None:
-            self.backend.feature_cache.discard(ids)
+        deleted = self.backend.delete_images(gallery_ids, list(request.image_ids),
+                                             missing_ok=request.missing_ok)
         return gallery_pb2.DeleteImagesResponse(deleted=deleted,
-                                                gallery_version=gallery.version)
+                                                gallery_version=self.backend.gallery.version)
 
     def GetImage(self, request: gallery_pb2.GetImageRequest, context: grpc.ServicerContext
                  ) -> gallery_pb2.GalleryImage:
