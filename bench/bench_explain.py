@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from encoder.spec import FaceEncoder
-from explain.affine import affine_head
-from explain.engine import Explainer
+from explain.attribution.affine import affine_head
+from explain.attribution.engine import Explainer
 
 PHOTOS = ("person_a_1.jpg", "person_a_2.jpg", "person_b_1.jpg", "person_b_2.jpg",
           "impostor_1.jpg", "impostor_2.jpg", "astronaut.png", "grace_hopper.jpg")

@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.evaluate_accuracy --gallery-size 8 --test-size 4 --flip
 
 Real syndrome photos are health data, so the protocol is exercised on the
-synthetic syndromes of ``encoder.synth`` (localised deformations of the bundled
+synthetic syndromes of ``research.synth`` (localised deformations of the bundled
 real faces; subject = the source person). Subjects are split into a gallery and
 a test split (subject-disjoint, checked), every image is embedded with the
 frozen encoder, and the test images are ranked against the gallery by
@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from encoder import synth
     from encoder.registry import create_encoder
-    from explain import metrics as M
-    from explain import metrics_report as R
-    from explain.evaluate import embed_views
-    from explain.views import SingleEncoderViews
+    from explain.attribution.views import SingleEncoderViews
+    from explain.evaluation import metrics as M
+    from explain.evaluation import report as R
+    from explain.evaluation.common import embed_views
+    from research import synth
 
     args.out.mkdir(parents=True, exist_ok=True)
     sources = synth.load_source_faces()

@@ -1,6 +1,6 @@
 """The class-imbalance study of the GestaltMatcher explainability thesis, on synthetic syndromes.
 
-Heads are fine-tuned (``encoder.train``) on the frozen SFace backbone with
+Heads are fine-tuned (``research.train``) on the frozen SFace backbone with
 different numbers and choices of classes and different class sizes; for each
 head and for the frozen SFace embedding we report, per synthetic syndrome:
 
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from encoder import synth
 from encoder.registry import create_encoder
-from encoder.train import LabelledFeatures, TrainConfig, labelled_features, train_head
+from research import synth
+from research.train import LabelledFeatures, TrainConfig, labelled_features, train_head
 
 SIZE_LADDER = (64, 32, 16, 8, 4, 2)
 
@@ -105,7 +105,7 @@ def _take(feats: LabelledFeatures, faces: synth.FaceSet, subjects, sizes: dict[s
 
 
 def _face_features(model, feats: torch.Tensor):
-    from explain.engine import FaceFeatures
+    from explain.attribution.engine import FaceFeatures
 
     with torch.no_grad():
         emb = model.head(feats)
@@ -116,10 +116,10 @@ def evaluate_model(model, model_name: str, cfg: StudyConfig, gallery: LabelledFe
                    gallery_faces: synth.FaceSet, test: LabelledFeatures, test_faces: synth.FaceSet,
                    deletion_per_class: int, deletion_steps: int) -> list[ClassRow]:
     """Per-syndrome accuracy, localisation and deletion AUC of one model on one head's gallery."""
-    from encoder.train import embed_features, matching_accuracy
-    from explain import metrics as M
-    from explain.affine import affine_head
-    from explain.engine import Explainer
+    from explain.attribution.affine import affine_head
+    from explain.attribution.engine import Explainer
+    from explain.evaluation import metrics as M
+    from research.train import embed_features, matching_accuracy
 
     model.eval()
     acc = matching_accuracy(model, gallery, test, ks=(1, 3))
@@ -187,7 +187,7 @@ def _deletion_aucs(model, image: np.ndarray, hit_unit: np.ndarray, query_norm: f
                    similarity_map: np.ndarray, steps: int, seed: int) -> tuple[float, float]:
     """Deletion AUC of the held-norm pair similarity ``<e(x), ê_hit> / ‖e_q‖`` when the
     query's pixels are blurred in the map's order, and in a random order (one batch)."""
-    from explain import metrics as M
+    from explain.evaluation import metrics as M
 
     img = image.astype(np.float32)
     baseline = M.blur_baseline(img)
@@ -206,7 +206,7 @@ def chance_levels(faces: synth.FaceSet, grid: tuple[int, int] = (7, 7), per_clas
                   seed: int = 0) -> dict[str, dict[str, float]]:
     """IOU and pointing rate of random (Gaussian) maps on the feature grid, per syndrome:
     what a map that knows nothing about the region scores against these masks."""
-    from explain import metrics as M
+    from explain.evaluation import metrics as M
 
     rng = np.random.default_rng(seed)
     out = {}

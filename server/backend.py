@@ -28,7 +28,7 @@ from server.limits import RequestScope
 
 log = logging.getLogger("phenolens.server")
 
-ENGINE_METHODS = ("similarity", "gradcam")  # batched for all hits by explain.engine
+ENGINE_METHODS = ("similarity", "gradcam")  # batched for all hits by explain.attribution.engine
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -61,7 +61,7 @@ class Query:
 
     views: np.ndarray
     face: Face | None = None
-    features: Any = None  # explain.engine.FaceFeatures of the crop
+    features: Any = None  # explain.attribution.engine.FaceFeatures of the crop
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,7 +142,7 @@ class Backend:
     """The service's library calls. Thread-safe (the parts it composes are).
 
     pipeline: FacePipeline; views: a view source (``encoder.views.Ensemble``);
-    gallery: an open Gallery; explainer: ``explain.engine.Explainer`` over ``views``.
+    gallery: an open Gallery; explainer: ``explain.attribution.engine.Explainer`` over ``views``.
     ``feature_cache`` holds the explainer's features of recently explained gallery
     faces (``explain.feature_cache_size`` faces; None when that is 0).
     """
@@ -169,7 +169,7 @@ class Backend:
         from encoder import views as ev
         from encoder.registry import shared_encoder
         from encoder.runtime import configure_torch
-        from explain.engine import Explainer
+        from explain.attribution.engine import Explainer
 
         runtime = configure_torch(config.runtime.device, config.runtime.torch_threads)
         enc = config.encoder
@@ -313,7 +313,7 @@ class Backend:
             qa, ga = getattr(q, f"{name}_aligned"), getattr(g, f"{name}_aligned")
             qf, gf = (getattr(q, name), getattr(g, name)) if feature_maps else (None, None)
         else:
-            from explain.methods import METHODS, attribute
+            from explain.attribution.methods import METHODS, attribute
 
             impl = METHODS.get(method)
             typed = {k: (int(v) if impl is not None and isinstance(impl.defaults.get(k), int)

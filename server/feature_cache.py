@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from explain.engine import FaceFeatures
+from explain.attribution.engine import FaceFeatures
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import grpc
 from phenolens._proto import gallery_pb2, gallery_pb2_grpc, phenolens_pb2, phenolens_pb2_grpc
 from phenolens.arrays import to_float_array
 
+from explain.attribution.methods import METHODS
 from explain.errors import UnknownMethod
-from explain.methods import METHODS
 from server import convert
 from server.backend import Backend, Query, png_bytes, png_pixels
 from server.config import ServiceConfig

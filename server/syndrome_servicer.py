@@ -1,7 +1,7 @@
 """The SyndromeService servicer: composites, syndrome-wise maps and fill-in over gRPC.
 
 Thin like ``server.servicer``: it loads the gallery group, calls
-``explain.syndrome`` / ``explain.fill_in`` and converts the results. Errors are
+``explain.syndrome.maps`` / ``explain.syndrome.fill_in`` and converts the results. Errors are
 raised and mapped to statuses by the shared interceptor. Wire it with
 ``add_syndrome_service(grpc_server, backend, limiter, config)``.
 """
@@ -17,8 +17,14 @@ import numpy as np
 from phenolens._proto import syndrome_pb2, syndrome_pb2_grpc, types_pb2
 from phenolens.arrays import to_float_array
 
-from explain.fill_in import FillIn, FillInOptions, FillInProgress, FillInResult, fill_in_figure
-from explain.syndrome import Composite, SyndromeExplainer, check_group, composite
+from explain.syndrome.fill_in import (
+    FillIn,
+    FillInOptions,
+    FillInProgress,
+    FillInResult,
+    fill_in_figure,
+)
+from explain.syndrome.maps import Composite, SyndromeExplainer, check_group, composite
 from server import convert
 from server.backend import Backend, png_bytes, png_pixels
 from server.config import ServiceConfig

@@ -12,7 +12,7 @@ Embedding Grad-CAM uses the same held-norm target: its channel weights are
 the K hits comes from one forward of the query, one batched forward of the hits
 (or their cached feature maps) and a few matrix products; no backward pass and
 no hook is involved, and the only state kept between calls is the immutable
-cache of head matrices (``explain.affine``).
+cache of head matrices (``explain.attribution.affine``).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as nnf
 
 from encoder.spec import FaceEncoder
-from explain.affine import AffineHead, affine_head
+from explain.attribution.affine import AffineHead, affine_head
+from explain.attribution.views import ViewInput, ViewSource, as_view_source, view_inputs
 from explain.errors import IncompatibleViews, InvalidOption
 from explain.limits import CancelSignal, Guard
-from explain.views import ViewInput, ViewSource, as_view_source, view_inputs
 
 
 @dataclass(frozen=True)
@@ -276,8 +276,8 @@ class Explainer:
     # ---- the method family --------------------------------------------------------
 
     def attribute(self, method: str, query: np.ndarray, hit: np.ndarray, **kwargs):
-        """One attribution method on one pair; see :func:`explain.methods.attribute`."""
-        from explain.methods import attribute
+        """One attribution method on one pair; see :func:`explain.attribution.methods.attribute`."""
+        from explain.attribution.methods import attribute
 
         return attribute(method, self, query, hit, **kwargs)
 

@@ -36,11 +36,11 @@ from captum.attr._core.deep_lift import nonlinear
 from torch import nn
 
 from encoder.spec import FaceEncoder
-from explain.affine import AffineHead, affine_head
-from explain.engine import Explainer, _upsample
+from explain.attribution.affine import AffineHead, affine_head
+from explain.attribution.engine import Explainer, _upsample
+from explain.attribution.views import view_inputs
 from explain.errors import InvalidOption, UnknownMethod
 from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal, Guard
-from explain.views import view_inputs
 
 SIDES = ("query", "gallery")
 

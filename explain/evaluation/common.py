@@ -10,7 +10,7 @@ perturbation it is linear in the embedding, so maps that sum to the cosine
 (the similarity map) are judged on the quantity they decompose. The plain
 cosine of every perturbed image is recorded alongside.
 
-Protocols (each returns a small frozen dataclass that ``explain.metrics_report``
+Protocols (each returns a small frozen dataclass that ``explain.evaluation.report``
 turns into JSON, Markdown and PNG):
 
 - :func:`faithfulness`: deletion and insertion curves (blur and mean
@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from encoder.spec import FaceEncoder
-from explain import metrics as M
-from explain.engine import Explainer
+from explain.attribution.engine import Explainer
+from explain.attribution.views import ViewSource, as_view_source, view_inputs
+from explain.evaluation import metrics as M
 from explain.regions import EVALUATION_REGIONS, region_masks
-from explain.views import ViewSource, as_view_source, view_inputs
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +170,9 @@ class PairTarget:
 
 
 def available_methods() -> tuple[str, ...]:
-    """Every method of the explain family (``explain.methods.METHODS``), in its order."""
+    """Every method of the explain family (``explain.attribution.methods.METHODS``), in its order."""
     try:
-        from explain.methods import METHODS
+        from explain.attribution.methods import METHODS
     except ImportError:
         return ENGINE_METHODS
     return tuple(METHODS)
@@ -187,18 +187,18 @@ def query_map(
 ) -> np.ndarray:
     """(H, W) float32 signed map of ``method`` on the query side, in aligned-crop pixels.
 
-    Goes through the family's uniform call ``explain.methods.attribute`` (query
+    Goes through the family's uniform call ``explain.attribution.methods.attribute`` (query
     side only); ``options`` are passed on (method options; ``budget`` and
     ``time_limit`` default to None here).
     Without the family, ``similarity`` and ``gradcam`` come from the engine.
     """
     try:
-        from explain.methods import attribute
+        from explain.attribution.methods import attribute
     except ImportError:
         attribute = None
     if attribute is None:
         if method not in ENGINE_METHODS:
-            raise M.EvaluationError(f"method {method!r} needs explain.methods")
+            raise M.EvaluationError(f"method {method!r} needs explain.attribution.methods")
         (pair,) = explainer.explain(query, np.asarray(gallery)[None])
         side = pair.query
         amap = side.similarity_aligned if method == "similarity" else side.gradcam_aligned
@@ -591,7 +591,7 @@ def cascading_randomisation(
     (number of units randomised) every method's query maps are compared with
     those of the original model (Spearman on signed and absolute maps, SSIM).
     """
-    from explain.views import SingleEncoderViews
+    from explain.attribution.views import SingleEncoderViews
 
     methods = tuple(methods or available_methods())
     method_options = method_options or {}
@@ -693,7 +693,7 @@ def label_randomisation(
     Only methods that accept a direction target take part (the engine's
     similarity map and Grad-CAM, computed exactly from the affine head).
     """
-    from explain.affine import affine_head
+    from explain.attribution.affine import affine_head
 
     source = as_view_source(model)
     labels = np.asarray(gallery_labels, dtype=object)
@@ -837,7 +837,7 @@ def localisation(
 
 def _takes_seed(method: str) -> bool:
     try:
-        from explain.methods import METHODS
+        from explain.attribution.methods import METHODS
     except ImportError:
         return False
     return "seed" in getattr(METHODS.get(method), "defaults", {})

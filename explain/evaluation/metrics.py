@@ -4,7 +4,7 @@ Nothing here knows a model: perturbation curves take a ``score_fn`` that maps a
 batch of images to scores, localisation takes maps and boolean masks, and
 matching accuracy takes similarity matrices and labels. The protocol runners
 that bind these to the encoder and the explain family live in
-``explain.evaluate``.
+``explain.evaluation.common``.
 
 Conventions: attribution maps are (h, w) float, signed (positive = pulls the
 pair together). Images are (H, W, 3) uint8 or float RGB in aligned-face

@@ -1,6 +1,6 @@
 """Evaluation results as JSON, Markdown tables and PNG plots.
 
-Takes the frozen result objects of ``explain.evaluate`` and writes them into
+Takes the frozen result objects of ``explain.evaluation.common`` and writes them into
 one output folder: ``<name>.json`` (everything, machine-readable),
 ``<name>.md`` (the tables a person reads) and PNG plots (deletion/insertion
 curves, the randomisation cascade).
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from explain import metrics as M
-from explain.evaluate import (
+from explain.evaluation import metrics as M
+from explain.evaluation.common import (
     SANITY_PASS_SPEARMAN,
     CostResult,
     CurveSet,

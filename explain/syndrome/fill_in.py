@@ -37,10 +37,10 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from explain.engine import Explainer
+from explain.attribution.engine import Explainer
 from explain.errors import IncompatibleViews, InvalidOption
 from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal, Guard
-from explain.syndrome import Centroid
+from explain.syndrome.maps import Centroid
 
 MASK_KINDS = ("random", "progressive")
 FILLS = ("gray", "black", "mean")

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from explain.affine import affine_head
-from explain.engine import Explainer, FaceFeatures, _unflip, _upsample
+from explain.attribution.affine import affine_head
+from explain.attribution.engine import Explainer, FaceFeatures, _unflip, _upsample
 from explain.errors import IncompatibleViews, InvalidOption
 from explain.limits import CancelSignal, Guard
 
@@ -229,7 +229,7 @@ def _unit_rows(embeddings: torch.Tensor) -> torch.Tensor:
 class SyndromeExplainer:
     """Composites' companions that need the model: centroids, syndrome-wise and query maps.
 
-    Built over an :class:`explain.engine.Explainer` (one model or a view scheme);
+    Built over an :class:`explain.attribution.engine.Explainer` (one model or a view scheme);
     thread-safe, holds no request state.
     """
 

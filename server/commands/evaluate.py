@@ -114,7 +114,7 @@ def _method_options(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _pairs(args: argparse.Namespace):
-    from explain.evaluate import DEFAULT_PAIRS, FacePair, photo_pairs
+    from explain.evaluation.common import DEFAULT_PAIRS, FacePair, photo_pairs
 
     if not args.pair:
         pairs = photo_pairs(DEFAULT_PAIRS)
@@ -139,14 +139,14 @@ def _pairs(args: argparse.Namespace):
 
 def _model(args: argparse.Namespace):
     from encoder.registry import create_encoder
-    from explain.views import SingleEncoderViews
+    from explain.attribution.views import SingleEncoderViews
 
     encoder = create_encoder(args.encoder, weights=args.weights)
     return encoder, SingleEncoderViews(encoder, flip=args.flip)
 
 
 def _methods(args: argparse.Namespace) -> tuple[str, ...]:
-    from explain.evaluate import available_methods
+    from explain.evaluation.common import available_methods
 
     if not args.methods:
         return available_methods()
@@ -184,8 +184,8 @@ def _label_gallery() -> tuple[list, list]:
 
 
 def _faithfulness(args, model, pairs, methods, options, out: Path) -> tuple[str, dict]:
-    from explain import evaluate as E
-    from explain import metrics_report as R
+    from explain.evaluation import common as E
+    from explain.evaluation import report as R
 
     result = E.faithfulness(
         model,
@@ -211,9 +211,9 @@ def _faithfulness(args, model, pairs, methods, options, out: Path) -> tuple[str,
 def _sanity(args, encoder, pairs, methods, options, out: Path) -> tuple[str, dict]:
     import numpy as np
 
-    from explain import evaluate as E
-    from explain import metrics_report as R
-    from explain.views import SingleEncoderViews
+    from explain.attribution.views import SingleEncoderViews
+    from explain.evaluation import common as E
+    from explain.evaluation import report as R
 
     sane_pairs = _sanity_pairs(pairs, args.sanity_pairs)
     units = E.randomisation_units(encoder)
@@ -279,8 +279,8 @@ def _sanity_pairs(pairs, n: int):
 
 
 def _localization(args, model, pairs, methods, options, out: Path, maps=None) -> tuple[str, dict]:
-    from explain import evaluate as E
-    from explain import metrics_report as R
+    from explain.evaluation import common as E
+    from explain.evaluation import report as R
 
     errors: dict[str, str] = {}
     if maps is None:  # one pass over the methods serves both sides
@@ -293,8 +293,8 @@ def _localization(args, model, pairs, methods, options, out: Path, maps=None) ->
 
 
 def _cost(args, model, pairs, methods, options, out: Path) -> tuple[str, dict]:
-    from explain import evaluate as E
-    from explain import metrics_report as R
+    from explain.evaluation import common as E
+    from explain.evaluation import report as R
 
     result = E.cost_and_consistency(
         model,
@@ -313,9 +313,9 @@ def _cost(args, model, pairs, methods, options, out: Path) -> tuple[str, dict]:
 def _accuracy(args, out: Path) -> tuple[str, dict]:
     import numpy as np
 
-    from explain import evaluate as E
-    from explain import metrics as M
-    from explain import metrics_report as R
+    from explain.evaluation import common as E
+    from explain.evaluation import metrics as M
+    from explain.evaluation import report as R
 
     if not (args.gallery_split and args.test_split) or not (args.gallery or args.embeddings):
         raise ValueError(
@@ -359,7 +359,7 @@ def _accuracy(args, out: Path) -> tuple[str, dict]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from explain import metrics_report as R
+    from explain.evaluation import report as R
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

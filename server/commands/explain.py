@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=5, help="gallery matches to explain (default 5)")
     p.add_argument("--methods", nargs="+", default=list(ENGINE_METHODS), metavar="METHOD",
                    help="attribution methods (default: similarity gradcam); "
-                        "see `python -c 'import explain.methods as m; print(m.list_methods())'`")
+                        "see `python -c 'import explain.attribution.methods as m; print(m.list_methods())'`")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="one JSON object per match on stdout")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
@@ -107,9 +107,9 @@ def run_explain(args: argparse.Namespace) -> int:
         return remote_explain(args)
     if args.gallery is None and args.against is None:
         raise ValueError("say what to explain against: --gallery PATH, --against PHOTO or --server HOST:PORT")
-    from explain.engine import Explainer
+    from explain.attribution.engine import Explainer
+    from explain.attribution.methods import METHODS
     from explain.errors import UnknownMethod
-    from explain.methods import METHODS
     from explain.render import overlay_png, pair_figure, photo_overlay_png, symmetric_limit
     from server.commands.gallery import PipelineEmbedder
     from server.config import load_config

@@ -47,8 +47,8 @@ def _encoder_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from explain.fill_in import FILLS, MASK_KINDS, FillInOptions
     from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S
+    from explain.syndrome.fill_in import FILLS, MASK_KINDS, FillInOptions
 
     comp = subparsers.add_parser("composite", help="mean aligned face of a syndrome or group",
                                  description=__doc__,
@@ -101,7 +101,7 @@ def _ids(text: str | None) -> tuple[int, ...]:
 
 
 def _local(args: argparse.Namespace):
-    from explain.engine import Explainer
+    from explain.attribution.engine import Explainer
     from server.commands.gallery import PipelineEmbedder
     from server.config import load_config
 
@@ -159,7 +159,7 @@ def run_composite(args: argparse.Namespace) -> int:
         doc = {"label": summary.label, "images": summary.images, "subjects": summary.subjects,
                "warnings": list(summary.warnings), "file": str(args.out)}
     else:
-        from explain.syndrome import composite
+        from explain.syndrome.maps import composite
         from server.backend import png_bytes
 
         group = _local_group(args, _local(args)[0] if getattr(args, "photos", None) else None)
@@ -199,7 +199,7 @@ def run_syndrome_map(args: argparse.Namespace) -> int:
         maps_c, maps_r = result.to_centroid, result.to_rest
     else:
         from explain.render import overlay_png, symmetric_limit
-        from explain.syndrome import SyndromeExplainer, composite, syndrome_figure
+        from explain.syndrome.maps import SyndromeExplainer, composite, syndrome_figure
         from server.backend import png_bytes
 
         embed, explainer = _local(args)
@@ -264,8 +264,8 @@ def run_fill_in(args: argparse.Namespace) -> int:
     else:
         import numpy as np
 
-        from explain.fill_in import FillIn, FillInOptions, fill_in_figure
-        from explain.syndrome import SyndromeExplainer
+        from explain.syndrome.fill_in import FillIn, FillInOptions, fill_in_figure
+        from explain.syndrome.maps import SyndromeExplainer
         from server.backend import png_pixels
 
         embed, explainer = _local(args)

@@ -41,7 +41,7 @@ def _fractions(text: str) -> dict[str, float]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from encoder.synth import SYNDROMES
+    from research.synth import SYNDROMES
 
     synth = subparsers.add_parser(
         "synth", help="make a synthetic syndrome data set from the bundled real faces",
@@ -94,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from encoder import synth
+    from research import synth
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     for c in classes:
@@ -151,9 +151,9 @@ def _write_gallery(args: argparse.Namespace, samples: list) -> dict:
     import numpy as np
 
     from encoder.registry import create_encoder
-    from encoder.synth import SYNDROMES
     from gallery import Entry, Gallery
     from gallery.png import encode_png
+    from research.synth import SYNDROMES
 
     if args.encoder == "finetuned":
         import encoder.models.finetuned  # noqa: F401  (registers the fine-tuned encoder)
@@ -185,8 +185,8 @@ def _write_gallery(args: argparse.Namespace, samples: list) -> dict:
 def run_train(args: argparse.Namespace) -> int:
     from encoder.models.finetuned import save_checkpoint
     from encoder.registry import create_encoder
-    from encoder.synth import load_face_set
-    from encoder.train import TrainConfig, labelled_features, matching_accuracy, train_head
+    from research.synth import load_face_set
+    from research.train import TrainConfig, labelled_features, matching_accuracy, train_head
 
     base = create_encoder(args.base, weights=args.base_weights)
     sets = {name: load_face_set(args.data, name) for name in ("train", "val", "test")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from explain import metrics as M
+from explain.evaluation import metrics as M
 
 
 def _square(size: int, y0: int, x0: int, side: int) -> np.ndarray:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from explain import evaluate as E
-from explain import metrics as M
+from explain.evaluation import common as E
+from explain.evaluation import metrics as M
 from explain.regions import region_masks
 
 

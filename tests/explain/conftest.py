@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from explain.engine import Explainer
-from explain.views import SingleEncoderViews
+from explain.attribution.engine import Explainer
+from explain.attribution.views import SingleEncoderViews
 
 QUERY = "person_a_1.jpg"
 HITS = ("person_a_2.jpg", "person_b_1.jpg", "impostor_1.jpg", "grace_hopper.jpg")

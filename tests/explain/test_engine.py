@@ -7,8 +7,8 @@ import torch
 from captum.attr import LayerGradCam
 from torch import nn
 
-from explain.affine import affine_head
-from explain.engine import Explainer
+from explain.attribution.affine import affine_head
+from explain.attribution.engine import Explainer
 
 TOL = 1e-4
 

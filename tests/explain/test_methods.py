@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from explain.attribution.methods import METHODS
 from explain.errors import (
     BudgetExceeded,
     Cancelled,
@@ -16,7 +17,6 @@ from explain.errors import (
     TimeLimitExceeded,
     UnknownMethod,
 )
-from explain.methods import METHODS
 
 # Small but real settings: every method runs in a few forward passes here.
 SMALL = {

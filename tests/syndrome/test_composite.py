@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from explain.syndrome import GroupTooSmall, check_group, composite
+from explain.syndrome.maps import GroupTooSmall, check_group, composite
 
 
 def test_composite_equals_numpy_mean_of_crops(group):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from explain.engine import Explainer
+from explain.attribution.engine import Explainer
+from explain.attribution.views import SingleEncoderViews
 from explain.errors import BudgetExceeded, Cancelled, InvalidOption
-from explain.fill_in import (
+from explain.syndrome.fill_in import (
     FillIn,
     FillInOptions,
     FillInProgress,
@@ -20,8 +21,7 @@ from explain.fill_in import (
     progressive_masks,
     random_masks,
 )
-from explain.syndrome import SyndromeExplainer
-from explain.views import SingleEncoderViews
+from explain.syndrome.maps import SyndromeExplainer
 
 SMALL = FillInOptions(count=4, batch_size=4, patch=16, ratio=0.25, step=16.0)
 

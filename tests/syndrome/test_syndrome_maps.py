@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
-from explain.engine import Explainer
-from explain.syndrome import GroupTooSmall, SyndromeExplainer
-from explain.views import SingleEncoderViews
+from explain.attribution.engine import Explainer
+from explain.attribution.views import SingleEncoderViews
+from explain.syndrome.maps import GroupTooSmall, SyndromeExplainer
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["orig", "orig+flip"])

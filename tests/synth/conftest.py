@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoder import synth
 from encoder.assets import PHOTOS
+from research import synth
 
 # Few photos keep detection cheap; t1.jpg adds six subjects in one MTCNN call.
 TEST_PHOTOS = ("person_a_1.jpg", "person_a_2.jpg", "person_b_1.jpg", "impostor_1.jpg",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from encoder import synth
+from research import synth
 
 
 def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:

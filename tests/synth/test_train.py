@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import encoder.models.finetuned as ft
-from encoder import synth
 from encoder.errors import CheckpointError
 from encoder.registry import create_encoder
-from encoder.train import (
+from explain.evaluation.metrics import SubjectLeakage
+from research import synth
+from research.train import (
     TrainConfig,
     base_affine_head,
     class_weights,
@@ -18,7 +19,6 @@ from encoder.train import (
     labelled_features,
     train_head,
 )
-from explain.metrics import SubjectLeakage
 
 CLASSES = tuple(synth.SYNDROMES)
 
@@ -91,7 +91,7 @@ def test_different_heads_get_different_encoder_versions(sface, features, trained
 
 
 def test_finetuned_head_is_affine_so_explanations_sum_to_the_cosine(trained, splits):
-    from explain.engine import Explainer
+    from explain.attribution.engine import Explainer
 
     pairs = Explainer(trained.model).explain(splits["test"].images[0], splits["train"].images[:3])
     for pair in pairs:
