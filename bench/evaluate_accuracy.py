@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from encoder.registry import create_encoder
     from explain.attribution.views import SingleEncoderViews
-    from explain.evaluation import metrics as M
     from explain.evaluation import report as R
     from explain.evaluation.common import embed_views
+    from gallery import accuracy as A
     from research import synth
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     g_emb = embed_views(views, gallery.images)
     t_emb = embed_views(views, test.images)
 
-    g_split = M.Split(gallery.image_ids, gallery.subjects, gallery.labels)
-    t_split = M.Split(test.image_ids, test.subjects, test.labels)
-    result = M.split_accuracy(t_emb, t_split, g_emb, g_split)
+    g_split = A.Split(gallery.image_ids, gallery.subjects, gallery.labels)
+    t_split = A.Split(test.image_ids, test.subjects, test.labels)
+    result = A.split_accuracy(t_emb, t_split, g_emb, g_split)
 
     write_split_csv(
         args.out / "gallery_split.csv", g_split.image_ids, g_split.subjects, g_split.labels

@@ -217,7 +217,7 @@ def _init_head(model: FineTunedEncoder, base: FaceEncoder, train: LabelledFeatur
 def _validation(model: FineTunedEncoder, train: LabelledFeatures, val: LabelledFeatures,
                 class_index: dict[str, int], weights: torch.Tensor) -> tuple[float, float, float]:
     """(val loss, macro top-1, macro top-5) with the training faces as the gallery."""
-    from explain.evaluation.metrics import macro_topk, mean_view_cosine, syndrome_ranks
+    from gallery.accuracy import macro_topk, mean_view_cosine, syndrome_ranks
 
     model.eval()
     with torch.no_grad():
@@ -239,7 +239,7 @@ def train_head(base: FaceEncoder, train: LabelledFeatures, val: LabelledFeatures
     val: subject-disjoint validation faces for early stopping (None: fixed epochs,
     keep the last). Returns the best epoch's model in eval mode.
     """
-    from explain.evaluation.metrics import assert_subject_disjoint
+    from gallery.accuracy import assert_subject_disjoint
 
     config = config or TrainConfig()
     if val is not None:
@@ -339,8 +339,8 @@ def labelled_features(encoder: FaceEncoder, faces, batch_size: int = 64) -> Labe
 def matching_accuracy(encoder: FaceEncoder, gallery: LabelledFeatures, queries: LabelledFeatures,
                       ks: Sequence[int] = (1, 5)):
     """GestaltMatcher's macro top-k of ``queries`` against ``gallery`` (subject-disjoint,
-    checked) with ``encoder``'s head on cached maps; an ``explain.metrics.TopKAccuracy``."""
-    from explain.evaluation.metrics import (
+    checked) with ``encoder``'s head on cached maps; a ``gallery.accuracy.TopKAccuracy``."""
+    from gallery.accuracy import (
         assert_subject_disjoint,
         macro_topk,
         mean_view_cosine,

@@ -1,6 +1,6 @@
 """Evaluation results as JSON, Markdown tables and PNG plots.
 
-Takes the frozen result objects of ``explain.evaluation.common`` and writes them into
+Takes the frozen result objects of the protocols (``explain.evaluation.*``) and writes them into
 one output folder: ``<name>.json`` (everything, machine-readable),
 ``<name>.md`` (the tables a person reads) and PNG plots (deletion/insertion
 curves, the randomisation cascade).
@@ -19,14 +19,11 @@ from typing import Any
 import numpy as np
 
 from explain.evaluation import metrics as M
-from explain.evaluation.common import (
-    SANITY_PASS_SPEARMAN,
-    CostResult,
-    CurveSet,
-    FaithfulnessResult,
-    LocalisationResult,
-    SanityResult,
-)
+from explain.evaluation.cost import CostResult
+from explain.evaluation.faithfulness import CurveSet, FaithfulnessResult
+from explain.evaluation.localization import LocalisationResult
+from explain.evaluation.sanity import SANITY_PASS_SPEARMAN, SanityResult
+from gallery.accuracy import TopKAccuracy
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -409,7 +406,7 @@ def cost_markdown(result: CostResult) -> str:
     return "\n".join(text) + "\n"
 
 
-def accuracy_markdown(result: M.TopKAccuracy) -> str:
+def accuracy_markdown(result: TopKAccuracy) -> str:
     header = ["", *[f"top-{k}" for k in result.ks]]
     rows = [
         ["macro", *[_fmt(result.macro[k]) for k in result.ks]],

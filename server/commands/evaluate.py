@@ -184,10 +184,10 @@ def _label_gallery() -> tuple[list, list]:
 
 
 def _faithfulness(args, model, pairs, methods, options, out: Path) -> tuple[str, dict]:
-    from explain.evaluation import common as E
+    from explain.evaluation import faithfulness
     from explain.evaluation import report as R
 
-    result = E.faithfulness(
+    result = faithfulness.faithfulness(
         model,
         pairs,
         methods,
@@ -212,12 +212,12 @@ def _sanity(args, encoder, pairs, methods, options, out: Path) -> tuple[str, dic
     import numpy as np
 
     from explain.attribution.views import SingleEncoderViews
-    from explain.evaluation import common as E
     from explain.evaluation import report as R
+    from explain.evaluation import sanity
 
     sane_pairs = _sanity_pairs(pairs, args.sanity_pairs)
-    units = E.randomisation_units(encoder)
-    steps, units, errors = E.cascading_randomisation(
+    units = sanity.randomisation_units(encoder)
+    steps, units, errors = sanity.cascading_randomisation(
         encoder,
         sane_pairs,
         methods,
@@ -236,7 +236,7 @@ def _sanity(args, encoder, pairs, methods, options, out: Path) -> tuple[str, dic
                 continue
             keep = [j for j in range(len(meta)) if j != i]
             per_query.append(
-                E.label_randomisation(
+                sanity.label_randomisation(
                     SingleEncoderViews(encoder, flip=args.flip),
                     crops[i],
                     np.stack([crops[j] for j in keep]),
@@ -248,7 +248,7 @@ def _sanity(args, encoder, pairs, methods, options, out: Path) -> tuple[str, dic
             )
         for method_rows in zip(*per_query, strict=True):
             labels.append(
-                E.LabelRandomisation(
+                sanity.LabelRandomisation(
                     method=method_rows[0].method,
                     spearman=float(np.mean([r.spearman for r in method_rows])),
                     spearman_abs=float(np.mean([r.spearman_abs for r in method_rows])),
@@ -256,7 +256,7 @@ def _sanity(args, encoder, pairs, methods, options, out: Path) -> tuple[str, dic
                     n_permutations=method_rows[0].n_permutations * len(method_rows),
                 )
             )
-    result = E.SanityResult(tuple(steps), tuple(units), tuple(labels), errors)
+    result = sanity.SanityResult(tuple(steps), tuple(units), tuple(labels), errors)
     md = R.sanity_markdown(result)
     plot = R.plot_cascade(result, out)
     passed = {"full": result.passed(), "every_stage": result.passed(every_stage=True)}
@@ -280,23 +280,24 @@ def _sanity_pairs(pairs, n: int):
 
 def _localization(args, model, pairs, methods, options, out: Path, maps=None) -> tuple[str, dict]:
     from explain.evaluation import common as E
+    from explain.evaluation import localization
     from explain.evaluation import report as R
 
     errors: dict[str, str] = {}
     if maps is None:  # one pass over the methods serves both sides
         maps, errors = E.query_maps(model, pairs, methods, method_options=options)
-    pos = E.localisation(model, pairs, tuple(maps), k=args.k, maps=maps)
-    neg = E.localisation(model, pairs, tuple(maps), k=args.k, side="negative", maps=maps)
+    pos = localization.localisation(model, pairs, tuple(maps), k=args.k, maps=maps)
+    neg = localization.localisation(model, pairs, tuple(maps), k=args.k, side="negative", maps=maps)
     md = R.localisation_markdown(pos) + "\n" + R.localisation_markdown(neg)
     R.write_report(out, "localization", {"positive": pos, "negative": neg}, md)
     return md, {"iou": pos.iou, "iou_star": pos.iou_star, "errors": errors}
 
 
 def _cost(args, model, pairs, methods, options, out: Path) -> tuple[str, dict]:
-    from explain.evaluation import common as E
+    from explain.evaluation import cost
     from explain.evaluation import report as R
 
-    result = E.cost_and_consistency(
+    result = cost.cost_and_consistency(
         model,
         pairs,
         methods,
@@ -313,16 +314,16 @@ def _cost(args, model, pairs, methods, options, out: Path) -> tuple[str, dict]:
 def _accuracy(args, out: Path) -> tuple[str, dict]:
     import numpy as np
 
-    from explain.evaluation import common as E
-    from explain.evaluation import metrics as M
+    from explain.evaluation import accuracy
     from explain.evaluation import report as R
+    from gallery import accuracy as A
 
     if not (args.gallery_split and args.test_split) or not (args.gallery or args.embeddings):
         raise ValueError(
             "accuracy needs --gallery-split and --test-split, and --gallery or --embeddings"
         )
-    gsplit, tsplit = M.read_split_csv(args.gallery_split), M.read_split_csv(args.test_split)
-    M.assert_subject_disjoint(gsplit.subjects, tsplit.subjects)
+    gsplit, tsplit = A.read_split_csv(args.gallery_split), A.read_split_csv(args.test_split)
+    A.assert_subject_disjoint(gsplit.subjects, tsplit.subjects)
     wanted = set(gsplit.image_ids) | set(tsplit.image_ids)
     vectors: dict[str, np.ndarray] = {}
     if args.embeddings:
@@ -339,9 +340,9 @@ def _accuracy(args, out: Path) -> tuple[str, dict]:
                     vectors[record.info.image_id] = np.stack([np.asarray(v) for v in record.views])
     missing = wanted - set(vectors)
     if missing:
-        raise M.EvaluationError(f"{len(missing)} split image(s) have no embedding in the source")
+        raise A.AccuracyError(f"{len(missing)} split image(s) have no embedding in the source")
     ks = tuple(int(k) for k in args.ks.split(","))
-    result = E.accuracy(
+    result = accuracy.accuracy(
         np.stack([vectors[i] for i in tsplit.image_ids]),
         tsplit,
         np.stack([vectors[i] for i in gsplit.image_ids]),

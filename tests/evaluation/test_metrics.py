@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from explain.evaluation import metrics as M
+from gallery import accuracy as A
 
 
 def _square(size: int, y0: int, x0: int, side: int) -> np.ndarray:
@@ -113,9 +114,9 @@ def test_macro_topk_on_a_hand_built_split_equals_the_hand_computation():
         ]
     )
     query_labels = ["A", "A", "B", "D"]
-    ranks = M.syndrome_ranks(sim, gallery_labels, query_labels)
+    ranks = A.syndrome_ranks(sim, gallery_labels, query_labels)
     assert ranks.tolist() == [1, 3, 3, np.inf]
-    acc = M.macro_topk(ranks, query_labels, ks=(1, 3))
+    acc = A.macro_topk(ranks, query_labels, ks=(1, 3))
     # per syndrome top-1: A 1/2, B 0, D 0 -> macro 1/6; top-3: A 1, B 1, D 0 -> 2/3
     assert acc.macro[1] == pytest.approx(1 / 6)
     assert acc.macro[3] == pytest.approx(2 / 3)
@@ -129,18 +130,18 @@ def test_subject_leakage_between_gallery_and_test_split_is_rejected(tmp_path):
     test = tmp_path / "test.csv"
     gallery.write_text(",image_id,subject,label\n0,1,s1,A\n1,2,s2,B\n")
     test.write_text("image_id,subject,label\n3,s3,A\n4,s2,B\n")
-    g, t = M.read_split_csv(gallery), M.read_split_csv(test)
+    g, t = A.read_split_csv(gallery), A.read_split_csv(test)
     assert g.image_ids == ("1", "2") and g.labels == ("A", "B")
     emb = np.eye(4)[:2]
-    with pytest.raises(M.SubjectLeakage, match="1 subject"):
-        M.split_accuracy(emb, t, emb, g)
-    clean = M.Split(image_ids=("3", "4"), subjects=("s3", "s4"), labels=("A", "B"))
-    acc = M.split_accuracy(emb, clean, emb, g, ks=(1,))
+    with pytest.raises(A.SubjectLeakage, match="1 subject"):
+        A.split_accuracy(emb, t, emb, g)
+    clean = A.Split(image_ids=("3", "4"), subjects=("s3", "s4"), labels=("A", "B"))
+    acc = A.split_accuracy(emb, clean, emb, g, ks=(1,))
     assert acc.macro[1] == 1.0
 
 
 def test_split_csv_without_a_label_column_is_refused(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("image_id,subject\n1,s1\n")
-    with pytest.raises(M.EvaluationError, match="label"):
-        M.read_split_csv(bad)
+    with pytest.raises(A.AccuracyError, match="label"):
+        A.read_split_csv(bad)

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from explain.evaluation import common as E
+from explain.evaluation import faithfulness as F
+from explain.evaluation import localization as L
 from explain.evaluation import metrics as M
+from explain.evaluation import sanity as S
 from explain.regions import region_masks
 
 
@@ -31,7 +34,7 @@ def test_pair_target_is_the_cosine_on_the_unperturbed_query(sface, same_pair):
 
 
 def test_deleting_the_most_similar_pixels_lowers_similarity_faster_than_random(sface, same_pair):
-    result = E.faithfulness(
+    result = F.faithfulness(
         sface,
         [same_pair],
         ["similarity"],
@@ -50,8 +53,8 @@ def test_deleting_the_most_similar_pixels_lowers_similarity_faster_than_random(s
 
 def test_randomising_the_model_changes_gradcam_maps_and_a_plain_copy_does_not(sface, same_pair):
     before = [p.detach().clone() for p in sface.parameters()]
-    n_units = len(E.randomisation_units(sface))
-    steps, units, errors = E.cascading_randomisation(
+    n_units = len(S.randomisation_units(sface))
+    steps, units, errors = S.cascading_randomisation(
         sface, [same_pair], ["gradcam"], stages=[0, n_units]
     )
     assert not errors
@@ -64,7 +67,7 @@ def test_randomising_the_model_changes_gradcam_maps_and_a_plain_copy_does_not(sf
 
 
 def test_randomisation_units_run_top_down_in_blocks(sface):
-    units = E.randomisation_units(sface)
+    units = S.randomisation_units(sface)
     assert units[:4] == ["bn_fc", "fc", "bn1", "body.conv_14"]
     assert len(units) == len(set(units)) == 3 + len(list(sface.body.children()))
 
@@ -85,7 +88,7 @@ def test_region_masks_follow_the_landmarks(same_pair):
 def test_localisation_of_a_region_indicator_map_scores_that_region_highest(same_pair):
     masks = region_masks(same_pair.query_landmarks, size=(112, 112))
     indicator = masks["nose"].astype(np.float32)
-    result = E.localisation(None, [same_pair], ["indicator"], maps={"indicator": [indicator]})
+    result = L.localisation(None, [same_pair], ["indicator"], maps={"indicator": [indicator]})
     iou = result.iou["indicator"]
     assert iou["nose"] == 1.0 and iou["eyes"] == 0.0
     assert result.iou_star["indicator"]["nose"] == pytest.approx(1.0)
@@ -102,7 +105,7 @@ def test_label_permutation_changes_the_map_towards_a_label_centroid(sface, faces
     ]
     labels = ["a", "b", "b", "i1", "i2", "gh"]
     crops = np.stack([faces[n].alignment.crop for n in names])
-    rows = E.label_randomisation(
+    rows = S.label_randomisation(
         sface, faces["person_a_1.jpg"].alignment.crop, crops, labels, "a", n_permutations=3
     )
     assert {r.method for r in rows} == {"similarity", "gradcam"}

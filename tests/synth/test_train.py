@@ -9,7 +9,7 @@ import torch
 import encoder.models.finetuned as ft
 from encoder.errors import CheckpointError
 from encoder.registry import create_encoder
-from explain.evaluation.metrics import SubjectLeakage
+from gallery.accuracy import SubjectLeakage
 from research import synth
 from research.train import (
     TrainConfig,
