@@ -23,9 +23,9 @@ from matplotlib import colormaps  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from encoder.align import Alignment, warp_to_photo  # noqa: E402
+from gallery.png import encode_png  # noqa: E402
 
 DIVERGING_CMAP = "RdBu_r"
 MAX_ALPHA = 0.7
@@ -64,12 +64,6 @@ def overlay(rgb: np.ndarray, signed_map: np.ndarray, *, limit: float | None = No
     return np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
 
 
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def figure_png(fig: Figure, path: str | Path | None = None) -> bytes:
     """PNG bytes of a matplotlib figure, also written to ``path`` when one is given."""
     buf = io.BytesIO()
@@ -88,7 +82,7 @@ def overlay_png(
     limit: float | None = None,
 ) -> bytes:
     """PNG bytes of :func:`overlay` (also written to ``path`` when given)."""
-    data = _png(overlay(rgb, signed_map, limit=limit))
+    data = encode_png(overlay(rgb, signed_map, limit=limit))
     if path is not None:
         Path(path).write_bytes(data)
     return data

@@ -9,7 +9,6 @@ call stops computing (the explain engine polls ``scope.cancelled``).
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,34 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from encoder.image import decode_image
 from encoder.pipeline import Face, FacePipeline
 from explain.errors import Cancelled as ExplainCancelled
 from gallery import Entry, Gallery, GeneHit, Hit, SchemeMismatch, SyndromeHit
+from gallery.png import encode_png
 from server.config import ServiceConfig
 from server.errors import BadRequest
 from server.feature_cache import FeatureCache, Fingerprint
 from server.limits import RequestScope
 
 log = logging.getLogger("phenolens.server")
-
-ENGINE_METHODS = ("similarity", "gradcam")  # batched for all hits by explain.attribution.engine
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG file bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def png_pixels(data: bytes) -> np.ndarray:
-    """PNG (or any image) bytes of a stored aligned crop -> (H, W, 3) uint8."""
-    from encoder.image import decode_image
-
-    return decode_image(data)
-
 
 @dataclass(frozen=True)
 class SearchFilters:
@@ -57,11 +39,13 @@ class SearchFilters:
 @dataclass(frozen=True, eq=False)
 class Query:
     """A query face: its per-view unit embeddings (V, D) and, when it came as an image,
-    the aligned face and the explain engine's features of it (reused by Explain)."""
+    the aligned face, the explain engine's features of it (reused by Explain) and the
+    decoded photo (H, W, 3) uint8 (decoded once per request; photo overlays reuse it)."""
 
     views: np.ndarray
     face: Face | None = None
     features: Any = None  # explain.attribution.engine.FaceFeatures of the crop
+    photo: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,9 +58,9 @@ class MatchOutcome:
 
 
 @dataclass(frozen=True, eq=False)
-class MethodMaps:
-    """One method's maps of one pair. aligned (H, W) crop maps; feature (h, w) or None;
-    query_photo (H', W') over the (possibly downscaled) photo, or None."""
+class WireMaps:
+    """One method's maps of one pair as the wire carries them. aligned (H, W) crop maps;
+    feature (h, w) or None; query_photo (H', W') over the (possibly downscaled) photo, or None."""
 
     method: str
     query_aligned: np.ndarray
@@ -90,7 +74,7 @@ class MethodMaps:
 class HitExplanation:
     index: int
     hit: Hit
-    maps: tuple[MethodMaps, ...]
+    maps: tuple[WireMaps, ...]
     residual: float
     bias_share: float
     gallery_crop: np.ndarray  # (H, W, 3) uint8
@@ -204,10 +188,18 @@ class Backend:
         scope.check()
         return self.pipeline.face(image, aligned=aligned)
 
-    def query_of_face(self, face: Face, scope: RequestScope) -> Query:
+    def query_of_face(self, face: Face, scope: RequestScope,
+                      photo: np.ndarray | None = None) -> Query:
         scope.check()
         features = self.explainer.encode(face.crop, cancel=scope.cancelled)
-        return Query(_unit_views(features.embeddings), face, features)
+        return Query(_unit_views(features.embeddings), face, features, photo)
+
+    def query_of_image(self, image: bytes | np.ndarray, *, aligned: bool,
+                       scope: RequestScope) -> Query:
+        """Decode once, find and align the face, encode it; the Query keeps the photo."""
+        scope.check()
+        photo = self.pipeline.load(image)
+        return self.query_of_face(self.face(photo, aligned=aligned, scope=scope), scope, photo)
 
     def query_of_embedding(self, vectors: np.ndarray, view_scheme: str) -> Query:
         if view_scheme and view_scheme != self.view_scheme:
@@ -253,11 +245,13 @@ class Backend:
                 feature_maps: bool, scope: RequestScope) -> Iterator[HitExplanation]:
         """Per hit, in order, maps of every method on both faces, each yielded once ready.
 
-        The engine methods (similarity, gradcam) for all hits come from one batched
-        call; every other method runs per pair with the configured budget and a time
-        limit that ends at the caller's deadline. Raises explain's Cancelled or
-        TimeLimitExceeded when the call is abandoned.
+        Through ``explain_matches``: the batched engine maps for all hits in one
+        pass, every other method per pair on the same (cached) features, with the
+        configured budget and a time limit that ends at the caller's deadline.
+        Raises explain's Cancelled or TimeLimitExceeded when the call is abandoned.
         """
+        from explain.attribution.matches import iter_matches, typed_options
+
         if query.face is None:
             raise BadRequest("Explain needs a query image, not an embedding")
         if not hits:
@@ -266,20 +260,24 @@ class Backend:
         completed = False
         try:
             pngs = [self._gallery_crop_png(h.gallery_id) for h in hits]
-            crops = np.stack([png_pixels(png) for png in pngs])
+            crops = np.stack([decode_image(png) for png in pngs])
             scope.check()
-            pairs = self.explainer.explain(query.features,
-                                           self._hit_features(hits, pngs, crops, scope),
-                                           cancel=scope.cancelled)
-            for index, (hit, pair) in enumerate(zip(hits, pairs, strict=True)):
-                maps = []
-                for method in methods:
-                    scope.check()
-                    maps.append(self._method_maps(method, pair, query, crops[index],
-                                                  options.get(method, {}), photo_maps,
-                                                  feature_maps, scope))
-                yield HitExplanation(index, hit, tuple(maps), pair.query.residual,
-                                     pair.query.bias_share, crops[index], pngs[index])
+            limit = self.config.explain.time_limit_s
+
+            def time_left() -> float:
+                remaining = scope.remaining()
+                return limit if remaining is None else max(0.0, min(limit, remaining))
+
+            matches = iter_matches(
+                self.explainer, query.features, self._hit_features(hits, pngs, crops, scope),
+                methods, options={m: typed_options(m, o) for m, o in options.items()},
+                budget=self.config.explain.budget, time_limit=time_left, cancel=scope.cancelled)
+            for match in matches:
+                i = match.index
+                maps = tuple(self._wire_maps(m, query, photo_maps, feature_maps)
+                             for m in match.maps)
+                yield HitExplanation(i, hits[i], maps, match.residual, match.bias_share,
+                                     crops[i], pngs[i])
             completed = True
         except ExplainCancelled:
             scope.check()  # past the caller's deadline: say so (DEADLINE_EXCEEDED)
@@ -289,8 +287,8 @@ class Backend:
 
     def _hit_features(self, hits: Sequence[Hit], pngs: Sequence[bytes], crops: np.ndarray,
                       scope: RequestScope) -> Any:
-        """The hits' FaceFeatures, from the cache where their stored crop is unchanged;
-        without a cache the (K, H, W, 3) crops themselves (the engine encodes them)."""
+        """The hits' FaceFeatures (crops included), from the cache where their stored crop
+        is unchanged; without a cache the (K, H, W, 3) crops themselves (encoded once)."""
         if self.feature_cache is None:
             return crops
         keys = [(h.gallery_id, Fingerprint.of(png, self.encoder_id, self.view_scheme))
@@ -304,39 +302,20 @@ class Backend:
             raise BadRequest("a gallery image has no stored aligned crop to explain against")
         return record.crop_png
 
-    def _method_maps(self, method: str, pair: Any, query: Query, gallery_crop: np.ndarray,
-                     options: Mapping[str, float], photo_maps: bool, feature_maps: bool,
-                     scope: RequestScope) -> MethodMaps:
-        if method in ENGINE_METHODS and not options:
-            q, g = pair.query, pair.gallery
-            name = "similarity" if method == "similarity" else "gradcam"
-            qa, ga = getattr(q, f"{name}_aligned"), getattr(g, f"{name}_aligned")
-            qf, gf = (getattr(q, name), getattr(g, name)) if feature_maps else (None, None)
-        else:
-            from explain.attribution.methods import METHODS, attribute
-
-            impl = METHODS.get(method)
-            typed = {k: (int(v) if impl is not None and isinstance(impl.defaults.get(k), int)
-                         and not isinstance(impl.defaults.get(k), bool) else v)
-                     for k, v in options.items()}
-            remaining = scope.remaining()
-            limit = self.config.explain.time_limit_s
-            if remaining is not None:
-                limit = max(0.0, min(limit, remaining))
-            result = attribute(method, self.explainer, query.face.crop, gallery_crop,
-                               budget=self.config.explain.budget, time_limit=limit,
-                               cancel=scope.cancelled, **typed)
-            qa, ga = result.query_aligned, result.gallery_aligned
-            feature = result.resolution == "feature" and feature_maps
-            qf, gf = (result.query, result.gallery) if feature else (None, None)
+    def _wire_maps(self, maps: Any, query: Query, photo_maps: bool,
+                   feature_maps: bool) -> WireMaps:
+        """An ``explain_matches`` MethodMaps -> what the wire carries (photo map warped here)."""
+        qa, ga = maps.query_aligned, maps.gallery_aligned
+        feature = feature_maps and maps.resolution == "feature"
+        qf, gf = (maps.query, maps.gallery) if feature else (None, None)
         photo = None
         if photo_maps and query.face.alignment is not None:
             from encoder.align import warp_to_photo
 
             photo = _downscale(warp_to_photo(qa, query.face.alignment),
                                self.config.limits.max_photo_map_side)
-        return MethodMaps(method, np.asarray(qa, np.float32), np.asarray(ga, np.float32),
-                          qf, gf, photo)
+        return WireMaps(maps.method, np.asarray(qa, np.float32), np.asarray(ga, np.float32),
+                        qf, gf, photo)
 
     # -- gallery writes ----------------------------------------------------------------
     def delete_images(self, gallery_ids: Sequence[int], image_ids: Sequence[str], *,
@@ -369,7 +348,7 @@ class Backend:
     def entry(self, face: Face, record: Mapping[str, Any], scope: RequestScope) -> Entry:
         """A gallery Entry for an aligned face and its labels (embeds the crop)."""
         query = self.query_of_face(face, scope)
-        return self.entry_of(query.views, png_bytes(face.crop), record, self.view_scheme)
+        return self.entry_of(query.views, encode_png(face.crop), record, self.view_scheme)
 
     def entry_of(self, views: np.ndarray, crop_png: bytes, record: Mapping[str, Any],
                  view_scheme: str) -> Entry:

@@ -24,8 +24,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from explain.attribution.engine import FaceFeatures
 
 
@@ -56,31 +54,18 @@ class CacheStats:
 
 
 def _nbytes(features: FaceFeatures) -> int:
-    return sum(t.numel() * t.element_size()
-               for t in (*features.feature_maps, *features.embeddings))
+    crops = 0 if features.crops is None else features.crops.nbytes
+    return crops + sum(t.numel() * t.element_size()
+                       for t in (*features.feature_maps, *features.embeddings))
 
 
 def _own(features: FaceFeatures) -> FaceFeatures:
-    """One face's features in tensors of their own (not views into a batch)."""
+    """One face's features (and crop) in arrays of their own (not views into a batch)."""
     return FaceFeatures(
         tuple(f.detach().clone() for f in features.feature_maps),
         tuple(e.detach().clone() for e in features.embeddings),
         features.encoders, features.flipped, features.crop_size,
-    )
-
-
-def concat(faces: Sequence[FaceFeatures]) -> FaceFeatures:
-    """Features of N faces (one view scheme, same encoder objects) -> one FaceFeatures of N."""
-    if not faces:
-        raise ValueError("concat needs at least one face")
-    first = faces[0]
-    if len(faces) == 1:
-        return first
-    views = range(len(first.feature_maps))
-    return FaceFeatures(
-        tuple(torch.cat([f.feature_maps[v] for f in faces]) for v in views),
-        tuple(torch.cat([f.embeddings[v] for f in faces]) for v in views),
-        first.encoders, first.flipped, first.crop_size,
+        None if features.crops is None else features.crops.copy(),
     )
 
 
@@ -166,7 +151,7 @@ class FeatureCache:
                 one = fresh.select(j)
                 self.put(keys[i][0], keys[i][1], one)
                 found[i] = one
-        return concat([f for f in found if f is not None])
+        return FaceFeatures.concat([f for f in found if f is not None])
 
     def _drop(self, gallery_id: int) -> None:
         _, _, size = self._entries.pop(gallery_id)

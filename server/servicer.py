@@ -16,10 +16,11 @@ import grpc
 from phenolens._proto import gallery_pb2, gallery_pb2_grpc, phenolens_pb2, phenolens_pb2_grpc
 from phenolens.arrays import to_float_array
 
-from explain.attribution.methods import METHODS
-from explain.errors import UnknownMethod
+from encoder.image import decode_image
+from explain.attribution.matches import METHOD_NAMES, check_methods
+from gallery.png import encode_png
 from server import convert
-from server.backend import Backend, Query, png_bytes, png_pixels
+from server.backend import Backend, Query
 from server.config import ServiceConfig
 from server.errors import BadRequest, NotFound
 from server.limits import HeavyWorkLimiter, RequestScope
@@ -64,8 +65,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
             raise BadRequest("MatchRequest needs an image or an embedding")
         image, aligned = convert.image_input(request.image,
                                              self.config.limits.max_image_pixels)
-        face = self.backend.face(image, aligned=aligned, scope=scope)
-        return self.backend.query_of_face(face, scope), not aligned
+        return self.backend.query_of_image(image, aligned=aligned, scope=scope), not aligned
 
     def _match(self, request: phenolens_pb2.MatchRequest, scope: RequestScope, *,
                default_k: int = 10):
@@ -83,10 +83,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         if len(methods) > self.config.limits.max_explain_methods:
             raise BadRequest(f"{len(methods)} methods asked for; the limit is "
                              f"{self.config.limits.max_explain_methods}")
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise UnknownMethod(f"unknown explain method(s) {unknown}; known: {list(METHODS)}")
-        return methods
+        return check_methods(methods)
 
     def _explain(self, request: phenolens_pb2.ExplainRequest, scope: RequestScope
                  ) -> Iterator[phenolens_pb2.ExplainEvent]:
@@ -109,13 +106,11 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
             match.hits.extend(convert.hit(h, i + 1, b.encoder_id, b.view_scheme)
                               for i, h in enumerate(hits))
         face = outcome.query.face
-        crop_png = png_bytes(face.crop) if (request.overlays or request.gallery_crops) else b""
+        crop_png = encode_png(face.crop) if (request.overlays or request.gallery_crops) else b""
         yield phenolens_pb2.ExplainEvent(match=match, query_crop_png=crop_png)
         photo = None
         if request.overlays and request.photo_maps:
-            image, _ = convert.image_input(request.match.image, self.config.limits.max_image_pixels)
-            photo = b.pipeline.load(image)
-            photo = _downscale_rgb(photo, self.config.limits.max_photo_map_side)
+            photo = _downscale_rgb(outcome.query.photo, self.config.limits.max_photo_map_side)
         for explained in b.explain(outcome.query, hits, methods=methods, options=options,
                                    photo_maps=request.photo_maps,
                                    feature_maps=request.feature_maps, scope=scope):
@@ -148,7 +143,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
                 max_page_size=limits.max_page_size,
                 max_photo_map_side=limits.max_photo_map_side,
                 max_explain_budget=b.config.explain.budget),
-            explain_methods=list(METHODS), default_explain_methods=list(b.config.explain.methods),
+            explain_methods=list(METHOD_NAMES), default_explain_methods=list(b.config.explain.methods),
             features=list(self.features),
         )
 
@@ -164,7 +159,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
             encoder_id=self.backend.encoder_id, view_scheme=self.backend.view_scheme,
             embedding=to_float_array(query.views),
             alignment=convert.alignment(face, detected=not aligned),
-            aligned_crop_png=png_bytes(face.crop) if request.return_aligned_crop else b"",
+            aligned_crop_png=encode_png(face.crop) if request.return_aligned_crop else b"",
         )
 
     def Match(self, request: phenolens_pb2.MatchRequest, context: grpc.ServicerContext
@@ -247,7 +242,7 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
                     vectors, scheme = convert.embedding_input(item.precomputed.embedding)
                     crop = item.precomputed.aligned_crop_png
                     if crop:
-                        png_pixels(crop)  # refuse a corrupt crop before it is stored
+                        decode_image(crop)  # refuse a corrupt crop before it is stored
                     batch.append(b.entry_of(vectors, crop, fields, scheme))
                 else:
                     raise BadRequest(f"import record {received} has neither image nor "

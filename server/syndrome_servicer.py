@@ -17,6 +17,7 @@ import numpy as np
 from phenolens._proto import syndrome_pb2, syndrome_pb2_grpc, types_pb2
 from phenolens.arrays import to_float_array
 
+from encoder.image import decode_image
 from explain.syndrome.fill_in import (
     FillIn,
     FillInOptions,
@@ -25,8 +26,9 @@ from explain.syndrome.fill_in import (
     fill_in_figure,
 )
 from explain.syndrome.maps import Composite, SyndromeExplainer, check_group, composite
+from gallery.png import encode_png
 from server import convert
-from server.backend import Backend, png_bytes, png_pixels
+from server.backend import Backend
 from server.config import ServiceConfig
 from server.errors import BadRequest
 from server.limits import HeavyWorkLimiter, RequestScope
@@ -70,7 +72,7 @@ def load_group(gallery: Any, *, syndrome_id: str = "", gallery_ids: tuple[int, .
     label = syndrome_id and (records[0].info.syndrome_name or syndrome_id)
     if not label:
         label = names.pop() if len(names) == 1 else f"{len(records)} gallery images"
-    crops = np.stack([png_pixels(r.crop_png) for r in records])
+    crops = np.stack([decode_image(r.crop_png) for r in records])
     return GalleryGroup(label, crops, tuple(r.info.gallery_id for r in records),
                         tuple(r.info.subject_id for r in records))
 
@@ -138,7 +140,7 @@ class SyndromeServicer(syndrome_pb2_grpc.SyndromeServiceServicer):
             comp = self._composite(request.group, group)
         return syndrome_pb2.CompositeResponse(
             group=self._summary(group, comp.check), composite=_raw(comp.image),
-            mean=to_float_array(comp.mean), composite_png=png_bytes(comp.image))
+            mean=to_float_array(comp.mean), composite_png=encode_png(comp.image))
 
     def SyndromeMap(self, request: syndrome_pb2.SyndromeMapRequest,
                     context: grpc.ServicerContext) -> syndrome_pb2.SyndromeMapResponse:
@@ -175,7 +177,7 @@ class SyndromeServicer(syndrome_pb2_grpc.SyndromeServiceServicer):
             comp = composite(group.crops, subjects=group.subjects,
                              min_size=request.group.min_size or 2).image
             limit = symmetric_limit(maps.to_centroid_aligned, maps.to_rest_aligned)
-            response.composite_png = png_bytes(comp)
+            response.composite_png = encode_png(comp)
             response.to_centroid_overlay_png = overlay_png(comp, maps.to_centroid_aligned,
                                                            limit=limit)
             response.to_rest_overlay_png = overlay_png(comp, maps.to_rest_aligned, limit=limit)
@@ -205,7 +207,7 @@ class SyndromeServicer(syndrome_pb2_grpc.SyndromeServiceServicer):
                 record = self.backend.gallery.get(convert.gallery_id(request.gallery_id))
                 if not record.crop_png:
                     raise BadRequest("the gallery image has no stored aligned crop")
-                target_crops = png_pixels(record.crop_png)[None]
+                target_crops = decode_image(record.crop_png)[None]
                 label = record.info.syndrome_name or record.info.syndrome_id or "gallery face"
             elif which == "target_image":
                 target_face, _ = self._face(request.target_image, scope)

@@ -17,8 +17,8 @@ cache of head matrices (``explain.attribution.affine``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,7 +37,9 @@ class FaceFeatures:
 
     feature_maps[v] (N, C, h, w) as the view's encoder saw the (possibly
     flipped) crop; embeddings[v] (N, D) unnormalised; crop_size (H, W) of the
-    aligned crop. Cache these for gallery faces to skip their forward pass.
+    aligned crop; crops (N, H, W, 3) the aligned crops they were computed from
+    (pixel methods of the family perturb them), or None. Cache these for gallery
+    faces to skip their forward pass.
     """
 
     feature_maps: tuple[torch.Tensor, ...]
@@ -45,6 +47,7 @@ class FaceFeatures:
     encoders: tuple[FaceEncoder, ...]
     flipped: tuple[bool, ...]
     crop_size: tuple[int, int]
+    crops: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.feature_maps[0].shape[0])
@@ -58,6 +61,26 @@ class FaceFeatures:
             self.encoders,
             self.flipped,
             self.crop_size,
+            None if self.crops is None else self.crops[index],
+        )
+
+    @classmethod
+    def concat(cls, faces: Sequence[FaceFeatures]) -> FaceFeatures:
+        """Features of N faces (one view scheme, same encoder objects) -> one FaceFeatures."""
+        if not faces:
+            raise ValueError("concat needs at least one face")
+        first = faces[0]
+        if len(faces) == 1:
+            return first
+        views = range(len(first.feature_maps))
+        crops = [f.crops for f in faces]
+        return cls(
+            tuple(torch.cat([f.feature_maps[v] for f in faces]) for v in views),
+            tuple(torch.cat([f.embeddings[v] for f in faces]) for v in views),
+            first.encoders,
+            first.flipped,
+            first.crop_size,
+            None if any(c is None for c in crops) else np.concatenate(crops),
         )
 
 
@@ -65,19 +88,34 @@ class FaceFeatures:
 class SideMaps:
     """The maps on one face of a pair, averaged over views, in aligned-crop orientation.
 
-    similarity (h, w): signed contribution of each cell to the cosine (HiResCAM
-    of the held-norm target); sums to ``cosine - bias_share - residual``.
-    gradcam (h, w): embedding Grad-CAM, signed. ``*_aligned`` (H, W): the same
-    maps bilinearly upsampled to the aligned crop (per-cell values, not
-    densities). residual ≈ 0 checks the linearisation of the head.
+    maps[name] (h, w): one map of ``BATCHED_MAPS`` per name asked for, signed;
+    aligned[name] (H, W): the same maps bilinearly upsampled to the aligned crop
+    (per-cell values, not densities). The similarity map (always computed) is the
+    signed contribution of each cell to the cosine (HiResCAM of the held-norm
+    target); it sums to ``cosine - bias_share - residual``; residual ≈ 0 checks
+    the linearisation of the head.
     """
 
-    similarity: np.ndarray
-    gradcam: np.ndarray
-    similarity_aligned: np.ndarray
-    gradcam_aligned: np.ndarray
+    maps: dict[str, np.ndarray]
+    aligned: dict[str, np.ndarray]
     bias_share: float
     residual: float
+
+    @property
+    def similarity(self) -> np.ndarray:
+        return self.maps["similarity"]
+
+    @property
+    def similarity_aligned(self) -> np.ndarray:
+        return self.aligned["similarity"]
+
+    @property
+    def gradcam(self) -> np.ndarray:
+        return self.maps["gradcam"]
+
+    @property
+    def gradcam_aligned(self) -> np.ndarray:
+        return self.aligned["gradcam"]
 
 
 @dataclass(frozen=True)
@@ -135,11 +173,9 @@ class Explainer:
         if crops.ndim == 3:
             crops = crops[None]
         guard = Guard(cancel=cancel)
-        return self._encode_views(view_inputs(self.source, crops), crops.shape[1:3], guard)
+        return self._encode_views(view_inputs(self.source, crops), crops, guard)
 
-    def _encode_views(
-        self, views: list[ViewInput], crop_size: tuple[int, int], guard: Guard
-    ) -> FaceFeatures:
+    def _encode_views(self, views: list[ViewInput], crops: np.ndarray, guard: Guard) -> FaceFeatures:
         maps: list[torch.Tensor | None] = [None] * len(views)
         embs: list[torch.Tensor | None] = [None] * len(views)
         groups: dict[int, list[int]] = {}
@@ -163,7 +199,8 @@ class Explainer:
             tuple(embs),
             tuple(v.encoder for v in views),
             tuple(v.flipped for v in views),
-            (int(crop_size[0]), int(crop_size[1])),
+            (int(crops.shape[1]), int(crops.shape[2])),
+            crops,
         )
 
     def _features(self, faces: np.ndarray | FaceFeatures, guard: Guard) -> FaceFeatures:
@@ -172,7 +209,7 @@ class Explainer:
         crops = np.asarray(faces)
         if crops.ndim == 3:
             crops = crops[None]
-        return self._encode_views(view_inputs(self.source, crops), crops.shape[1:3], guard)
+        return self._encode_views(view_inputs(self.source, crops), crops, guard)
 
     # ---- two-sided maps -----------------------------------------------------------
 
@@ -181,24 +218,29 @@ class Explainer:
         query: np.ndarray | FaceFeatures,
         hits: np.ndarray | FaceFeatures,
         *,
+        maps: Sequence[str] = ("similarity", "gradcam"),
         cancel: CancelSignal = None,
     ) -> list[PairExplanation]:
-        """Two-sided similarity maps and Grad-CAM for a query and K hits.
+        """Two-sided maps of ``BATCHED_MAPS`` (``maps``; similarity always) for a query and K hits.
 
         query: one aligned crop (H, W, 3) uint8 or its FaceFeatures (N = 1);
         hits: (K, H, W, 3) uint8 crops or their (cached) FaceFeatures.
         Returns K PairExplanation, in the order of ``hits``.
         """
+        unknown = [m for m in maps if m not in BATCHED_MAPS]
+        if unknown:
+            raise InvalidOption(f"no batched map {unknown}; the engine has {list(BATCHED_MAPS)}")
+        names = tuple(dict.fromkeys(("similarity", *maps)))
         guard = Guard(cancel=cancel)
         q = self._features(query, guard)
         g = self._features(hits, guard)
-        _check_compatible(q, g)
+        check_compatible(q, g)
         if len(q) != 1:
             raise InvalidOption(f"explain() takes one query face, got {len(q)}")
         guard.check()
         with torch.no_grad():
             per_view = [
-                _two_sided(affine_head(enc, fq.device), fq[0], eq[0], fg, eg)
+                _two_sided(affine_head(enc, fq.device), fq[0], eq[0], fg, eg, names)
                 for enc, fq, eq, fg, eg in zip(
                     q.encoders,
                     q.feature_maps,
@@ -208,7 +250,7 @@ class Explainer:
                     strict=True,
                 )
             ]
-            return _average_views(per_view, q.flipped, q.crop_size)
+            return _average_views(per_view, names, q.flipped, q.crop_size)
 
     def similarity_maps(
         self, query: np.ndarray | FaceFeatures, hits: np.ndarray | FaceFeatures, **kwargs
@@ -233,7 +275,7 @@ class Explainer:
         guard = Guard()
         q = self._features(query, guard)
         g = self._features(hit, guard)
-        _check_compatible(q, g)
+        check_compatible(q, g)
         src, dst = (q, g) if source == "query" else (g, q)
         height, width = q.crop_size
         row, col = point
@@ -273,16 +315,9 @@ class Explainer:
             float(np.mean(biases)),
         )
 
-    # ---- the method family --------------------------------------------------------
 
-    def attribute(self, method: str, query: np.ndarray, hit: np.ndarray, **kwargs):
-        """One attribution method on one pair; see :func:`explain.attribution.methods.attribute`."""
-        from explain.attribution.methods import attribute
-
-        return attribute(method, self, query, hit, **kwargs)
-
-
-def _check_compatible(q: FaceFeatures, g: FaceFeatures) -> None:
+def check_compatible(q: FaceFeatures, g: FaceFeatures) -> None:
+    """Raise IncompatibleViews unless both come from one view scheme and crop size."""
     if (
         q.flipped != g.flipped
         or len(q.encoders) != len(g.encoders)
@@ -294,85 +329,129 @@ def _check_compatible(q: FaceFeatures, g: FaceFeatures) -> None:
 
 
 @dataclass(frozen=True)
+class ViewPair:
+    """One view of a query and K hits, with the quantities every batched map uses.
+
+    fq (C, h, w), eq (D,) the query; fg (K, C, h, w), eg (K, D) the hits;
+    nq () and ng (K,) embedding norms; uq (D,) and ug (K, D) unit embeddings.
+    """
+
+    head: AffineHead
+    fq: torch.Tensor
+    eq: torch.Tensor
+    fg: torch.Tensor
+    eg: torch.Tensor
+
+    @property
+    def nq(self) -> torch.Tensor:
+        return self.eq.norm()
+
+    @property
+    def ng(self) -> torch.Tensor:
+        return self.eg.norm(dim=1)
+
+    @property
+    def uq(self) -> torch.Tensor:
+        return self.eq / self.nq
+
+    @property
+    def ug(self) -> torch.Tensor:
+        return self.eg / self.ng[:, None]
+
+
+BatchedMap = Callable[[ViewPair], tuple[torch.Tensor, torch.Tensor]]
+"""A map computed for all K hits from features alone: ViewPair -> ((K, P) query side,
+(K, P) hit side), P = h·w cells of the view's grid, in the view's (possibly flipped) frame."""
+
+
+def _similarity(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_q,k(p) = <m_q,p, ê_g,k>/‖e_q‖ and S_g,k(p) = <m_g,k,p, ê_q>/‖e_g,k‖."""
+    m_q = v.head.contributions(v.fq[None])[0]  # (P, D)
+    sim_q = (m_q @ v.ug.T).T / v.nq  # (K, P)
+    pull_q = v.head.pullback(v.uq[None])[0]  # W^T ê_q  (C, P)
+    sim_g = (pull_q * v.fg.flatten(2)).sum(1) / v.ng[:, None]
+    return sim_q, sim_g
+
+
+def _gradcam(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embedding Grad-CAM: channel weights α = W̄ᵀ ê_other / ‖e_self‖."""
+    alpha_q = v.ug @ v.head.mean_weight / v.nq  # (K, C)
+    cam_q = alpha_q @ v.fq.flatten(1)  # (K, P)
+    alpha_g = v.uq @ v.head.mean_weight  # (C,)
+    cam_g = (alpha_g @ v.fg.flatten(2)) / v.ng[:, None]
+    return cam_q, cam_g
+
+
+BATCHED_MAPS: dict[str, BatchedMap] = {"similarity": _similarity, "gradcam": _gradcam}
+"""The maps the engine computes for all K hits in one pass; a new entry here reaches
+``explain_matches`` (server, CLI, evaluation) with no other change."""
+
+
+@dataclass(frozen=True)
 class _ViewMaps:
     cos: torch.Tensor  # (K,)
-    sim_q: torch.Tensor  # (K, h, w)
-    sim_g: torch.Tensor
-    cam_q: torch.Tensor
-    cam_g: torch.Tensor
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> ((K, h, w) query, hits)
     bias_q: torch.Tensor  # (K,)
     bias_g: torch.Tensor
 
 
 def _two_sided(
-    head: AffineHead, fq: torch.Tensor, eq: torch.Tensor, fg: torch.Tensor, eg: torch.Tensor
+    head: AffineHead,
+    fq: torch.Tensor,
+    eq: torch.Tensor,
+    fg: torch.Tensor,
+    eg: torch.Tensor,
+    names: Sequence[str],
 ) -> _ViewMaps:
     """fq (C, h, w), eq (D,), fg (K, C, h, w), eg (K, D) of one view -> its maps."""
     h, w = head.grid
     k = fg.shape[0]
-    nq = eq.norm()
-    ng = eg.norm(dim=1)  # (K,)
-    uq = eq / nq
-    ug = eg / ng[:, None]  # (K, D)
-    cos = ug @ uq
-    fq_flat = fq.flatten(1)  # (C, P)
-    fg_flat = fg.flatten(2)  # (K, C, P)
-    m_q = head.contributions(fq[None])[0]  # (P, D)
-    sim_q = (m_q @ ug.T).T / nq  # (K, P)
-    pull_q = head.pullback(uq[None])[0]  # W^T ê_q  (C, P)
-    sim_g = (pull_q * fg_flat).sum(1) / ng[:, None]
-    alpha_q = ug @ head.mean_weight / nq  # (K, C)
-    cam_q = alpha_q @ fq_flat  # (K, P)
-    alpha_g = uq @ head.mean_weight  # (C,)
-    cam_g = (alpha_g @ fg_flat) / ng[:, None]
-    return _ViewMaps(
-        cos,
-        sim_q.reshape(k, h, w),
-        sim_g.reshape(k, h, w),
-        cam_q.reshape(k, h, w),
-        cam_g.reshape(k, h, w),
-        ug @ head.bias / nq,
-        (uq @ head.bias) / ng,
-    )
+    v = ViewPair(head, fq, eq, fg, eg)
+    maps = {}
+    for name in names:
+        q, g = BATCHED_MAPS[name](v)
+        maps[name] = (q.reshape(k, h, w), g.reshape(k, h, w))
+    return _ViewMaps(v.ug @ v.uq, maps, v.ug @ head.bias / v.nq, (v.uq @ head.bias) / v.ng)
 
 
 def _average_views(
-    per_view: list[_ViewMaps], flipped: tuple[bool, ...], crop_size: tuple[int, int]
+    per_view: list[_ViewMaps],
+    names: Sequence[str],
+    flipped: tuple[bool, ...],
+    crop_size: tuple[int, int],
 ) -> list[PairExplanation]:
-    def mean(name: str, unflip: bool) -> torch.Tensor:
+    def mean(values: list[torch.Tensor], unflip: bool) -> torch.Tensor:
         return torch.stack(
-            [
-                _unflip(getattr(v, name), f) if unflip else getattr(v, name)
-                for v, f in zip(per_view, flipped, strict=True)
-            ]
+            [_unflip(t, f) if unflip else t for t, f in zip(values, flipped, strict=True)]
         ).mean(0)
 
-    cos = mean("cos", False)
+    cos = mean([v.cos for v in per_view], False)
     view_cos = torch.stack([v.cos for v in per_view], dim=1)  # (K, V)
-    maps = {n: mean(n, True) for n in ("sim_q", "sim_g", "cam_q", "cam_g")}
-    aligned = {n: _upsample(m, crop_size) for n, m in maps.items()}
-    bias_q, bias_g = mean("bias_q", False), mean("bias_g", False)
-    res_q = cos - maps["sim_q"].sum((1, 2)) - bias_q
-    res_g = cos - maps["sim_g"].sum((1, 2)) - bias_g
-    out = []
-    for i in range(cos.shape[0]):
+    maps = {
+        (name, side): mean([v.maps[name][side] for v in per_view], True)
+        for name in names
+        for side in (0, 1)
+    }
+    aligned = {key: _upsample(m, crop_size) for key, m in maps.items()}
+    bias_q = mean([v.bias_q for v in per_view], False)
+    bias_g = mean([v.bias_g for v in per_view], False)
+    res_q = cos - maps["similarity", 0].sum((1, 2)) - bias_q
+    res_g = cos - maps["similarity", 1].sum((1, 2)) - bias_g
 
-        def side(s: str, bias: torch.Tensor, res: torch.Tensor, i: int = i) -> SideMaps:
-            return SideMaps(
-                maps[f"sim_{s}"][i].cpu().numpy(),
-                maps[f"cam_{s}"][i].cpu().numpy(),
-                aligned[f"sim_{s}"][i].cpu().numpy(),
-                aligned[f"cam_{s}"][i].cpu().numpy(),
-                float(bias[i]),
-                float(res[i]),
-            )
-
-        out.append(
-            PairExplanation(
-                float(cos[i]),
-                tuple(float(c) for c in view_cos[i]),
-                side("q", bias_q, res_q),
-                side("g", bias_g, res_g),
-            )
+    def side(s: int, i: int, bias: torch.Tensor, res: torch.Tensor) -> SideMaps:
+        return SideMaps(
+            {n: maps[n, s][i].cpu().numpy() for n in names},
+            {n: aligned[n, s][i].cpu().numpy() for n in names},
+            float(bias[i]),
+            float(res[i]),
         )
-    return out
+
+    return [
+        PairExplanation(
+            float(cos[i]),
+            tuple(float(c) for c in view_cos[i]),
+            side(0, i, bias_q, res_q),
+            side(1, i, bias_g, res_g),
+        )
+        for i in range(cos.shape[0])
+    ]

@@ -1,7 +1,10 @@
 """The attribution family: one uniform call, each method a few lines that say how it differs.
 
 ``attribute(method, explainer, query, hit, *, budget, time_limit, cancel, ...)``
-explains one pair. Every method targets the pair similarity with the norm of
+explains one pair; query and hit are aligned crops or their precomputed
+``FaceFeatures`` (cached gallery faces skip their encode; pixel methods use the
+crops the features carry). Maps for a query and K hits, with the engine's
+batched maps, go through ``explain.attribution.matches.explain_matches``. Every method targets the pair similarity with the norm of
 the explained face held constant (DESIGN.md §5):
 
     t(x) = <e(x), ê_other> / ‖e_self‖        (‖e_self‖ and ê_other fixed)
@@ -37,7 +40,7 @@ from torch import nn
 
 from encoder.spec import FaceEncoder
 from explain.attribution.affine import AffineHead, affine_head
-from explain.attribution.engine import Explainer, _upsample
+from explain.attribution.engine import Explainer, FaceFeatures, _upsample, check_compatible
 from explain.attribution.views import view_inputs
 from explain.errors import InvalidOption, UnknownMethod
 from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal, Guard
@@ -80,7 +83,7 @@ class SideProblem:
     """
 
     encoder: FaceEncoder
-    x: torch.Tensor
+    x: torch.Tensor | None  # None when only features were given (CAM methods need no pixels)
     feature_map: torch.Tensor
     direction: torch.Tensor
     norm: torch.Tensor
@@ -106,6 +109,7 @@ class Method:
 
     name: ClassVar[str]
     resolution: ClassVar[str] = "pixel"
+    needs_pixels: ClassVar[bool] = True  # perturbs or differentiates the crop itself
     defaults: ClassVar[dict[str, Any]] = {}
 
     def cost(self, opts: dict[str, Any], problem: SideProblem) -> int:
@@ -120,6 +124,7 @@ class CamMethod(Method):
     """Σ_c w_c ⊙ F_c with the held-norm gradient; subclasses give the weights only."""
 
     resolution: ClassVar[str] = "feature"
+    needs_pixels: ClassVar[bool] = False
 
     def cost(self, opts: dict[str, Any], problem: SideProblem) -> int:
         return 0
@@ -448,11 +453,31 @@ def _postprocess(m: torch.Tensor, relu: bool, absolute: bool, normalise: bool) -
     return m
 
 
+def _faces(
+    explainer: Explainer, query: np.ndarray | FaceFeatures, hit: np.ndarray | FaceFeatures,
+    guard: Guard,
+) -> tuple[FaceFeatures, FaceFeatures]:
+    """Features of both faces; crops given as arrays are encoded here (counted as passes)."""
+    given = [f if isinstance(f, FaceFeatures) else np.asarray(f)[None] for f in (query, hit)]
+    crops = [f for f in given if not isinstance(f, FaceFeatures)]
+    if crops:
+        guard.check()
+        encoded = explainer.encode(np.concatenate(crops), cancel=guard.cancel)
+        guard.spend(len(crops) * len(encoded.encoders))
+        it = iter(range(len(crops)))
+        given = [f if isinstance(f, FaceFeatures) else encoded.select(next(it)) for f in given]
+    q, g = given
+    check_compatible(q, g)
+    if len(q) != 1 or len(g) != 1:
+        raise InvalidOption(f"attribute() explains one pair, got {len(q)} x {len(g)} faces")
+    return q, g
+
+
 def attribute(
     method: str,
     explainer: Explainer,
-    query: np.ndarray,
-    hit: np.ndarray,
+    query: np.ndarray | FaceFeatures,
+    hit: np.ndarray | FaceFeatures,
     *,
     budget: int | None = DEFAULT_BUDGET,
     time_limit: float | None = DEFAULT_TIME_LIMIT_S,
@@ -465,12 +490,14 @@ def attribute(
 ) -> AttributionMap:
     """Explain one pair with one method of the family.
 
-    query, hit: (H, W, 3) uint8 aligned crops. budget: most forward passes
-    (images through the encoder, the 2 encodes per view included); the plan is
-    checked first (BudgetExceeded) and spending is enforced while running.
-    time_limit: seconds (TimeLimitExceeded); cancel: threading.Event or
-    callable, polled before every forward pass (Cancelled). ``options`` are the
-    method's own (see ``METHODS[name].defaults``). Raises UnknownMethod.
+    query, hit: (H, W, 3) uint8 aligned crops, or their FaceFeatures (N = 1;
+    pixel methods need the crops they carry). budget: most forward passes
+    (images through the encoder, the encodes of crops given as arrays
+    included); the plan is checked first (BudgetExceeded) and spending is
+    enforced while running. time_limit: seconds (TimeLimitExceeded); cancel:
+    threading.Event or callable, polled before every forward pass (Cancelled).
+    ``options`` are the method's own (see ``METHODS[name].defaults``). Raises
+    UnknownMethod.
     """
     impl = METHODS.get(method)
     if impl is None:
@@ -480,28 +507,33 @@ def attribute(
         raise InvalidOption(f"sides must be a non-empty subset of {SIDES}, got {sides}")
     opts = _options(impl, options)
     guard = Guard(budget, time_limit, cancel)
-    crops = np.stack([np.asarray(query), np.asarray(hit)])
-    views = view_inputs(explainer.source, crops)
-    crop_size = (int(crops.shape[1]), int(crops.shape[2]))
+    q, g = _faces(explainer, query, hit, guard)
+    encodes = guard.used  # passes spent encoding crops given as arrays
+    crop_size = q.crop_size
+    inputs: list[torch.Tensor | None] = [None] * len(q.encoders)
+    if impl.needs_pixels:
+        if q.crops is None or g.crops is None:
+            raise InvalidOption(f"method {method} perturbs the crops; give crops or features "
+                                "that carry them")
+        inputs = [v.inputs for v in view_inputs(explainer.source, np.concatenate([q.crops, g.crops]))]
 
     per_side: dict[str, list[torch.Tensor]] = {s: [] for s in sides}
     cosines = []
     planned = 0
-    for view in views:
-        guard.spend(2)
-        with torch.no_grad():
-            fmaps = view.encoder.features(view.inputs)
-            embs = view.encoder.head(fmaps)
-        head = affine_head(view.encoder, fmaps.device)
+    for v, (encoder, flipped) in enumerate(zip(q.encoders, q.flipped, strict=True)):
+        fmaps = torch.cat([q.feature_maps[v], g.feature_maps[v]])
+        embs = torch.cat([q.embeddings[v], g.embeddings[v]])
+        head = affine_head(encoder, fmaps.device)
         norms = embs.norm(dim=1)
         units = embs / norms[:, None]
         cosines.append(float(units[0] @ units[1]))
-        baseline = (0.0 - view.encoder.spec.mean) / view.encoder.spec.std
+        baseline = (0.0 - encoder.spec.mean) / encoder.spec.std
         for side in sides:
             me, other = (0, 1) if side == "query" else (1, 0)
+            x = inputs[v]
             problem = SideProblem(
-                view.encoder,
-                view.inputs[me : me + 1],
+                encoder,
+                None if x is None else x[me : me + 1],
                 fmaps[me : me + 1],
                 units[other],
                 norms[me],
@@ -510,10 +542,10 @@ def attribute(
                 guard,
             )
             if not planned:
-                planned = 2 * len(views) + impl.cost(opts, problem) * len(views) * len(sides)
+                planned = encodes + impl.cost(opts, problem) * len(q.encoders) * len(sides)
                 guard.require(planned, f"{method} with {opts}")
             m = impl.side_map(problem, opts).detach()
-            per_side[side].append(torch.flip(m, dims=[-1]) if view.flipped else m)
+            per_side[side].append(torch.flip(m, dims=[-1]) if flipped else m)
 
     maps: dict[str, np.ndarray | None] = {}
     for side in SIDES:

@@ -252,16 +252,7 @@ class SyndromeExplainer:
         for start in range(0, len(arr), ENCODE_BATCH):
             guard.check()
             parts.append(self.explainer.encode(arr[start:start + ENCODE_BATCH], cancel=guard.cancel))
-        if len(parts) == 1:
-            return parts[0]
-        first = parts[0]
-        return FaceFeatures(
-            tuple(torch.cat([p.feature_maps[v] for p in parts]) for v in range(len(first.feature_maps))),
-            tuple(torch.cat([p.embeddings[v] for p in parts]) for v in range(len(first.embeddings))),
-            first.encoders,
-            first.flipped,
-            first.crop_size,
-        )
+        return FaceFeatures.concat(parts)
 
     def centroid(self, faces: np.ndarray | FaceFeatures, *, cancel: CancelSignal = None) -> Centroid:
         """Per view, the mean of the faces' unit embeddings (one face: its own ê)."""

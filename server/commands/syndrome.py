@@ -160,12 +160,12 @@ def run_composite(args: argparse.Namespace) -> int:
                "warnings": list(summary.warnings), "file": str(args.out)}
     else:
         from explain.syndrome.maps import composite
-        from server.backend import png_bytes
+        from gallery.png import encode_png
 
         group = _local_group(args, _local(args)[0] if getattr(args, "photos", None) else None)
         comp = composite(group.crops, subjects=group.subjects, min_size=args.min_size,
                          balance="subject" if args.balance_subjects else "image")
-        args.out.write_bytes(png_bytes(comp.image))
+        args.out.write_bytes(encode_png(comp.image))
         doc = {"label": group.label, "images": comp.check.images, "subjects": comp.check.subjects,
                "warnings": list(comp.warnings), "file": str(args.out)}
     _emit(args, doc, f"composite of {doc['label']} ({doc['images']} images, {doc['subjects']} "
@@ -200,7 +200,7 @@ def run_syndrome_map(args: argparse.Namespace) -> int:
     else:
         from explain.render import overlay_png, symmetric_limit
         from explain.syndrome.maps import SyndromeExplainer, composite, syndrome_figure
-        from server.backend import png_bytes
+        from gallery.png import encode_png
 
         embed, explainer = _local(args)
         group = _local_group(args, embed)
@@ -216,7 +216,7 @@ def run_syndrome_map(args: argparse.Namespace) -> int:
         syndrome_figure(comp.image, maps, label=group.label, query_crop=query_crop, pull=pull,
                         path=str(files["figure"]))
         limit = symmetric_limit(maps.to_centroid_aligned, maps.to_rest_aligned)
-        files["composite"].write_bytes(png_bytes(comp.image))
+        files["composite"].write_bytes(encode_png(comp.image))
         overlay_png(comp.image, maps.to_centroid_aligned, files["to_centroid"], limit=limit)
         overlay_png(comp.image, maps.to_rest_aligned, files["to_rest"], limit=limit)
         if pull is not None:
@@ -264,9 +264,9 @@ def run_fill_in(args: argparse.Namespace) -> int:
     else:
         import numpy as np
 
+        from encoder.image import decode_image
         from explain.syndrome.fill_in import FillIn, FillInOptions, fill_in_figure
         from explain.syndrome.maps import SyndromeExplainer
-        from server.backend import png_pixels
 
         embed, explainer = _local(args)
         crop = embed(args.image)[1]
@@ -277,7 +277,7 @@ def run_fill_in(args: argparse.Namespace) -> int:
 
             with Gallery.open(args.gallery, create=False) as gallery:
                 record = gallery.get(int(args.gallery_id))
-            target_crops = png_pixels(record.crop_png)[None]
+            target_crops = decode_image(record.crop_png)[None]
             label = record.info.syndrome_name or record.info.syndrome_id
         else:
             group = _local_group(args, embed)

@@ -9,6 +9,7 @@ from torch import nn
 
 from explain.attribution.affine import affine_head
 from explain.attribution.engine import Explainer
+from explain.attribution.methods import attribute
 
 TOL = 1e-4
 
@@ -145,7 +146,7 @@ def test_hirescam_by_hand_equals_similarity_map(sface, explainer, pairs, query_c
     (grad,) = torch.autograd.grad(target.sum(), f)
     hirescam = (grad * f).sum(1)[0].detach().numpy()
     np.testing.assert_allclose(hirescam, pair.query.similarity, atol=TOL)
-    hires = explainer.attribute("hirescam", query_crop, hit_crops[1], sides=("query",))
+    hires = attribute("hirescam", explainer, query_crop, hit_crops[1], sides=("query",))
     np.testing.assert_allclose(hires.query, hirescam, atol=TOL)
 
 

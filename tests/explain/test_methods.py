@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from explain.attribution.methods import METHODS
+from explain.attribution.methods import METHODS, attribute
 from explain.errors import (
     BudgetExceeded,
     Cancelled,
@@ -35,8 +35,7 @@ def test_each_method_gives_a_finite_map_of_its_resolution_within_budget(
 ):
     cam = METHODS[method].resolution == "feature"
     sides = ("query", "gallery") if cam else ("query",)
-    result = explainer.attribute(
-        method, query_crop, hit_crops[0], budget=BUDGET, sides=sides, **SMALL.get(method, {})
+    result = attribute(method, explainer, query_crop, hit_crops[0], budget=BUDGET, sides=sides, **SMALL.get(method, {})
     )
     shape = (7, 7) if cam else (112, 112)
     assert result.query.shape == shape
@@ -48,8 +47,8 @@ def test_each_method_gives_a_finite_map_of_its_resolution_within_budget(
 
 
 def test_gradcam_and_similarity_methods_equal_the_engine_maps(explainer, pairs, query_crop, hit_crops):
-    cam = explainer.attribute("gradcam", query_crop, hit_crops[0])
-    sim = explainer.attribute("similarity", query_crop, hit_crops[0])
+    cam = attribute("gradcam", explainer, query_crop, hit_crops[0])
+    sim = attribute("similarity", explainer, query_crop, hit_crops[0])
     np.testing.assert_allclose(cam.query, pairs[0].query.gradcam, atol=1e-5)
     np.testing.assert_allclose(cam.gallery, pairs[0].gallery.gradcam, atol=1e-5)
     np.testing.assert_allclose(sim.gallery, pairs[0].gallery.similarity, atol=1e-5)
@@ -58,7 +57,7 @@ def test_gradcam_and_similarity_methods_equal_the_engine_maps(explainer, pairs, 
 
 def test_deeplift_with_prelu_rule_sums_to_the_target_change(sface, explainer, query_crop, hit_crops):
     """Summation to delta holds only if every PReLU gets the Rescale rule."""
-    result = explainer.attribute("deeplift", query_crop, hit_crops[0], sides=("query",))
+    result = attribute("deeplift", explainer, query_crop, hit_crops[0], sides=("query",))
     with torch.no_grad():
         x = sface.preprocess(query_crop)
         eq, eg = sface(x)[0], sface(sface.preprocess(hit_crops[0]))[0]
@@ -75,19 +74,19 @@ def test_occlusion_defaults_to_ten_pixel_black_patches():
 
 def test_a_method_over_budget_is_refused_before_it_runs(explainer, query_crop, hit_crops):
     with pytest.raises(BudgetExceeded, match="121|122|123|forward passes"):
-        explainer.attribute("occlusion", query_crop, hit_crops[0], budget=50)
+        attribute("occlusion", explainer, query_crop, hit_crops[0], budget=50)
 
 
 def test_a_tiny_time_limit_raises_time_limit_exceeded(explainer, query_crop, hit_crops):
     with pytest.raises(TimeLimitExceeded):
-        explainer.attribute("rise", query_crop, hit_crops[0], time_limit=1e-6, masks=8)
+        attribute("rise", explainer, query_crop, hit_crops[0], time_limit=1e-6, masks=8)
 
 
 def test_a_set_cancel_event_stops_the_call(explainer, query_crop, hit_crops):
     event = threading.Event()
     event.set()
     with pytest.raises(Cancelled):
-        explainer.attribute("occlusion", query_crop, hit_crops[0], cancel=event)
+        attribute("occlusion", explainer, query_crop, hit_crops[0], cancel=event)
 
 
 def test_cancellation_is_polled_inside_a_running_method(explainer, query_crop, hit_crops):
@@ -98,29 +97,29 @@ def test_cancellation_is_polled_inside_a_running_method(explainer, query_crop, h
         return len(polls) > 3
 
     with pytest.raises(Cancelled):
-        explainer.attribute("rise", query_crop, hit_crops[0], cancel=cancel_after_three_batches,
+        attribute("rise", explainer, query_crop, hit_crops[0], cancel=cancel_after_three_batches,
                             masks=64, batch_size=4, sides=("query",))
     assert len(polls) == 4
 
 
 def test_unknown_method_and_option_are_typed_errors(explainer, query_crop, hit_crops):
     with pytest.raises(UnknownMethod):
-        explainer.attribute("lime", query_crop, hit_crops[0])
+        attribute("lime", explainer, query_crop, hit_crops[0])
     with pytest.raises(InvalidOption):
-        explainer.attribute("occlusion", query_crop, hit_crops[0], window=5)
+        attribute("occlusion", explainer, query_crop, hit_crops[0], window=5)
     with pytest.raises(InvalidOption):
-        explainer.attribute("gradcam", query_crop, hit_crops[0], sides=("left",))
+        attribute("gradcam", explainer, query_crop, hit_crops[0], sides=("left",))
 
 
 def test_maps_are_signed_unless_relu_abs_or_normalise_is_asked(explainer, query_crop, hit_crops):
-    raw = explainer.attribute("similarity", query_crop, hit_crops[2])
+    raw = attribute("similarity", explainer, query_crop, hit_crops[2])
     assert raw.query.min() < 0 < raw.query.max()  # an impostor: some cells push apart
-    relu = explainer.attribute("similarity", query_crop, hit_crops[2], relu=True)
+    relu = attribute("similarity", explainer, query_crop, hit_crops[2], relu=True)
     np.testing.assert_allclose(relu.query, np.maximum(raw.query, 0), atol=1e-7)
-    norm = explainer.attribute("similarity", query_crop, hit_crops[2], normalise=True)
+    norm = attribute("similarity", explainer, query_crop, hit_crops[2], normalise=True)
     assert abs(np.abs(norm.query).max() - 1.0) < 1e-6
     np.testing.assert_allclose(norm.query * np.abs(raw.query).max(), raw.query, atol=1e-6)
-    absolute = explainer.attribute("similarity", query_crop, hit_crops[2], absolute=True)
+    absolute = attribute("similarity", explainer, query_crop, hit_crops[2], absolute=True)
     np.testing.assert_allclose(absolute.query, np.abs(raw.query), atol=1e-7)
 
 
@@ -137,7 +136,7 @@ def test_no_hook_or_buffer_remains_on_the_model_after_calls(sface, explainer, qu
     before = _hooks(sface)
     buffers = {k: v.clone() for k, v in sface.state_dict().items()}
     for method in ("guided_backprop", "deeplift", "saliency", "gradcam", "scorecam"):
-        explainer.attribute(method, query_crop, hit_crops[1], sides=("query",),
+        attribute(method, explainer, query_crop, hit_crops[1], sides=("query",),
                             **SMALL.get(method, {}))
     explainer.explain(query_crop, hit_crops)
     assert _hooks(sface) == before == 0
@@ -150,9 +149,9 @@ def _work(explainer, query_crop, hit_features, hit_crops, k):
     """One forward (the query), the batched maps, and a hooked method on a private copy."""
     pair = explainer.explain(query_crop, hit_features)[k % len(hit_features)]
     method = "guided_backprop" if k % 2 else "occlusion"
-    other = explainer.attribute(method, query_crop, hit_crops[k % 2], sides=("query",),
+    other = attribute(method, explainer, query_crop, hit_crops[k % 2], sides=("query",),
                                 patch=56, stride=56) if method == "occlusion" else \
-        explainer.attribute(method, query_crop, hit_crops[k % 2], sides=("query",))
+        attribute(method, explainer, query_crop, hit_crops[k % 2], sides=("query",))
     return pair.query.similarity, pair.gallery.gradcam, other.query
 
 

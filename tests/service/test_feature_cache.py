@@ -201,11 +201,11 @@ def test_the_cache_evicts_least_recently_used_and_holds_only_feature_tensors(bac
                                                                             own_gallery):
     import torch
 
-    from server.backend import png_pixels
+    from encoder.image import decode_image
     from server.feature_cache import FeatureCache, Fingerprint
 
     records = list(own_gallery.iter_records())[:4]
-    crops = np.stack([png_pixels(r.crop_png) for r in records])
+    crops = np.stack([decode_image(r.crop_png) for r in records])
     keys = [(r.info.gallery_id, Fingerprint.of(r.crop_png, backend.encoder_id,
                                                backend.view_scheme)) for r in records]
     cache = FeatureCache(3)
@@ -235,7 +235,8 @@ def test_the_cache_evicts_least_recently_used_and_holds_only_feature_tensors(bac
         held = (*features.feature_maps, *features.embeddings)
         assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in held)
         assert len(fingerprint.crop_sha256) == 64  # a digest, not the crop
-    assert cache.stats().bytes == 3 * sum(t.numel() * 4 for t in held)
+        assert features.crops.shape == (1, *crops.shape[1:])  # pixel methods perturb it
+    assert cache.stats().bytes == 3 * (sum(t.numel() * 4 for t in held) + features.crops.nbytes)
 
 
 def test_feature_cache_size_is_configurable_and_zero_disables_it(tmp_path):

@@ -1,0 +1,164 @@
+"""Maps for a query and its K hits — the one path the server, the CLI, evaluation
+and the syndrome tools share — and the catalogue of methods it accepts.
+
+``explain_matches(explainer, query, hits, methods, ...)`` runs the engine's
+batched maps (``engine.BATCHED_MAPS``: one pass for all K hits) and every other
+method through the family (``methods.attribute``), reusing the features it is
+given: cached gallery features are never encoded again, and pixel methods
+perturb the crops the features carry. A batched method asked for with options
+goes through the family, which takes them.
+
+The catalogue: ``METHOD_NAMES`` (every method, in the family's order),
+``DEFAULT_METHODS``, ``BATCHED`` (the names the engine computes for all K at
+once), ``check_methods`` (UnknownMethod) and ``typed_options`` (numeric options
+from the wire, where every value is a float, typed as the method's defaults).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from explain.attribution.engine import BATCHED_MAPS, Explainer, FaceFeatures
+from explain.attribution.methods import METHODS, SIDES, attribute
+from explain.errors import UnknownMethod
+from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal
+
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+BATCHED: tuple[str, ...] = tuple(BATCHED_MAPS)
+DEFAULT_METHODS: tuple[str, ...] = ("similarity", "gradcam")
+
+TimeLimit = float | None | Callable[[], float | None]
+
+
+def check_methods(names: Sequence[str]) -> tuple[str, ...]:
+    """Method names in order, duplicates dropped; UnknownMethod names any the family lacks."""
+    names = tuple(dict.fromkeys(names))
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise UnknownMethod(f"unknown explain method(s) {unknown}; known: {list(METHOD_NAMES)}")
+    return names
+
+
+def typed_options(method: str, values: Mapping[str, float]) -> dict[str, Any]:
+    """Options as they come from the wire (floats) -> typed like the method's defaults
+    (an int option's value is truncated to int, so ``patch=10.0`` reaches occlusion as 10)."""
+    defaults = METHODS[method].defaults if method in METHODS else {}
+
+    def typed(key: str, value: Any) -> Any:
+        default = defaults.get(key)
+        if isinstance(default, int) and not isinstance(default, bool):
+            return int(value)
+        return value
+
+    return {k: typed(k, v) for k, v in values.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class MethodMaps:
+    """One method's maps on both faces of a pair.
+
+    query/gallery: native resolution ((h, w) cells for feature methods, (H, W)
+    for pixel methods); *_aligned (H, W) on the aligned crop; a side not asked
+    for is None. forward_passes: images through the encoder for this map (0 for
+    the batched maps, which reuse the pair's features).
+    """
+
+    method: str
+    resolution: str  # "feature" or "pixel"
+    query: np.ndarray | None
+    gallery: np.ndarray | None
+    query_aligned: np.ndarray | None
+    gallery_aligned: np.ndarray | None
+    forward_passes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class MatchMaps:
+    """Every asked method's maps for one (query, hit) pair, with the pair's cosine.
+
+    residual/bias_share: of the similarity map on the query face (the gallery
+    face's in ``gallery_residual``/``gallery_bias_share``).
+    """
+
+    index: int  # position among the hits
+    cosine: float
+    view_cosines: tuple[float, ...]
+    residual: float
+    bias_share: float
+    gallery_residual: float
+    gallery_bias_share: float
+    maps: tuple[MethodMaps, ...]
+
+    def __getitem__(self, method: str) -> MethodMaps:
+        return next(m for m in self.maps if m.method == method)
+
+
+def iter_matches(
+    explainer: Explainer,
+    query: np.ndarray | FaceFeatures,
+    hits: np.ndarray | FaceFeatures,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    budget: int | None = DEFAULT_BUDGET,
+    time_limit: TimeLimit = DEFAULT_TIME_LIMIT_S,
+    cancel: CancelSignal = None,
+    sides: tuple[str, ...] = SIDES,
+) -> Iterator[MatchMaps]:
+    """:func:`explain_matches`, one MatchMaps per hit as soon as it is ready."""
+    methods = check_methods(methods)
+    options = {m: dict(v) for m, v in (options or {}).items() if v}
+    q = query if isinstance(query, FaceFeatures) else explainer.encode(query, cancel=cancel)
+    g = hits if isinstance(hits, FaceFeatures) else explainer.encode(hits, cancel=cancel)
+    batched = [m for m in methods if m in BATCHED_MAPS and m not in options]
+    pairs = explainer.explain(q, g, maps=batched, cancel=cancel)
+    for index, pair in enumerate(pairs):
+        maps = []
+        for method in methods:
+            if method in batched:
+                maps.append(MethodMaps(
+                    method, "feature", pair.query.maps[method], pair.gallery.maps[method],
+                    pair.query.aligned[method], pair.gallery.aligned[method]))
+                continue
+            limit = time_limit() if callable(time_limit) else time_limit
+            result = attribute(method, explainer, q, g.select(index), budget=budget,
+                               time_limit=limit, cancel=cancel, sides=sides,
+                               **options.get(method, {}))
+            maps.append(MethodMaps(method, result.resolution, result.query, result.gallery,
+                                   result.query_aligned, result.gallery_aligned,
+                                   result.forward_passes, result.seconds))
+        yield MatchMaps(index, pair.cosine, pair.view_cosines, pair.query.residual,
+                        pair.query.bias_share, pair.gallery.residual, pair.gallery.bias_share,
+                        tuple(maps))
+
+
+def explain_matches(
+    explainer: Explainer,
+    query: np.ndarray | FaceFeatures,
+    hits: np.ndarray | FaceFeatures,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    budget: int | None = DEFAULT_BUDGET,
+    time_limit: TimeLimit = DEFAULT_TIME_LIMIT_S,
+    cancel: CancelSignal = None,
+    sides: tuple[str, ...] = SIDES,
+) -> list[MatchMaps]:
+    """Maps of every method in ``methods`` on both faces of (query, hit_k), k = 1..K.
+
+    query: one aligned crop (H, W, 3) uint8 or its FaceFeatures (N = 1); hits:
+    (K, H, W, 3) crops or their (cached) FaceFeatures. The batched maps come
+    from one engine pass for all K; every other method (and a batched one with
+    ``options[method]``) runs per pair through the family on the same features,
+    with ``budget`` forward passes and ``time_limit`` seconds each (a callable
+    is asked before each map, e.g. for the time left to a request's deadline).
+    ``sides`` limits family methods to one face. Raises UnknownMethod, and the
+    family's InvalidOption, BudgetExceeded, TimeLimitExceeded, Cancelled.
+    """
+    return list(iter_matches(explainer, query, hits, methods, options=options, budget=budget,
+                             time_limit=time_limit, cancel=cancel, sides=sides))
