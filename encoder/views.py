@@ -17,7 +17,7 @@ inner product over the concatenated views (DESIGN §4).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product as _product
 from pathlib import Path
@@ -159,6 +159,11 @@ class Ensemble:
         )
         self.embedding_dim = max(self.dims)
 
+    @property
+    def encoder_id(self) -> str:
+        """The gallery's compatibility key of these encoders (see :func:`encoder_id`)."""
+        return encoder_id(self.encoders.values())
+
     def view_inputs(self, crops: np.ndarray) -> list[ViewInput]:
         """(N, H, W, 3) uint8 aligned crops -> one :class:`ViewInput` per view, in scheme order."""
         batch = _as_batch(crops)
@@ -223,6 +228,23 @@ def ensemble_for(
         for key in scheme.encoders
     }
     return Ensemble(encoders, scheme)
+
+
+def encoder_id(encoders: Iterable[FaceEncoder]) -> str:
+    """The gallery's compatibility key: ``name@version`` of each encoder, joined by ``+``."""
+    return "+".join(f"{e.spec.name}@{e.spec.version}" for e in encoders)
+
+
+def configured_ensemble(
+    name: str,
+    scheme_id: str,
+    weights: str | Path | None = None,
+    device: str = "cpu",
+) -> Ensemble:
+    """The ensemble a configuration names (server, gallery CLI): the views of
+    ``scheme_id``, ``weights`` for the encoder ``name`` (the others with their
+    default weights), shared process-wide instances on ``device``."""
+    return ensemble_for(scheme_id, weights={name: weights} if weights else None, device=device)
 
 
 def default_ensemble(flip: bool = False, device: str = "cpu") -> Ensemble:

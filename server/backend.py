@@ -151,20 +151,16 @@ class Backend:
     def from_config(cls, config: ServiceConfig) -> Backend:
         """Build everything the configuration names: torch runtime, encoders, gallery."""
         from encoder import views as ev
-        from encoder.registry import shared_encoder
         from encoder.runtime import configure_torch
         from explain.attribution.engine import Explainer
 
         runtime = configure_torch(config.runtime.device, config.runtime.torch_threads)
         enc = config.encoder
-        scheme = ev.ViewScheme.parse(enc.scheme_id())
-        names = list(dict.fromkeys(v.encoder for v in scheme.views))
-        weights = {enc.name: enc.weights} if enc.weights else {}
-        encoders = {n: shared_encoder(n, weights.get(n), str(runtime.device)) for n in names}
-        ensemble = ev.Ensemble(encoders, scheme)
-        encoder_id = "+".join(f"{e.spec.name}@{e.spec.version}" for e in encoders.values())
+        ensemble = ev.configured_ensemble(enc.name, enc.scheme_id(), enc.weights,
+                                          str(runtime.device))
+        encoders, scheme, encoder_id = ensemble.encoders, ensemble.scheme, ensemble.encoder_id
         limits = config.limits
-        pipeline = FacePipeline(template=next(iter(encoders.values())).spec.alignment,
+        pipeline = FacePipeline(template=ensemble.alignment,
                                 max_pixels=limits.max_image_pixels,
                                 max_bytes=limits.max_image_bytes)
         gallery = Gallery.open(config.gallery.path, encoder_id=encoder_id,

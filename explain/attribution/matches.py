@@ -63,8 +63,9 @@ class MethodMaps:
 
     query/gallery: native resolution ((h, w) cells for feature methods, (H, W)
     for pixel methods); *_aligned (H, W) on the aligned crop; a side not asked
-    for is None. forward_passes: images through the encoder for this map (0 for
-    the batched maps, which reuse the pair's features).
+    for is None. batched: from the engine's one pass for all hits (forward_passes
+    and seconds 0); else forward_passes (images through the encoder) and seconds
+    of the family's call for this pair.
     """
 
     method: str
@@ -75,6 +76,7 @@ class MethodMaps:
     gallery_aligned: np.ndarray | None
     forward_passes: int = 0
     seconds: float = 0.0
+    batched: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,7 +125,7 @@ def iter_matches(
             if method in batched:
                 maps.append(MethodMaps(
                     method, "feature", pair.query.maps[method], pair.gallery.maps[method],
-                    pair.query.aligned[method], pair.gallery.aligned[method]))
+                    pair.query.aligned[method], pair.gallery.aligned[method], batched=True))
                 continue
             limit = time_limit() if callable(time_limit) else time_limit
             result = attribute(method, explainer, q, g.select(index), budget=budget,

@@ -26,12 +26,12 @@ import torch
 
 from encoder.spec import FaceEncoder
 from explain.attribution.engine import Explainer
+from explain.attribution.matches import METHOD_NAMES, explain_matches
 from explain.attribution.views import ViewSource, as_view_source, view_inputs
 from explain.evaluation import metrics as M
 
 log = logging.getLogger(__name__)
 
-ENGINE_METHODS: tuple[str, ...] = ("similarity", "gradcam")
 SIDES: tuple[str, ...] = ("positive", "negative")
 
 # The real photo pairs (encoder.assets.PHOTOS): two same-person pairs taken
@@ -155,12 +155,8 @@ class PairTarget:
 
 
 def available_methods() -> tuple[str, ...]:
-    """Every method of the explain family (``explain.attribution.methods.METHODS``), in its order."""
-    try:
-        from explain.attribution.methods import METHODS
-    except ImportError:
-        return ENGINE_METHODS
-    return tuple(METHODS)
+    """Every method of the explain family, in its order."""
+    return METHOD_NAMES
 
 
 def query_map(
@@ -172,27 +168,18 @@ def query_map(
 ) -> np.ndarray:
     """(H, W) float32 signed map of ``method`` on the query side, in aligned-crop pixels.
 
-    Goes through the family's uniform call ``explain.attribution.methods.attribute`` (query
-    side only); ``options`` are passed on (method options; ``budget`` and
-    ``time_limit`` default to None here).
-    Without the family, ``similarity`` and ``gradcam`` come from the engine.
+    Goes through ``explain_matches`` (family methods on the query side only);
+    ``options`` are passed on (method options; ``budget`` and ``time_limit``
+    default to None here: measurements are not requests, so a loaded machine
+    must not cut a method short).
     """
-    try:
-        from explain.attribution.methods import attribute
-    except ImportError:
-        attribute = None
-    if attribute is None:
-        if method not in ENGINE_METHODS:
-            raise M.EvaluationError(f"method {method!r} needs explain.attribution.methods")
-        (pair,) = explainer.explain(query, np.asarray(gallery)[None])
-        side = pair.query
-        amap = side.similarity_aligned if method == "similarity" else side.gradcam_aligned
-        return np.asarray(amap, dtype=np.float32)
-    # Measurements are not requests: no time limit (a loaded machine must not cut a
-    # method short) and no pass budget unless the caller sets them.
-    options = {"time_limit": None, "budget": None, **options}
-    result = attribute(method, explainer, query, gallery, sides=("query",), **options)
-    return M.upsample_map(np.asarray(result.query_aligned, dtype=np.float32), query.shape[:2])
+    budget = options.pop("budget", None)
+    time_limit = options.pop("time_limit", None)
+    (match,) = explain_matches(explainer, query, np.asarray(gallery)[None], [method],
+                               options={method: options}, budget=budget,
+                               time_limit=time_limit, sides=("query",))
+    amap = np.asarray(match[method].query_aligned, dtype=np.float32)
+    return M.upsample_map(amap, query.shape[:2])
 
 
 # ----------------------------------------------------------- query maps

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoder.spec import FaceEncoder
+from explain.attribution.engine import Explainer
+from explain.attribution.methods import METHODS
 from explain.attribution.views import ViewSource
 from explain.evaluation import metrics as M
 from explain.evaluation.common import (
-    Explainer,
     FacePair,
     available_methods,
     query_map,
@@ -28,11 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def _takes_seed(method: str) -> bool:
-    try:
-        from explain.attribution.methods import METHODS
-    except ImportError:
-        return False
-    return "seed" in getattr(METHODS.get(method), "defaults", {})
+    return "seed" in METHODS[method].defaults
 
 
 @dataclass(frozen=True)

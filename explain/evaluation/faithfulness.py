@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from encoder.spec import FaceEncoder
+from explain.attribution.engine import Explainer
 from explain.attribution.views import ViewSource
 from explain.evaluation import metrics as M
 from explain.evaluation.common import (
     SIDES,
-    Explainer,
     FacePair,
     PairTarget,
     available_methods,

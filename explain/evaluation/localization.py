@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoder.spec import FaceEncoder
+from explain.attribution.engine import Explainer
 from explain.attribution.views import ViewSource
 from explain.evaluation import metrics as M
 from explain.evaluation.common import (
-    Explainer,
     FacePair,
     available_methods,
     query_map,

@@ -13,11 +13,10 @@ import numpy as np
 import torch
 
 from encoder.spec import FaceEncoder
+from explain.attribution.engine import Explainer
 from explain.attribution.views import ViewSource, as_view_source, view_inputs
 from explain.evaluation import metrics as M
 from explain.evaluation.common import (
-    ENGINE_METHODS,
-    Explainer,
     FacePair,
     PairTarget,
     available_methods,
@@ -28,6 +27,7 @@ from explain.evaluation.common import (
 log = logging.getLogger(__name__)
 
 SANITY_PASS_SPEARMAN = 0.5  # |Spearman| after full randomisation must fall below this
+LABEL_METHODS = ("similarity", "gradcam")  # computed towards a direction (a centroid)
 
 
 # ----------------------------------------------------------- sanity checks
@@ -239,7 +239,7 @@ def label_randomisation(
     gallery_crops: np.ndarray,
     gallery_labels: Sequence[str],
     label: str,
-    methods: Sequence[str] = ENGINE_METHODS,
+    methods: Sequence[str] = LABEL_METHODS,
     *,
     n_permutations: int = 5,
     seed: int = 0,

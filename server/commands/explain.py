@@ -1,25 +1,27 @@
-"""``phenolens explain``: maps on both faces for the top-K gallery matches of a photo (or one pair).
+"""``phenolens explain``: maps on both faces for the top-K gallery matches of a photo (or pairs).
 
     phenolens explain IMAGE --gallery PATH [--top K] [--methods similarity gradcam ...] --out DIR [--json]
     phenolens explain IMAGE --against OTHER_IMAGE --out DIR
+    phenolens explain --pairs PAIRS.csv --out DIR [--methods ...] [--json]
 
 Writes, per match and method: the pair figure, the query map drawn on the
 original photo, the gallery-side overlay, and the raw maps (.npy, native
 resolution: 7x7 cells for the CAM family, the aligned crop for pixel methods).
-With --json, prints one JSON object per match.
+With --json, prints one JSON object per match. ``--pairs`` explains every
+(query, gallery) row of a CSV with columns ``query,gallery`` (photo paths,
+relative to the CSV) in one process, the model loaded once; files are named
+``pairNNN_<method>_*`` and each JSON line names both photos.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-ENGINE_METHODS = ("similarity", "gradcam")  # both sides for all K in one batched pass
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,14 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("image", type=Path, help="query photo")
+    p.add_argument("image", type=Path, nargs="?", help="query photo (not with --pairs)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--gallery", type=Path, help="gallery file to search")
     target.add_argument("--against", type=Path, help="explain one pair: the query and this photo")
+    target.add_argument("--pairs", type=Path,
+                        help="CSV with columns query,gallery: explain every pair, model loaded once")
     p.add_argument("--top", type=int, default=5, help="gallery matches to explain (default 5)")
-    p.add_argument("--methods", nargs="+", default=list(ENGINE_METHODS), metavar="METHOD",
-                   help="attribution methods (default: similarity gradcam); "
-                        "see `python -c 'import explain.attribution.methods as m; print(m.list_methods())'`")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="attribution methods (default: similarity gradcam); see "
+                        "`python -c 'import explain.attribution.matches as m; print(m.METHOD_NAMES)'`")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="one JSON object per match on stdout")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
@@ -66,17 +70,19 @@ class _Match:
     label: str
     crop: np.ndarray  # (H, W, 3) uint8 aligned
     info: dict
-    photo: np.ndarray | None = None  # the other original photo (--against only)
+    photo: np.ndarray | None = None  # the other original photo (--against, --pairs)
     alignment: object | None = None
 
 
-def _decode_png(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+@dataclass(frozen=True)
+class _Query:
+    crop: np.ndarray  # (H, W, 3) uint8 aligned
+    photo: np.ndarray  # the original photo
+    alignment: object | None
 
 
 def _gallery_matches(args: argparse.Namespace, config, embed, query_views) -> list[_Match]:
+    from encoder.image import decode_image
     from gallery import Gallery, SchemeMismatch
 
     index = args.index or config.gallery.index or "Flat"
@@ -92,7 +98,7 @@ def _gallery_matches(args: argparse.Namespace, config, embed, query_views) -> li
             if record.crop_png is None:
                 continue
             matches.append(_Match(
-                rank, hit.syndrome_name or hit.syndrome_id, _decode_png(record.crop_png),
+                rank, hit.syndrome_name or hit.syndrome_id, decode_image(record.crop_png),
                 {"gallery_id": hit.gallery_id, "image_id": hit.image_id,
                  "subject_id": hit.subject_id, "syndrome_id": hit.syndrome_id,
                  "syndrome_name": hit.syndrome_name, "gallery_score": hit.score},
@@ -100,65 +106,90 @@ def _gallery_matches(args: argparse.Namespace, config, embed, query_views) -> li
     return matches
 
 
+def _photo(embed, path: Path) -> tuple[_Query, np.ndarray]:
+    """Decode a photo once, align its face; -> (the face, its per-view embeddings)."""
+    photo = embed.pipeline.load(path)
+    face = embed.pipeline.face(photo, aligned=embed.aligned)
+    views = [v[0] for v in embed.ensemble.embed_views(face.crop[None])]
+    return _Query(face.crop, photo, face.alignment), views
+
+
+def _read_pairs(path: Path) -> list[tuple[Path, Path]]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if not {"query", "gallery"} <= set(reader.fieldnames or ()):
+            raise ValueError(f"{path.name}: needs columns query,gallery; got {reader.fieldnames}")
+        rows = [(r["query"].strip(), r["gallery"].strip()) for r in reader
+                if (r["query"] or "").strip()]
+    return [(path.parent / q, path.parent / g) for q, g in rows]
+
+
 def run_explain(args: argparse.Namespace) -> int:
+    from explain.attribution.matches import DEFAULT_METHODS, check_methods
+
+    args.methods = list(check_methods(args.methods or DEFAULT_METHODS))
     if args.server:
+        if args.pairs is not None:
+            raise ValueError("--pairs runs locally; drop --server")
         from server.remote import remote_explain
 
         return remote_explain(args)
-    if args.gallery is None and args.against is None:
+    if (args.image is None) == (args.pairs is None):
+        raise ValueError("give a query IMAGE (with --gallery, --against or --server) or --pairs")
+    if args.image is not None and args.gallery is None and args.against is None:
         raise ValueError("say what to explain against: --gallery PATH, --against PHOTO or --server HOST:PORT")
+    if args.top < 1:
+        raise ValueError("--top must be at least 1")
     from explain.attribution.engine import Explainer
-    from explain.attribution.methods import METHODS
-    from explain.errors import UnknownMethod
-    from explain.render import overlay_png, pair_figure, photo_overlay_png, symmetric_limit
     from server.commands.gallery import PipelineEmbedder
     from server.config import load_config
 
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise UnknownMethod(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
-    if args.top < 1:
-        raise ValueError("--top must be at least 1")
     config = load_config(args.config)
     embed = PipelineEmbedder(config, args)
     explainer = Explainer(embed.ensemble)
-    query_views, query_crop = embed(args.image)
-    query_face = embed.last_face
-    query_photo = embed.pipeline.load(args.image)
-
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.pairs is not None:
+        for number, (q_path, g_path) in enumerate(_read_pairs(args.pairs), start=1):
+            query, _ = _photo(embed, q_path)
+            other, _ = _photo(embed, g_path)
+            match = _Match(1, g_path.stem, other.crop, {"query": str(q_path),
+                                                        "gallery": str(g_path)},
+                           other.photo, other.alignment)
+            _explain(args, explainer, query, [match], f"pair{number:03d}")
+        return 0
+    query, query_views = _photo(embed, args.image)
     if args.gallery is not None:
         matches = _gallery_matches(args, config, embed, query_views)
     else:
-        _, other_crop = embed(args.against)
-        other = embed.last_face
-        matches = [_Match(1, args.against.stem, other_crop, {"image": args.against.name},
-                          embed.pipeline.load(args.against), other.alignment)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not matches:
-        return 0
-    pairs = explainer.explain(query_crop, np.stack([m.crop for m in matches]))
+        other, _ = _photo(embed, args.against)
+        matches = [_Match(1, args.against.stem, other.crop, {"image": args.against.name},
+                          other.photo, other.alignment)]
+    _explain(args, explainer, query, matches, None)
+    return 0
 
-    for match, pair in zip(matches, pairs, strict=True):
-        doc = {"rank": match.rank, **match.info, "cosine": pair.cosine,
-               "residual": pair.query.residual, "gallery_residual": pair.gallery.residual,
-               "bias_share": pair.query.bias_share, "gallery_bias_share": pair.gallery.bias_share,
-               "view_cosines": list(pair.view_cosines), "methods": {}}
-        for method in args.methods:
-            if method in ENGINE_METHODS:
-                side = {"similarity": "similarity", "gradcam": "gradcam"}[method]
-                q_map, g_map = getattr(pair.query, side), getattr(pair.gallery, side)
-                q_aligned = getattr(pair.query, f"{side}_aligned")
-                g_aligned = getattr(pair.gallery, f"{side}_aligned")
-                entry = {"query_sum": float(q_map.sum()), "gallery_sum": float(g_map.sum())}
-            else:
-                result = explainer.attribute(method, query_crop, match.crop, budget=args.budget,
-                                             time_limit=args.time_limit)
-                q_map, g_map = result.query, result.gallery
-                q_aligned, g_aligned = result.query_aligned, result.gallery_aligned
-                entry = {"query_sum": float(q_map.sum()), "gallery_sum": float(g_map.sum()),
-                         "forward_passes": result.forward_passes, "seconds": result.seconds}
-            stem = f"match{match.rank:02d}_{method}"
-            limit = symmetric_limit(q_aligned, g_aligned)
+
+def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_Match],
+             prefix: str | None) -> None:
+    """Maps of every method for the matches (one explain_matches call); files and output."""
+    from explain.attribution.matches import iter_matches
+    from explain.render import overlay_png, pair_figure, photo_overlay_png, symmetric_limit
+
+    if not matches:
+        return
+    explained = iter_matches(explainer, query.crop, np.stack([m.crop for m in matches]),
+                             args.methods, budget=args.budget, time_limit=args.time_limit)
+    for match, maps in zip(matches, explained, strict=True):
+        doc = {"rank": match.rank, **match.info, "cosine": maps.cosine,
+               "residual": maps.residual, "gallery_residual": maps.gallery_residual,
+               "bias_share": maps.bias_share, "gallery_bias_share": maps.gallery_bias_share,
+               "view_cosines": list(maps.view_cosines), "methods": {}}
+        name = prefix or f"match{match.rank:02d}"
+        for m in maps.maps:
+            entry = {"query_sum": float(m.query.sum()), "gallery_sum": float(m.gallery.sum())}
+            if not m.batched:
+                entry.update(forward_passes=m.forward_passes, seconds=m.seconds)
+            stem = f"{name}_{m.method}"
+            limit = symmetric_limit(m.query_aligned, m.gallery_aligned)
             out = {
                 "pair": args.out / f"{stem}_pair.png",
                 "query_photo": args.out / f"{stem}_query_photo.png",
@@ -166,22 +197,21 @@ def run_explain(args: argparse.Namespace) -> int:
                 "query_map": args.out / f"{stem}_query.npy",
                 "gallery_map": args.out / f"{stem}_gallery.npy",
             }
-            pair_figure(query_crop, match.crop, q_aligned, g_aligned, cosine=pair.cosine,
-                        label=match.label, method=method, path=out["pair"])
-            photo_overlay_png(query_photo, q_aligned, query_face.alignment, out["query_photo"],
+            pair_figure(query.crop, match.crop, m.query_aligned, m.gallery_aligned,
+                        cosine=maps.cosine, label=match.label, method=m.method, path=out["pair"])
+            photo_overlay_png(query.photo, m.query_aligned, query.alignment, out["query_photo"],
                               limit=limit)
             if match.photo is not None:
-                photo_overlay_png(match.photo, g_aligned, match.alignment, out["gallery_overlay"],
-                                  limit=limit)
+                photo_overlay_png(match.photo, m.gallery_aligned, match.alignment,
+                                  out["gallery_overlay"], limit=limit)
             else:
-                overlay_png(match.crop, g_aligned, out["gallery_overlay"], limit=limit)
-            np.save(out["query_map"], q_map)
-            np.save(out["gallery_map"], g_map)
+                overlay_png(match.crop, m.gallery_aligned, out["gallery_overlay"], limit=limit)
+            np.save(out["query_map"], m.query)
+            np.save(out["gallery_map"], m.gallery)
             entry["files"] = {k: str(v) for k, v in out.items()}
-            doc["methods"][method] = entry
+            doc["methods"][m.method] = entry
         if args.json:
-            print(json.dumps(doc, ensure_ascii=False))
+            print(json.dumps(doc, ensure_ascii=False), flush=True)
         else:
-            print(f"#{match.rank}  cosine {pair.cosine:+.4f}  residual {pair.query.residual:+.1e}  "
-                  f"{match.label}  -> {args.out}/match{match.rank:02d}_*")
-    return 0
+            print(f"#{match.rank}  cosine {maps.cosine:+.4f}  residual {maps.residual:+.1e}  "
+                  f"{match.label}  -> {args.out}/{name}_*")

@@ -143,7 +143,6 @@ class PipelineEmbedder:
     def __init__(self, config, args: argparse.Namespace) -> None:
         from encoder import views as ev
         from encoder.pipeline import FacePipeline
-        from encoder.registry import shared_encoder
 
         overrides: dict[str, Any] = {}
         if getattr(args, "encoder", None):
@@ -153,16 +152,11 @@ class PipelineEmbedder:
         if getattr(args, "view_scheme", None):
             overrides["view_scheme"] = args.view_scheme
         enc = replace(config.encoder, **overrides)
-        name = enc.name
-        scheme = ev.ViewScheme.parse(enc.scheme_id())
-        names = list(dict.fromkeys(v.encoder for v in scheme.views))
         weights = getattr(args, "weights", None) or enc.weights
-        encoders = {n: shared_encoder(n, weights if n == name else None, "cpu") for n in names}
-        self.ensemble = ev.Ensemble(encoders, scheme)
-        self.view_scheme = scheme.id
-        self.encoder_id = "+".join(f"{e.spec.name}@{e.spec.version}" for e in encoders.values())
-        template = next(iter(encoders.values())).spec.alignment
-        self.pipeline = FacePipeline(template=template)
+        self.ensemble = ev.configured_ensemble(enc.name, enc.scheme_id(), weights)
+        self.view_scheme = self.ensemble.scheme.id
+        self.encoder_id = self.ensemble.encoder_id
+        self.pipeline = FacePipeline(template=self.ensemble.alignment)
         self.aligned = bool(getattr(args, "aligned", False))
         self.last_face = None
 

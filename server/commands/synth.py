@@ -150,6 +150,7 @@ def run_synth(args: argparse.Namespace) -> int:
 def _write_gallery(args: argparse.Namespace, samples: list) -> dict:
     import numpy as np
 
+    from encoder import views
     from encoder.registry import create_encoder
     from gallery import Entry, Gallery
     from gallery.png import encode_png
@@ -159,7 +160,7 @@ def _write_gallery(args: argparse.Namespace, samples: list) -> dict:
         import encoder.models.finetuned  # noqa: F401  (registers the fine-tuned encoder)
     model = create_encoder(args.encoder, weights=args.weights)
     scheme = f"{model.spec.name}:orig"
-    encoder_id = f"{model.spec.name}@{model.spec.version}"
+    encoder_id = views.encoder_id([model])
     import torch
 
     entries = []
