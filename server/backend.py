@@ -246,7 +246,7 @@ class Backend:
         configured budget and a time limit that ends at the caller's deadline.
         Raises explain's Cancelled or TimeLimitExceeded when the call is abandoned.
         """
-        from explain.attribution.matches import iter_matches, typed_options
+        from explain.attribution.matches import explain_matches, typed_options
 
         if query.face is None:
             raise BadRequest("Explain needs a query image, not an embedding")
@@ -264,7 +264,7 @@ class Backend:
                 remaining = scope.remaining()
                 return limit if remaining is None else max(0.0, min(limit, remaining))
 
-            matches = iter_matches(
+            matches = explain_matches(
                 self.explainer, query.features, self._hit_features(hits, pngs, crops, scope),
                 methods, options={m: typed_options(m, o) for m, o in options.items()},
                 budget=self.config.explain.budget, time_limit=time_left, cancel=scope.cancelled)

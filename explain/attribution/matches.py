@@ -100,7 +100,7 @@ class MatchMaps:
         return next(m for m in self.maps if m.method == method)
 
 
-def iter_matches(
+def explain_matches(
     explainer: Explainer,
     query: np.ndarray | FaceFeatures,
     hits: np.ndarray | FaceFeatures,
@@ -112,9 +112,29 @@ def iter_matches(
     cancel: CancelSignal = None,
     sides: tuple[str, ...] = SIDES,
 ) -> Iterator[MatchMaps]:
-    """:func:`explain_matches`, one MatchMaps per hit as soon as it is ready."""
+    """Maps of every method in ``methods`` on both faces of (query, hit_k), k = 1..K,
+    one MatchMaps per hit, in order, each as soon as it is ready (``list(...)`` for all).
+
+    query: one aligned crop (H, W, 3) uint8 or its FaceFeatures (N = 1); hits:
+    (K, H, W, 3) crops or their (cached) FaceFeatures. The batched maps come
+    from one engine pass for all K; every other method (and a batched one with
+    ``options[method]``) runs per pair through the family on the same features,
+    with ``budget`` forward passes and ``time_limit`` seconds each (a callable
+    is asked before each map, e.g. for the time left to a request's deadline).
+    ``sides`` limits family methods to one face. Raises UnknownMethod (before
+    any work), and the family's InvalidOption, BudgetExceeded,
+    TimeLimitExceeded, Cancelled.
+    """
     methods = check_methods(methods)
-    options = {m: dict(v) for m, v in (options or {}).items() if v}
+    return _matches(explainer, query, hits, methods,
+                    {m: dict(v) for m, v in (options or {}).items() if v},
+                    budget, time_limit, cancel, sides)
+
+
+def _matches(explainer: Explainer, query: np.ndarray | FaceFeatures,
+             hits: np.ndarray | FaceFeatures, methods: tuple[str, ...],
+             options: dict[str, dict[str, Any]], budget: int | None, time_limit: TimeLimit,
+             cancel: CancelSignal, sides: tuple[str, ...]) -> Iterator[MatchMaps]:
     q = query if isinstance(query, FaceFeatures) else explainer.encode(query, cancel=cancel)
     g = hits if isinstance(hits, FaceFeatures) else explainer.encode(hits, cancel=cancel)
     batched = [m for m in methods if m in BATCHED_MAPS and m not in options]
@@ -137,30 +157,3 @@ def iter_matches(
         yield MatchMaps(index, pair.cosine, pair.view_cosines, pair.query.residual,
                         pair.query.bias_share, pair.gallery.residual, pair.gallery.bias_share,
                         tuple(maps))
-
-
-def explain_matches(
-    explainer: Explainer,
-    query: np.ndarray | FaceFeatures,
-    hits: np.ndarray | FaceFeatures,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    *,
-    options: Mapping[str, Mapping[str, Any]] | None = None,
-    budget: int | None = DEFAULT_BUDGET,
-    time_limit: TimeLimit = DEFAULT_TIME_LIMIT_S,
-    cancel: CancelSignal = None,
-    sides: tuple[str, ...] = SIDES,
-) -> list[MatchMaps]:
-    """Maps of every method in ``methods`` on both faces of (query, hit_k), k = 1..K.
-
-    query: one aligned crop (H, W, 3) uint8 or its FaceFeatures (N = 1); hits:
-    (K, H, W, 3) crops or their (cached) FaceFeatures. The batched maps come
-    from one engine pass for all K; every other method (and a batched one with
-    ``options[method]``) runs per pair through the family on the same features,
-    with ``budget`` forward passes and ``time_limit`` seconds each (a callable
-    is asked before each map, e.g. for the time left to a request's deadline).
-    ``sides`` limits family methods to one face. Raises UnknownMethod, and the
-    family's InvalidOption, BudgetExceeded, TimeLimitExceeded, Cancelled.
-    """
-    return list(iter_matches(explainer, query, hits, methods, options=options, budget=budget,
-                             time_limit=time_limit, cancel=cancel, sides=sides))

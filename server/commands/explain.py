@@ -171,12 +171,12 @@ def run_explain(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_Match],
              prefix: str | None) -> None:
     """Maps of every method for the matches (one explain_matches call); files and output."""
-    from explain.attribution.matches import iter_matches
+    from explain.attribution.matches import explain_matches
     from explain.render import overlay_png, pair_figure, photo_overlay_png, symmetric_limit
 
     if not matches:
         return
-    explained = iter_matches(explainer, query.crop, np.stack([m.crop for m in matches]),
+    explained = explain_matches(explainer, query.crop, np.stack([m.crop for m in matches]),
                              args.methods, budget=args.budget, time_limit=args.time_limit)
     for match, maps in zip(matches, explained, strict=True):
         doc = {"rank": match.rank, **match.info, "cosine": maps.cosine,

@@ -21,7 +21,7 @@ def test_batched_and_family_methods_come_back_per_hit_in_order(
     explainer, query_crop, hit_crops, pairs
 ):
     methods = ("gradcam", "saliency", "similarity")
-    matches = explain_matches(explainer, query_crop, hit_crops, methods)
+    matches = list(explain_matches(explainer, query_crop, hit_crops, methods))
     assert [m.index for m in matches] == list(range(len(hit_crops)))
     for match, pair in zip(matches, pairs, strict=True):
         assert [m.method for m in match.maps] == list(methods)
@@ -70,10 +70,16 @@ def test_the_batched_set_is_data_a_new_entry_flows_through(monkeypatch, explaine
         return -q, -g
 
     monkeypatch.setitem(engine.BATCHED_MAPS, "layercam", negated)
-    matches = explain_matches(explainer, query_crop, hit_crops, ["layercam"])
+    matches = list(explain_matches(explainer, query_crop, hit_crops, ["layercam"]))
     for match, pair in zip(matches, pairs, strict=True):
         assert match["layercam"].forward_passes == 0
         np.testing.assert_allclose(match["layercam"].query, -pair.query.similarity, atol=1e-6)
+
+
+def test_unknown_methods_are_refused_before_any_work(explainer):
+    with pytest.raises(UnknownMethod):
+        explain_matches(explainer, np.zeros((112, 112, 3), np.uint8),
+                        np.zeros((1, 112, 112, 3), np.uint8), ["similarity", "lime"])
 
 
 def test_the_catalogue_validates_and_types_wire_options():
