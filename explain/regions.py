@@ -224,6 +224,11 @@ class RegionSummary:
         order = sorted(zip(self.regions, shares, strict=True), key=lambda r: -r[1])
         return tuple((name, share) for name, share in order[:top] if share >= min_share)
 
+    def to_json(self) -> dict[str, dict[str, float]]:
+        """``{"eyes": {"positive": 0.1, "negative": 0.48}, ...}`` (the CLI's ``"regions"``)."""
+        return {r: {"positive": p, "negative": n}
+                for r, p, n in zip(self.regions, self.positive, self.negative, strict=True)}
+
     def describe(self, sign: str = "negative", *, top: int = 2) -> str:
         """``"differs most: eyes 48 %, mouth 21 %"`` (``"alike most: ..."`` for positive)."""
         head = "differs most" if sign == "negative" else "alike most"

@@ -57,6 +57,7 @@ class Curve:
     knots_x: tuple[float, ...] = ()
     knots_y: tuple[float, ...] = ()
     params: tuple[float, float] = (0.0, 0.0)
+    candidates: tuple[tuple[str, float], ...] = ()  # (kind, cross-validated ECE) of each fit
 
     def __call__(self, cosine: float | np.ndarray) -> np.ndarray:
         x = np.asarray(cosine, dtype=np.float64)
@@ -81,6 +82,12 @@ class Confidence:
     @property
     def calibrated(self) -> bool:
         return self.probability is not None
+
+    def to_json(self) -> dict:
+        """The CLI's ``"confidence"`` object (the client's ``Confidence.to_json`` has the same)."""
+        return {"probability": self.probability, "reason": self.reason or None,
+                "method": self.method or None, "calibration_error": self.calibration_error,
+                "samples": self.samples, "gallery_version": self.gallery_version}
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,7 @@ def fit_curve(cosine: np.ndarray, label: np.ndarray, group: np.ndarray,
     best = _curve(kind, cosine, label)
     raw = expected_calibration_error(np.clip(cosine, 0.0, 1.0), label)
     return Curve(best.kind, best.samples, best.positives, scores[kind], raw, best.knots_x,
-                 best.knots_y, best.params)
+                 best.knots_y, best.params, tuple(scores.items()))
 
 
 @dataclass(frozen=True)
@@ -315,3 +322,104 @@ class CalibrationCache:
             if self._current is None or self._current.gallery_version != gallery.version:
                 self._current = calibrate_gallery(gallery, min_subjects=self.min_subjects)
             return self._current
+
+
+# -- measurement: ``python -m gallery.calibration GALLERY [--held-out GALLERY]`` -------------
+
+
+def _vectors(gallery) -> tuple[np.ndarray, list[str], list[str]]:
+    vectors, subjects, syndromes = [], [], []
+    for record in gallery.iter_records():
+        vectors.append(search_vector(record.views))
+        subjects.append(record.info.subject_id or record.info.image_id)
+        syndromes.append(record.info.syndrome_id)
+    return np.stack(vectors), subjects, syndromes
+
+
+def held_out_samples(gallery_vectors: np.ndarray, gallery_syndromes: Sequence[str],
+                     query_vectors: np.ndarray, query_syndromes: Sequence[str]):
+    """Hit pairs (every query x gallery image) and per-query syndrome best cosines of
+    subject-disjoint queries: ((cos, label), (best (Q, S), labels (Q, S)), syndrome names)."""
+    names = sorted(set(gallery_syndromes))
+    gsyn = np.array([names.index(s) for s in gallery_syndromes])
+    sim = query_vectors @ gallery_vectors.T
+    qsyn = np.asarray(query_syndromes, dtype=object)
+    hit_label = (qsyn[:, None] == np.asarray(gallery_syndromes, dtype=object)[None, :])
+    best = np.stack([sim[:, gsyn == k].max(axis=1) for k in range(len(names))], axis=1)
+    best_label = qsyn[:, None] == np.asarray(names, dtype=object)[None, :]
+    return (sim.ravel(), hit_label.ravel()), (best, best_label), names
+
+
+def _macro_topk(order: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    """order (Q, S) syndrome indices best first; labels (Q, S) bool -> macro top-k."""
+    rank = np.argmax(np.take_along_axis(labels, order, axis=1), axis=1)
+    true = np.argmax(labels, axis=1)
+    return {k: float(np.mean([np.mean(rank[true == t] < k) for t in np.unique(true)])) for k in ks}
+
+
+def study(gallery_path: str, held_out_path: str | None = None) -> dict:
+    """Calibration error before (cosine read as a probability, and (1 + cosine) / 2) and
+    after, leave-one-subject-out on the gallery and on a subject-disjoint held-out gallery;
+    macro top-k of the syndrome ranking by cosine and by calibrated confidence."""
+    from gallery.store import Gallery
+
+    with Gallery.open(gallery_path, create=False) as g:
+        version = g.version
+        vectors, subjects, syndromes = _vectors(g)
+    cal = fit_calibration(vectors, subjects, syndromes, gallery_version=version)
+    out: dict = {"gallery": {"images": len(subjects), "subjects": len(set(subjects)),
+                             "syndromes": len(set(syndromes)), "version": version}}
+    if cal.hit is None or cal.syndrome is None:
+        out["refused"] = cal.reason
+        return out
+    loso = loso_samples(vectors, subjects, syndromes)
+    for name, curve, cos, lab in (("hit", cal.hit, loso.hit_cosine, loso.hit_label),
+                                  ("syndrome", cal.syndrome, loso.syndrome_cosine,
+                                   loso.syndrome_label)):
+        out[f"loso_{name}"] = {
+            "samples": curve.samples, "positives": curve.positives, "chosen": curve.kind,
+            "ece_cosine_as_probability": curve.ece_raw,
+            "ece_half_cosine_plus_half": expected_calibration_error((1 + cos) / 2, lab),
+            "ece_calibrated_cv": dict(curve.candidates),
+        }
+    if held_out_path:
+        with Gallery.open(held_out_path, create=False) as h:
+            qv, qsubjects, qsyn = _vectors(h)
+        if set(qsubjects) & set(subjects):
+            raise ValueError("the held-out gallery shares subjects with the gallery")
+        (hc, hl), (best, bl), names = held_out_samples(vectors, syndromes, qv, qsyn)
+        keep = bl.any(axis=1)  # queries whose syndrome is in the gallery
+        best, bl = best[keep], bl[keep]
+        for name, curve, cos, lab in (("hit", cal.hit, hc, hl),
+                                      ("syndrome", cal.syndrome, best.ravel(), bl.ravel())):
+            out[f"held_out_{name}"] = {
+                "samples": int(cos.size), "positives": int(lab.sum()),
+                "ece_cosine_as_probability": expected_calibration_error(np.clip(cos, 0, 1), lab),
+                "ece_half_cosine_plus_half": expected_calibration_error((1 + cos) / 2, lab),
+                "ece_calibrated": expected_calibration_error(curve(cos), lab),
+            }
+        ks = (1, 3, 5)
+        by_cosine = np.argsort(-best, axis=1, kind="stable")
+        prob = cal.syndrome(best)
+        by_probability = np.array([np.lexsort((-b, -p)) for b, p in zip(best, prob,
+                                                                          strict=True)])
+        out["held_out_macro_topk"] = {"by_cosine": _macro_topk(by_cosine, bl, ks),
+                                      "by_confidence": _macro_topk(by_probability, bl, ks)}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m gallery.calibration",
+                                     description=study.__doc__)
+    parser.add_argument("gallery", help="gallery file to calibrate")
+    parser.add_argument("--held-out", help="gallery file of subject-disjoint query faces")
+    args = parser.parse_args(argv)
+    print(json.dumps(study(args.gallery, args.held_out), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -86,6 +86,9 @@ def _gallery_matches(args: argparse.Namespace, config, embed, query_views) -> li
                 f"the gallery holds {gallery.view_scheme!r} embeddings; this encoder gives "
                 f"{embed.view_scheme!r} (pass --view-scheme/--encoder to match it)")
         hits = gallery.search(query_views, args.top, view_scheme=embed.view_scheme)
+        from gallery.calibration import calibrate_gallery
+
+        calibration = calibrate_gallery(gallery)
         matches = []
         for rank, hit in enumerate(hits, start=1):
             record = gallery.get(hit.gallery_id)
@@ -95,7 +98,8 @@ def _gallery_matches(args: argparse.Namespace, config, embed, query_views) -> li
                 rank, hit.syndrome_name or hit.syndrome_id, _decode_png(record.crop_png),
                 {"gallery_id": hit.gallery_id, "image_id": hit.image_id,
                  "subject_id": hit.subject_id, "syndrome_id": hit.syndrome_id,
-                 "syndrome_name": hit.syndrome_name, "gallery_score": hit.score},
+                 "syndrome_name": hit.syndrome_name, "gallery_score": hit.score,
+                 "confidence": calibration.hit_confidence(hit.syndrome_id, hit.score).to_json()},
             ))
     return matches
 
@@ -178,6 +182,10 @@ def run_explain(args: argparse.Namespace) -> int:
             np.save(out["query_map"], q_map)
             np.save(out["gallery_map"], g_map)
             entry["files"] = {k: str(v) for k, v in out.items()}
+            from explain.regions import region_summary
+
+            entry["regions"] = {"query": region_summary(q_aligned).to_json(),
+                                "gallery": region_summary(g_aligned).to_json()}
             doc["methods"][method] = entry
         if args.json:
             print(json.dumps(doc, ensure_ascii=False))
