@@ -68,7 +68,12 @@ def local_explain_result(args: argparse.Namespace) -> tuple[Any, Any]:
     from server.config import load_config
     from server.limits import RequestScope
 
-    config = load_config(args.config, gallery={"path": str(args.gallery)})
+    from gallery import Gallery
+
+    with Gallery.open(args.gallery, create=False) as gallery:
+        scheme = gallery.view_scheme  # embed the query the way the gallery was embedded
+    config = load_config(args.config, gallery={"path": str(args.gallery)},
+                         **({"encoder": {"view_scheme": scheme}} if scheme else {}))
     backend = Backend.from_config(config)
     try:
         scope = RequestScope()
