@@ -70,7 +70,8 @@ def match_json(result: MatchResult) -> dict[str, Any]:
                     "image_id": h.record.image_id, "subject_id": h.record.subject_id,
                     "syndrome_id": h.syndrome_id, "syndrome_name": h.record.syndrome_name,
                     "omim_id": h.record.omim or None, "genes": list(h.record.genes),
-                    "cosine": h.cosine, "distance": h.distance} for h in result.hits]
+                    "cosine": h.cosine, "distance": h.distance,
+                    "confidence": h.confidence.to_json()} for h in result.hits]
     doc["syndromes"] = [{"rank": s.rank, "syndrome_id": s.syndrome_id,
                          "syndrome_name": s.syndrome_name, "omim_id": s.omim or None,
                          "cosine": s.cosine, "distance": 1.0 - s.cosine,

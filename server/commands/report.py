@@ -63,12 +63,11 @@ def local_explain_result(args: argparse.Namespace) -> tuple[Any, Any]:
     from phenolens._proto import phenolens_pb2
     from phenolens.results import ExplainResult
 
+    from gallery import Gallery
     from server import convert
     from server.backend import Backend, SearchFilters, png_bytes
     from server.config import load_config
     from server.limits import RequestScope
-
-    from gallery import Gallery
 
     with Gallery.open(args.gallery, create=False) as gallery:
         scheme = gallery.view_scheme  # embed the query the way the gallery was embedded
