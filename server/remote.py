@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from phenolens import TLS, Client, Filters, GalleryRecord, ImportItem
-from phenolens.results import ExplainedMatch, MatchResult
+from phenolens.results import ExplainedMatch, MatchResult, percent
 
 TOKEN_ENV = "PHENOLENS_TOKEN"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -142,7 +142,7 @@ def print_match(doc: dict, *, as_json: bool) -> int:
 def _percent(confidence: dict | None) -> str:
     if not confidence or confidence.get("probability") is None:
         return "–"
-    return f"{100 * confidence['probability']:.0f}%"
+    return percent(confidence["probability"]).replace(" ", "")
 
 
 def calibration_note(confidences: list[dict | None]) -> str:

@@ -46,7 +46,8 @@ th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums;
   white-space:nowrap}
 .match{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 14px;
   margin:12px 0}
-.match .words{font-size:.95rem}
+.match .words{font-size:.95rem;flex:1 1 280px;min-width:0}
+figure.pair{flex:0 1 600px}
 .muted{color:#777}
 """
 
@@ -89,7 +90,7 @@ def photo_with_face(photo: np.ndarray, alignment: FaceAlignment | None,
 def _confidence_cell(c: Confidence) -> str:
     if c.probability is None:
         return f'<span class="muted" title="{html.escape(c.reason)}">not calibrated</span>'
-    return f"{100 * c.probability:.0f} %"
+    return c.describe()
 
 
 def _reliability(result: ExplainResult) -> str:
@@ -134,11 +135,11 @@ def _match_section(e: ExplainedMatch, method: str) -> str:
 <p>Cosine similarity <b>{h.cosine:+.3f}</b> · confidence that the query shares this
 syndrome: <b>{_confidence_cell(h.confidence)}</b> · gallery image {html.escape(h.gallery_id)}
 · explanation: {html.escape(method)}</p>
-<figure><img src="{src}" alt="pair figure of match {h.rank}: query and gallery faces with
-their {html.escape(method)} maps"><figcaption>Top: the two aligned faces. Bottom: the same
-faces with the map; red pulls the faces together, blue marks where they differ.</figcaption>
-</figure>
-<ul class="words">{''.join(words)}</ul>
+<div class="row"><figure class="pair"><img src="{src}" alt="pair figure of match {h.rank}:
+query and gallery faces with their {html.escape(method)} maps"><figcaption>Top: the two aligned
+faces. Bottom: the same faces with the map; red pulls the faces together, blue marks where they
+differ.</figcaption></figure>
+<ul class="words">{''.join(words)}</ul></div>
 </section>"""
 
 
@@ -189,7 +190,7 @@ def render_report(result: ExplainResult, query_photo: np.ndarray | None = None, 
                  "<th>best cosine</th><th>confidence</th></tr>" + rows + "</table>")
     refused = {s.confidence.reason for s in match.syndromes[:top_syndromes]
                if s.confidence.probability is None and s.confidence.reason}
-    if refused:
+    if refused and any(s.confidence.calibrated for s in match.syndromes):
         parts.append('<p class="muted">Not calibrated: '
                      + html.escape("; ".join(sorted(refused))[:600]) + ".</p>")
     if match.genes:

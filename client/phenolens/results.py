@@ -126,9 +126,17 @@ class Confidence:
                 "samples": self.samples, "gallery_version": self.gallery_version}
 
     def describe(self) -> str:
-        """``"72 %"`` or ``"not calibrated"``."""
-        return f"{100 * self.probability:.0f} %" if self.probability is not None \
-            else "not calibrated"
+        """``"72 %"`` (``">99 %"``, ``"<1 %"`` at the ends) or ``"not calibrated"``."""
+        return percent(self.probability) if self.probability is not None else "not calibrated"
+
+
+def percent(probability: float) -> str:
+    """A probability in words a reader will not over-read: ``"72 %"``, ``">99 %"``, ``"<1 %"``."""
+    if probability > 0.99:
+        return ">99 %"
+    if probability < 0.01:
+        return "<1 %"
+    return f"{100 * probability:.0f} %"
 
 
 _NO_CONFIDENCE = Confidence(None, "the server sent no confidence")
