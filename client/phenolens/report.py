@@ -98,8 +98,9 @@ def _reliability(result: ExplainResult) -> str:
     for c in [s.confidence for s in result.match.syndromes] + [h.confidence for h in
                                                                result.match.hits]:
         if c.probability is not None:
+            article = "an" if c.method[:1] in "aeiou" else "a"
             return (f"Confidence is calibrated on this gallery (version {c.gallery_version}) "
-                    f"by a {c.method} fit to {c.samples:,} leave-one-subject-out scores; its "
+                    f"by {article} {c.method} fit to {c.samples:,} leave-one-subject-out scores; its "
                     f"expected calibration error is {100 * c.calibration_error:.1f} percentage "
                     "points.")
     reasons = {c.reason for c in [s.confidence for s in result.match.syndromes] if c.reason}
@@ -132,7 +133,7 @@ def _match_section(e: ExplainedMatch, method: str) -> str:
     return f"""
 <section class="match" id="match-{h.rank}">
 <h3>Match {h.rank}: {html.escape(name)}</h3>
-<p>Cosine similarity <b>{h.cosine:+.3f}</b> · confidence that the query shares this
+<p>Cosine similarity <b>{h.cosine:+.3f}</b> · chance that these two faces share a
 syndrome: <b>{_confidence_cell(h.confidence)}</b> · gallery image {html.escape(h.gallery_id)}
 · explanation: {html.escape(method)}</p>
 <div class="row"><figure class="pair"><img src="{src}" alt="pair figure of match {h.rank}:
@@ -167,7 +168,7 @@ def render_report(result: ExplainResult, query_photo: np.ndarray | None = None, 
              "gallery cannot appear.</p>"]
 
     faces = []
-    if query_photo is not None:
+    if query_photo is not None and (match.alignment is None or match.alignment.detected):
         faces.append(f'<figure><img id="query-photo" src="'
                      f'{_data_uri(photo_with_face(query_photo, match.alignment), "JPEG")}" '
                      'alt="query photo with the detected face"><figcaption>Query photo; the '
@@ -205,7 +206,7 @@ def render_report(result: ExplainResult, query_photo: np.ndarray | None = None, 
         parts.append("<h2>Top matches, explained</h2>")
         parts += [_match_section(e, method) for e in result.explanations]
     parts.append(HOW_TO_READ)
-    body = "\n".join(parts)
+    body = "\n".join(parts).replace(" %", "\u00a0%")  # "48 %" never breaks
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>PhenoLens match report{' - ' + html.escape(title) if title else ''}</title>"
@@ -223,7 +224,10 @@ this gallery: every gallery face was matched against the others with its own pat
 out, and a monotone map from cosine to "same syndrome" was fitted to those outcomes. It is
 not given ("not calibrated") for syndromes with too few patients in the gallery; hover over
 the words for the reason. It assumes the query's syndrome is one of the gallery's.</li>
-<li>A syndrome's rank is that of its nearest gallery face (as GestaltMatcher ranks).</li>
+<li>A syndrome's rank is that of its nearest gallery face (as GestaltMatcher ranks). Its
+confidence reads that nearest cosine against how the best cosine of the right and of the
+wrong syndromes fell in the gallery; a single match's "chance that these two faces share a
+syndrome" reads one pair's cosine against all pairs, so the two numbers differ.</li>
 <li><b>Maps</b>: red regions pull the two faces together, blue regions are where they
 differ; the colour scale is shared by both faces of a pair, and pale means little effect.
 The words under each figure name the landmark regions (eyes, brows, nose, mouth, chin,

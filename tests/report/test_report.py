@@ -84,7 +84,7 @@ def test_report_is_one_self_contained_page(report_page, explained, synth_samples
     assert "person_a" not in page, "the query's file name is not written"
     subjects = {s.subject for s in synth_samples}
     assert not [s for s in subjects if s in page], "gallery subjects are not named"
-    assert re.search(r"\d+ %", page), "calibrated confidence in percent"
+    assert re.search("\\d+\u00a0%", page), "calibrated confidence in percent"
 
 
 def test_report_renders_in_chromium_with_every_image_and_no_horizontal_scroll(
