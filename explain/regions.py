@@ -54,6 +54,7 @@ REGION_NAMES: tuple[str, ...] = (
 EVALUATION_REGIONS: tuple[str, ...] = ("eyes", "nose", "mouth", "background")
 # The regions a match's summary names ("differs most: eyes 48 %, mouth 21 %"); disjoint.
 SUMMARY_REGIONS: tuple[str, ...] = ("eyes", "brows", "nose", "mouth", "chin", "cheeks", "forehead")
+MIN_MASS_SHARE = 0.05  # a sign with less of the map's absolute mass "differs nowhere"
 
 
 def _arcface_template() -> np.ndarray:
@@ -219,7 +220,12 @@ class RegionSummary:
 
     def ranked(self, sign: str = "negative", *, top: int = 2, min_share: float = 0.05
                ) -> tuple[tuple[str, float], ...]:
-        """The ``top`` regions by share of the ``sign`` mass, those of at least ``min_share``."""
+        """The ``top`` regions by share of the ``sign`` mass, those of at least ``min_share``;
+        none when that mass is under ``MIN_MASS_SHARE`` of the map's absolute mass (100 % of
+        almost nothing is not worth a word)."""
+        mass = self.negative_mass if sign == "negative" else self.positive_mass
+        if mass < MIN_MASS_SHARE * (self.positive_mass + self.negative_mass):
+            return ()
         shares = self.negative if sign == "negative" else self.positive
         order = sorted(zip(self.regions, shares, strict=True), key=lambda r: -r[1])
         return tuple((name, share) for name, share in order[:top] if share >= min_share)

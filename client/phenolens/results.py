@@ -254,7 +254,13 @@ class ExplanationMap:
 
     def ranked_regions(self, sign: Literal["positive", "negative"] = "negative", *, top: int = 2,
                        min_share: float = 0.05) -> tuple[tuple[str, float], ...]:
-        """The ``top`` regions by share of the ``sign`` mass (at least ``min_share`` each)."""
+        """The ``top`` regions by share of the ``sign`` mass (at least ``min_share`` each);
+        none when that sign holds under 5 % of the map's absolute mass (as the server's
+        ``explain.regions.RegionSummary.ranked``)."""
+        a = np.asarray(self.aligned, np.float64)
+        mass = float(np.maximum(-a if sign == "negative" else a, 0.0).sum())
+        if mass < 0.05 * float(np.abs(a).sum()):
+            return ()
         order = sorted(((r.region, getattr(r, sign)) for r in self.regions), key=lambda r: -r[1])
         return tuple((name, share) for name, share in order[:top] if share >= min_share)
 

@@ -56,3 +56,13 @@ def test_an_all_positive_map_differs_nowhere():
     s = region_summary(np.ones((112, 112)))
     assert sum(s.negative) == 0
     assert s.describe() == "differs most: nowhere in particular"
+
+
+def test_a_sliver_of_negative_mass_is_not_called_the_place_that_differs():
+    masks = template_regions((112, 112))
+    m = np.ones((112, 112))
+    y, x = np.argwhere(masks["cheeks"])[0]
+    m[y, x] = -5.0  # 100 % of the negative mass, but 0.04 % of the map's
+    s = region_summary(m)
+    assert max(s.negative) > 0.9
+    assert s.describe() == "differs most: nowhere in particular"
