@@ -10,14 +10,17 @@ and two monotone maps are fitted:
 - **syndrome**: a syndrome's best cosine (its nearest image, GestaltMatcher's
   ranking rule) -> P(the query has that syndrome); samples are, per left-out
   query whose syndrome still has other subjects in the gallery, every
-  syndrome's best cosine, labelled 1 for the query's own syndrome.
+  syndrome's best cosine, labelled 1 for the query's own syndrome;
+- **gene**: the same for genes (a gene's best cosine is that of the nearest image
+  carrying it; a query may carry several), from queries with at least one gene
+  carried by another subject.
 
 Each map is isotonic (pool-adjacent-violators) or logistic, whichever has the
 lower expected calibration error (ECE) in a 5-fold cross-validation split by
 the query's subject; the ECE reported is that cross-validated one, and the
 sample count is what the map rests on. A calibration belongs to one gallery
 version (``CalibrationCache`` refits when the version moves); confidence is
-refused, with the reason, for syndromes with fewer than ``min_subjects``
+refused, with the reason, for syndromes (genes) with fewer than ``min_subjects``
 subjects and for galleries too small to fit at all.
 """
 
@@ -92,7 +95,7 @@ class Confidence:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The gallery's two maps (None with ``reason`` when they could not be fitted)."""
+    """The gallery's maps (None with ``reason`` / ``gene_reason`` when they could not be fitted)."""
 
     gallery_version: int
     hit: Curve | None
@@ -100,6 +103,9 @@ class Calibration:
     subjects_per_syndrome: dict[str, int] = field(repr=False)
     min_subjects: int = MIN_SUBJECTS
     reason: str = ""
+    gene: Curve | None = None
+    subjects_per_gene: dict[str, int] = field(default_factory=dict, repr=False)
+    gene_reason: str = "the gallery's images carry no genes"
 
     def hit_confidence(self, syndrome_id: str, cosine: float) -> Confidence:
         """Confidence that a query shares the syndrome of a gallery image at ``cosine``."""
@@ -109,14 +115,22 @@ class Calibration:
         """Confidence that a query has a syndrome whose nearest image is at ``cosine``."""
         return self._confidence(self.syndrome, syndrome_id, cosine)
 
-    def _confidence(self, curve: Curve | None, syndrome_id: str, cosine: float) -> Confidence:
+    def gene_confidence(self, gene: str, cosine: float) -> Confidence:
+        """Confidence that a query carries a gene whose nearest carrier is at ``cosine``."""
+        if self.gene is None:
+            return Confidence(None, self.gene_reason or self.reason,
+                              gallery_version=self.gallery_version)
+        return self._confidence(self.gene, gene, cosine, "gene", self.subjects_per_gene)
+
+    def _confidence(self, curve: Curve | None, label: str, cosine: float,
+                    what: str = "syndrome", counts: dict[str, int] | None = None) -> Confidence:
         if curve is None:
             return Confidence(None, self.reason, gallery_version=self.gallery_version)
-        subjects = self.subjects_per_syndrome.get(syndrome_id, 0)
+        subjects = (self.subjects_per_syndrome if counts is None else counts).get(label, 0)
         if subjects < self.min_subjects:
             return Confidence(
                 None,
-                f"syndrome {syndrome_id!r} has {subjects} subject(s) in the gallery; a calibrated "
+                f"{what} {label!r} has {subjects} subject(s) in the gallery; a calibrated "
                 f"confidence needs at least {self.min_subjects}",
                 curve.kind, curve.ece, curve.samples, self.gallery_version)
         return Confidence(float(curve(cosine)), "", curve.kind, curve.ece, curve.samples,
@@ -239,11 +253,34 @@ class LosoSamples:
     syndrome_cosine: np.ndarray
     syndrome_label: np.ndarray
     syndrome_group: np.ndarray
+    gene_cosine: np.ndarray
+    gene_label: np.ndarray
+    gene_group: np.ndarray
 
 
-def loso_samples(vectors: np.ndarray, subjects: Sequence[str], syndromes: Sequence[str]
-                 ) -> LosoSamples:
-    """vectors: (N, D) search vectors (inner product = mean per-view cosine)."""
+def _best_of_labels(masked: np.ndarray, member: np.ndarray, subj: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (query, label): the best cosine to the label's images of other subjects.
+
+    masked (N, N) cosines, -inf for same-subject pairs; member (N, L) bool. Only queries
+    with one of their own labels still present (and only labels present) give samples.
+    Returns (cosine, label 0/1, query subject), each (n,)."""
+    if member.shape[1] == 0:
+        empty = np.zeros(0)
+        return empty, empty.astype(np.int8), empty.astype(int)
+    best = np.stack([masked[:, member[:, k]].max(axis=1) for k in range(member.shape[1])],
+                    axis=1)
+    present = np.isfinite(best)
+    own_present = (present & member).any(axis=1)
+    rows, cols = np.nonzero(present & own_present[:, None])
+    return (best[rows, cols].astype(np.float64), member[rows, cols].astype(np.int8),
+            subj[rows])
+
+
+def loso_samples(vectors: np.ndarray, subjects: Sequence[str], syndromes: Sequence[str],
+                 genes: Sequence[Sequence[str]] | None = None) -> LosoSamples:
+    """vectors: (N, D) search vectors (inner product = mean per-view cosine); genes: per
+    image the genes it carries (none: no gene samples)."""
     subj = np.unique(np.asarray(subjects, dtype=object).astype(str), return_inverse=True)[1]
     syn_names, syn = np.unique(np.asarray(syndromes, dtype=object).astype(str),
                                return_inverse=True)
@@ -252,61 +289,76 @@ def loso_samples(vectors: np.ndarray, subjects: Sequence[str], syndromes: Sequen
     i, j = np.nonzero(np.triu(other_subject, k=1))
     hit_cos, hit_lab = sim[i, j], (syn[i] == syn[j]).astype(np.int8)
     masked = np.where(other_subject, sim, -np.inf)
-    best = np.stack([masked[:, syn == s].max(axis=1) for s in range(syn_names.size)], axis=1)
-    own_present = np.isfinite(best[np.arange(syn.size), syn])
-    rows, cols = np.nonzero(np.isfinite(best) & own_present[:, None])
-    return LosoSamples(hit_cos.astype(np.float64), hit_lab, subj[i],
-                       best[rows, cols].astype(np.float64), (syn[rows] == cols).astype(np.int8),
-                       subj[rows])
+    syndrome = _best_of_labels(masked, syn[:, None] == np.arange(syn_names.size)[None, :], subj)
+    gene_names = sorted({g for gs in genes or () for g in gs})
+    member = np.array([[g in set(gs) for g in gene_names] for gs in genes or [()] * len(subj)],
+                      dtype=bool).reshape(len(subj), len(gene_names))
+    gene = _best_of_labels(masked, member, subj)
+    return LosoSamples(hit_cos.astype(np.float64), hit_lab, subj[i], *syndrome, *gene)
 
 
 def fit_calibration(vectors: np.ndarray, subjects: Sequence[str], syndromes: Sequence[str], *,
-                    gallery_version: int = 0, min_subjects: int = MIN_SUBJECTS,
-                    max_images: int = MAX_IMAGES, seed: int = 0) -> Calibration:
-    """A Calibration of N gallery images: vectors (N, D) search vectors, labels (N,)."""
+                    genes: Sequence[Sequence[str]] | None = None, gallery_version: int = 0,
+                    min_subjects: int = MIN_SUBJECTS, max_images: int = MAX_IMAGES,
+                    seed: int = 0) -> Calibration:
+    """A Calibration of N gallery images: vectors (N, D) search vectors, labels (N,),
+    genes (N,) tuples (optional)."""
     subjects = [str(s) for s in subjects]
     syndromes = [str(s) for s in syndromes]
+    genes = [tuple(str(g) for g in gs) for gs in genes] if genes is not None \
+        else [()] * len(subjects)
     per_syndrome: dict[str, set[str]] = {}
-    for s, y in zip(subjects, syndromes, strict=True):
+    per_gene: dict[str, set[str]] = {}
+    for s, y, gs in zip(subjects, syndromes, genes, strict=True):
         per_syndrome.setdefault(y, set()).add(s)
+        for g in gs:
+            per_gene.setdefault(g, set()).add(s)
     counts = {y: len(s) for y, s in per_syndrome.items()}
+    gene_counts = {g: len(s) for g, s in per_gene.items()}
     vectors = np.asarray(vectors)
     if len(subjects) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(subjects), max_images, replace=False))
         vectors = vectors[keep]
         subjects = [subjects[k] for k in keep]
         syndromes = [syndromes[k] for k in keep]
+        genes = [genes[k] for k in keep]
     eligible = sum(1 for n in counts.values() if n >= 2)
     if eligible < 2:
         return Calibration(gallery_version, None, None, counts, min_subjects,
                            "the gallery needs at least two syndromes with two or more subjects "
                            "each to calibrate confidence")
-    s = loso_samples(vectors, subjects, syndromes)
+    s = loso_samples(vectors, subjects, syndromes, genes)
     curves = []
     for cos, lab, grp in ((s.hit_cosine, s.hit_label, s.hit_group),
-                          (s.syndrome_cosine, s.syndrome_label, s.syndrome_group)):
+                          (s.syndrome_cosine, s.syndrome_label, s.syndrome_group),
+                          (s.gene_cosine, s.gene_label, s.gene_group)):
         positives = int(lab.sum())
         if positives < MIN_POSITIVES or positives == lab.size:
             curves.append(None)
         else:
             curves.append(fit_curve(cos, lab, grp))
-    reason = "" if all(curves) else (
+    reason = "" if curves[0] and curves[1] else (
         f"too few same-syndrome pairs of different subjects (need {MIN_POSITIVES}) to calibrate")
-    return Calibration(gallery_version, curves[0], curves[1], counts, min_subjects, reason)
+    gene_reason = "" if curves[2] else (
+        "the gallery's images carry no genes" if not gene_counts else
+        f"too few gene-sharing samples of different subjects (need {MIN_POSITIVES}) to calibrate")
+    return Calibration(gallery_version, curves[0], curves[1], counts, min_subjects, reason,
+                       curves[2], gene_counts, gene_reason)
 
 
 def calibrate_gallery(gallery, *, min_subjects: int = MIN_SUBJECTS) -> Calibration:
     """Fit a Calibration on every record of an open ``gallery.Gallery``."""
     version = gallery.version
-    vectors, subjects, syndromes = [], [], []
+    vectors, subjects, syndromes, genes = [], [], [], []
     for record in gallery.iter_records():
         vectors.append(search_vector(record.views))
         subjects.append(record.info.subject_id or record.info.image_id)
         syndromes.append(record.info.syndrome_id)
+        genes.append(record.info.genes)
     if not vectors:
         return Calibration(version, None, None, {}, min_subjects, "the gallery is empty")
-    return fit_calibration(np.stack(vectors), subjects, syndromes, gallery_version=version,
-                           min_subjects=min_subjects)
+    return fit_calibration(np.stack(vectors), subjects, syndromes, genes=genes,
+                           gallery_version=version, min_subjects=min_subjects)
 
 
 class CalibrationCache:

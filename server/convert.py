@@ -136,7 +136,7 @@ def match_response(outcome: MatchOutcome, encoder_id: str, view_scheme: str, *,
               for i, h in enumerate(outcome.hits)],
         syndromes=[_syndrome(s, i + 1, outcome.calibration)
                    for i, s in enumerate(outcome.syndromes)],
-        genes=[_gene(g, i + 1) for i, g in enumerate(outcome.genes)],
+        genes=[_gene(g, i + 1, outcome.calibration) for i, g in enumerate(outcome.genes)],
     )
     if outcome.query.face is not None:
         response.alignment.CopyFrom(alignment(outcome.query.face, detected=detected))
@@ -164,9 +164,13 @@ def regions(aligned_map: np.ndarray) -> list[phenolens_pb2.RegionShare]:
             zip(summary.regions, summary.positive, summary.negative, strict=True)]
 
 
-def _gene(g: GeneHit, rank: int) -> types_pb2.GeneRank:
-    return types_pb2.GeneRank(rank=rank, gene=g.gene, cosine=g.score,
-                              nearest_gallery_id=str(g.gallery_id), nearest_image_id=g.image_id)
+def _gene(g: GeneHit, rank: int, calibration: Calibration | None = None) -> types_pb2.GeneRank:
+    message = types_pb2.GeneRank(rank=rank, gene=g.gene, cosine=g.score,
+                                 nearest_gallery_id=str(g.gallery_id),
+                                 nearest_image_id=g.image_id)
+    if calibration is not None:
+        message.confidence.CopyFrom(confidence(calibration.gene_confidence(g.gene, g.score)))
+    return message
 
 
 def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_scheme: str,

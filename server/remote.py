@@ -79,8 +79,8 @@ def match_json(result: MatchResult) -> dict[str, Any]:
                          "nearest_image_id": s.nearest_image_id,
                          "confidence": s.confidence.to_json()} for s in result.syndromes]
     doc["genes"] = [{"rank": g.rank, "gene": g.gene, "cosine": g.cosine,
-                     "distance": 1.0 - g.cosine, "nearest_gallery_id": _gid(g.nearest_gallery_id)}
-                    for g in result.genes]
+                     "distance": 1.0 - g.cosine, "nearest_gallery_id": _gid(g.nearest_gallery_id),
+                     "confidence": g.confidence.to_json()} for g in result.genes]
     return doc
 
 

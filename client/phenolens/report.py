@@ -197,9 +197,10 @@ def render_report(result: ExplainResult, query_photo: np.ndarray | None = None, 
     if match.genes:
         parts.append("<h2>Genes</h2>")
         parts.append("<table id=genes><tr><th>rank</th><th>gene</th><th>best cosine</th>"
-                     "</tr>" + "".join(
+                     "<th>confidence</th></tr>" + "".join(
                          f"<tr><td class=num>{g.rank}</td><td>{html.escape(g.gene)}</td>"
-                         f"<td class=num>{g.cosine:+.3f}</td></tr>"
+                         f"<td class=num>{g.cosine:+.3f}</td>"
+                         f"<td class=num>{_confidence_cell(g.confidence)}</td></tr>"
                          for g in match.genes[:top_genes]) + "</table>")
     if result.explanations:
         method = method or result.explanations[0].methods[0]
@@ -224,6 +225,8 @@ this gallery: every gallery face was matched against the others with its own pat
 out, and a monotone map from cosine to "same syndrome" was fitted to those outcomes. It is
 not given ("not calibrated") for syndromes with too few patients in the gallery; hover over
 the words for the reason. It assumes the query's syndrome is one of the gallery's.</li>
+<li>A gene's confidence is the same for the genes the gallery faces carry: the
+probability that the query carries it, read from its nearest carrier's cosine.</li>
 <li>A syndrome's rank is that of its nearest gallery face (as GestaltMatcher ranks). Its
 confidence reads that nearest cosine against how the best cosine of the right and of the
 wrong syndromes fell in the gallery; a single match's "chance that these two faces share a

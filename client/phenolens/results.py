@@ -191,6 +191,13 @@ class GeneRank:
     cosine: float
     nearest_gallery_id: str
     nearest_image_id: str = ""
+    confidence: Confidence = _NO_CONFIDENCE
+
+    @classmethod
+    def from_proto(cls, g: types_pb2.GeneRank) -> GeneRank:
+        return cls(g.rank, g.gene, g.cosine, g.nearest_gallery_id, g.nearest_image_id,
+                   Confidence.from_proto(g.confidence) if g.HasField("confidence")
+                   else _NO_CONFIDENCE)
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,8 +218,7 @@ class MatchResult:
             gallery_version=m.gallery_version,
             hits=tuple(Hit.from_proto(h) for h in m.hits),
             syndromes=tuple(SyndromeRank.from_proto(s) for s in m.syndromes),
-            genes=tuple(GeneRank(g.rank, g.gene, g.cosine, g.nearest_gallery_id, g.nearest_image_id)
-                        for g in m.genes),
+            genes=tuple(GeneRank.from_proto(g) for g in m.genes),
             alignment=FaceAlignment.from_proto(m.alignment) if m.HasField("alignment") else None,
         )
 

@@ -190,6 +190,8 @@ def run_explain(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(doc, ensure_ascii=False))
         else:
-            print(f"#{match.rank}  cosine {pair.cosine:+.4f}  residual {pair.query.residual:+.1e}  "
+            p = match.info.get("confidence", {}).get("probability")
+            print(f"#{match.rank}  cosine {pair.cosine:+.4f}  confidence "
+                  f"{'–' if p is None else f'{100 * p:.0f}%'}  residual {pair.query.residual:+.1e}  "
                   f"{match.label}  -> {args.out}/match{match.rank:02d}_*")
     return 0

@@ -378,7 +378,8 @@ def run_match(args: argparse.Namespace) -> int:
                            .to_json()}
                           for i, s in enumerate(syndromes)],
             "genes": [{"rank": i + 1, "gene": g.gene, "cosine": g.score, "distance": g.distance,
-                       "nearest_gallery_id": g.gallery_id} for i, g in enumerate(genes)],
+                       "nearest_gallery_id": g.gallery_id, "confidence": calibration
+                       .gene_confidence(g.gene, g.score).to_json()} for i, g in enumerate(genes)],
         }
     from server.remote import print_match
 

@@ -115,3 +115,19 @@ def test_cache_refits_when_the_gallery_version_moves(tmp_path):
         second = cache.get(g)
         assert second is not first and second.gallery_version == g.version
         assert second.hit.samples > first.hit.samples
+
+
+def test_gene_confidence_is_calibrated_from_carriers_and_refused_without_genes():
+    vectors, subj, syn = clustered_gallery()
+    genes = [(f"G{s[-1]}",) + (("SHARED",) if s in ("syn0", "syn1") else ()) for s in syn]
+    cal = fit_calibration(vectors, subj, syn, genes=genes)
+    assert cal.gene is not None and cal.gene.ece < cal.gene.ece_raw
+    # per query: 4 single genes + SHARED, own subject left out
+    assert cal.gene.samples == len(subj) * 5
+    assert cal.gene.positives == len(subj) + 2 * 6 * 3  # own gene, and SHARED for syn0/syn1
+    c = cal.gene_confidence("SHARED", 0.6)
+    assert c.calibrated and c.probability >= cal.gene_confidence("SHARED", 0.2).probability
+    assert not cal.gene_confidence("UNKNOWN", 0.9).calibrated
+    bare = fit_calibration(vectors, subj, syn)
+    assert bare.hit is not None and bare.gene is None
+    assert "carry no genes" in bare.gene_confidence("G0", 0.5).reason

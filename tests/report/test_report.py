@@ -46,6 +46,8 @@ def test_match_carries_calibrated_confidence_for_every_well_sampled_syndrome(cli
         s.syndrome_id for s in sorted(result.syndromes, key=lambda s: -s.cosine)]
     for h in result.hits:
         assert h.confidence.calibrated == (h.syndrome_id != RARE)
+    assert result.genes and all(g.confidence.calibrated for g in result.genes)
+    assert {g.confidence.method for g in result.genes} <= {"isotonic", "logistic"}
 
 
 def test_confidence_is_refused_for_a_syndrome_with_one_subject(client, query_path):

@@ -164,15 +164,17 @@ class SyndromeRank(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., syndrome_id: _Optional[str] = ..., syndrome_name: _Optional[str] = ..., omim: _Optional[str] = ..., cosine: _Optional[float] = ..., nearest_gallery_id: _Optional[str] = ..., nearest_image_id: _Optional[str] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ...) -> None: ...
 
 class GeneRank(_message.Message):
-    __slots__ = ("rank", "gene", "cosine", "nearest_gallery_id", "nearest_image_id")
+    __slots__ = ("rank", "gene", "cosine", "nearest_gallery_id", "nearest_image_id", "confidence")
     RANK_FIELD_NUMBER: _ClassVar[int]
     GENE_FIELD_NUMBER: _ClassVar[int]
     COSINE_FIELD_NUMBER: _ClassVar[int]
     NEAREST_GALLERY_ID_FIELD_NUMBER: _ClassVar[int]
     NEAREST_IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     gene: str
     cosine: float
     nearest_gallery_id: str
     nearest_image_id: str
-    def __init__(self, rank: _Optional[int] = ..., gene: _Optional[str] = ..., cosine: _Optional[float] = ..., nearest_gallery_id: _Optional[str] = ..., nearest_image_id: _Optional[str] = ...) -> None: ...
+    confidence: Confidence
+    def __init__(self, rank: _Optional[int] = ..., gene: _Optional[str] = ..., cosine: _Optional[float] = ..., nearest_gallery_id: _Optional[str] = ..., nearest_image_id: _Optional[str] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ...) -> None: ...
