@@ -159,3 +159,17 @@ def test_confidence_is_refitted_when_the_gallery_changes(report_server, client, 
     c = after.syndromes[0].confidence
     assert c.gallery_version == after.gallery_version
     assert c.samples > before.syndromes[0].confidence.samples
+
+
+def test_async_client_writes_the_same_report(report_server, query_path, report_dir):
+    import asyncio
+
+    from phenolens import AsyncClient
+
+    async def run() -> str:
+        async with AsyncClient(report_server.address, token=READ_TOKEN, timeout=300) as c:
+            return await c.report(query_path, report_dir / "async.html", top_k=1)
+
+    page = asyncio.run(run())
+    assert (report_dir / "async.html").read_text(encoding="utf-8") == page
+    assert page.count("<img") == 3 and "How to read this page" in page
