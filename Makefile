@@ -10,9 +10,17 @@ PIP := $(PY) -m pip
 SETUP_STAMP := $(VENV)/.setup-stamp
 ASSETS_STAMP := data/.assets-stamp
 
-.PHONY: setup test demo serve bench lint proto container-test clean
+.PHONY: setup browser test demo serve bench lint proto container-test clean
 
-setup: $(SETUP_STAMP) $(ASSETS_STAMP)
+setup: $(SETUP_STAMP) $(ASSETS_STAMP) browser
+
+# Headless Chromium (Debian's package) for the match report's browser test: installed only
+# where missing and where apt-get can (as root); elsewhere that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "chromium not installed: the report's browser test (tests/report) will skip"
 
 $(SETUP_STAMP): requirements.txt requirements-nodeps.txt pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -16,11 +16,21 @@ Proportions (in units of ``d``; SFace/ArcFace crops have ``d`` ~ 35 px):
 - philtrum: the band between the alae and the upper lip, 0.3 wide;
 - chin: ellipse centred 0.55 below the mouth, half-axes 0.6 x 0.35;
 - face: ellipse from 0.95 above the eye line to 0.8 below the mouth, half-width 1.05;
-- background: everything outside ``face``.
+- background: everything outside ``face``;
+- brows: band 0.22-0.55 above the eye line, 0.65 either side of the eye midpoint
+  outwards to 0.85, inside ``face``;
+- forehead: ``face`` above the brows (more than 0.55 above the eye line);
+- cheeks: ``face`` between the eye line (0.25 below it) and the mouth line, outside
+  the eyes, nose, philtrum and mouth, more than 0.3 from the face's midline.
+
+A region summary (``region_summary``) counts each pixel once, in the first of its
+regions in ``SUMMARY_REGIONS`` order (eyes, brows, nose, mouth, chin, cheeks,
+forehead), so the shares of a map's mass add up to at most 1.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import cv2
@@ -36,9 +46,15 @@ REGION_NAMES: tuple[str, ...] = (
     "chin",
     "face",
     "background",
+    "brows",
+    "forehead",
+    "cheeks",
 )
 # The regions the evaluation protocols report (the issue's eyes, nose, mouth, background).
 EVALUATION_REGIONS: tuple[str, ...] = ("eyes", "nose", "mouth", "background")
+# The regions a match's summary names ("differs most: eyes 48 %, mouth 21 %"); disjoint.
+SUMMARY_REGIONS: tuple[str, ...] = ("eyes", "brows", "nose", "mouth", "chin", "cheeks", "forehead")
+MIN_MASS_SHARE = 0.05  # a sign with less of the map's absolute mass "differs nowhere"
 
 
 def _arcface_template() -> np.ndarray:
@@ -176,4 +192,84 @@ def region_masks(
     half_height = float(np.linalg.norm(bottom - top)) / 2
     masks["face"] = ellipse_mask(size, face_centre, (1.05 * d, half_height), angle)
     masks["background"] = ~masks["face"]
+
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    across = ((xs - eye_mid[0]) * ex[0] + (ys - eye_mid[1]) * ex[1]) / d  # along the eye line
+    down = ((xs - eye_mid[0]) * ey[0] + (ys - eye_mid[1]) * ey[1]) / d  # below the eye line
+    mouth_down = float(np.dot(mouth_mid - eye_mid, ey)) / d
+    face = masks["face"]
+    masks["brows"] = face & (down >= -0.55) & (down < -0.22) & (np.abs(across) <= 0.85) \
+        & ~masks["eyes"]
+    masks["forehead"] = face & (down < -0.55)
+    masks["cheeks"] = face & (down >= 0.25) & (down <= mouth_down) & (np.abs(across) > 0.3) \
+        & ~(masks["eyes"] | masks["nose"] | masks["philtrum"] | masks["mouth"])
     return RegionMasks(size=(h, w), masks=masks)
+
+
+@dataclass(frozen=True)
+class RegionSummary:
+    """Where a signed map's mass lies: per region (``regions``), the share of the map's
+    positive ("pulls together") and of its negative ("differs") mass, each in 0..1 of the
+    whole map's; the rest falls outside the named regions."""
+
+    regions: tuple[str, ...]
+    positive: tuple[float, ...]
+    negative: tuple[float, ...]
+    positive_mass: float
+    negative_mass: float
+
+    def ranked(self, sign: str = "negative", *, top: int = 2, min_share: float = 0.05
+               ) -> tuple[tuple[str, float], ...]:
+        """The ``top`` regions by share of the ``sign`` mass, those of at least ``min_share``;
+        none when that mass is under ``MIN_MASS_SHARE`` of the map's absolute mass (100 % of
+        almost nothing is not worth a word)."""
+        mass = self.negative_mass if sign == "negative" else self.positive_mass
+        if mass < MIN_MASS_SHARE * (self.positive_mass + self.negative_mass):
+            return ()
+        shares = self.negative if sign == "negative" else self.positive
+        order = sorted(zip(self.regions, shares, strict=True), key=lambda r: -r[1])
+        return tuple((name, share) for name, share in order[:top] if share >= min_share)
+
+    def to_json(self) -> dict[str, dict[str, float]]:
+        """``{"eyes": {"positive": 0.1, "negative": 0.48}, ...}`` (the CLI's ``"regions"``)."""
+        return {r: {"positive": p, "negative": n}
+                for r, p, n in zip(self.regions, self.positive, self.negative, strict=True)}
+
+    def describe(self, sign: str = "negative", *, top: int = 2) -> str:
+        """``"differs most: eyes 48 %, mouth 21 %"`` (``"alike most: ..."`` for positive)."""
+        head = "differs most" if sign == "negative" else "alike most"
+        ranked = self.ranked(sign, top=top)
+        if not ranked:
+            return f"{head}: nowhere in particular"
+        return f"{head}: " + ", ".join(f"{n} {round(100 * s)} %" for n, s in ranked)
+
+
+def region_summary(aligned_map: np.ndarray, regions: RegionMasks | None = None,
+                   names: tuple[str, ...] = SUMMARY_REGIONS) -> RegionSummary:
+    """Shares of a signed map's positive and negative mass per region.
+
+    Args:
+        aligned_map: (H, W) signed map in the aligned-crop frame (any size: it is resized
+            bilinearly to the masks' size when they differ).
+        regions: masks in that frame; default the ArcFace template's at (H, W).
+        names: which regions to report (default ``SUMMARY_REGIONS``).
+    """
+    m = np.asarray(aligned_map, dtype=np.float64)
+    if regions is None:
+        regions = template_regions(m.shape)
+    if m.shape != regions.size:
+        m = cv2.resize(m.astype(np.float32), (regions.size[1], regions.size[0]),
+                       interpolation=cv2.INTER_LINEAR).astype(np.float64)
+    pos, neg = np.maximum(m, 0.0), np.maximum(-m, 0.0)
+    pos_total, neg_total = float(pos.sum()), float(neg.sum())
+    stack = regions.stack(names)
+    stack &= ~(np.cumsum(stack, axis=0) - stack).astype(bool)  # a pixel counts in its first region
+    pos_share = tuple(float(pos[r].sum() / pos_total) if pos_total > 0 else 0.0 for r in stack)
+    neg_share = tuple(float(neg[r].sum() / neg_total) if neg_total > 0 else 0.0 for r in stack)
+    return RegionSummary(tuple(names), pos_share, neg_share, pos_total, neg_total)
+
+
+@functools.lru_cache(maxsize=8)
+def template_regions(size: tuple[int, int] = (112, 112)) -> RegionMasks:
+    """Region masks of the ArcFace template at ``size`` (aligned crops are warped onto it)."""
+    return region_masks(None, size=(int(size[0]), int(size[1])), crop_size=(112, 112))

@@ -142,4 +142,8 @@ def pair_figure(
     bar.ax.tick_params(labelsize=7)
     title = f"cosine {cosine:.3f}"
     fig.suptitle(f"{label} · {title}" if label else title, fontsize=11)
+    from explain.regions import region_summary
+
+    fig.text(0.5, 0.008, f"query {region_summary(query_map).describe()} · gallery "
+             f"{region_summary(gallery_map).describe()}", ha="center", va="bottom", fontsize=7)
     return figure_png(fig, path)

@@ -21,6 +21,7 @@ from encoder.image import decode_image
 from encoder.pipeline import Face, FacePipeline
 from explain.errors import Cancelled as ExplainCancelled
 from gallery import Entry, Gallery, GeneHit, Hit, SchemeMismatch, SyndromeHit
+from gallery.calibration import Calibration, CalibrationCache
 from gallery.png import encode_png
 from server.config import ServiceConfig
 from server.errors import BadRequest
@@ -55,6 +56,7 @@ class MatchOutcome:
     syndromes: tuple[SyndromeHit, ...]
     genes: tuple[GeneHit, ...]
     gallery_version: int
+    calibration: Calibration | None = None  # of the gallery version matched against
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,6 +147,7 @@ class Backend:
         self.activity = ExplainActivity()
         size = config.explain.feature_cache_size
         self.feature_cache: FeatureCache | None = FeatureCache(size) if size > 0 else None
+        self.calibrations = CalibrationCache()  # refitted when the gallery version moves
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -221,7 +224,8 @@ class Backend:
         syndromes = self.gallery.rank_syndromes(query.views, top_syndromes, **kwargs) \
             if top_syndromes else []
         genes = self.gallery.rank_genes(query.views, top_genes, **kwargs) if top_genes else []
-        return MatchOutcome(query, tuple(hits), tuple(syndromes), tuple(genes), version)
+        return MatchOutcome(query, tuple(hits), tuple(syndromes), tuple(genes), version,
+                            self.calibrations.get(self.gallery))
 
     def hits_by_id(self, gallery_ids: Sequence[int], query: Query) -> tuple[Hit, ...]:
         """Hits for chosen gallery images, scored against the query (mean per-view cosine)."""

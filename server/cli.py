@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "server.commands.evaluate",  # evaluate
     "server.commands.syndrome",  # composite, syndrome-map, fill-in
     "server.commands.synth",  # synth, train
+    "server.commands.report",  # report
 )
 
 

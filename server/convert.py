@@ -11,6 +11,7 @@ from phenolens.arrays import from_float_array, to_float_array
 
 from encoder.pipeline import Face
 from gallery import GeneHit, Hit, RecordInfo, SyndromeHit
+from gallery.calibration import Calibration, Confidence
 from server.backend import HitExplanation, MatchOutcome, SearchFilters
 from server.errors import BadRequest, NotFound
 
@@ -102,8 +103,16 @@ def record_fields(message: types_pb2.GalleryRecord) -> dict[str, Any]:
     }
 
 
-def hit(h: Hit, rank: int, encoder_id: str, view_scheme: str) -> types_pb2.Hit:
-    return types_pb2.Hit(
+def confidence(c: Confidence) -> types_pb2.Confidence:
+    return types_pb2.Confidence(
+        calibrated=c.calibrated, probability=c.probability or 0.0, reason=c.reason,
+        method=c.method, calibration_error=c.calibration_error, samples=c.samples,
+        gallery_version=c.gallery_version)
+
+
+def hit(h: Hit, rank: int, encoder_id: str, view_scheme: str,
+        calibration: Calibration | None = None) -> types_pb2.Hit:
+    message = types_pb2.Hit(
         rank=rank,
         record=types_pb2.GalleryRecord(
             gallery_id=str(h.gallery_id), image_id=h.image_id, subject_id=h.subject_id,
@@ -112,6 +121,10 @@ def hit(h: Hit, rank: int, encoder_id: str, view_scheme: str) -> types_pb2.Hit:
         ),
         cosine=h.score, distance=h.distance,
     )
+    if calibration is not None:
+        message.confidence.CopyFrom(confidence(calibration.hit_confidence(h.syndrome_id,
+                                                                          h.score)))
+    return message
 
 
 def match_response(outcome: MatchOutcome, encoder_id: str, view_scheme: str, *,
@@ -119,38 +132,66 @@ def match_response(outcome: MatchOutcome, encoder_id: str, view_scheme: str, *,
     response = phenolens_pb2.MatchResponse(
         encoder_id=encoder_id, view_scheme=view_scheme,
         gallery_version=outcome.gallery_version,
-        hits=[hit(h, i + 1, encoder_id, view_scheme) for i, h in enumerate(outcome.hits)],
-        syndromes=[_syndrome(s, i + 1) for i, s in enumerate(outcome.syndromes)],
-        genes=[_gene(g, i + 1) for i, g in enumerate(outcome.genes)],
+        hits=[hit(h, i + 1, encoder_id, view_scheme, outcome.calibration)
+              for i, h in enumerate(outcome.hits)],
+        syndromes=[_syndrome(s, i + 1, outcome.calibration)
+                   for i, s in enumerate(outcome.syndromes)],
+        genes=[_gene(g, i + 1, outcome.calibration) for i, g in enumerate(outcome.genes)],
     )
     if outcome.query.face is not None:
         response.alignment.CopyFrom(alignment(outcome.query.face, detected=detected))
     return response
 
 
-def _syndrome(s: SyndromeHit, rank: int) -> types_pb2.SyndromeRank:
-    return types_pb2.SyndromeRank(rank=rank, syndrome_id=s.syndrome_id,
-                                  syndrome_name=s.syndrome_name, omim=s.omim_id or "",
-                                  cosine=s.score, nearest_gallery_id=str(s.gallery_id),
-                                  nearest_image_id=s.image_id)
+def _syndrome(s: SyndromeHit, rank: int,
+              calibration: Calibration | None = None) -> types_pb2.SyndromeRank:
+    message = types_pb2.SyndromeRank(rank=rank, syndrome_id=s.syndrome_id,
+                                     syndrome_name=s.syndrome_name, omim=s.omim_id or "",
+                                     cosine=s.score, nearest_gallery_id=str(s.gallery_id),
+                                     nearest_image_id=s.image_id)
+    if calibration is not None:
+        message.confidence.CopyFrom(confidence(calibration.syndrome_confidence(s.syndrome_id,
+                                                                               s.score)))
+    return message
 
 
-def _gene(g: GeneHit, rank: int) -> types_pb2.GeneRank:
-    return types_pb2.GeneRank(rank=rank, gene=g.gene, cosine=g.score,
-                              nearest_gallery_id=str(g.gallery_id), nearest_image_id=g.image_id)
+def regions(aligned_map: np.ndarray) -> list[phenolens_pb2.RegionShare]:
+    """The region summary of an aligned map (template landmark regions of the aligned crop)."""
+    from explain.regions import region_summary
+
+    summary = region_summary(aligned_map)
+    return [phenolens_pb2.RegionShare(region=r, positive=p, negative=n) for r, p, n in
+            zip(summary.regions, summary.positive, summary.negative, strict=True)]
+
+
+def _gene(g: GeneHit, rank: int, calibration: Calibration | None = None) -> types_pb2.GeneRank:
+    message = types_pb2.GeneRank(rank=rank, gene=g.gene, cosine=g.score,
+                                 nearest_gallery_id=str(g.gallery_id),
+                                 nearest_image_id=g.image_id)
+    if calibration is not None:
+        message.confidence.CopyFrom(confidence(calibration.gene_confidence(g.gene, g.score)))
+    return message
 
 
 def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_scheme: str,
                     query_crop: np.ndarray, overlays: bool, gallery_crops: bool,
-                    query_photo: np.ndarray | None = None) -> phenolens_pb2.ExplainedMatch:
-    from explain.render import overlay_png
+                    query_photo: np.ndarray | None = None, pair_figures: bool = False,
+                    calibration: Calibration | None = None) -> phenolens_pb2.ExplainedMatch:
+    from explain.render import overlay_png, pair_figure
 
     maps = []
     for m in e.maps:
         q = phenolens_pb2.Map(method=m.method, side=SIDE_QUERY,
-                              aligned=to_float_array(m.query_aligned))
+                              aligned=to_float_array(m.query_aligned),
+                              regions=regions(m.query_aligned))
         g = phenolens_pb2.Map(method=m.method, side=SIDE_GALLERY,
-                              aligned=to_float_array(m.gallery_aligned))
+                              aligned=to_float_array(m.gallery_aligned),
+                              regions=regions(m.gallery_aligned))
+        if pair_figures:
+            q.pair_figure_png = pair_figure(
+                query_crop, e.gallery_crop, m.query_aligned, m.gallery_aligned,
+                cosine=e.hit.score, label=e.hit.syndrome_name or e.hit.syndrome_id,
+                method=m.method)
         if m.query_photo is not None:
             q.photo.CopyFrom(to_float_array(m.query_photo))
         if m.query_feature is not None:
@@ -163,7 +204,7 @@ def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_schem
                 q.photo_overlay_png = overlay_png(query_photo, m.query_photo)
         maps += [q, g]
     return phenolens_pb2.ExplainedMatch(
-        index=e.index, hit=hit(e.hit, rank, encoder_id, view_scheme), maps=maps,
+        index=e.index, hit=hit(e.hit, rank, encoder_id, view_scheme, calibration), maps=maps,
         residual=e.residual, bias_share=e.bias_share,
         gallery_crop_png=e.gallery_crop_png if gallery_crops else b"",
     )

@@ -7,7 +7,8 @@ shown on real faces. Nothing here says anything about genetic syndromes.
 Steps: start ``phenolens serve`` as a subprocess on a free loopback port with a
 fresh gallery and throwaway tokens; import the bundled photos through the
 client (ImportGallery); match two held-out photos; explain the top 3 with maps
-on both faces; write overlays, ``summary.md`` and ``summary.json`` into
+on both faces; write overlays, ``summary.md``, ``summary.json`` and the match
+report of the first query (``report.html``, ``Client.report``) into
 ``demo-output/``; stop the server with SIGTERM (graceful shutdown).
 """
 
@@ -107,6 +108,9 @@ def run(out: Path) -> dict:
             summary["server"].update(encoder_id=info.encoder_id, view_scheme=info.view_scheme,
                                      gallery_version=info.gallery_version)
             summary["queries"] = [_query(client, name, out) for name in QUERIES]
+            query = next(p.path for p in PHOTOS if p.name == QUERIES[0])
+            client.report(query, out / "report.html", top_k=3, title="identity demo")
+            summary["report"] = "report.html"
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -163,6 +167,10 @@ def _markdown(summary: dict) -> str:
         f"`{s.get('view_scheme')}`, SERVING {s.get('start_to_serving_s')} s after start, "
         f"exit code after SIGTERM: {s.get('exit_code')}.", "",
     ]
+    if summary.get("report"):
+        lines += [f"Match report of `{QUERIES[0]}`: [{summary['report']}]({summary['report']}) "
+                  "(one self-contained HTML page; each person is a one-subject \"syndrome\" "
+                  "here, so the page explains why confidence is not calibrated).", ""]
     g = summary.get("gallery", {})
     lines += [f"Gallery: {g.get('images')} photos imported through the client in "
               f"{g.get('import_s')} s; labels: {', '.join(g.get('labels', []))}.", ""]

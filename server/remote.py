@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from phenolens import TLS, Client, Filters, GalleryRecord, ImportItem
-from phenolens.results import ExplainedMatch, MatchResult
+from phenolens.results import ExplainedMatch, MatchResult, percent
 
 TOKEN_ENV = "PHENOLENS_TOKEN"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -70,15 +70,17 @@ def match_json(result: MatchResult) -> dict[str, Any]:
                     "image_id": h.record.image_id, "subject_id": h.record.subject_id,
                     "syndrome_id": h.syndrome_id, "syndrome_name": h.record.syndrome_name,
                     "omim_id": h.record.omim or None, "genes": list(h.record.genes),
-                    "cosine": h.cosine, "distance": h.distance} for h in result.hits]
+                    "cosine": h.cosine, "distance": h.distance,
+                    "confidence": h.confidence.to_json()} for h in result.hits]
     doc["syndromes"] = [{"rank": s.rank, "syndrome_id": s.syndrome_id,
                          "syndrome_name": s.syndrome_name, "omim_id": s.omim or None,
                          "cosine": s.cosine, "distance": 1.0 - s.cosine,
                          "nearest_gallery_id": _gid(s.nearest_gallery_id),
-                         "nearest_image_id": s.nearest_image_id} for s in result.syndromes]
+                         "nearest_image_id": s.nearest_image_id,
+                         "confidence": s.confidence.to_json()} for s in result.syndromes]
     doc["genes"] = [{"rank": g.rank, "gene": g.gene, "cosine": g.cosine,
-                     "distance": 1.0 - g.cosine, "nearest_gallery_id": _gid(g.nearest_gallery_id)}
-                    for g in result.genes]
+                     "distance": 1.0 - g.cosine, "nearest_gallery_id": _gid(g.nearest_gallery_id),
+                     "confidence": g.confidence.to_json()} for g in result.genes]
     return doc
 
 
@@ -86,8 +88,8 @@ def explained_json(e: ExplainedMatch) -> dict[str, Any]:
     return {
         "rank": e.hit.rank, "gallery_id": _gid(e.hit.gallery_id),
         "image_id": e.hit.record.image_id, "syndrome_id": e.hit.syndrome_id,
-        "cosine": e.hit.cosine, "residual": e.residual, "bias_share": e.bias_share,
-        "methods": list(e.methods),
+        "cosine": e.hit.cosine, "confidence": e.hit.confidence.to_json(),
+        "residual": e.residual, "bias_share": e.bias_share, "methods": list(e.methods),
     }
 
 
@@ -123,14 +125,37 @@ def print_match(doc: dict, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps(doc, ensure_ascii=False))
         return 0
-    print(f"{'rank':>4}  {'cosine':>7}  {'syndrome':<20} {'subject':<16} image")
+    print(f"{'rank':>4}  {'cosine':>7}  {'conf.':>5}  {'syndrome':<20} {'subject':<16} image")
     for h in doc["hits"]:
-        print(f"{h['rank']:>4}  {h['cosine']:+.4f}  {h['syndrome_id']:<20} {h['subject_id']:<16} "
-              f"{h['image_id']}")
-    print(f"\n{'rank':>4}  {'cosine':>7}  syndrome (nearest image)")
+        print(f"{h['rank']:>4}  {h['cosine']:+.4f}  {_percent(h.get('confidence')):>5}  "
+              f"{h['syndrome_id']:<20} {h['subject_id']:<16} {h['image_id']}")
+    print(f"\n{'rank':>4}  {'cosine':>7}  {'conf.':>5}  syndrome (nearest image)")
     for s in doc["syndromes"][:10]:
-        print(f"{s['rank']:>4}  {s['cosine']:+.4f}  {s['syndrome_name']} ({s['nearest_image_id']})")
+        print(f"{s['rank']:>4}  {s['cosine']:+.4f}  {_percent(s.get('confidence')):>5}  "
+              f"{s['syndrome_name']} ({s['nearest_image_id']})")
+    note = calibration_note([s.get("confidence") for s in doc["syndromes"]])
+    if note:
+        print(f"\n{note}")
     return 0
+
+
+def _percent(confidence: dict | None) -> str:
+    if not confidence or confidence.get("probability") is None:
+        return "–"
+    return percent(confidence["probability"]).replace(" ", "")
+
+
+def calibration_note(confidences: list[dict | None]) -> str:
+    """One line on what the confidences rest on (or why they are missing)."""
+    for c in confidences:
+        if c and c.get("probability") is not None:
+            return (f"conf.: P(query has the syndrome), {c['method']} calibration on "
+                    f"{c['samples']} leave-one-subject-out gallery scores, calibration error "
+                    f"{100 * c['calibration_error']:.1f} points (gallery version "
+                    f"{c['gallery_version']})")
+    reasons = sorted({c["reason"] for c in confidences if c and c.get("reason")})
+    return f"conf. not calibrated: {reasons[0]}" + (f" (+{len(reasons) - 1} more)"
+                                                    if len(reasons) > 1 else "") if reasons else ""
 
 
 def remote_explain(args: argparse.Namespace) -> int:
@@ -172,12 +197,30 @@ def remote_explain(args: argparse.Namespace) -> int:
                 pass  # without Pillow the maps are saved, the overlays are not
             doc["methods"][method] = {"query_sum": float(q_map.sum()),
                                       "gallery_sum": float(g_map.sum()),
+                                      "regions": {"query": q.regions_json(),
+                                                  "gallery": g.regions_json()},
                                       "files": {k: str(v) for k, v in files.items()}}
         if getattr(args, "json", False):
             print(json.dumps(doc, ensure_ascii=False))
         else:
-            print(f"#{e.hit.rank}  cosine {e.hit.cosine:+.4f}  residual {e.residual:+.1e}  "
+            print(f"#{e.hit.rank}  cosine {e.hit.cosine:+.4f}  confidence "
+                  f"{e.hit.confidence.describe()}  residual {e.residual:+.1e}  "
                   f"{e.hit.syndrome_id}  -> {out}/match{e.hit.rank:02d}_*")
+            first = e.methods[0]
+            print(f"    query {e.map(first, 'query').describe_regions()} · gallery "
+                  f"{e.map(first, 'gallery').describe_regions()}  ({first})")
+    return 0
+
+
+def remote_report(args: argparse.Namespace) -> int:
+    """``phenolens report IMAGE --server ... --out report.html``: reads args.image, out, top,
+    title, aligned, exclude_subject; the server's default explanation methods."""
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with client_from_args(args) as client:
+        client.report(args.image, args.out, aligned=bool(getattr(args, "aligned", False)),
+                      top_k=getattr(args, "top", None) or 3, title=getattr(args, "title", ""),
+                      filters=_filters(args))
+    print(f"wrote {args.out}")
     return 0
 
 

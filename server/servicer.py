@@ -103,8 +103,8 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         match = convert.match_response(outcome, b.encoder_id, b.view_scheme, detected=detected)
         if request.gallery_ids:
             del match.hits[:]
-            match.hits.extend(convert.hit(h, i + 1, b.encoder_id, b.view_scheme)
-                              for i, h in enumerate(hits))
+            match.hits.extend(convert.hit(h, i + 1, b.encoder_id, b.view_scheme,
+                                          outcome.calibration) for i, h in enumerate(hits))
         face = outcome.query.face
         crop_png = encode_png(face.crop) if (request.overlays or request.gallery_crops) else b""
         yield phenolens_pb2.ExplainEvent(match=match, query_crop_png=crop_png)
@@ -118,7 +118,8 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
             yield phenolens_pb2.ExplainEvent(explanation=convert.explained_match(
                 explained, rank=explained.index + 1, encoder_id=b.encoder_id,
                 view_scheme=b.view_scheme, query_crop=face.crop, overlays=request.overlays,
-                gallery_crops=request.gallery_crops, query_photo=photo))
+                gallery_crops=request.gallery_crops, query_photo=photo,
+                pair_figures=request.pair_figures, calibration=outcome.calibration))
 
     # -- RPCs ----------------------------------------------------------------------------
     def GetServerInfo(self, request: phenolens_pb2.ServerInfoRequest,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -126,6 +127,22 @@ class AsyncClient:
                                             query_photo=photo) for e in response.explanations),
             response.query_crop_png,
         )
+
+    async def report(self, image: ImageLike, out: str | Path | None = None, *,
+                     aligned: bool = False, top_k: int = 3, title: str = "",
+                     methods: Sequence[str] = (), filters: rq.Filters | None = None,
+                     timeout: float | None = None) -> str:
+        """As ``Client.report``: a self-contained HTML match report (also written to ``out``)."""
+        from .report import render_report
+
+        request = rq.explain_request(image, aligned=aligned, top_k=top_k, methods=methods,
+                                     photo_maps=False, filters=filters)
+        request.pair_figures = True
+        result = ExplainResult.from_proto(await self._call(self._lens.Explain, request, timeout))
+        page = render_report(result, to_rgb(image), title=title)
+        if out is not None:
+            Path(out).write_text(page, encoding="utf-8")
+        return page
 
     async def explain_stream(self, image: ImageLike, *, aligned: bool = False, top_k: int = 3,
                              methods: Sequence[str] = (), photo_maps: bool = True,

@@ -191,6 +191,22 @@ class Client(SyndromeMixin):
             response.query_crop_png,
         )
 
+    def report(self, image: ImageLike, out: str | Path | None = None, *, aligned: bool = False,
+               top_k: int = 3, title: str = "", methods: Sequence[str] = (),
+               filters: rq.Filters | None = None, timeout: float | None = None) -> str:
+        """A self-contained HTML match report (see ``phenolens.report``), also written to
+        ``out`` when given. ``methods`` empty: the server's default explanation."""
+        from .report import render_report
+
+        request = rq.explain_request(image, aligned=aligned, top_k=top_k, methods=methods,
+                                     photo_maps=False, filters=filters)
+        request.pair_figures = True
+        result = ExplainResult.from_proto(self._call(self._lens.Explain, request, timeout))
+        page = render_report(result, to_rgb(image), title=title)
+        if out is not None:
+            Path(out).write_text(page, encoding="utf-8")
+        return page
+
     def explain_stream(self, image: ImageLike, *, aligned: bool = False, top_k: int = 3,
                        methods: Sequence[str] = (), photo_maps: bool = True,
                        overlays: bool = False, gallery_crops: bool = True,

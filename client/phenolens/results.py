@@ -99,11 +99,56 @@ class GalleryRecord:
 
 
 @dataclass(frozen=True)
+class Confidence:
+    """P(the query shares the syndrome) from the gallery's calibration, or why it is refused
+    (``probability`` None). ``calibration_error`` is the cross-validated expected calibration
+    error, ``samples`` the number of gallery scores it rests on."""
+
+    probability: float | None
+    reason: str = ""
+    method: str = ""
+    calibration_error: float = 0.0
+    samples: int = 0
+    gallery_version: int = 0
+
+    @property
+    def calibrated(self) -> bool:
+        return self.probability is not None
+
+    @classmethod
+    def from_proto(cls, m: types_pb2.Confidence) -> Confidence:
+        return cls(m.probability if m.calibrated else None, m.reason, m.method,
+                   m.calibration_error, m.samples, m.gallery_version)
+
+    def to_json(self) -> dict:
+        return {"probability": self.probability, "reason": self.reason or None,
+                "method": self.method or None, "calibration_error": self.calibration_error,
+                "samples": self.samples, "gallery_version": self.gallery_version}
+
+    def describe(self) -> str:
+        """``"72 %"`` (``">99 %"``, ``"<1 %"`` at the ends) or ``"not calibrated"``."""
+        return percent(self.probability) if self.probability is not None else "not calibrated"
+
+
+def percent(probability: float) -> str:
+    """A probability in words a reader will not over-read: ``"72 %"``, ``">99 %"``, ``"<1 %"``."""
+    if probability > 0.99:
+        return ">99 %"
+    if probability < 0.01:
+        return "<1 %"
+    return f"{100 * probability:.0f} %"
+
+
+_NO_CONFIDENCE = Confidence(None, "the server sent no confidence")
+
+
+@dataclass(frozen=True)
 class Hit:
     rank: int
     record: GalleryRecord
     cosine: float
     distance: float
+    confidence: Confidence = _NO_CONFIDENCE
 
     @property
     def gallery_id(self) -> str:
@@ -115,7 +160,9 @@ class Hit:
 
     @classmethod
     def from_proto(cls, m: types_pb2.Hit) -> Hit:
-        return cls(m.rank, GalleryRecord.from_proto(m.record), m.cosine, m.distance)
+        return cls(m.rank, GalleryRecord.from_proto(m.record), m.cosine, m.distance,
+                   Confidence.from_proto(m.confidence) if m.HasField("confidence")
+                   else _NO_CONFIDENCE)
 
 
 @dataclass(frozen=True)
@@ -127,6 +174,14 @@ class SyndromeRank:
     cosine: float
     nearest_gallery_id: str
     nearest_image_id: str = ""
+    confidence: Confidence = _NO_CONFIDENCE
+
+    @classmethod
+    def from_proto(cls, s: types_pb2.SyndromeRank) -> SyndromeRank:
+        return cls(s.rank, s.syndrome_id, s.syndrome_name, s.omim, s.cosine,
+                   s.nearest_gallery_id, s.nearest_image_id,
+                   Confidence.from_proto(s.confidence) if s.HasField("confidence")
+                   else _NO_CONFIDENCE)
 
 
 @dataclass(frozen=True)
@@ -136,6 +191,13 @@ class GeneRank:
     cosine: float
     nearest_gallery_id: str
     nearest_image_id: str = ""
+    confidence: Confidence = _NO_CONFIDENCE
+
+    @classmethod
+    def from_proto(cls, g: types_pb2.GeneRank) -> GeneRank:
+        return cls(g.rank, g.gene, g.cosine, g.nearest_gallery_id, g.nearest_image_id,
+                   Confidence.from_proto(g.confidence) if g.HasField("confidence")
+                   else _NO_CONFIDENCE)
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,14 +217,19 @@ class MatchResult:
             view_scheme=m.view_scheme,
             gallery_version=m.gallery_version,
             hits=tuple(Hit.from_proto(h) for h in m.hits),
-            syndromes=tuple(
-                SyndromeRank(s.rank, s.syndrome_id, s.syndrome_name, s.omim, s.cosine,
-                             s.nearest_gallery_id, s.nearest_image_id) for s in m.syndromes
-            ),
-            genes=tuple(GeneRank(g.rank, g.gene, g.cosine, g.nearest_gallery_id, g.nearest_image_id)
-                        for g in m.genes),
+            syndromes=tuple(SyndromeRank.from_proto(s) for s in m.syndromes),
+            genes=tuple(GeneRank.from_proto(g) for g in m.genes),
             alignment=FaceAlignment.from_proto(m.alignment) if m.HasField("alignment") else None,
         )
+
+
+@dataclass(frozen=True)
+class RegionShare:
+    """Shares (0..1) of a map's positive and negative mass inside one landmark region."""
+
+    region: str
+    positive: float
+    negative: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,12 +243,42 @@ class ExplanationMap:
     feature: np.ndarray | None = None  # (h', w') at the layer's resolution
     overlay_png: bytes = b""
     photo_overlay_png: bytes = b""
+    regions: tuple[RegionShare, ...] = ()  # eyes, brows, nose, mouth, chin, cheeks, forehead
+    pair_figure_png: bytes = b""  # query side, when pair figures were asked for
 
     @classmethod
     def from_proto(cls, m: phenolens_pb2.Map) -> ExplanationMap:
         return cls(m.method, _SIDES.get(m.side, "query"), from_float_array(m.aligned),
                    optional_array(m.photo), optional_array(m.feature), m.overlay_png,
-                   m.photo_overlay_png)
+                   m.photo_overlay_png,
+                   tuple(RegionShare(r.region, r.positive, r.negative) for r in m.regions),
+                   m.pair_figure_png)
+
+    def regions_json(self) -> dict[str, dict[str, float]]:
+        """``{"eyes": {"positive": 0.1, "negative": 0.48}, ...}`` (the CLI's ``"regions"``)."""
+        return {r.region: {"positive": r.positive, "negative": r.negative} for r in self.regions}
+
+    def ranked_regions(self, sign: Literal["positive", "negative"] = "negative", *, top: int = 2,
+                       min_share: float = 0.05) -> tuple[tuple[str, float], ...]:
+        """The ``top`` regions by share of the ``sign`` mass (at least ``min_share`` each);
+        none when that sign holds under 5 % of the map's absolute mass (as the server's
+        ``explain.regions.RegionSummary.ranked``)."""
+        a = np.asarray(self.aligned, np.float64)
+        mass = float(np.maximum(-a if sign == "negative" else a, 0.0).sum())
+        if mass < 0.05 * float(np.abs(a).sum()):
+            return ()
+        order = sorted(((r.region, getattr(r, sign)) for r in self.regions), key=lambda r: -r[1])
+        return tuple((name, share) for name, share in order[:top] if share >= min_share)
+
+    def describe_regions(self, sign: Literal["positive", "negative"] = "negative", *,
+                         top: int = 2) -> str:
+        """``"differs most: eyes 48 %, mouth 21 %"`` (``"alike most: ..."`` for positive);
+        the same words as ``explain.regions.RegionSummary.describe`` on the server."""
+        head = "differs most" if sign == "negative" else "alike most"
+        ranked = self.ranked_regions(sign, top=top)
+        if not ranked:
+            return f"{head}: nowhere in particular"
+        return f"{head}: " + ", ".join(f"{n} {round(100 * s)} %" for n, s in ranked)
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,6 +352,15 @@ class ExplainResult:
     match: MatchResult
     explanations: tuple[ExplainedMatch, ...]
     query_crop_png: bytes = b""
+
+    @classmethod
+    def from_proto(cls, m: phenolens_pb2.ExplainResponse, *,
+                   query_photo: np.ndarray | None = None) -> ExplainResult:
+        return cls(MatchResult.from_proto(m.match),
+                   tuple(ExplainedMatch.from_proto(e, query_crop_png=m.query_crop_png,
+                                                   query_photo=query_photo)
+                         for e in m.explanations),
+                   m.query_crop_png)
 
 
 @dataclass(frozen=True)

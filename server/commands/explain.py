@@ -92,6 +92,9 @@ def _gallery_matches(args: argparse.Namespace, config, embed, query_views) -> li
                 f"the gallery holds {gallery.view_scheme!r} embeddings; this encoder gives "
                 f"{embed.view_scheme!r} (pass --view-scheme/--encoder to match it)")
         hits = gallery.search(query_views, args.top, view_scheme=embed.view_scheme)
+        from gallery.calibration import calibrate_gallery
+
+        calibration = calibrate_gallery(gallery)
         matches = []
         for rank, hit in enumerate(hits, start=1):
             record = gallery.get(hit.gallery_id)
@@ -101,7 +104,8 @@ def _gallery_matches(args: argparse.Namespace, config, embed, query_views) -> li
                 rank, hit.syndrome_name or hit.syndrome_id, decode_image(record.crop_png),
                 {"gallery_id": hit.gallery_id, "image_id": hit.image_id,
                  "subject_id": hit.subject_id, "syndrome_id": hit.syndrome_id,
-                 "syndrome_name": hit.syndrome_name, "gallery_score": hit.score},
+                 "syndrome_name": hit.syndrome_name, "gallery_score": hit.score,
+                 "confidence": calibration.hit_confidence(hit.syndrome_id, hit.score).to_json()},
             ))
     return matches
 
@@ -172,6 +176,7 @@ def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_
              prefix: str | None) -> None:
     """Maps of every method for the matches (one explain_matches call); files and output."""
     from explain.attribution.matches import explain_matches
+    from explain.regions import region_summary
     from explain.render import overlay_png, pair_figure, photo_overlay_png, symmetric_limit
 
     if not matches:
@@ -209,9 +214,13 @@ def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_
             np.save(out["query_map"], m.query)
             np.save(out["gallery_map"], m.gallery)
             entry["files"] = {k: str(v) for k, v in out.items()}
+            entry["regions"] = {"query": region_summary(m.query_aligned).to_json(),
+                                "gallery": region_summary(m.gallery_aligned).to_json()}
             doc["methods"][m.method] = entry
         if args.json:
             print(json.dumps(doc, ensure_ascii=False), flush=True)
         else:
-            print(f"#{match.rank}  cosine {maps.cosine:+.4f}  residual {maps.residual:+.1e}  "
+            p = match.info.get("confidence", {}).get("probability")
+            print(f"#{match.rank}  cosine {maps.cosine:+.4f}  confidence "
+                  f"{'–' if p is None else f'{100 * p:.0f}%'}  residual {maps.residual:+.1e}  "
                   f"{match.label}  -> {args.out}/{name}_*")

@@ -352,6 +352,9 @@ def run_match(args: argparse.Namespace) -> int:
         syndromes = gallery.rank_syndromes(views, args.top_syndromes, **filters)
         genes = gallery.rank_genes(views, args.top_genes, **filters) if args.top_genes else []
         face = embed.last_face
+        from gallery.calibration import calibrate_gallery
+
+        calibration = calibrate_gallery(gallery)
         doc = {
             "encoder_id": gallery.encoder_id, "view_scheme": gallery.view_scheme,
             "gallery_version": gallery.version,
@@ -359,14 +362,18 @@ def run_match(args: argparse.Namespace) -> int:
             "hits": [{"rank": i + 1, "gallery_id": h.gallery_id, "image_id": h.image_id,
                       "subject_id": h.subject_id, "syndrome_id": h.syndrome_id,
                       "syndrome_name": h.syndrome_name, "omim_id": h.omim_id, "genes": list(h.genes),
-                      "cosine": h.score, "distance": h.distance} for i, h in enumerate(hits)],
+                      "cosine": h.score, "distance": h.distance, "confidence": calibration
+                      .hit_confidence(h.syndrome_id, h.score).to_json()} for i, h in enumerate(hits)],
             "syndromes": [{"rank": i + 1, "syndrome_id": s.syndrome_id,
                            "syndrome_name": s.syndrome_name, "omim_id": s.omim_id,
                            "cosine": s.score, "distance": s.distance,
-                           "nearest_gallery_id": s.gallery_id, "nearest_image_id": s.image_id}
+                           "nearest_gallery_id": s.gallery_id, "nearest_image_id": s.image_id,
+                           "confidence": calibration.syndrome_confidence(s.syndrome_id, s.score)
+                           .to_json()}
                           for i, s in enumerate(syndromes)],
             "genes": [{"rank": i + 1, "gene": g.gene, "cosine": g.score, "distance": g.distance,
-                       "nearest_gallery_id": g.gallery_id} for i, g in enumerate(genes)],
+                       "nearest_gallery_id": g.gallery_id, "confidence": calibration
+                       .gene_confidence(g.gene, g.score).to_json()} for i, g in enumerate(genes)],
         }
     from server.remote import print_match
 

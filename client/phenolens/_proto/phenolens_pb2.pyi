@@ -144,8 +144,18 @@ class MatchResponse(_message.Message):
     alignment: _types_pb2.Alignment
     def __init__(self, encoder_id: _Optional[str] = ..., view_scheme: _Optional[str] = ..., gallery_version: _Optional[int] = ..., hits: _Optional[_Iterable[_Union[_types_pb2.Hit, _Mapping]]] = ..., syndromes: _Optional[_Iterable[_Union[_types_pb2.SyndromeRank, _Mapping]]] = ..., genes: _Optional[_Iterable[_Union[_types_pb2.GeneRank, _Mapping]]] = ..., alignment: _Optional[_Union[_types_pb2.Alignment, _Mapping]] = ...) -> None: ...
 
+class RegionShare(_message.Message):
+    __slots__ = ("region", "positive", "negative")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    positive: float
+    negative: float
+    def __init__(self, region: _Optional[str] = ..., positive: _Optional[float] = ..., negative: _Optional[float] = ...) -> None: ...
+
 class Map(_message.Message):
-    __slots__ = ("method", "side", "aligned", "photo", "feature", "overlay_png", "photo_overlay_png")
+    __slots__ = ("method", "side", "aligned", "photo", "feature", "overlay_png", "photo_overlay_png", "regions", "pair_figure_png")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SIDE_FIELD_NUMBER: _ClassVar[int]
     ALIGNED_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +163,8 @@ class Map(_message.Message):
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
     PHOTO_OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    PAIR_FIGURE_PNG_FIELD_NUMBER: _ClassVar[int]
     method: str
     side: Side
     aligned: _types_pb2.FloatArray
@@ -160,10 +172,12 @@ class Map(_message.Message):
     feature: _types_pb2.FloatArray
     overlay_png: bytes
     photo_overlay_png: bytes
-    def __init__(self, method: _Optional[str] = ..., side: _Optional[_Union[Side, str]] = ..., aligned: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., photo: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., feature: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., photo_overlay_png: _Optional[bytes] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[RegionShare]
+    pair_figure_png: bytes
+    def __init__(self, method: _Optional[str] = ..., side: _Optional[_Union[Side, str]] = ..., aligned: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., photo: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., feature: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., photo_overlay_png: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[RegionShare, _Mapping]]] = ..., pair_figure_png: _Optional[bytes] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("match", "methods", "photo_maps", "overlays", "gallery_crops", "feature_maps", "gallery_ids", "method_options")
+    __slots__ = ("match", "methods", "photo_maps", "overlays", "gallery_crops", "feature_maps", "gallery_ids", "method_options", "pair_figures")
     class MethodOptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +193,7 @@ class ExplainRequest(_message.Message):
     FEATURE_MAPS_FIELD_NUMBER: _ClassVar[int]
     GALLERY_IDS_FIELD_NUMBER: _ClassVar[int]
     METHOD_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PAIR_FIGURES_FIELD_NUMBER: _ClassVar[int]
     match: MatchRequest
     methods: _containers.RepeatedScalarFieldContainer[str]
     photo_maps: bool
@@ -187,7 +202,8 @@ class ExplainRequest(_message.Message):
     feature_maps: bool
     gallery_ids: _containers.RepeatedScalarFieldContainer[str]
     method_options: _containers.MessageMap[str, MethodOptions]
-    def __init__(self, match: _Optional[_Union[MatchRequest, _Mapping]] = ..., methods: _Optional[_Iterable[str]] = ..., photo_maps: _Optional[bool] = ..., overlays: _Optional[bool] = ..., gallery_crops: _Optional[bool] = ..., feature_maps: _Optional[bool] = ..., gallery_ids: _Optional[_Iterable[str]] = ..., method_options: _Optional[_Mapping[str, MethodOptions]] = ...) -> None: ...
+    pair_figures: bool
+    def __init__(self, match: _Optional[_Union[MatchRequest, _Mapping]] = ..., methods: _Optional[_Iterable[str]] = ..., photo_maps: _Optional[bool] = ..., overlays: _Optional[bool] = ..., gallery_crops: _Optional[bool] = ..., feature_maps: _Optional[bool] = ..., gallery_ids: _Optional[_Iterable[str]] = ..., method_options: _Optional[_Mapping[str, MethodOptions]] = ..., pair_figures: _Optional[bool] = ...) -> None: ...
 
 class MethodOptions(_message.Message):
     __slots__ = ("values",)

@@ -111,20 +111,40 @@ class GalleryRecord(_message.Message):
     view_scheme: str
     def __init__(self, gallery_id: _Optional[str] = ..., image_id: _Optional[str] = ..., subject_id: _Optional[str] = ..., syndrome_id: _Optional[str] = ..., syndrome_name: _Optional[str] = ..., omim: _Optional[str] = ..., genes: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., encoder_id: _Optional[str] = ..., view_scheme: _Optional[str] = ...) -> None: ...
 
+class Confidence(_message.Message):
+    __slots__ = ("calibrated", "probability", "reason", "method", "calibration_error", "samples", "gallery_version")
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    GALLERY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    calibrated: bool
+    probability: float
+    reason: str
+    method: str
+    calibration_error: float
+    samples: int
+    gallery_version: int
+    def __init__(self, calibrated: _Optional[bool] = ..., probability: _Optional[float] = ..., reason: _Optional[str] = ..., method: _Optional[str] = ..., calibration_error: _Optional[float] = ..., samples: _Optional[int] = ..., gallery_version: _Optional[int] = ...) -> None: ...
+
 class Hit(_message.Message):
-    __slots__ = ("rank", "record", "cosine", "distance")
+    __slots__ = ("rank", "record", "cosine", "distance", "confidence")
     RANK_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     COSINE_FIELD_NUMBER: _ClassVar[int]
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     record: GalleryRecord
     cosine: float
     distance: float
-    def __init__(self, rank: _Optional[int] = ..., record: _Optional[_Union[GalleryRecord, _Mapping]] = ..., cosine: _Optional[float] = ..., distance: _Optional[float] = ...) -> None: ...
+    confidence: Confidence
+    def __init__(self, rank: _Optional[int] = ..., record: _Optional[_Union[GalleryRecord, _Mapping]] = ..., cosine: _Optional[float] = ..., distance: _Optional[float] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ...) -> None: ...
 
 class SyndromeRank(_message.Message):
-    __slots__ = ("rank", "syndrome_id", "syndrome_name", "omim", "cosine", "nearest_gallery_id", "nearest_image_id")
+    __slots__ = ("rank", "syndrome_id", "syndrome_name", "omim", "cosine", "nearest_gallery_id", "nearest_image_id", "confidence")
     RANK_FIELD_NUMBER: _ClassVar[int]
     SYNDROME_ID_FIELD_NUMBER: _ClassVar[int]
     SYNDROME_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +152,7 @@ class SyndromeRank(_message.Message):
     COSINE_FIELD_NUMBER: _ClassVar[int]
     NEAREST_GALLERY_ID_FIELD_NUMBER: _ClassVar[int]
     NEAREST_IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     syndrome_id: str
     syndrome_name: str
@@ -139,18 +160,21 @@ class SyndromeRank(_message.Message):
     cosine: float
     nearest_gallery_id: str
     nearest_image_id: str
-    def __init__(self, rank: _Optional[int] = ..., syndrome_id: _Optional[str] = ..., syndrome_name: _Optional[str] = ..., omim: _Optional[str] = ..., cosine: _Optional[float] = ..., nearest_gallery_id: _Optional[str] = ..., nearest_image_id: _Optional[str] = ...) -> None: ...
+    confidence: Confidence
+    def __init__(self, rank: _Optional[int] = ..., syndrome_id: _Optional[str] = ..., syndrome_name: _Optional[str] = ..., omim: _Optional[str] = ..., cosine: _Optional[float] = ..., nearest_gallery_id: _Optional[str] = ..., nearest_image_id: _Optional[str] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ...) -> None: ...
 
 class GeneRank(_message.Message):
-    __slots__ = ("rank", "gene", "cosine", "nearest_gallery_id", "nearest_image_id")
+    __slots__ = ("rank", "gene", "cosine", "nearest_gallery_id", "nearest_image_id", "confidence")
     RANK_FIELD_NUMBER: _ClassVar[int]
     GENE_FIELD_NUMBER: _ClassVar[int]
     COSINE_FIELD_NUMBER: _ClassVar[int]
     NEAREST_GALLERY_ID_FIELD_NUMBER: _ClassVar[int]
     NEAREST_IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     gene: str
     cosine: float
     nearest_gallery_id: str
     nearest_image_id: str
-    def __init__(self, rank: _Optional[int] = ..., gene: _Optional[str] = ..., cosine: _Optional[float] = ..., nearest_gallery_id: _Optional[str] = ..., nearest_image_id: _Optional[str] = ...) -> None: ...
+    confidence: Confidence
+    def __init__(self, rank: _Optional[int] = ..., gene: _Optional[str] = ..., cosine: _Optional[float] = ..., nearest_gallery_id: _Optional[str] = ..., nearest_image_id: _Optional[str] = ..., confidence: _Optional[_Union[Confidence, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,242 @@
+"""One self-contained HTML page of a match, for a clinician to open and keep.
+
+``render_report(result, query_photo)`` turns an ExplainResult into HTML: the query
+photo with its detected face, the syndrome and gene rankings with calibrated
+confidence, and per explained match the pair figure of the first explanation
+method sent (the server's default unless the caller chose), the region summary
+in words and the cosine; a short "how to read this page". Images are inlined as
+``data:`` URIs, the styles are inline, there is no script and no link to fetch,
+so the file reads the same offline and in ten years. It shows nothing about the
+patient beyond the photo and the ``title`` the caller passes: gallery images are
+named by their opaque gallery id and syndrome only. Needs Pillow.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+
+import numpy as np
+
+from .arrays import require_pillow
+from .overlay import side_by_side
+from .results import Confidence, ExplainedMatch, ExplainResult, FaceAlignment
+
+PHOTO_MAX_SIDE = 560
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;margin:0;
+  color:#1b1b1b;background:#fafafa;line-height:1.45}
+main{max-width:1100px;margin:0 auto;padding:16px 20px 40px;box-sizing:border-box}
+h1{font-size:1.5rem;margin:.4em 0 .1em}h2{font-size:1.2rem;margin:1.4em 0 .4em;
+  border-bottom:1px solid #ddd;padding-bottom:.2em}h3{font-size:1.05rem;margin:.8em 0 .3em}
+.meta{color:#555;font-size:.85rem}
+.note{background:#fff6e0;border:1px solid #e8c66a;padding:8px 12px;border-radius:4px;
+  font-size:.9rem}
+.row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+figure{margin:0;max-width:100%}figcaption{font-size:.8rem;color:#555}
+img{max-width:100%;height:auto;display:block}
+img.crop{width:224px;image-rendering:auto}
+table{border-collapse:collapse;width:100%;font-size:.9rem;background:#fff}
+th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top;
+  overflow-wrap:anywhere}
+th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums;
+  white-space:nowrap}
+.match{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 14px;
+  margin:12px 0}
+.match .words{font-size:.95rem;flex:1 1 280px;min-width:0}
+figure.pair{flex:0 1 600px}
+.muted{color:#777}
+"""
+
+
+def _data_uri(rgb: np.ndarray, fmt: str = "PNG") -> str:
+    Image = require_pillow()
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format=fmt)
+    mime = "image/png" if fmt == "PNG" else "image/jpeg"
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _png_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def photo_with_face(photo: np.ndarray, alignment: FaceAlignment | None,
+                    max_side: int = PHOTO_MAX_SIDE) -> np.ndarray:
+    """(H, W, 3) photo, downscaled to ``max_side``, with the used face's box and landmarks."""
+    Image = require_pillow()
+    from PIL import ImageDraw
+
+    im = Image.fromarray(np.ascontiguousarray(photo[..., :3], dtype=np.uint8))
+    scale = min(1.0, max_side / max(im.size))
+    if scale < 1.0:
+        im = im.resize((round(im.width * scale), round(im.height * scale)),
+                       Image.Resampling.LANCZOS)
+    if alignment is not None and alignment.detected and len(alignment.boxes):
+        draw = ImageDraw.Draw(im)
+        width = max(2, round(max(im.size) / 200))
+        box = alignment.boxes[0] * scale
+        draw.rectangle([float(v) for v in box], outline=(255, 200, 0), width=width)
+        if alignment.landmarks_photo is not None:
+            r = width + 1
+            for x, y in alignment.landmarks_photo * scale:
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=(0, 200, 255))
+    return np.asarray(im)
+
+
+def _confidence_cell(c: Confidence) -> str:
+    if c.probability is None:
+        return f'<span class="muted" title="{html.escape(c.reason)}">not calibrated</span>'
+    return c.describe()
+
+
+def _reliability(result: ExplainResult) -> str:
+    """One sentence on the calibration behind the confidences (the first calibrated one)."""
+    for c in [s.confidence for s in result.match.syndromes] + [h.confidence for h in
+                                                               result.match.hits]:
+        if c.probability is not None:
+            article = "an" if c.method[:1] in "aeiou" else "a"
+            return (f"Confidence is calibrated on this gallery (version {c.gallery_version}) "
+                    f"by {article} {c.method} fit to {c.samples:,} leave-one-subject-out scores; its "
+                    f"expected calibration error is {100 * c.calibration_error:.1f} percentage "
+                    "points.")
+    reasons = {c.reason for c in [s.confidence for s in result.match.syndromes] if c.reason}
+    return ("No confidence could be calibrated: " + html.escape("; ".join(sorted(reasons))[:400])
+            + "." if reasons else "The server sent no calibrated confidence.")
+
+
+def _pair_figure(e: ExplainedMatch, method: str) -> bytes | np.ndarray:
+    """The server's pair figure of ``method``, else the client's own side-by-side overlays."""
+    m = e.map(method, "query")
+    if m.pair_figure_png:
+        return m.pair_figure_png
+    return side_by_side([e.overlay(method, "query", scale=2),
+                         e.overlay(method, "gallery", scale=2)])
+
+
+def _match_section(e: ExplainedMatch, method: str) -> str:
+    h = e.hit
+    name = h.record.syndrome_name or h.syndrome_id
+    figure = _pair_figure(e, method)
+    src = _png_uri(figure) if isinstance(figure, bytes) else _data_uri(figure)
+    q, g = e.map(method, "query"), e.map(method, "gallery")
+    words = []
+    if q.regions:
+        words.append(f"<li>Query face: {html.escape(q.describe_regions('negative'))}; "
+                     f"{html.escape(q.describe_regions('positive'))}.</li>")
+    if g.regions:
+        words.append(f"<li>Gallery face: {html.escape(g.describe_regions('negative'))}; "
+                     f"{html.escape(g.describe_regions('positive'))}.</li>")
+    return f"""
+<section class="match" id="match-{h.rank}">
+<h3>Match {h.rank}: {html.escape(name)}</h3>
+<p>Cosine similarity <b>{h.cosine:+.3f}</b> · chance that these two faces share a
+syndrome: <b>{_confidence_cell(h.confidence)}</b> · gallery image {html.escape(h.gallery_id)}
+· explanation: {html.escape(method)}</p>
+<div class="row"><figure class="pair"><img src="{src}" alt="pair figure of match {h.rank}:
+query and gallery faces with their {html.escape(method)} maps"><figcaption>Top: the two aligned
+faces. Bottom: the same faces with the map; red pulls the faces together, blue marks where they
+differ.</figcaption></figure>
+<ul class="words">{''.join(words)}</ul></div>
+</section>"""
+
+
+def render_report(result: ExplainResult, query_photo: np.ndarray | None = None, *,
+                  title: str = "", method: str | None = None, top_syndromes: int = 10,
+                  top_genes: int = 10, generated: _dt.datetime | None = None) -> str:
+    """The HTML page (a str) of an explained match.
+
+    Args:
+        result: ``Client.explain(...)`` (or ``Client.report``'s) result; its explanations
+            should carry gallery crops or pair figures.
+        query_photo: (H, W, 3) uint8 photo as submitted; None leaves the photo out.
+        title: shown as given (e.g. a case number the caller chooses); nothing else
+            about the patient is written.
+        method: the explanation drawn; default the first one sent (the server's default).
+    """
+    match = result.match
+    generated = generated or _dt.datetime.now(_dt.timezone.utc)  # noqa: UP017 - 3.10
+    parts = [f"<h1>PhenoLens match report{': ' + html.escape(title) if title else ''}</h1>",
+             f'<p class="meta">Generated {generated:%Y-%m-%d %H:%M} UTC · encoder '
+             f"{html.escape(match.encoder_id)} · views {html.escape(match.view_scheme)} · "
+             f"gallery version {match.gallery_version}</p>",
+             '<p class="note">Decision support, not a diagnosis: the page says how this face '
+             "compares with the faces in one gallery. Syndromes that are absent from the "
+             "gallery cannot appear.</p>"]
+
+    faces = []
+    if query_photo is not None and (match.alignment is None or match.alignment.detected):
+        faces.append(f'<figure><img id="query-photo" src="'
+                     f'{_data_uri(photo_with_face(query_photo, match.alignment), "JPEG")}" '
+                     'alt="query photo with the detected face"><figcaption>Query photo; the '
+                     "box and dots mark the face and landmarks used.</figcaption></figure>")
+    if result.query_crop_png:
+        faces.append(f'<figure><img class="crop" src="{_png_uri(result.query_crop_png)}" '
+                     'alt="aligned query face"><figcaption>The aligned face the model compares'
+                     "</figcaption></figure>")
+    if faces:
+        parts += ["<h2>Query</h2>", f'<div class="row">{"".join(faces)}</div>']
+
+    parts.append("<h2>Syndromes</h2>")
+    parts.append(f"<p>{_reliability(result)}</p>")
+    rows = "".join(
+        f"<tr><td class=num>{s.rank}</td><td>{html.escape(s.syndrome_name or s.syndrome_id)}"
+        f"</td><td>{html.escape(s.omim)}</td><td class=num>{s.cosine:+.3f}</td>"
+        f"<td class=num>{_confidence_cell(s.confidence)}</td></tr>"
+        for s in match.syndromes[:top_syndromes])
+    parts.append("<table id=syndromes><tr><th>rank</th><th>syndrome</th><th>OMIM</th>"
+                 "<th>best cosine</th><th>confidence</th></tr>" + rows + "</table>")
+    refused = {s.confidence.reason for s in match.syndromes[:top_syndromes]
+               if s.confidence.probability is None and s.confidence.reason}
+    if refused and any(s.confidence.calibrated for s in match.syndromes):
+        parts.append('<p class="muted">Not calibrated: '
+                     + html.escape("; ".join(sorted(refused))[:600]) + ".</p>")
+    if match.genes:
+        parts.append("<h2>Genes</h2>")
+        parts.append("<table id=genes><tr><th>rank</th><th>gene</th><th>best cosine</th>"
+                     "<th>confidence</th></tr>" + "".join(
+                         f"<tr><td class=num>{g.rank}</td><td>{html.escape(g.gene)}</td>"
+                         f"<td class=num>{g.cosine:+.3f}</td>"
+                         f"<td class=num>{_confidence_cell(g.confidence)}</td></tr>"
+                         for g in match.genes[:top_genes]) + "</table>")
+    if result.explanations:
+        method = method or result.explanations[0].methods[0]
+        parts.append("<h2>Top matches, explained</h2>")
+        parts += [_match_section(e, method) for e in result.explanations]
+    parts.append(HOW_TO_READ)
+    body = "\n".join(parts).replace(" %", "\u00a0%")  # "48 %" never breaks
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>PhenoLens match report{' - ' + html.escape(title) if title else ''}</title>"
+            f"<style>{_STYLE}</style></head><body><main>\n{body}\n</main></body></html>\n")
+
+
+HOW_TO_READ = """
+<h2 id="how-to-read">How to read this page</h2>
+<ul>
+<li><b>Cosine</b> compares two faces in the model's face space: 1 is the same direction,
+0 unrelated. Its scale differs between models and galleries, so read it next to the
+confidence.</li>
+<li><b>Confidence</b> is the probability that the query shares a syndrome, calibrated on
+this gallery: every gallery face was matched against the others with its own patient left
+out, and a monotone map from cosine to "same syndrome" was fitted to those outcomes. It is
+not given ("not calibrated") for syndromes with too few patients in the gallery; hover over
+the words for the reason. It assumes the query's syndrome is one of the gallery's.</li>
+<li>A gene's confidence is the same for the genes the gallery faces carry: the
+probability that the query carries it, read from its nearest carrier's cosine.</li>
+<li>A syndrome's rank is that of its nearest gallery face (as GestaltMatcher ranks). Its
+confidence reads that nearest cosine against how the best cosine of the right and of the
+wrong syndromes fell in the gallery; a single match's "chance that these two faces share a
+syndrome" reads one pair's cosine against all pairs, so the two numbers differ.</li>
+<li><b>Maps</b>: red regions pull the two faces together, blue regions are where they
+differ; the colour scale is shared by both faces of a pair, and pale means little effect.
+The words under each figure name the landmark regions (eyes, brows, nose, mouth, chin,
+cheeks, forehead) holding the largest shares of the blue ("differs") and red ("alike")
+mass of the map.</li>
+<li>The maps explain the model's similarity score, not a clinical finding.</li>
+</ul>
+"""
+
