@@ -8,7 +8,9 @@ together, negative = pushes them apart. Each follows its paper by default
 family's held-norm target ``t(x) = <e(x), ê_other> / ‖e_self‖`` (DESIGN.md §5).
 
 Costs are in images through the encoder per side and view, as ``Guard``
-counts them; the two encodes per view are added by ``attribute``.
+counts them; the two encodes per view are added by ``attribute``. Both
+register themselves in ``METHODS`` when ``explain.methods`` is imported (it
+imports this module below its table).
 """
 
 from __future__ import annotations
