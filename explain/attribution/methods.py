@@ -418,6 +418,8 @@ METHODS: dict[str, Method] = {
         DeepLiftMethod,
     )
 }
+# The face-verification explainers (xSSAB, CorrRISE) subclass Method and add themselves.
+import explain.verification  # noqa: E402, F401
 
 
 def list_methods() -> list[str]:

@@ -25,6 +25,7 @@ SMALL = {
     "rise": {"masks": 12, "batch_size": 12},
     "integrated_gradients": {"steps": 4},
     "smoothgrad": {"samples": 3},
+    "corrrise": {"masks": 12, "batch_size": 12},
 }
 BUDGET = 40
 
