@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from explain.attribution import verification  # noqa: F401  (registers xssab, corrrise)
 from explain.attribution.engine import BATCHED_MAPS, Explainer, FaceFeatures
 from explain.attribution.methods import METHODS, SIDES, attribute
 from explain.errors import UnknownMethod

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from explain.attribution.methods import METHODS, attribute
+from explain.attribution.matches import METHODS, attribute
 from explain.errors import (
     BudgetExceeded,
     Cancelled,

@@ -8,11 +8,12 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
+from explain.attribution.matches import METHODS
+from explain.attribution.methods import attribute
+from explain.attribution.verification import correlation_map, patch_masks
 from explain.errors import Cancelled, InvalidOption
 from explain.limits import DEFAULT_BUDGET
-from explain.methods import METHODS
 from explain.regions import region_masks
-from explain.verification import correlation_map, patch_masks
 
 SMALL_CORRRISE = {"masks": 48, "batch_size": 16}
 
@@ -36,7 +37,7 @@ def _swap(faces, name: str, donor: str, region: str) -> tuple[np.ndarray, np.nda
 @pytest.mark.parametrize("method", ["xssab", "corrrise"])
 def test_both_faces_get_finite_signed_crop_sized_maps(explainer, query_crop, hit_crops, method):
     options = SMALL_CORRRISE if method == "corrrise" else {}
-    result = explainer.attribute(method, query_crop, hit_crops[2], **options)
+    result = attribute(method, explainer, query_crop, hit_crops[2], **options)
     for side in (result.query, result.gallery):
         assert side.shape == (112, 112)
         assert np.isfinite(side).all()
@@ -47,8 +48,8 @@ def test_both_faces_get_finite_signed_crop_sized_maps(explainer, query_crop, hit
 
 def test_corrrise_is_deterministic_for_a_seed_and_changes_with_it(explainer, query_crop, hit_crops):
     def run(seed: int) -> np.ndarray:
-        return explainer.attribute(
-            "corrrise", query_crop, hit_crops[1], sides=("query",), seed=seed, masks=16, batch_size=8
+        return attribute("corrrise", explainer,
+            query_crop, hit_crops[1], sides=("query",), seed=seed, masks=16, batch_size=8
         ).query
 
     first, again, other = run(3), run(3), run(4)
@@ -57,8 +58,8 @@ def test_corrrise_is_deterministic_for_a_seed_and_changes_with_it(explainer, que
 
 
 def test_xssab_is_deterministic(explainer, query_crop, hit_crops):
-    a = explainer.attribute("xssab", query_crop, hit_crops[1], sides=("query",)).query
-    b = explainer.attribute("xssab", query_crop, hit_crops[1], sides=("query",)).query
+    a = attribute("xssab", explainer, query_crop, hit_crops[1], sides=("query",)).query
+    b = attribute("xssab", explainer, query_crop, hit_crops[1], sides=("query",)).query
     np.testing.assert_array_equal(a, b)
 
 
@@ -72,8 +73,8 @@ def test_xssab_splits_the_cosine_gradient_at_the_threshold(sface, explainer, que
     expected = grad[0].abs().sum(0).numpy()
 
     def xssab(threshold: float) -> np.ndarray:
-        return explainer.attribute(
-            "xssab", query_crop, hit_crops[0], sides=("query",), threshold=threshold
+        return attribute("xssab", explainer,
+            query_crop, hit_crops[0], sides=("query",), threshold=threshold
         ).query
 
     np.testing.assert_allclose(xssab(-1e9), expected, rtol=1e-4, atol=1e-7 * expected.max())
@@ -122,7 +123,7 @@ def test_defaults_fit_the_default_budget_with_the_servers_two_views(
             return len(polls) > 1
 
         with pytest.raises(Cancelled):
-            flip_explainer.attribute(method, query_crop, hit_crops[0], budget=DEFAULT_BUDGET,
+            attribute(method, flip_explainer, query_crop, hit_crops[0], budget=DEFAULT_BUDGET,
                                     cancel=cancel_at_first_batch)
         assert len(polls) == 2
     assert METHODS["corrrise"].defaults["batch_size"] <= 32
@@ -136,16 +137,16 @@ def test_corrrise_is_cancelled_between_batches(explainer, query_crop, hit_crops)
         return len(polls) > 3
 
     with pytest.raises(Cancelled):
-        explainer.attribute("corrrise", query_crop, hit_crops[0], sides=("query",),
+        attribute("corrrise", explainer, query_crop, hit_crops[0], sides=("query",),
                             cancel=cancel_after_three_batches, masks=64, batch_size=8)
     assert len(polls) == 4  # the encode, two batches, then the stop
 
 
 def test_bad_corrrise_options_are_typed_errors(explainer, query_crop, hit_crops):
     with pytest.raises(InvalidOption):
-        explainer.attribute("corrrise", query_crop, hit_crops[0], patch=200)
+        attribute("corrrise", explainer, query_crop, hit_crops[0], patch=200)
     with pytest.raises(InvalidOption):
-        explainer.attribute("corrrise", query_crop, hit_crops[0], batch_size=64)
+        attribute("corrrise", explainer, query_crop, hit_crops[0], batch_size=64)
 
 
 def _positive_share(amap: np.ndarray) -> float:
@@ -156,7 +157,7 @@ def test_xssab_gives_same_person_pairs_more_positive_mass_than_other_people(expl
     """The paper's premise: the agreeing arguments dominate a genuine pair's map."""
 
     def share(a: str, b: str) -> float:
-        result = explainer.attribute("xssab", crops[a], crops[b])
+        result = attribute("xssab", explainer, crops[a], crops[b])
         return min(_positive_share(result.query), _positive_share(result.gallery))
 
     genuine = [share("person_a_1.jpg", "person_a_2.jpg"), share("person_b_1.jpg", "person_b_2.jpg")]
@@ -172,7 +173,7 @@ def test_corrrise_puts_negative_mass_on_a_region_taken_from_another_face(
     explainer, faces, region, name, donor
 ):
     swapped, mask = _swap(faces, name, donor, region)
-    result = explainer.attribute(
-        "corrrise", swapped, faces[name].crop, sides=("query",), masks=64, batch_size=32
+    result = attribute("corrrise", explainer,
+        swapped, faces[name].crop, sides=("query",), masks=64, batch_size=32
     )
     assert _chance_lift(result.query, mask) > 1.5

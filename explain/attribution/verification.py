@@ -9,7 +9,7 @@ family's held-norm target ``t(x) = <e(x), ê_other> / ‖e_self‖`` (DESIGN.md 
 
 Costs are in images through the encoder per side and view, as ``Guard``
 counts them; the two encodes per view are added by ``attribute``. Both
-register themselves in ``METHODS`` when ``explain.methods`` is imported (it
+register themselves in ``METHODS`` when ``explain.attribution.matches`` (the catalogue) is imported (it
 imports this module below its table).
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from explain.attribution.methods import METHODS, Method, SideProblem
 from explain.errors import InvalidOption
-from explain.methods import METHODS, Method, SideProblem
 
 # OpenCV's published cosine threshold for SFace (samples/dnn/face_detect.py, 0.363): xSSAB
 # splits the cosine's arguments at threshold / D. Pass another encoder's EER threshold.
