@@ -111,9 +111,19 @@ class FacePipeline:
                     self._detector = shared_detector(self.detector_name)
         return self._detector
 
-    def load(self, image: ImageSource) -> np.ndarray:
-        """Any image source -> (H, W, 3) uint8 RGB under this pipeline's limits."""
-        return load_rgb(image, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+    def load(self, image: ImageSource, frame: int = 0) -> np.ndarray:
+        """Any image source -> (H, W, 3) uint8 RGB under this pipeline's limits.
+
+        frame: 0-based frame of an animated image (``Face.frame`` of its face).
+        """
+        if frame == 0:
+            return load_rgb(image, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+        for decoded in iter_frames(
+            image, max_pixels=self.max_pixels, max_bytes=self.max_bytes, max_frames=frame + 1
+        ):
+            if decoded.index == frame:
+                return decoded.rgb
+        raise ValueError(f"the image has no frame {frame} (0-based)")
 
     def _find(self, image: ImageSource) -> _Found:
         """Detect frame by frame; stop at the first frame with a face."""

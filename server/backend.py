@@ -180,7 +180,8 @@ class Backend:
         ensemble = ev.Ensemble(encoders, scheme)
         encoder_id = "+".join(f"{e.spec.name}@{e.spec.version}" for e in encoders.values())
         limits = config.limits
-        pipeline = FacePipeline(template=next(iter(encoders.values())).spec.alignment,
+        pipeline = FacePipeline(enc.detector,
+                                template=next(iter(encoders.values())).spec.alignment,
                                 max_pixels=limits.max_image_pixels,
                                 max_bytes=limits.max_image_bytes)
         gallery = Gallery.open(config.gallery.path, encoder_id=encoder_id,

@@ -114,7 +114,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         photo = None
         if request.overlays and request.photo_maps:
             image, _ = convert.image_input(request.match.image, self.config.limits.max_image_pixels)
-            photo = b.pipeline.load(image)
+            photo = b.pipeline.load(image, frame=face.frame)
             photo = _downscale_rgb(photo, self.config.limits.max_photo_map_side)
         for explained in b.explain(outcome.query, hits, methods=methods, options=options,
                                    photo_maps=request.photo_maps,

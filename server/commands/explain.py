@@ -54,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="add the mirrored view (default: from the configuration)")
     group.add_argument("--view-scheme", help='explicit views, e.g. "sface:orig,sface:flip"')
     group.add_argument("--aligned", action="store_true", help="the images are aligned crops")
+    group.add_argument("--detector", help="face detector, e.g. yunet, mtcnn (default: configured)")
     from server.remote import add_remote_arguments
 
     add_remote_arguments(p)
@@ -124,7 +125,7 @@ def run_explain(args: argparse.Namespace) -> int:
     explainer = Explainer(embed.ensemble)
     query_views, query_crop = embed(args.image)
     query_face = embed.last_face
-    query_photo = embed.pipeline.load(args.image)
+    query_photo = embed.pipeline.load(args.image, frame=query_face.frame)
 
     if args.gallery is not None:
         matches = _gallery_matches(args, config, embed, query_views)

@@ -43,6 +43,7 @@ def _encoder_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--view-scheme", help='explicit views, e.g. "sface:orig,sface:flip"')
     group.add_argument("--aligned", action="store_true",
                        help="images are already aligned crops (skip detection)")
+    group.add_argument("--detector", help="face detector, e.g. yunet, mtcnn")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -162,7 +163,8 @@ class PipelineEmbedder:
         self.view_scheme = scheme.id
         self.encoder_id = "+".join(f"{e.spec.name}@{e.spec.version}" for e in encoders.values())
         template = next(iter(encoders.values())).spec.alignment
-        self.pipeline = FacePipeline(template=template)
+        self.pipeline = FacePipeline(getattr(args, "detector", None) or enc.detector,
+                                     template=template)
         self.aligned = bool(getattr(args, "aligned", False))
         self.last_face = None
 
