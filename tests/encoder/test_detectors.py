@@ -163,3 +163,16 @@ def test_single_face_crops_of_both_detectors_embed_alike_with_sface(both, sface)
     cosines = (emb[0::2] * emb[1::2]).sum(dim=1)
     # measured 0.93-0.98; the same person photographed twice scores 0.6-0.78
     assert cosines.min() > 0.9, cosines
+
+
+def test_yunet_on_opencvs_dnn_finds_what_onnxruntime_finds(photo_paths):
+    """The fallback where onnxruntime is not installed (the container image) runs the same graph."""
+    rgb = load_rgb(photo_paths["t1.jpg"])
+    ort_result = create_detector("yunet", runtime="onnxruntime").detect(rgb)
+    cv_result = create_detector("yunet", runtime="opencv").detect(rgb)
+    assert ort_result.count == cv_result.count == 6
+    for a, b in zip(ort_result.detections, cv_result.detections, strict=True):
+        assert np.allclose(a.landmarks, b.landmarks, atol=0.01)
+        assert a.score == pytest.approx(b.score, abs=1e-4)
+    with pytest.raises(ValueError, match="runtime"):
+        create_detector("yunet", runtime="tensorrt")
