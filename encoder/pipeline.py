@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoder.align import Alignment, align_face, get_template, identity_alignment
-from encoder.detect import DEFAULT_DETECTOR, DetectionResult, FaceDetector, shared_detector
+from encoder.detect import (
+    DEFAULT_DETECTOR,
+    DetectionResult,
+    FaceDetector,
+    detector_spec,
+    shared_detector,
+)
 from encoder.errors import NoFaceFound, WrongImageSize
 from encoder.image import (
     DEFAULT_MAX_BYTES,
@@ -93,8 +99,6 @@ class FacePipeline:
         self.max_frames = max_frames
         self.border = border
         if detector is None or isinstance(detector, str):
-            from encoder.detect import detector_spec
-
             self.detector_name = detector or DEFAULT_DETECTOR
             detector_spec(self.detector_name)  # UnknownDetector now, not on the first photo
             self._detector: FaceDetector | None = None
