@@ -11,8 +11,10 @@ timed interleaved in the same run so the ratio holds on a busy machine;
 ``cpu`` is the process CPU time of the same call (all threads), the steadier
 number where wall time includes waiting for a core. ``align`` is
 ``align_face`` onto the ArcFace 112 template, ``warp`` is ``warp_to_photo``
-of a 7x7 map. Rows ``640x480`` and ``640x640`` are t1.jpg resized to those
-sizes (the issue's "640-px photo").
+of a 7x7 map. Rows ``t1@640x480`` and ``t1@640x640`` are t1.jpg resized to
+those sizes and saved as JPEG (quality 95): the issue's "640-px photo".
+``--json`` rows also carry ``detect_ms`` / ``detect_cpu_ms`` of the default
+detector (``encoder.detect.DEFAULT_DETECTOR``), the keys ``bench.run_all`` reads.
 
 Agreement (reference: the first detector, mtcnn): faces are paired by box
 overlap; ``lm_px`` is the mean distance between the two detectors' 5
@@ -24,6 +26,7 @@ landmarks in the 112x112 crop aligned with the reference's landmarks;
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import time
@@ -32,10 +35,17 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 from encoder.align import align_face, warp_to_photo
 from encoder.assets import PHOTOS
-from encoder.detect import DetectionResult, FaceDetector, create_detector, list_detectors
+from encoder.detect import (
+    DEFAULT_DETECTOR,
+    DetectionResult,
+    FaceDetector,
+    create_detector,
+    list_detectors,
+)
 from encoder.detectors.compare import landmark_disagreement_px, match_detections
 from encoder.image import decode_image
 
@@ -54,9 +64,9 @@ def _median_ms(
     return 1000.0 * statistics.median(times)
 
 
-def _inputs() -> list[tuple[str, np.ndarray, bytes | None]]:
-    """(name, RGB photo, file bytes or None) for every bundled photo and the two 640-px sizes."""
-    out: list[tuple[str, np.ndarray, bytes | None]] = []
+def _inputs() -> list[tuple[str, np.ndarray, bytes]]:
+    """(name, RGB photo, file bytes) for every bundled photo and the two 640-px sizes."""
+    out: list[tuple[str, np.ndarray, bytes]] = []
     for photo in PHOTOS:
         if photo.aligned:
             continue
@@ -64,7 +74,11 @@ def _inputs() -> list[tuple[str, np.ndarray, bytes | None]]:
         out.append((photo.name, decode_image(data), data))
     group = next(rgb for name, rgb, _ in out if name == "t1.jpg")
     for w, h in ((640, 480), (640, 640)):
-        out.append((f"t1@{w}x{h}", cv2.resize(group, (w, h), interpolation=cv2.INTER_AREA), None))
+        small = cv2.resize(group, (w, h), interpolation=cv2.INTER_AREA)
+        buf = io.BytesIO()
+        Image.fromarray(small).save(buf, "JPEG", quality=95)
+        data = buf.getvalue()
+        out.append((f"t1@{w}x{h}", decode_image(data), data))
     return out
 
 
@@ -93,13 +107,15 @@ def run(repeats: int) -> tuple[list[str], list[dict[str, object]]]:
     for label, rgb, data in _inputs():
         results = {n: d.detect(rgb) for n, d in detectors.items()}
         row: dict[str, object] = {"photo": label, "size": f"{rgb.shape[1]}x{rgb.shape[0]}"}
-        if data is not None:
-            row["decode_ms"] = _median_ms(lambda d=data: decode_image(d), repeats)
+        row["decode_ms"] = _median_ms(lambda d=data: decode_image(d), repeats)
         for n, det in detectors.items():
             row[f"{n}_faces"] = results[n].count
             row[f"{n}_score"] = results[n].best.score if results[n].best else float("nan")
             row[f"{n}_ms"] = _median_ms(lambda r=rgb, d=det: d.detect(r), repeats)
             row[f"{n}_cpu_ms"] = _median_ms(lambda r=rgb, d=det: d.detect(r), repeats, time.process_time)
+        row["detector"] = DEFAULT_DETECTOR
+        row["detect_ms"] = row[f"{DEFAULT_DETECTOR}_ms"]
+        row["detect_cpu_ms"] = row[f"{DEFAULT_DETECTOR}_cpu_ms"]
         for n in names[1:]:
             px, cos, paired = _agreement(rgb, results[REFERENCE], results[n], sface)
             row[f"{n}_lm_px"], row[f"{n}_cos"], row[f"{n}_paired"] = px, cos, paired
@@ -132,7 +148,7 @@ def _print(names: list[str], rows: list[dict[str, object]], repeats: int) -> Non
             ratio = float(r[f"{REFERENCE}_ms"]) / float(r[f"{n}_ms"])
             line += f"{ratio:>6.1f}x{r[f'{n}_lm_px']:>7.2f}{r[f'{n}_cos']:>7.3f}"
         scores = "/".join(f"{float(r[f'{n}_score']):.3f}" for n in names)
-        line += f"{scores:>14}{r.get('decode_ms', float('nan')):>8.1f}"
+        line += f"{scores:>14}{r['decode_ms']:>8.1f}"
         line += f"{r.get('align_ms', float('nan')):>7.2f}"
         print(line)
     for n in names:
