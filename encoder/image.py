@@ -1,7 +1,10 @@
 """Decode untrusted image bytes into (H, W, 3) uint8 RGB arrays, with Pillow.
 
-Accepted: JPEG (and MPO), PNG, WebP, BMP, GIF (first frame) and TIFF (first
-page). EXIF orientation is applied; alpha is composited on white; palette,
+Accepted: JPEG (and MPO), PNG, WebP, BMP, GIF and TIFF. ``decode_image`` and
+``load_rgb`` give the first frame (page) of an animated GIF or multi-page TIFF;
+``iter_frames`` gives the first ``max_frames`` one at a time, decoding each only
+when it is asked for (the face pipeline uses the first frame with a face in
+it). EXIF orientation is applied; alpha is composited on white; palette,
 CMYK, 16-bit and grayscale images are converted to 8-bit RGB. Limits on the
 byte size and on the pixel count (read from the header, before decoding) guard
 against decompression bombs. Every failure is a typed ``encoder.errors``
@@ -14,7 +17,10 @@ Truncated files always fail: this module never sets Pillow's global
 from __future__ import annotations
 
 import io
+import re
 import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +37,20 @@ from encoder.errors import (
 __all__ = [
     "ACCEPTED_FORMATS",
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_FRAMES",
     "DEFAULT_MAX_PIXELS",
+    "Frame",
     "ImageSource",
     "decode_image",
+    "iter_frames",
     "load_rgb",
     "pil_to_rgb",
 ]
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# Frames of an animated GIF / multi-page TIFF searched for a face (each costs a detection).
+DEFAULT_MAX_FRAMES = 8
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 _ACCEPTED_NAMES = "JPEG, PNG, WebP or BMP"
 
@@ -88,16 +99,34 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _pixel_limit(max_pixels: int) -> int:
+    """The limit that actually applies: ours, or Pillow's bomb limit if that is lower."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    return min(max_pixels, 2 * pillow) if pillow else max_pixels
+
+
+def _too_many_pixels(size: str, pixels: int | None, max_pixels: int) -> ImageTooLarge:
+    """The one decompression-bomb message: the image's size and the single limit applied."""
+    amount = f" = {pixels / 1e6:.1f} megapixels" if pixels is not None else ""
+    return ImageTooLarge(
+        f"the image is {size}{amount}, above the limit of "
+        f"{_pixel_limit(max_pixels) / 1e6:.1f} megapixels; downscale it (a face needs far "
+        "fewer) and send it again"
+    )
+
+
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise EmptyImage(f"the image has no pixels ({width}x{height})")
     pixels = width * height
-    if pixels > max_pixels:
-        raise ImageTooLarge(
-            f"the image is {width}x{height} = {pixels / 1e6:.1f} megapixels, above the limit of "
-            f"{max_pixels / 1e6:.1f} megapixels; downscale it (a face needs far fewer) and send "
-            "it again"
-        )
+    if pixels > _pixel_limit(max_pixels):
+        raise _too_many_pixels(f"{width}x{height}", pixels, max_pixels)
+
+
+def _bomb_pixels(exc: Image.DecompressionBombError) -> int | None:
+    """The pixel count in Pillow's bomb message ("Image size (N pixels) exceeds ..."), if any."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return int(found.group(1)) if found else None
 
 
 def _check_bytes(size: int, max_bytes: int) -> None:
@@ -122,10 +151,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=None)
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(
-            f"the image header declares more pixels than the decoder allows ({exc}); "
-            f"the limit is {max_pixels / 1e6:.1f} megapixels"
-        ) from None
+        raise _too_many_pixels("declared by its header", _bomb_pixels(exc), max_pixels) from None
     except UnidentifiedImageError:
         if kind in _IMAGE_KINDS:
             raise TruncatedImage(
@@ -150,7 +176,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def _load(im: Image.Image) -> None:
+def _load(im: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set by another module; truncated uploads "
@@ -159,7 +185,7 @@ def _load(im: Image.Image) -> None:
     try:
         im.load()
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"the image expands beyond the decoder's limit ({exc})") from None
+        raise _too_many_pixels(f"{im.size[0]}x{im.size[1]}", _bomb_pixels(exc), max_pixels) from None
     except (OSError, EOFError, SyntaxError, ValueError, zlib.error) as exc:
         raise TruncatedImage(
             f"the {im.format or 'image'} data ({im.size[0]}x{im.size[1]}) is truncated or "
@@ -211,7 +237,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 def pil_to_rgb(im: Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A PIL image (any supported mode, EXIF orientation applied) -> (H, W, 3) uint8 RGB."""
     _check_pixels(im.size[0], im.size[1], max_pixels)
-    _load(im)
+    _load(im, max_pixels)
     return _to_rgb(_apply_orientation(im))
 
 
@@ -234,7 +260,7 @@ def decode_image(
     _check_bytes(len(data), max_bytes)
     im = _open(data, max_pixels)
     with im:
-        _load(im)
+        _load(im, max_pixels)
         return _to_rgb(_apply_orientation(im))
 
 
@@ -287,3 +313,69 @@ def load_rgb(
         "load_rgb takes bytes, a path, a PIL image or a uint8 numpy array, got "
         f"{type(src).__name__}"
     )
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One frame of a (possibly animated) image.
+
+    index: 0-based frame (GIF) or page (TIFF) number. count: frames in the
+    file (1 for still images and arrays). rgb: (H, W, 3) uint8. format: the
+    decoder's format name ("GIF", "TIFF", ...; "array" for arrays).
+    """
+
+    index: int
+    count: int
+    rgb: np.ndarray
+    format: str
+
+
+def _frames_of(im: Image.Image, max_pixels: int, max_frames: int) -> Iterator[Frame]:
+    count = max(1, int(getattr(im, "n_frames", 1)))
+    fmt = im.format or "image"
+    for index in range(min(count, max_frames)):
+        if index:
+            try:
+                im.seek(index)
+            except EOFError:  # n_frames over-counted (damaged file): stop at the last real frame
+                return
+            except (OSError, SyntaxError, ValueError, zlib.error) as exc:
+                raise TruncatedImage(
+                    f"frame {index} of the {count}-frame {fmt} is truncated or corrupt "
+                    f"({type(exc).__name__}); send the complete file"
+                ) from None
+            _check_pixels(im.size[0], im.size[1], max_pixels)
+        _load(im, max_pixels)
+        yield Frame(index, count, _to_rgb(_apply_orientation(im)), fmt)
+
+
+def iter_frames(
+    src: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+) -> Iterator[Frame]:
+    """The first ``max_frames`` frames of ``src`` as :class:`Frame`, each decoded when asked for.
+
+    Still images and arrays give one frame. Same sources, limits (per frame)
+    and errors as :func:`load_rgb`; the errors of frame k surface when frame k
+    is reached.
+    """
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        _check_bytes(path.stat().st_size, max_bytes)
+        src = path.read_bytes()
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        _check_bytes(len(data), max_bytes)
+        with _open(data, max_pixels) as im:
+            yield from _frames_of(im, max_pixels, max_frames)
+        return
+    if isinstance(src, Image.Image):
+        _check_pixels(src.size[0], src.size[1], max_pixels)
+        yield from _frames_of(src, max_pixels, max_frames)
+        return
+    yield Frame(0, 1, load_rgb(src, max_pixels=max_pixels, max_bytes=max_bytes), "array")

@@ -163,7 +163,7 @@ class Backend:
                                           str(runtime.device))
         encoders, scheme, encoder_id = ensemble.encoders, ensemble.scheme, ensemble.encoder_id
         limits = config.limits
-        pipeline = FacePipeline(template=ensemble.alignment,
+        pipeline = FacePipeline(enc.detector, template=ensemble.alignment,
                                 max_pixels=limits.max_image_pixels,
                                 max_bytes=limits.max_image_bytes)
         gallery = Gallery.open(config.gallery.path, encoder_id=encoder_id,
@@ -197,8 +197,8 @@ class Backend:
                        scope: RequestScope) -> Query:
         """Decode once, find and align the face, encode it; the Query keeps the photo."""
         scope.check()
-        photo = self.pipeline.load(image)
-        return self.query_of_face(self.face(photo, aligned=aligned, scope=scope), scope, photo)
+        photo, face = self.pipeline.photo_face(image, aligned=aligned)
+        return self.query_of_face(face, scope, photo)
 
     def query_of_embedding(self, vectors: np.ndarray, view_scheme: str) -> Query:
         if view_scheme and view_scheme != self.view_scheme:

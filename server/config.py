@@ -77,6 +77,7 @@ class EncoderConfig:
     flip: bool = True
     gray: bool = False
     view_scheme: str = ""  # e.g. "sface:orig,sface:flip"; overrides name/flip/gray when set
+    detector: str = "yunet"  # face detector (encoder.detect.list_detectors): yunet or mtcnn
 
     def scheme_id(self) -> str:
         """The view scheme id these settings name: ``view_scheme`` when set, else

@@ -58,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="add the mirrored view (default: from the configuration)")
     group.add_argument("--view-scheme", help='explicit views, e.g. "sface:orig,sface:flip"')
     group.add_argument("--aligned", action="store_true", help="the images are aligned crops")
+    group.add_argument("--detector", help="face detector, e.g. yunet, mtcnn (default: configured)")
     from server.remote import add_remote_arguments
 
     add_remote_arguments(p)
@@ -112,8 +113,7 @@ def _gallery_matches(args: argparse.Namespace, config, embed, query_views) -> li
 
 def _photo(embed, path: Path) -> tuple[_Query, np.ndarray]:
     """Decode a photo once, align its face; -> (the face, its per-view embeddings)."""
-    photo = embed.pipeline.load(path)
-    face = embed.pipeline.face(photo, aligned=embed.aligned)
+    photo, face = embed.pipeline.photo_face(path, aligned=embed.aligned)
     views = [v[0] for v in embed.ensemble.embed_views(face.crop[None])]
     return _Query(face.crop, photo, face.alignment), views
 

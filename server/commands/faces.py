@@ -26,6 +26,7 @@ def _encoder_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--view-scheme", help='explicit views, e.g. "sface:orig,sface:flip"')
     group.add_argument("--device", help="cpu, cuda or mps (default: PHENOLENS_DEVICE or cpu)")
     group.add_argument("--threads", type=int, help="torch CPU threads")
+    group.add_argument("--detector", help="face detector: yunet (default) or mtcnn")
     parser.add_argument("--aligned", action="store_true",
                         help="images are already aligned crops of the encoder's size")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -78,7 +79,7 @@ def _encode(args: argparse.Namespace, paths: list[Path]) -> tuple[Any, list[Enco
     from encoder.pipeline import FacePipeline
 
     ensemble = _ensemble(args)
-    pipeline = FacePipeline(template=ensemble.alignment)
+    pipeline = FacePipeline(args.detector, template=ensemble.alignment)
     faces = [pipeline.face(path, aligned=args.aligned) for path in paths]
     embeddings = ensemble.embed(np.stack([f.crop for f in faces]))
     return ensemble, [
@@ -92,6 +93,7 @@ def _face_json(item: EncodedFace) -> dict[str, Any]:
     return {
         "image": item.image,
         "face_count": int(item.face.face_count),
+        "frame": int(item.face.frame),
         "score": round(float(item.face.score), 6),
         "box": [round(float(v), 2) for v in item.face.boxes[0]],
         "alignment": {

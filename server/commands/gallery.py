@@ -43,6 +43,7 @@ def _encoder_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--view-scheme", help='explicit views, e.g. "sface:orig,sface:flip"')
     group.add_argument("--aligned", action="store_true",
                        help="images are already aligned crops (skip detection)")
+    group.add_argument("--detector", help="face detector, e.g. yunet, mtcnn")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -156,7 +157,8 @@ class PipelineEmbedder:
         self.ensemble = ev.configured_ensemble(enc.name, enc.scheme_id(), weights)
         self.view_scheme = self.ensemble.scheme.id
         self.encoder_id = self.ensemble.encoder_id
-        self.pipeline = FacePipeline(template=self.ensemble.alignment)
+        self.pipeline = FacePipeline(getattr(args, "detector", None) or enc.detector,
+                                     template=self.ensemble.alignment)
         self.aligned = bool(getattr(args, "aligned", False))
         self.last_face = None
 

@@ -59,3 +59,30 @@ def test_compare_of_a_non_image_exits_2_with_a_message(photo_paths, tmp_path):
     done = _run("compare", str(photo_paths["person_a_1.jpg"]), str(not_image))
     assert done.returncode == 2
     assert "not an image" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_encode_detector_option_picks_the_detector_and_reports_the_frame(photo_paths, tmp_path):
+    from PIL import Image
+
+    with Image.open(photo_paths["person_a_1.jpg"]) as im:
+        face = im.convert("RGB")
+    gif = tmp_path / "blink.gif"
+    Image.new("RGB", face.size).save(gif, save_all=True, append_images=[face])
+    docs = {}
+    for detector in ("mtcnn", "yunet"):
+        done = _run("encode", str(photo_paths["person_a_1.jpg"]), str(gif), "--detector", detector,
+                    "--json")
+        assert done.returncode == 0, done.stderr
+        docs[detector] = json.loads(done.stdout)["faces"]
+        assert [f["frame"] for f in docs[detector]] == [0, 1]
+        assert [f["face_count"] for f in docs[detector]] == [1, 1]
+    scores = {d: docs[d][0]["score"] for d in docs}
+    assert scores["mtcnn"] > 0.99 and 0.85 < scores["yunet"] < 0.99  # each detector's own scale
+    a, b = (np.array(docs[d][0]["embeddings"]["sface:orig"]) for d in ("mtcnn", "yunet"))
+    assert float(a @ b) > 0.9
+
+
+def test_unknown_detector_exits_2_naming_the_known_ones(photo_paths):
+    done = _run("encode", str(photo_paths["person_a_1.jpg"]), "--detector", "haar")
+    assert done.returncode == 2
+    assert "'haar'" in done.stderr and "mtcnn, yunet" in done.stderr

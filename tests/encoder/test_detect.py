@@ -1,4 +1,7 @@
-"""MTCNN detection and the face pipeline on the real photos; the torchvision NMS shim."""
+"""Both detectors (mtcnn, yunet) and the face pipeline on the real photos; the torchvision NMS shim.
+
+Tests without a detector parameter run the default detector (the session ``pipeline``).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from encoder.errors import NoFaceFound, WrongImageSize
 from encoder.image import load_rgb
 
 SINGLE_FACE = [p.name for p in PHOTOS if p.faces == 1 and not p.aligned]
+DETECTORS = ("mtcnn", "yunet")
+# Real faces of the bundled photos score above these (MTCNN: > 0.999; YuNet: 0.90-0.96).
+MIN_REAL_SCORE = {"mtcnn": 0.99, "yunet": 0.85}
 
 
 # ---------------------------------------------------------------- torchvision on CPU torch
@@ -89,11 +95,14 @@ def test_ensure_torchvision_is_safe_to_call_from_many_threads():
 # ---------------------------------------------------------------- the real photos
 
 
+@pytest.mark.parametrize("detector", DETECTORS)
 @pytest.mark.parametrize("name", SINGLE_FACE)
-def test_every_single_face_photo_is_detected_and_aligned_onto_the_template(faces, name):
-    face = faces[name]
+def test_every_single_face_photo_is_detected_and_aligned_onto_the_template(
+    faces_by_detector, detector, name
+):
+    face = faces_by_detector[detector][name]
     assert face.face_count == 1
-    assert face.score > 0.99
+    assert face.score > MIN_REAL_SCORE[detector]
     assert face.crop.shape == (112, 112, 3) and face.crop.dtype == np.uint8
     # the similarity fit's residual: face shape and pose, not detector noise
     errors = np.linalg.norm(
@@ -103,14 +112,17 @@ def test_every_single_face_photo_is_detected_and_aligned_onto_the_template(faces
     assert errors.max() <= 8.0, errors
 
 
-def test_landmarks_lie_inside_their_box(faces):
-    for name, face in faces.items():
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_landmarks_lie_inside_their_box(faces_by_detector, detector):
+    for name, face in faces_by_detector[detector].items():
         x1, y1, x2, y2 = face.boxes[0]
         lm = face.alignment.landmarks_photo
         assert ((lm[:, 0] > x1) & (lm[:, 0] < x2) & (lm[:, 1] > y1) & (lm[:, 1] < y2)).all(), name
 
 
-def test_group_photo_reports_six_faces_most_confident_first(pipeline, photo_paths):
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_group_photo_reports_six_faces_most_confident_first(pipelines, detector, photo_paths):
+    pipeline = pipelines[detector]
     face = pipeline.face(photo_paths["t1.jpg"])
     assert face.face_count == 6
     assert face.boxes.shape == (6, 4)
@@ -124,17 +136,21 @@ def test_group_photo_reports_six_faces_most_confident_first(pipeline, photo_path
     assert distances.min() > 50  # six different people, not one face found twice
     for f in every:
         assert np.array_equal(f.boxes[0], every[0].boxes[every.index(f)])
-        assert f.alignment.template_error_px() <= 6.0
+        assert f.alignment.template_error_px() <= 7.0  # a turned head: 5.7 (mtcnn), 6.7 (yunet)
 
 
+@pytest.mark.parametrize("detector", DETECTORS)
 @pytest.mark.parametrize("value", [0, 128, 255])
-def test_uniform_image_raises_no_face_found(pipeline, value):
+def test_uniform_image_raises_no_face_found(pipelines, detector, value):
+    pipeline = pipelines[detector]
     blank = np.full((480, 640, 3), value, dtype=np.uint8)
     with pytest.raises(NoFaceFound, match="no face found in the 640x480 image"):
         pipeline.face(blank)
 
 
-def test_noise_image_raises_no_face_found(pipeline):
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_noise_image_raises_no_face_found(pipelines, detector):
+    pipeline = pipelines[detector]
     noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     with pytest.raises(NoFaceFound):
         pipeline.face(noise)
@@ -167,7 +183,8 @@ def test_detection_on_a_large_photo_maps_landmarks_back_to_full_resolution(
     rgb, result = pipeline.detect(big)
     assert result.detect_scale == pytest.approx(640 / big.shape[0], rel=1e-2)
     expected = (faces[name].alignment.landmarks_photo + 0.5) * 3 - 0.5
-    assert np.linalg.norm(result.best.landmarks - expected, axis=1).mean() < 6.0
+    # in pixels of the original photo; detected at 640 vs 600 px: 1.9 (mtcnn), 2.5 (yunet)
+    assert np.linalg.norm(result.best.landmarks - expected, axis=1).mean() / 3 < 3.0
     face = pipeline.face(big)
     assert face.alignment.template_error_px() < 3.5
 
@@ -223,8 +240,10 @@ def test_concurrent_calls_give_the_same_faces_as_serial_ones(pipeline, photo_pat
         assert np.array_equal(results[name].crop, faces[name].crop), name
 
 
+@pytest.mark.parametrize("detector", DETECTORS)
 @pytest.mark.parametrize("shape", [(1, 1), (12, 12), (19, 25), (3, 5000)])
-def test_images_too_small_for_mtcnn_raise_no_face_found(pipeline, shape):
+def test_images_too_small_to_hold_a_face_raise_no_face_found(pipelines, detector, shape):
+    pipeline = pipelines[detector]
     tiny = np.full((*shape, 3), 200, dtype=np.uint8)
     with pytest.raises(NoFaceFound):
         pipeline.face(tiny)

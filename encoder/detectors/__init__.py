@@ -1,0 +1,1 @@
+"""Face detector implementations; each module registers itself with ``encoder.detect``."""
