@@ -21,7 +21,12 @@ class BadRequest(ServiceError):
 
 
 class Saturated(ServiceError):
-    """Every heavy-work slot is busy and none freed up within the queue timeout."""
+    """Admission refused: slots, queue or memory full. ``retry_after_s`` is the server's
+    estimate of when a retry could be admitted (sent to the client as a hint)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unauthenticated(ServiceError):
