@@ -113,8 +113,8 @@ def from_rpc_error(error: grpc.RpcError, *, without_client_cert: bool = False
     TLS refusal it most likely is (grpc only says "Socket closed")."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or str(error)
-    if without_client_cert and code == grpc.StatusCode.UNAVAILABLE and (
-            "socket closed" in details.lower() or "handshake" in details.lower()):
+    if without_client_cert and code == grpc.StatusCode.UNAVAILABLE and \
+            "socket closed" in details.lower():
         details += (" (the server closed the TLS connection; if it requires mutual TLS, "
                     "pass a client certificate: TLS(cert=..., key=...))")
     cls = _BY_CODE.get(code, PhenoLensError)
