@@ -51,6 +51,7 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = True,
     root.propagate = False
     # Library warnings (Pillow, torch, captum) become JSON records of this tree too,
     # instead of plain text on stderr.
+    logging.captureWarnings(False)  # re-install: warnings.showwarning may have been swapped
     logging.captureWarnings(True)
     warnings_log = logging.getLogger("py.warnings")
     for old in list(warnings_log.handlers):
