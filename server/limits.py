@@ -101,6 +101,7 @@ class HeavyWorkLimiter:
         self._cond = threading.Condition()
         self._busy = 0
         self._queued = 0
+        self.refused = 0  # admission refusals so far (for benchmarks and operators)
         self._mean_hold_s = 1.0  # running mean of how long a heavy call holds its slot
         self._trim = threading.Event()
         if trim_memory and _MALLOC_TRIM is not None:
@@ -127,6 +128,7 @@ class HeavyWorkLimiter:
         return round(min(30.0, max(0.1, estimate)), 2)
 
     def _refuse(self, why: str) -> Saturated:
+        self.refused += 1
         return Saturated(f"server busy: {why}; retry with backoff", self.retry_after_s())
 
     @contextmanager
