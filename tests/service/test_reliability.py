@@ -275,3 +275,19 @@ def test_mtls_refusal_is_explained_to_a_client_without_certificate(
                 anonymous.gallery_stats()
     finally:
         running.stop(grace_s=1.0)
+
+
+def test_kubernetes_probes_ask_readiness_and_liveness_separately():
+    from pathlib import Path
+
+    import yaml
+
+    k8s = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+    for name in ("deployment.yaml", "writer.yaml"):
+        deployment = next(d for d in yaml.safe_load_all((k8s / name).read_text())
+                          if d and d.get("kind") == "Deployment")
+        server = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert server["readinessProbe"]["grpc"]["service"] == "readiness", name
+        assert server["livenessProbe"]["grpc"]["service"] == "liveness", name
+        env = {e["name"]: e.get("value") for e in server["env"]}
+        assert env["MALLOC_ARENA_MAX"] == "2", name
