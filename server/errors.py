@@ -41,6 +41,10 @@ class NotFound(ServiceError):
     pass
 
 
+class SeveralFaces(ServiceError):
+    """A gallery write of a photo with more than one face: which one is meant is unknown."""
+
+
 class DeadlineExceeded(ServiceError):
     """The caller's deadline passed while the server was still working."""
 
@@ -56,6 +60,7 @@ STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (SeveralFaces, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (gal.UnknownId, grpc.StatusCode.NOT_FOUND),

@@ -291,3 +291,14 @@ def test_kubernetes_probes_ask_readiness_and_liveness_separately():
         assert server["livenessProbe"]["grpc"]["service"] == "liveness", name
         env = {e["name"]: e.get("value") for e in server["env"]}
         assert env["MALLOC_ARENA_MAX"] == "2", name
+
+
+def test_gallery_write_of_a_photo_with_several_faces_names_the_count(admin, photo_paths,
+                                                                    gallery_ids):
+    from phenolens import GalleryRecord
+
+    before = admin.gallery_stats().images
+    with pytest.raises(phenolens.FailedPrecondition, match="6 faces"):
+        admin.add_image(photo_paths["t1.jpg"],
+                        GalleryRecord("", image_id="group-photo", subject_id="group"))
+    assert admin.gallery_stats().images == before
