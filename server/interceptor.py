@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from server.auth import Principal, TokenAuth, required_scope
-from server.errors import Saturated, status_for
+from server.errors import BadRequest, Saturated, status_for
 from server.limits import ARRIVAL
 from server.logs import RPC_LOGGER, log_event
 
@@ -76,10 +76,11 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         else:
             wrap, factory, behavior = self._wrap_unary, grpc.unary_unary_rpc_method_handler, \
                 handler.unary_unary
-        run = wrap(behavior, method, metadata, arrived, counted=not is_open)
+        run = wrap(_checked_requests(behavior, handler.request_streaming), method, metadata,
+                   arrived, counted=not is_open)
         if is_open and self.open_pool is not None:
             run.experimental_thread_pool = self.open_pool  # grpc runs it on this pool
-        return factory(run, request_deserializer=handler.request_deserializer,
+        return factory(run, request_deserializer=_lenient(handler.request_deserializer),
                        response_serializer=handler.response_serializer)
 
     def _enter(self, counted: bool) -> None:
@@ -152,6 +153,48 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 _access_log(method, context, principal, arrived, messages=messages)
 
         return run
+
+
+class _Undecodable:
+    """Stands for a request message that did not parse (gRPC itself would answer
+    INTERNAL, without an access-log line); the handler turns it into BadRequest."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _refuse_undecodable(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise BadRequest(f"the request is not a valid message of this method "
+                         f"({type(request.error).__name__})")
+    return request
+
+
+def _checked_requests(behavior: Callable, request_streaming: bool) -> Callable:
+    """``behavior`` that refuses an undecodable request (or stream item) with BadRequest."""
+    if request_streaming:
+        def checked_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return behavior((_refuse_undecodable(r) for r in requests), context)
+
+        return checked_stream
+
+    def checked(request: Any, context: grpc.ServicerContext) -> Any:
+        return behavior(_refuse_undecodable(request), context)
+
+    return checked
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
