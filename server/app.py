@@ -31,6 +31,7 @@ from server.config import ServiceConfig
 from server.interceptor import ServiceInterceptor
 from server.limits import HeavyWorkLimiter
 from server.logs import SERVER_LOGGER, log_event
+from server.replica import SnapshotFollower
 from server.servicer import GalleryAdminServicer, PhenoLensServicer
 
 log = logging.getLogger(SERVER_LOGGER)
@@ -94,12 +95,15 @@ class Server:
     lens: PhenoLensServicer
     owns_backend: bool = True
     interceptor: ServiceInterceptor | None = None
+    follower: SnapshotFollower | None = None
 
     def stop(self, grace_s: float | None = None) -> None:
         """Drain and stop: NOT_SERVING, refuse new calls, let in-flight ones finish."""
         grace = self.backend.config.shutdown_grace_s if grace_s is None else grace_s
         log_event(log, "shutting down", grace_s=grace, in_flight_heavy=self.limiter.busy)
         self.health.enter_graceful_shutdown()
+        if self.follower is not None:
+            self.follower.stop()
         self.grpc_server.stop(grace).wait()
         if self.owns_backend:
             self.backend.close()
@@ -126,6 +130,12 @@ def start(config: ServiceConfig, backend: Backend | None = None) -> Server:
     if backend is None:
         backend = Backend.from_config(config)
         backend.warm_up()
+    follower = None
+    if config.gallery.follow_snapshots is not None:
+        follower = SnapshotFollower(backend, config.gallery.follow_snapshots,
+                                    config.gallery.follow_interval_s)
+        follower.poll()  # serve the current snapshot from the first call
+        follower.start()
     limits = config.limits
     auth = TokenAuth(config.auth.tokens)
     if not auth.enabled:
@@ -175,7 +185,7 @@ def start(config: ServiceConfig, backend: Backend | None = None) -> Server:
               gallery_version=backend.gallery.version, max_concurrent=limits.max_concurrent,
               max_queued=limits.max_queued, max_rss_bytes=limits.max_rss_bytes)
     return Server(server, backend, limiter, health_servicer, port, address, lens, owns_backend,
-                  interceptor)
+                  interceptor, follower)
 
 
 def serve(config: ServiceConfig) -> int:

@@ -99,6 +99,10 @@ class RuntimeConfig:
 class GalleryConfig:
     path: Path = DEFAULT_GALLERY
     index: str = ""  # FAISS factory string; empty: the gallery's default (exact inner product)
+    # Read replicas: a folder of published snapshots (deploy/gallery_snapshot.py); the
+    # server loads ``current`` at start and each newer one within follow_interval_s.
+    follow_snapshots: Path | None = None
+    follow_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,8 @@ def _validate(config: ServiceConfig) -> ServiceConfig:
     if limits.workers <= limits.max_concurrent + limits.max_queued:
         raise ConfigError("limits.workers must be more than limits.max_concurrent + "
                           "limits.max_queued, so light calls always find a thread")
+    if config.gallery.follow_interval_s <= 0:
+        raise ConfigError("gallery.follow_interval_s must be > 0")
     if limits.max_queued < 0 or limits.max_rss_bytes < 0:
         raise ConfigError("limits.max_queued and limits.max_rss_bytes must be >= 0")
     for i, token in enumerate(config.auth.tokens):

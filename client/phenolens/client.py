@@ -137,8 +137,12 @@ class Client(SyndromeMixin):
         timeout: float | None = 60.0,
         retry: Retry | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        options = channel_options(tls, max_message_bytes)
+        """``options``: extra gRPC channel arguments, e.g. for several replicas
+        ``Client("ipv4:10.0.0.1:50051,10.0.0.2:50051",
+        options=[("grpc.lb_policy_name", "round_robin")])``."""
+        options = [*channel_options(tls, max_message_bytes), *options]
         creds = channel_credentials(tls)
         self._channel = (grpc.secure_channel(target, creds, options=options) if creds
                          else grpc.insecure_channel(target, options=options))
