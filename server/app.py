@@ -143,12 +143,13 @@ def start(config: ServiceConfig, backend: Backend | None = None) -> Server:
                   "and gallery writes are refused", logging.WARNING)
     limiter = HeavyWorkLimiter(limits.max_concurrent, limits.queue_timeout_s,
                                max_queued=limits.max_queued, max_rss_bytes=limits.max_rss_bytes)
+    pool = futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="rpc")
     interceptor = ServiceInterceptor(
-        auth, max_in_flight=limits.max_pending_rpcs,
+        auth, max_in_flight=limits.max_pending_rpcs, pool=pool,
         open_pool=futures.ThreadPoolExecutor(max_workers=OPEN_POOL_THREADS,
                                              thread_name_prefix="health"))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="rpc"),
+        pool,
         interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),

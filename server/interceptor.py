@@ -37,12 +37,16 @@ RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a refusal; the client
 
 class ServiceInterceptor(grpc.ServerInterceptor):
     """``max_in_flight``: most non-open calls in handlers at once (None: unlimited);
-    ``open_pool``: the thread pool of open methods (None: gRPC's shared pool)."""
+    ``pool``: the server's handler pool and ``open_pool`` the one of open methods; given,
+    a call whose request never reaches its handler (larger than the message limit, or
+    the client left first) still gets an access-log line."""
 
     def __init__(self, auth: TokenAuth, *, max_in_flight: int | None = None,
+                 pool: futures.ThreadPoolExecutor | None = None,
                  open_pool: futures.ThreadPoolExecutor | None = None) -> None:
         self.auth = auth
         self.max_in_flight = max_in_flight
+        self.pool = pool
         self.open_pool = open_pool
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -76,10 +80,12 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         else:
             wrap, factory, behavior = self._wrap_unary, grpc.unary_unary_rpc_method_handler, \
                 handler.unary_unary
+        call = _CallRecord(method, arrived)
         run = wrap(_checked_requests(behavior, handler.request_streaming), method, metadata,
-                   arrived, counted=not is_open)
-        if is_open and self.open_pool is not None:
-            run.experimental_thread_pool = self.open_pool  # grpc runs it on this pool
+                   call, counted=not is_open)
+        pool = self.open_pool if is_open else self.pool
+        if pool is not None:
+            run.experimental_thread_pool = _LoggedPool(pool, call)  # grpc runs it there
         return factory(run, request_deserializer=_lenient(handler.request_deserializer),
                        response_serializer=handler.response_serializer)
 
@@ -107,9 +113,12 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self.auth.authorize(principal, method)
         return principal
 
-    def _wrap_unary(self, behavior: Callable, method: str, metadata: tuple, arrived: float,
+    def _wrap_unary(self, behavior: Callable, method: str, metadata: tuple, call: _CallRecord,
                     *, counted: bool) -> Callable:
+        arrived = call.arrived
+
         def run(request: Any, context: grpc.ServicerContext) -> Any:
+            call.entered = True
             principal = None
             entered = False
             token = ARRIVAL.set(arrived)
@@ -128,9 +137,12 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
         return run
 
-    def _wrap_stream(self, behavior: Callable, method: str, metadata: tuple, arrived: float,
+    def _wrap_stream(self, behavior: Callable, method: str, metadata: tuple, call: _CallRecord,
                      *, counted: bool) -> Callable:
+        arrived = call.arrived
+
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            call.entered = True
             principal = None
             messages = 0
             entered = False
@@ -153,6 +165,42 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 _access_log(method, context, principal, arrived, messages=messages)
 
         return run
+
+
+class _CallRecord:
+    """One call as the interceptor saw it arrive; ``entered`` once its handler runs."""
+
+    def __init__(self, method: str, arrived: float) -> None:
+        self.method = method
+        self.arrived = arrived
+        self.entered = False
+
+
+class _LoggedPool(futures.ThreadPoolExecutor):
+    """gRPC's per-handler pool hook: runs the call's work on ``inner`` and writes the
+    access-log line of a call whose handler never ran (gRPC dropped the request: too
+    large for ``grpc.max_receive_message_length``, or the client went away first).
+    It never starts threads of its own."""
+
+    def __init__(self, inner: futures.ThreadPoolExecutor, call: _CallRecord) -> None:
+        super().__init__(max_workers=1)
+        self.inner = inner
+        self.call = call
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> futures.Future:
+        def work() -> Any:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if not self.call.entered:
+                    log_event(log, "rpc", logging.WARNING, method=self.call.method,
+                              code="NOT_RECEIVED", principal=None, peer=None,
+                              duration_ms=round((time.monotonic() - self.call.arrived) * 1000,
+                                                2),
+                              reason="the request never reached the handler: larger than "
+                                     "limits.max_message_bytes, or the client went away")
+
+        return self.inner.submit(work)
 
 
 class _Undecodable:

@@ -157,8 +157,11 @@ def test_server_refuses_mutated_requests_deliberately(raw_calls, server, method,
 
 def test_undecodable_request_is_invalid_argument_not_internal(raw_calls):
     send, _ = raw_calls
-    assert send("/phenolens.v1.GalleryAdmin/AddImage", b"\x00") == \
+    assert send("/phenolens.v1.GalleryAdmin/ListImages", b"\x00") == \
         grpc.StatusCode.INVALID_ARGUMENT
+    # Authorisation comes first: a reader's write is refused before its body is read.
+    assert send("/phenolens.v1.GalleryAdmin/AddImage", b"\x00") == \
+        grpc.StatusCode.PERMISSION_DENIED
     assert send("/phenolens.v1.PhenoLens/Match", b"\xff\xff\xff") == \
         grpc.StatusCode.INVALID_ARGUMENT
 

@@ -302,3 +302,19 @@ def test_gallery_write_of_a_photo_with_several_faces_names_the_count(admin, phot
         admin.add_image(photo_paths["t1.jpg"],
                         GalleryRecord("", image_id="group-photo", subject_id="group"))
     assert admin.gallery_stats().images == before
+
+
+def test_an_oversized_request_gets_an_access_log_line(backend, tmp_path, server_log):
+    import numpy as np
+
+    running = start_server(backend, tmp_path, limits={"max_message_bytes": 64 * 1024})
+    try:
+        with phenolens.Client(running.address, token=READ_TOKEN, retry=NO_RETRY) as c:
+            with pytest.raises(phenolens.ResourceExhausted):
+                c.encode(np.zeros((300, 300, 3), np.uint8))
+        assert _wait_for(lambda: any(
+            r["msg"] == "rpc" and r["method"].endswith("/Encode") for r in server_log()), 5)
+    finally:
+        running.stop(grace_s=1.0)
+    line = next(r for r in server_log() if r["msg"] == "rpc" and r["method"].endswith("/Encode"))
+    assert line["code"] == "NOT_RECEIVED"
