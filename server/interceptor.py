@@ -96,7 +96,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         with self._lock:
             if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
                 raise Saturated(f"server busy: {self._in_flight} calls in progress (limit "
-                                f"{self.max_in_flight}); retry with backoff", 0.5)
+                                f"{self.max_in_flight}); retry in about 0.5 s", 0.5)
             self._in_flight += 1
 
     def _leave(self, counted: bool) -> None:

@@ -129,7 +129,8 @@ class HeavyWorkLimiter:
 
     def _refuse(self, why: str) -> Saturated:
         self.refused += 1
-        return Saturated(f"server busy: {why}; retry with backoff", self.retry_after_s())
+        hint = self.retry_after_s()
+        return Saturated(f"server busy: {why}; retry in about {hint:g} s", hint)
 
     @contextmanager
     def slot(self, timeout_s: float | None = None) -> Iterator[None]:

@@ -169,6 +169,7 @@ def test_refusal_states_the_wait_since_arrival_and_a_retry_hint(
                 queued.result()
             assert waited.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "since arrival (limit 0.6 s)" in waited.value.details()
+            assert "retry in about" in waited.value.details()
             assert phenolens.errors.is_admission_refusal(waited.value)
             stream.close()
         assert backend.activity.wait_idle(timeout=10.0)
