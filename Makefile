@@ -9,8 +9,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SETUP_STAMP := $(VENV)/.setup-stamp
 ASSETS_STAMP := data/.assets-stamp
+TOOLS_VENV := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.tools-stamp
+CHECKOV := checkov==3.3.30
 
-.PHONY: setup browser test demo serve bench lint proto container-test clean
+.PHONY: setup browser test tools demo serve bench lint proto container-test clean
 
 setup: $(SETUP_STAMP) $(ASSETS_STAMP) browser
 
@@ -38,8 +41,17 @@ $(ASSETS_STAMP): $(SETUP_STAMP) encoder/assets.py
 	$(PY) -m encoder.assets fetch
 	touch $@
 
-test: setup
+test: setup $(TOOLS_STAMP)
 	$(PY) -m pytest -q tests
+
+# Security scanners in their own virtualenv, so their many dependencies never touch
+# the service's pinned requirements (tests/security uses it, skipping without it).
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP):
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install -q $(CHECKOV) 2>&1 | $(QUIET_PIP)
+	touch $@
 
 demo: setup
 	$(PY) -m server.demo
@@ -60,4 +72,4 @@ container-test: setup
 	bash tests/container/run.sh
 
 clean:
-	rm -rf $(VENV) data/.assets-stamp demo-output
+	rm -rf $(VENV) $(TOOLS_VENV) data/.assets-stamp demo-output

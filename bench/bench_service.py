@@ -23,6 +23,20 @@ and driven by the Python client, one call at a time after 3 warm-up calls:
 
 Latency includes gRPC, protobuf and the client's conversion to numpy. On a
 shared machine the numbers move with the load: the load average is printed.
+
+``--load`` measures reliability under load instead (issue 14), against a server
+with the default admission settings (2 heavy slots, a queue of 14, 2 s from
+arrival, 2 GiB RSS ceiling):
+
+- the admission curve: 1, 4, 16 and 64 concurrent clients, each calling Explain
+  (aligned crop, top 3, default methods) for ``--seconds`` with the client's
+  default retries (backoff + jitter, honouring the server's hint) and a 30 s
+  deadline: throughput (explains/s), p50/p95 of successful calls, the fraction
+  of calls that failed even after retries, and server-side refusals per call;
+- health latency (liveness Check) sampled during the 64-client run;
+- memory: RSS idle, peak under 16 clients running integrated_gradients, and
+  settled 5..30 s after the load (the server and its clients share this
+  process, so the figures include the clients).
 """
 
 from __future__ import annotations
@@ -171,13 +185,191 @@ def run(calls: int, threads: int | None) -> dict:
     }
 
 
+def _rss() -> int:
+    """This process's resident set size in bytes (read directly, so the bench also runs
+    against older trees for before/after figures)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _drive(address: str, clients: int, seconds: float, call) -> dict:
+    """``clients`` threads each calling ``call(client)`` until ``seconds`` pass."""
+    import threading
+
+    import phenolens
+
+    lat: list[float] = []
+    failed: dict[str, int] = {}
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+
+    def worker() -> None:
+        with phenolens.Client(address, token=BENCH_TOKEN, timeout=30) as c:
+            while time.monotonic() < end:
+                t = time.perf_counter()
+                try:
+                    call(c)
+                except phenolens.PhenoLensError as exc:
+                    with lock:
+                        failed[exc.code.name] = failed.get(exc.code.name, 0) + 1
+                    continue
+                with lock:
+                    lat.append(time.perf_counter() - t)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    total = len(lat) + sum(failed.values())
+    row = {"clients": clients, "calls": total, "ok": len(lat),
+           "throughput_per_s": round(len(lat) / wall, 2),
+           "failed_fraction": round(sum(failed.values()) / max(1, total), 3),
+           "failed": failed}
+    if lat:
+        row.update(_percentiles(lat))
+    return row
+
+
+def _probe_health(address: str, stop, out: list[float]) -> None:
+    """Every 0.2 s until ``stop``: one health Check (whole server), its latency to ``out``;
+    a probe that fails or takes 2 s counts as 2 s."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        while not stop.wait(0.2):
+            t = time.perf_counter()
+            try:
+                stub.Check(request, timeout=2)
+                out.append(time.perf_counter() - t)
+            except grpc.RpcError:
+                out.append(2.0)
+
+
+def run_load(seconds: float, threads: int | None) -> dict:
+    import threading
+
+    import phenolens
+    from PIL import Image
+
+    from encoder.assets import PHOTOS, photo
+    from server.app import start
+    from server.backend import Backend
+    from server.config import load_config
+    from server.logs import setup_logging
+
+    setup_logging("ERROR")
+    tmp = Path(tempfile.mkdtemp(prefix="phenolens-bench-"))
+    config = load_config(None, env={}, listen="127.0.0.1:0",
+                         gallery={"path": str(tmp / "bench.sqlite")},
+                         runtime={"torch_threads": threads} if threads else {},
+                         auth={"tokens": [{"name": "bench", "scopes": ["admin"],
+                                           "token": BENCH_TOKEN}]},
+                         log={"level": "WARNING"})
+    backend = Backend.from_config(config)
+    backend.warm_up()
+    server = start(config, backend=backend)
+    crop = np.asarray(Image.open(photo(ALIGNED)).convert("RGB"))
+    report: dict = {"limits": dataclasses.asdict(config.limits), "curve": []}
+    try:
+        with phenolens.Client(server.address, token=BENCH_TOKEN, timeout=300) as admin:
+            admin.import_gallery([phenolens.ImportItem(
+                phenolens.GalleryRecord("", image_id=p.name, subject_id=p.person,
+                                        syndrome_id=p.person), image=p.path, aligned=p.aligned)
+                for p in PHOTOS if p.faces == 1])
+
+            def explain(c) -> None:
+                c.explain(crop, aligned=True, top_k=3, photo_maps=False, gallery_crops=False)
+
+            explain(admin)
+            for clients in (1, 4, 16, 64):
+                refused = getattr(server.limiter, "refused", 0)
+                health: list[float] = []
+                stop = threading.Event()
+                prober = threading.Thread(target=_probe_health,
+                                          args=(server.address, stop, health))
+                prober.start()
+                row = _drive(server.address, clients, seconds, explain)
+                stop.set()
+                prober.join()
+                row["server_refusals_per_call"] = round(
+                    (getattr(server.limiter, "refused", 0) - refused) / max(1, row["calls"]), 2)
+                row["health_ms"] = _percentiles(health) if health else {}
+                report["curve"].append(row)
+            time.sleep(5)
+            idle = _rss()
+            peak = [idle]
+            stop = threading.Event()
+
+            def sample() -> None:
+                while not stop.wait(0.05):
+                    peak[0] = max(peak[0], _rss())
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            heavy = _drive(server.address, 16, seconds, lambda c: c.explain(
+                crop, aligned=True, top_k=1, methods=["integrated_gradients"],
+                photo_maps=False, gallery_crops=False))
+            stop.set()
+            sampler.join()
+            after = time.monotonic()
+            settled = {}
+            for mark in (5, 10, 20, 30):
+                time.sleep(max(0.0, after + mark - time.monotonic()))
+                settled[f"{mark}s"] = round(_rss() / 2**20)
+            report["memory"] = {"idle_mb": round(idle / 2**20), "peak_mb": round(peak[0] / 2**20),
+                                "settled_mb": settled, "limit_mb": round(
+                                    getattr(config.limits, "max_rss_bytes", 0) / 2**20),
+                                "heavy_run": heavy}
+    finally:
+        server.stop(grace_s=1.0)
+        backend.close()
+    report["load_average"] = os.getloadavg()
+    report["cpus"] = os.cpu_count()
+    return report
+
+
+def print_load(report: dict) -> None:
+    print(f"PhenoLens under load: {report['cpus']} CPUs (shared), load average "
+          f"{report['load_average'][0]:.1f}; Explain top 3 of an aligned crop, default methods")
+    print(f"{'clients':>7} {'calls':>6} {'expl/s':>7} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'failed':>7} {'refusals/call':>13} {'health p50/p95 ms':>18}")
+    for r in report["curve"]:
+        h = r["health_ms"]
+        print(f"{r['clients']:>7} {r['calls']:>6} {r['throughput_per_s']:>7.2f} "
+              f"{r.get('p50_ms', float('nan')):>8.0f} {r.get('p95_ms', float('nan')):>8.0f} "
+              f"{r['failed_fraction']:>7.1%} {r['server_refusals_per_call']:>13.2f} "
+              f"{h.get('p50_ms', float('nan')):>8.1f}/{h.get('p95_ms', float('nan')):<8.1f}")
+    m = report["memory"]
+    print(f"RSS (MB): idle {m['idle_mb']}, peak under 16 integrated_gradients clients "
+          f"{m['peak_mb']} (limit {m['limit_mb']}), settled after load {m['settled_mb']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=30, help="timed calls per type")
     parser.add_argument("--threads", type=int, help="torch intra-op threads in the server")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--load", action="store_true",
+                        help="admission curve, health latency and memory under load instead")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="--load: seconds per concurrency level")
     args = parser.parse_args(argv)
+    if args.load:
+        report = run_load(args.seconds, args.threads)
+        out = Path(__file__).resolve().parent / "results"
+        out.mkdir(exist_ok=True)
+        (out / "bench_service_load.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2) if args.json else "", end="")
+        if not args.json:
+            print_load(report)
+        return 0
     report = run(args.calls, args.threads)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)

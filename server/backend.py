@@ -24,7 +24,7 @@ from gallery import Entry, Gallery, GeneHit, Hit, SchemeMismatch, SyndromeHit
 from gallery.calibration import Calibration, CalibrationCache
 from gallery.png import encode_png
 from server.config import ServiceConfig
-from server.errors import BadRequest
+from server.errors import BadRequest, SeveralFaces
 from server.feature_cache import FeatureCache, Fingerprint
 from server.limits import RequestScope
 
@@ -346,7 +346,11 @@ class Backend:
         return deleted
 
     def entry(self, face: Face, record: Mapping[str, Any], scope: RequestScope) -> Entry:
-        """A gallery Entry for an aligned face and its labels (embeds the crop)."""
+        """A gallery Entry for an aligned face and its labels (embeds the crop); a photo
+        with several faces is refused (SeveralFaces), never silently reduced to one."""
+        if face.face_count > 1:
+            raise SeveralFaces(f"the photo shows {face.face_count} faces; a gallery image "
+                               "needs exactly one: crop it to one face or send its aligned crop")
         query = self.query_of_face(face, scope)
         return self.entry_of(query.views, encode_png(face.crop), record, self.view_scheme)
 

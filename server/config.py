@@ -100,6 +100,10 @@ class RuntimeConfig:
 class GalleryConfig:
     path: Path = DEFAULT_GALLERY
     index: str = ""  # FAISS factory string; empty: the gallery's default (exact inner product)
+    # Read replicas: a folder of published snapshots (deploy/gallery_snapshot.py); the
+    # server loads ``current`` at start and each newer one within follow_interval_s.
+    follow_snapshots: Path | None = None
+    follow_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -124,12 +128,18 @@ class LimitsConfig:
     max_page_size: int = 1000
     max_photo_map_side: int = 512  # photo maps are downscaled to this longer side
     # Heavy calls (Encode, Match, Explain, AddImage, ImportGallery) hold one of
-    # max_concurrent slots; a call that cannot get one within queue_timeout_s is
-    # refused with RESOURCE_EXHAUSTED instead of queueing without bound.
+    # max_concurrent slots. At most max_queued wait for one; a call that cannot get
+    # one within queue_timeout_s of its arrival, finds the queue full, or arrives
+    # while the process's RSS is at max_rss_bytes (0: no limit) is refused with
+    # RESOURCE_EXHAUSTED and a retry hint (trailing metadata retry-after-ms).
     max_concurrent: int = 2
+    max_queued: int = 14
     queue_timeout_s: float = 2.0
-    workers: int = 16  # gRPC handler threads
-    max_pending_rpcs: int = 64  # beyond this gRPC itself answers RESOURCE_EXHAUSTED
+    max_rss_bytes: int = 2 * 1024**3
+    workers: int = 24  # gRPC handler threads; > max_concurrent + max_queued
+    # Calls in handlers at once (health and reflection not counted); beyond it the
+    # interceptor answers RESOURCE_EXHAUSTED (with an access-log line).
+    max_pending_rpcs: int = 64
 
 
 @dataclass(frozen=True)
@@ -271,8 +281,13 @@ def _validate(config: ServiceConfig) -> ServiceConfig:
         raise ConfigError("explain.feature_cache_size must be >= 0 (0 disables the cache)")
     if limits.queue_timeout_s < 0 or config.shutdown_grace_s < 0:
         raise ConfigError("limits.queue_timeout_s and shutdown_grace_s must be >= 0")
-    if limits.workers < limits.max_concurrent:
-        raise ConfigError("limits.workers must be at least limits.max_concurrent")
+    if limits.workers <= limits.max_concurrent + limits.max_queued:
+        raise ConfigError("limits.workers must be more than limits.max_concurrent + "
+                          "limits.max_queued, so light calls always find a thread")
+    if config.gallery.follow_interval_s <= 0:
+        raise ConfigError("gallery.follow_interval_s must be > 0")
+    if limits.max_queued < 0 or limits.max_rss_bytes < 0:
+        raise ConfigError("limits.max_queued and limits.max_rss_bytes must be >= 0")
     for i, token in enumerate(config.auth.tokens):
         bad = sorted(set(token.scopes) - set(SCOPES))
         if bad or not token.scopes:

@@ -21,7 +21,12 @@ class BadRequest(ServiceError):
 
 
 class Saturated(ServiceError):
-    """Every heavy-work slot is busy and none freed up within the queue timeout."""
+    """Admission refused: slots, queue or memory full. ``retry_after_s`` is the server's
+    estimate of when a retry could be admitted (sent to the client as a hint)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unauthenticated(ServiceError):
@@ -34,6 +39,10 @@ class PermissionDenied(ServiceError):
 
 class NotFound(ServiceError):
     pass
+
+
+class SeveralFaces(ServiceError):
+    """A gallery write of a photo with more than one face: which one is meant is unknown."""
 
 
 class DeadlineExceeded(ServiceError):
@@ -51,6 +60,7 @@ STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (SeveralFaces, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (gal.UnknownId, grpc.StatusCode.NOT_FOUND),

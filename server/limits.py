@@ -1,14 +1,26 @@
-"""Bounded concurrency for heavy work, and per-request cancellation.
+"""Admission of heavy work, and per-request cancellation.
 
 A heavy call (anything that runs the face pipeline, the encoder or an
-explanation) holds one slot of a semaphore. A call that cannot get a slot
-within the queue timeout fails with ``Saturated`` (RESOURCE_EXHAUSTED): the
-wait is bounded in time and, through gRPC's worker pool and
-``maximum_concurrent_rpcs``, in length.
+explanation) holds one of ``max_concurrent`` slots. Admission is bounded three
+ways, each refusal a ``Saturated`` (RESOURCE_EXHAUSTED) with a retry hint:
+
+- at most ``max_queued`` calls wait for a slot; one more is refused at once;
+- a waiting call gives up ``queue_timeout_s`` after it *arrived* at the server
+  (the interceptor records arrival, so time spent waiting for a handler thread
+  counts), and the message states the real wait;
+- while the process's resident memory is above ``max_rss_bytes`` no new heavy
+  call starts.
+
+When the last heavy call ends, freed heap is handed back to the system
+(glibc ``malloc_trim``) on a background thread, so RSS settles near idle.
 """
 
 from __future__ import annotations
 
+import contextvars
+import ctypes
+import ctypes.util
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -19,35 +31,153 @@ import grpc
 
 from server.errors import Cancelled, DeadlineExceeded, Saturated
 
+# When the current RPC arrived (time.monotonic()); set by the interceptor for the handler.
+ARRIVAL: contextvars.ContextVar[float | None] = contextvars.ContextVar("arrival", default=None)
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (0 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Return freed heap pages to the system (glibc only; a no-op elsewhere)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+@dataclass(frozen=True)
+class AdmissionState:
+    """A snapshot for health, logs and tests."""
+
+    busy: int
+    queued: int
+    max_concurrent: int
+    max_queued: int
+    rss_bytes: int
+    max_rss_bytes: int
+
+    @property
+    def saturated(self) -> bool:
+        """True when a new heavy call would be refused at once."""
+        return self.queued >= self.max_queued or self.over_memory
+
+    @property
+    def over_memory(self) -> bool:
+        return 0 < self.max_rss_bytes <= self.rss_bytes
+
 
 class HeavyWorkLimiter:
-    def __init__(self, max_concurrent: int, queue_timeout_s: float) -> None:
+    """``max_concurrent`` slots, a queue of at most ``max_queued`` (None: unbounded),
+    waits bounded from arrival, and an RSS ceiling (``max_rss_bytes``; 0: none)."""
+
+    def __init__(self, max_concurrent: int, queue_timeout_s: float,
+                 max_queued: int | None = None, max_rss_bytes: int = 0,
+                 trim_memory: bool = True) -> None:
         self.max_concurrent = max_concurrent
         self.queue_timeout_s = queue_timeout_s
-        self._slots = threading.BoundedSemaphore(max_concurrent)
-        self._lock = threading.Lock()
+        self.max_queued = max_queued
+        self.max_rss_bytes = max_rss_bytes
+        self._cond = threading.Condition()
         self._busy = 0
+        self._queued = 0
+        self.refused = 0  # admission refusals so far (for benchmarks and operators)
+        self._mean_hold_s = 1.0  # running mean of how long a heavy call holds its slot
+        self._trim = threading.Event()
+        if trim_memory and _MALLOC_TRIM is not None:
+            threading.Thread(target=self._trimmer, name="malloc-trim", daemon=True).start()
 
     @property
     def busy(self) -> int:
         return self._busy
 
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def state(self) -> AdmissionState:
+        return AdmissionState(self._busy, self._queued, self.max_concurrent,
+                              self.max_queued if self.max_queued is not None else 1 << 30,
+                              rss_bytes() if self.max_rss_bytes else 0, self.max_rss_bytes)
+
+    def retry_after_s(self) -> float:
+        """How long until a slot is likely free: the queue ahead, served at the mean
+        hold time by ``max_concurrent`` slots (0.1 s to 30 s)."""
+        ahead = self._queued + max(0, self._busy - self.max_concurrent + 1)
+        estimate = self._mean_hold_s * (ahead + 1) / self.max_concurrent
+        return round(min(30.0, max(0.1, estimate)), 2)
+
+    def _refuse(self, why: str) -> Saturated:
+        self.refused += 1
+        hint = self.retry_after_s()
+        return Saturated(f"server busy: {why}; retry in about {hint:g} s", hint)
+
     @contextmanager
     def slot(self, timeout_s: float | None = None) -> Iterator[None]:
-        """Hold one slot for the body; raises Saturated when none frees up in time."""
-        wait = self.queue_timeout_s if timeout_s is None else max(0.0, timeout_s)
-        if not self._slots.acquire(timeout=wait):
-            raise Saturated(
-                f"server busy: all {self.max_concurrent} heavy-work slots in use for "
-                f"{wait:g} s; retry with backoff")
-        with self._lock:
+        """Hold one slot for the body; raises Saturated when none frees up within the
+        queue timeout, counted from the RPC's arrival (``ARRIVAL``) when known."""
+        now = time.monotonic()
+        arrived = ARRIVAL.get() or now
+        limit = self.queue_timeout_s if timeout_s is None else max(0.0, timeout_s)
+        rss = rss_bytes() if self.max_rss_bytes else 0
+        if self.max_rss_bytes and rss >= self.max_rss_bytes:
+            raise self._refuse(f"memory in use {rss / 2**30:.2f} GiB is at the limit of "
+                               f"{self.max_rss_bytes / 2**30:.2f} GiB")
+        with self._cond:
+            if self._busy >= self.max_concurrent:
+                if self.max_queued is not None and self._queued >= self.max_queued:
+                    raise self._refuse(f"all {self.max_concurrent} heavy-work slots in use and "
+                                       f"{self._queued} calls already queued")
+                self._queued += 1
+                try:
+                    got = self._cond.wait_for(
+                        lambda: self._busy < self.max_concurrent,
+                        max(0.0, arrived + limit - time.monotonic()))
+                finally:
+                    self._queued -= 1
+                if not got:
+                    raise self._refuse(
+                        f"waited {time.monotonic() - arrived:.2f} s since arrival (limit "
+                        f"{limit:g} s) for one of {self.max_concurrent} heavy-work slots")
             self._busy += 1
+        started = time.monotonic()
         try:
             yield
         finally:
-            with self._lock:
+            held = time.monotonic() - started
+            with self._cond:
                 self._busy -= 1
-            self._slots.release()
+                self._mean_hold_s = 0.8 * self._mean_hold_s + 0.2 * held
+                idle = self._busy == 0
+                self._cond.notify()
+            if idle:
+                self._trim.set()
+
+    def _trimmer(self) -> None:
+        while True:
+            self._trim.wait()
+            self._trim.clear()
+            release_free_memory()
 
 
 @dataclass

@@ -49,6 +49,16 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = True,
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False
+    # Library warnings (Pillow, torch, captum) become JSON records of this tree too,
+    # instead of plain text on stderr.
+    logging.captureWarnings(False)  # re-install: warnings.showwarning may have been swapped
+    logging.captureWarnings(True)
+    warnings_log = logging.getLogger("py.warnings")
+    for old in list(warnings_log.handlers):
+        if getattr(old, "_phenolens", False):
+            warnings_log.removeHandler(old)
+    warnings_log.addHandler(handler)
+    warnings_log.propagate = False
     return handler
 
 

@@ -20,7 +20,14 @@ import numpy as np
 from . import requests as rq
 from ._proto import gallery_pb2, gallery_pb2_grpc, phenolens_pb2, phenolens_pb2_grpc
 from .arrays import ImageLike, to_image, to_rgb
-from .client import DEFAULT_MAX_MESSAGE_BYTES, TLS, Retry, channel_credentials, channel_options
+from .client import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    TLS,
+    Deadline,
+    Retry,
+    channel_credentials,
+    channel_options,
+)
 from .errors import from_rpc_error
 from .results import (
     Encoding,
@@ -58,6 +65,7 @@ class AsyncClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
         self._retry = retry or Retry()
+        self._no_client_cert = isinstance(tls, TLS) and tls.cert is None or tls is True
         self._lens = phenolens_pb2_grpc.PhenoLensStub(self._channel)
         self._gallery = gallery_pb2_grpc.GalleryAdminStub(self._channel)
 
@@ -72,18 +80,19 @@ class AsyncClient:
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any,
                     timeout: float | None) -> T:
-        timeout = self._timeout if timeout is None else timeout
-        delays = self._retry.delays()
+        deadline = Deadline(self._timeout if timeout is None else timeout)
+        attempt = 0
         while True:
             try:
-                return await method(request, timeout=timeout, metadata=self._metadata)
+                return await method(request, timeout=deadline.remaining(),
+                                    metadata=self._metadata)
             except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.UNAVAILABLE:
-                    delay = next(delays, None)
-                    if delay is not None:
-                        await asyncio.sleep(delay)
-                        continue
-                raise from_rpc_error(error) from None
+                delay = self._retry.delay(error, attempt, deadline.remaining())
+                if delay is None:
+                    raise from_rpc_error(error, without_client_cert=self._no_client_cert) \
+                        from None
+                await asyncio.sleep(delay)
+                attempt += 1
 
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         return ServerInfo.from_proto(

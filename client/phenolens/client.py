@@ -22,7 +22,7 @@ import numpy as np
 from . import requests as rq
 from ._proto import gallery_pb2, gallery_pb2_grpc, phenolens_pb2, phenolens_pb2_grpc
 from .arrays import ImageLike, to_image, to_rgb
-from .errors import PhenoLensError, from_rpc_error
+from .errors import PhenoLensError, from_rpc_error, is_admission_refusal, retry_after_s
 from .results import (
     Encoding,
     ExplainedMatch,
@@ -67,15 +67,42 @@ class TLS:
 
 @dataclass(frozen=True)
 class Retry:
-    """Exponential backoff with jitter on UNAVAILABLE: waits base, 2*base, ... up to cap."""
+    """Retries of a failed call: UNAVAILABLE, and RESOURCE_EXHAUSTED when the server was
+    busy (see ``errors.is_admission_refusal``), at most ``attempts`` tries in all.
 
-    attempts: int = 4
+    Waits grow exponentially (base, 2*base, ... up to cap) with jitter, are never
+    shorter than the server's retry hint, and never go past the caller's deadline.
+    """
+
+    attempts: int = 6
     base_s: float = 0.1
-    cap_s: float = 2.0
+    cap_s: float = 5.0
 
-    def delays(self) -> Iterator[float]:
-        for n in range(self.attempts - 1):
-            yield min(self.cap_s, self.base_s * 2**n) * random.uniform(0.5, 1.0)
+    def delay(self, error: grpc.RpcError, attempt: int, remaining_s: float | None
+              ) -> float | None:
+        """Seconds to wait before retrying after failed try ``attempt`` (0-based), or None
+        when the call should fail now. remaining_s: time left to the caller's deadline."""
+        if attempt + 1 >= self.attempts:
+            return None
+        if error.code() != grpc.StatusCode.UNAVAILABLE and not is_admission_refusal(error):
+            return None
+        wait = min(self.cap_s, self.base_s * 2**attempt) * random.uniform(0.5, 1.0)
+        hint = retry_after_s(error)
+        if hint is not None:
+            wait = max(wait, hint * random.uniform(1.0, 1.5))
+        if remaining_s is not None and wait >= remaining_s - 0.05:
+            return None
+        return wait
+
+
+class Deadline:
+    """The caller's deadline over several tries: ``remaining()`` seconds (None: none)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
 
 
 def channel_options(tls: TLS | bool | None, max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -110,14 +137,19 @@ class Client(SyndromeMixin):
         timeout: float | None = 60.0,
         retry: Retry | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        options = channel_options(tls, max_message_bytes)
+        """``options``: extra gRPC channel arguments, e.g. for several replicas
+        ``Client("ipv4:10.0.0.1:50051,10.0.0.2:50051",
+        options=[("grpc.lb_policy_name", "round_robin")])``."""
+        options = [*channel_options(tls, max_message_bytes), *options]
         creds = channel_credentials(tls)
         self._channel = (grpc.secure_channel(target, creds, options=options) if creds
                          else grpc.insecure_channel(target, options=options))
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
         self._retry = retry or Retry()
+        self._no_client_cert = isinstance(tls, TLS) and tls.cert is None or tls is True
         self._lens = phenolens_pb2_grpc.PhenoLensStub(self._channel)
         self._gallery = gallery_pb2_grpc.GalleryAdminStub(self._channel)
 
@@ -132,18 +164,20 @@ class Client(SyndromeMixin):
         self.close()
 
     def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
-        timeout = self._timeout if timeout is None else timeout
-        delays = self._retry.delays()
+        deadline = Deadline(self._timeout if timeout is None else timeout)
+        attempt = 0
         while True:
             try:
-                return method(request, timeout=timeout, metadata=self._metadata)
+                return method(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.UNAVAILABLE:
-                    delay = next(delays, None)
-                    if delay is not None:
-                        time.sleep(delay)
-                        continue
-                raise from_rpc_error(error) from None
+                delay = self._retry.delay(error, attempt, deadline.remaining())
+                if delay is None:
+                    raise self._error(error) from None
+                time.sleep(delay)
+                attempt += 1
+
+    def _error(self, error: grpc.RpcError) -> PhenoLensError:
+        return from_rpc_error(error, without_client_cert=self._no_client_cert)
 
     # -- matching ---------------------------------------------------------------------------
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
@@ -226,10 +260,11 @@ class Client(SyndromeMixin):
                                      exclude_subjects=exclude_subjects,
                                      method_options=method_options)
         photo = to_rgb(image) if photo_maps else None
-        timeout = self._timeout if timeout is None else timeout
-        delays = self._retry.delays()
+        deadline = Deadline(self._timeout if timeout is None else timeout)
+        attempt = 0
         while True:
-            call = self._lens.ExplainStream(request, timeout=timeout, metadata=self._metadata)
+            call = self._lens.ExplainStream(request, timeout=deadline.remaining(),
+                                            metadata=self._metadata)
             received = 0
             crop = b""
             try:
@@ -243,12 +278,12 @@ class Client(SyndromeMixin):
                                                         query_photo=photo)
                 return
             except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.UNAVAILABLE and received == 0:
-                    delay = next(delays, None)
-                    if delay is not None:
-                        time.sleep(delay)
-                        continue
-                raise from_rpc_error(error) from None
+                delay = self._retry.delay(error, attempt, deadline.remaining()) \
+                    if received == 0 else None
+                if delay is None:
+                    raise self._error(error) from None
+                time.sleep(delay)
+                attempt += 1
             finally:
                 call.cancel()
 
@@ -273,7 +308,7 @@ class Client(SyndromeMixin):
             s = self._gallery.ImportGallery(rq.import_records(items), timeout=timeout,
                                             metadata=self._metadata)
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._error(error) from None
         return ImportSummary(s.received, s.added, s.unchanged, s.gallery_version)
 
     def delete_images(self, gallery_ids: Sequence[str] = (), *, image_ids: Sequence[str] = (),
@@ -315,4 +350,4 @@ class Client(SyndromeMixin):
             self._call(self._gallery.GalleryStats, gallery_pb2.GalleryStatsRequest(), timeout))
 
 
-__all__ = ["Client", "TLS", "Retry", "PhenoLensError"]
+__all__ = ["Client", "TLS", "Retry", "Deadline", "PhenoLensError"]

@@ -77,9 +77,45 @@ _BY_CODE: dict[grpc.StatusCode, type[PhenoLensError]] = {
 }
 
 
-def from_rpc_error(error: grpc.RpcError) -> PhenoLensError:
-    """The typed error for a failed call (``grpc.RpcError`` raised by grpcio)."""
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of an admission refusal
+GRPC_CONCURRENCY_REFUSAL = "Concurrent RPC limit exceeded!"  # grpc core's own refusal
+
+
+def retry_after_s(error: grpc.RpcError) -> float | None:
+    """The server's retry hint (seconds) on a refused call, None when it sent none."""
+    try:
+        metadata = error.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - errors built without a call carry no metadata
+        return None
+    for key, value in metadata:
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, float(value) / 1000.0)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def is_admission_refusal(error: grpc.RpcError) -> bool:
+    """RESOURCE_EXHAUSTED because the server was busy (worth a retry), as opposed to a
+    message too large or an explanation over its budget (never worth one)."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    return retry_after_s(error) is not None or error.details() == GRPC_CONCURRENCY_REFUSAL
+
+
+def from_rpc_error(error: grpc.RpcError, *, without_client_cert: bool = False
+                   ) -> PhenoLensError:
+    """The typed error for a failed call (``grpc.RpcError`` raised by grpcio).
+
+    ``without_client_cert``: the channel uses TLS without a client certificate; a
+    connection the server closed during the handshake is then explained as the mutual
+    TLS refusal it most likely is (grpc only says "Socket closed")."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or str(error)
+    if without_client_cert and code == grpc.StatusCode.UNAVAILABLE and \
+            "socket closed" in details.lower():
+        details += (" (the server closed the TLS connection; if it requires mutual TLS, "
+                    "pass a client certificate: TLS(cert=..., key=...))")
     cls = _BY_CODE.get(code, PhenoLensError)
     return cls(details, code)
