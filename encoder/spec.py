@@ -33,6 +33,9 @@ class EncoderSpec:
     cam_layer: str  # the module whose output features(x) returns
     alignment: str  # "arcface112", "gm100gray", "facenet160"
     version: str = "1"
+    # The finer layer the ``contrast`` maps read (e.g. the last 14x14 block); None:
+    # the CAM layer itself. ``features(x) == fine_to_features(fine_features(x))``.
+    contrast_layer: str | None = None
 
 
 class FaceEncoder(nn.Module):
@@ -47,6 +50,15 @@ class FaceEncoder(nn.Module):
     def head(self, feature_map: torch.Tensor) -> torch.Tensor:
         """(B, C', h, w) -> (B, D) embedding; affine in eval mode."""
         raise NotImplementedError
+
+    def fine_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) input -> (B, C_f, h_f, w_f) activations of ``spec.contrast_layer``
+        (the CAM layer's ``features(x)`` when the encoder declares none)."""
+        return self.features(x)
+
+    def fine_to_features(self, fine: torch.Tensor) -> torch.Tensor:
+        """The network between the contrast layer and the CAM layer (the identity by default)."""
+        return fine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

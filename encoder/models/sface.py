@@ -38,6 +38,7 @@ SFACE_SPEC = EncoderSpec(
     embedding_dim=128,
     feature_shape=(1024, 7, 7),
     cam_layer="body.conv_14",
+    contrast_layer="body.conv_12",
     alignment="arcface112",
 )
 
@@ -101,6 +102,18 @@ class SFace(FaceEncoder):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 112, 112) normalised RGB -> (B, 1024, 7, 7)."""
         return self.body(x)
+
+    def _contrast_split(self) -> int:
+        names = [b.name for b in self.layout.blocks]
+        return names.index(self.spec.contrast_layer.removeprefix("body.")) + 1
+
+    def fine_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 112, 112) -> (B, 512, 14, 14): the last 14x14 block (``conv_12``)."""
+        return self.body[: self._contrast_split()](x)
+
+    def fine_to_features(self, fine: torch.Tensor) -> torch.Tensor:
+        """(B, 512, 14, 14) -> (B, 1024, 7, 7): the blocks after the contrast layer."""
+        return self.body[self._contrast_split() :](fine)
 
     def head(self, feature_map: torch.Tensor) -> torch.Tensor:
         """(B, 1024, 7, 7) -> (B, 128). The graph's dropout is the identity at inference."""

@@ -26,6 +26,7 @@ import torch.nn.functional as nnf
 
 from encoder.spec import FaceEncoder
 from explain.attribution.affine import AffineHead, affine_head
+from explain.attribution.contrast import contrast_maps
 from explain.attribution.views import ViewInput, ViewSource, as_view_source, view_inputs
 from explain.errors import IncompatibleViews, InvalidOption
 from explain.limits import CancelSignal, Guard
@@ -38,8 +39,10 @@ class FaceFeatures:
     feature_maps[v] (N, C, h, w) as the view's encoder saw the (possibly
     flipped) crop; embeddings[v] (N, D) unnormalised; crop_size (H, W) of the
     aligned crop; crops (N, H, W, 3) the aligned crops they were computed from
-    (pixel methods of the family perturb them), or None. Cache these for gallery
-    faces to skip their forward pass.
+    (pixel methods of the family perturb them), or None; fine_maps[v]
+    (N, C_f, h_f, w_f) the activations at the encoder's ``contrast_layer`` (the
+    ``contrast`` maps read them), or None. Cache these for gallery faces to skip
+    their forward pass.
     """
 
     feature_maps: tuple[torch.Tensor, ...]
@@ -48,6 +51,7 @@ class FaceFeatures:
     flipped: tuple[bool, ...]
     crop_size: tuple[int, int]
     crops: np.ndarray | None = field(default=None, repr=False)
+    fine_maps: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.feature_maps[0].shape[0])
@@ -62,6 +66,7 @@ class FaceFeatures:
             self.flipped,
             self.crop_size,
             None if self.crops is None else self.crops[index],
+            None if self.fine_maps is None else tuple(f[index] for f in self.fine_maps),
         )
 
     @classmethod
@@ -74,6 +79,9 @@ class FaceFeatures:
             return first
         views = range(len(first.feature_maps))
         crops = [f.crops for f in faces]
+        fine = None
+        if all(f.fine_maps is not None for f in faces):
+            fine = tuple(torch.cat([f.fine_maps[v] for f in faces]) for v in views)
         return cls(
             tuple(torch.cat([f.feature_maps[v] for f in faces]) for v in views),
             tuple(torch.cat([f.embeddings[v] for f in faces]) for v in views),
@@ -81,6 +89,7 @@ class FaceFeatures:
             first.flipped,
             first.crop_size,
             None if any(c is None for c in crops) else np.concatenate(crops),
+            fine,
         )
 
 
@@ -177,6 +186,7 @@ class Explainer:
 
     def _encode_views(self, views: list[ViewInput], crops: np.ndarray, guard: Guard) -> FaceFeatures:
         maps: list[torch.Tensor | None] = [None] * len(views)
+        fines: list[torch.Tensor | None] = [None] * len(views)
         embs: list[torch.Tensor | None] = [None] * len(views)
         groups: dict[int, list[int]] = {}
         for index, view in enumerate(views):  # views of one encoder share one batched forward
@@ -185,11 +195,13 @@ class Explainer:
             for indices in groups.values():
                 guard.check()
                 encoder = views[indices[0]].encoder
-                fmap = encoder.features(torch.cat([views[i].inputs for i in indices]))
+                fine = encoder.fine_features(torch.cat([views[i].inputs for i in indices]))
+                fmap = encoder.fine_to_features(fine)
                 emb = encoder.head(fmap)
                 n = views[indices[0]].inputs.shape[0]
                 for j, i in enumerate(indices):
                     maps[i] = fmap[j * n : (j + 1) * n]
+                    fines[i] = fine[j * n : (j + 1) * n]
                     embs[i] = emb[j * n : (j + 1) * n]
         grids = {tuple(m.shape[-2:]) for m in maps}
         if len(grids) > 1:
@@ -201,6 +213,7 @@ class Explainer:
             tuple(v.flipped for v in views),
             (int(crops.shape[1]), int(crops.shape[2])),
             crops,
+            tuple(fines),
         )
 
     def _features(self, faces: np.ndarray | FaceFeatures, guard: Guard) -> FaceFeatures:
@@ -237,20 +250,36 @@ class Explainer:
         check_compatible(q, g)
         if len(q) != 1:
             raise InvalidOption(f"explain() takes one query face, got {len(q)}")
+        if any(name in FINE_MAPS for name in names):
+            q, g = self._with_fine_maps(q, guard), self._with_fine_maps(g, guard)
         guard.check()
+        no_fine = (None,) * len(q.encoders)
         with torch.no_grad():
             per_view = [
-                _two_sided(affine_head(enc, fq.device), fq[0], eq[0], fg, eg, names)
-                for enc, fq, eq, fg, eg in zip(
+                _two_sided(ViewPair(affine_head(enc, fq.device), fq[0], eq[0], fg, eg, enc,
+                                    aq, ag), names)
+                for enc, fq, eq, fg, eg, aq, ag in zip(
                     q.encoders,
                     q.feature_maps,
                     q.embeddings,
                     g.feature_maps,
                     g.embeddings,
+                    q.fine_maps or no_fine,
+                    g.fine_maps or no_fine,
                     strict=True,
                 )
             ]
             return _average_views(per_view, names, q.flipped, q.crop_size)
+
+    def _with_fine_maps(self, faces: FaceFeatures, guard: Guard) -> FaceFeatures:
+        """Features that carry their contrast-layer activations (re-encoded from their crops
+        when they were cached without them)."""
+        if faces.fine_maps is not None:
+            return faces
+        if faces.crops is None:
+            raise InvalidOption("contrast maps need the faces' contrast-layer activations or "
+                                "their crops; these features carry neither")
+        return self._encode_views(view_inputs(self.source, faces.crops), faces.crops, guard)
 
     def similarity_maps(
         self, query: np.ndarray | FaceFeatures, hits: np.ndarray | FaceFeatures, **kwargs
@@ -333,7 +362,9 @@ class ViewPair:
     """One view of a query and K hits, with the quantities every batched map uses.
 
     fq (C, h, w), eq (D,) the query; fg (K, C, h, w), eg (K, D) the hits;
-    nq () and ng (K,) embedding norms; uq (D,) and ug (K, D) unit embeddings.
+    nq () and ng (K,) embedding norms; uq (D,) and ug (K, D) unit embeddings;
+    aq (1, C_f, h_f, w_f) and ag (K, C_f, h_f, w_f) the activations at the
+    encoder's contrast layer (None unless a map of ``FINE_MAPS`` is asked for).
     """
 
     head: AffineHead
@@ -341,6 +372,9 @@ class ViewPair:
     eq: torch.Tensor
     fg: torch.Tensor
     eg: torch.Tensor
+    encoder: FaceEncoder | None = None
+    aq: torch.Tensor | None = None
+    ag: torch.Tensor | None = None
 
     @property
     def nq(self) -> torch.Tensor:
@@ -361,7 +395,8 @@ class ViewPair:
 
 BatchedMap = Callable[[ViewPair], tuple[torch.Tensor, torch.Tensor]]
 """A map computed for all K hits from features alone: ViewPair -> ((K, P) query side,
-(K, P) hit side), P = h·w cells of the view's grid, in the view's (possibly flipped) frame."""
+(K, P) hit side), P = h·w cells of the view's grid — or (K, h', w') on another grid —
+in the view's (possibly flipped) frame."""
 
 
 def _similarity(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,7 +417,18 @@ def _gradcam(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
     return cam_q, cam_g
 
 
-BATCHED_MAPS: dict[str, BatchedMap] = {"similarity": _similarity, "gradcam": _gradcam}
+def _contrast(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared self-referenced map at the contrast layer (``explain.attribution.contrast``)."""
+    maps = contrast_maps(v.encoder, v.aq, v.eq, v.ag, v.eg).maps
+    return maps, maps
+
+
+BATCHED_MAPS: dict[str, BatchedMap] = {
+    "contrast": _contrast,
+    "similarity": _similarity,
+    "gradcam": _gradcam,
+}
+FINE_MAPS = frozenset({"contrast"})  # read the contrast-layer activations (ViewPair.aq/ag)
 """The maps the engine computes for all K hits in one pass; a new entry here reaches
 ``explain_matches`` (server, CLI, evaluation) with no other change."""
 
@@ -395,23 +441,18 @@ class _ViewMaps:
     bias_g: torch.Tensor
 
 
-def _two_sided(
-    head: AffineHead,
-    fq: torch.Tensor,
-    eq: torch.Tensor,
-    fg: torch.Tensor,
-    eg: torch.Tensor,
-    names: Sequence[str],
-) -> _ViewMaps:
-    """fq (C, h, w), eq (D,), fg (K, C, h, w), eg (K, D) of one view -> its maps."""
-    h, w = head.grid
-    k = fg.shape[0]
-    v = ViewPair(head, fq, eq, fg, eg)
+def _two_sided(v: ViewPair, names: Sequence[str]) -> _ViewMaps:
+    """One view of a query and K hits -> its maps, each (K, h, w) on its own grid."""
+    k = v.fg.shape[0]
+
+    def grid(m: torch.Tensor) -> torch.Tensor:
+        return m if m.dim() == 3 else m.reshape(k, *v.head.grid)
+
     maps = {}
     for name in names:
         q, g = BATCHED_MAPS[name](v)
-        maps[name] = (q.reshape(k, h, w), g.reshape(k, h, w))
-    return _ViewMaps(v.ug @ v.uq, maps, v.ug @ head.bias / v.nq, (v.uq @ head.bias) / v.ng)
+        maps[name] = (grid(q), grid(g))
+    return _ViewMaps(v.ug @ v.uq, maps, v.ug @ v.head.bias / v.nq, (v.uq @ v.head.bias) / v.ng)
 
 
 def _average_views(

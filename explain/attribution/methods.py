@@ -127,6 +127,13 @@ class Method:
         """-> (h, w) or (H, W) signed map in the view's (possibly flipped) frame."""
         raise NotImplementedError
 
+    def pair_maps(
+        self, explainer: Explainer, q: FaceFeatures, g: FaceFeatures, opts: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Both faces' maps at once, view-averaged, in aligned orientation; None (the
+        default): the method works one face and one view at a time (``side_map``)."""
+        return None
+
 
 class CamMethod(Method):
     """Σ_c w_c ⊙ F_c with the held-norm gradient; subclasses give the weights only."""
@@ -155,6 +162,23 @@ class Similarity(CamMethod):
 
     def weights(self, grads, acts):
         return grads
+
+
+class Contrast(Method):
+    """What differs: the shared self-referenced map at the encoder's contrast layer
+    (``explain.attribution.contrast``); the engine computes it for a pair as for K hits."""
+
+    name = "contrast"
+    resolution = "feature"
+    needs_pixels = False
+
+    def cost(self, opts, problem):
+        return 0
+
+    def pair_maps(self, explainer, q, g, opts):
+        (pair,) = explainer.explain(q, g, maps=("contrast",))
+        return (torch.as_tensor(pair.query.maps["contrast"]),
+                torch.as_tensor(pair.gallery.maps["contrast"]))
 
 
 class HiResCAM(Similarity):
@@ -422,6 +446,7 @@ class DeepLiftMethod(Method):
 METHODS: dict[str, Method] = {
     m.name: m()
     for m in (
+        Contrast,
         Similarity,
         HiResCAM,
         GradCAM,
@@ -541,7 +566,16 @@ def attribute(
     per_side: dict[str, list[torch.Tensor]] = {s: [] for s in sides}
     cosines = []
     planned = 0
+    both = impl.pair_maps(explainer, q, g, opts)
+    if both is not None:
+        for side, m in zip(SIDES, both, strict=True):
+            if side in sides:
+                per_side[side].append(m)
     for v, (encoder, flipped) in enumerate(zip(q.encoders, q.flipped, strict=True)):
+        if both is not None:
+            units = [e[0] / e[0].norm() for e in (q.embeddings[v], g.embeddings[v])]
+            cosines.append(float(units[0] @ units[1]))
+            continue
         fmaps = torch.cat([q.feature_maps[v], g.feature_maps[v]])
         embs = torch.cat([q.embeddings[v], g.embeddings[v]])
         head = affine_head(encoder, fmaps.device)
