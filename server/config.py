@@ -26,6 +26,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from explain.defaults import DEFAULT_METHODS
+
 ENV_PREFIX = "PHENOLENS_"
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_GALLERY = Path("data/galleries/default.sqlite")
@@ -108,7 +110,7 @@ class GalleryConfig:
 
 @dataclass(frozen=True)
 class ExplainConfig:
-    methods: tuple[str, ...] = ("similarity", "gradcam")
+    methods: tuple[str, ...] = DEFAULT_METHODS
     time_limit_s: float = 30.0
     budget: int = 1024  # forward passes per method call
     # Explain keeps the model's features of this many recently explained gallery

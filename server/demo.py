@@ -30,9 +30,10 @@ import phenolens
 from phenolens import GalleryRecord, ImportItem
 
 from encoder.assets import PHOTOS, REPO_ROOT
+from explain.defaults import DEFAULT_METHODS
 
 QUERIES = ("person_a_2.jpg", "person_b_2.jpg")
-METHODS = ("similarity", "gradcam")
+METHODS = DEFAULT_METHODS  # contrast first: what differs; then what pulls together
 DISCLAIMER = ("This is an identity demo, not a syndrome demo: the bundled photos show "
               "ordinary people, and each person's name stands in for a syndrome label.")
 
@@ -141,7 +142,7 @@ def _query(client: phenolens.Client, name: str, out: Path) -> dict:
                                   method, "both")
             files[method] = str(pair.relative_to(out))
         photo = e.save_overlay(out / "overlays" / f"{stem}_top{e.hit.rank}_photo.png",
-                               "similarity", "query", coords="photo")
+                               METHODS[0], "query", coords="photo")
         files["photo"] = str(photo.relative_to(out))
         matches.append({"rank": e.hit.rank, "image_id": e.hit.record.image_id,
                         "label": e.hit.syndrome_id, "cosine": round(e.hit.cosine, 4),

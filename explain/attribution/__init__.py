@@ -1,7 +1,7 @@
 """Attribution: maps of what makes two faces similar (DESIGN.md §5).
 
 - ``engine``: ``Explainer(views)``; ``encode`` → ``FaceFeatures`` (cacheable),
-  the batched top-K maps of ``BATCHED_MAPS`` ("similarity", "gradcam"),
+  the batched top-K maps of ``BATCHED_MAPS`` ("contrast", "similarity", "gradcam"),
   ``correspondence`` for point-to-face maps.
 - ``methods``: the attribution family (``Method`` subclasses, ``METHODS``), one
   uniform call per pair on precomputed features.

@@ -27,6 +27,7 @@ import torch.nn.functional as nnf
 from encoder.spec import FaceEncoder
 from explain.attribution.affine import AffineHead, affine_head
 from explain.attribution.contrast import contrast_maps
+from explain.attribution.placement import place, placement
 from explain.attribution.views import ViewInput, ViewSource, as_view_source, view_inputs
 from explain.errors import IncompatibleViews, InvalidOption
 from explain.limits import CancelSignal, Guard
@@ -154,8 +155,14 @@ class Correspondence:
     bias_term: float
 
 
-def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(K, h, w) -> (K, H, W), bilinear, symmetric under horizontal flips."""
+def _upsample(
+    maps: torch.Tensor, size: tuple[int, int], encoder: FaceEncoder | None = None
+) -> torch.Tensor:
+    """(K, h, w) -> (K, H, W), bilinear, symmetric under horizontal flips. With the encoder
+    that made the grid, each cell is drawn over its receptive field
+    (``explain.attribution.placement``); without, the grid is stretched over the crop."""
+    if encoder is not None:
+        return place(maps, placement(encoder, tuple(maps.shape[-2:])), size)
     return nnf.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
@@ -269,7 +276,7 @@ class Explainer:
                     strict=True,
                 )
             ]
-            return _average_views(per_view, names, q.flipped, q.crop_size)
+            return _average_views(per_view, names, q.flipped, q.crop_size, q.encoders[0])
 
     def _with_fine_maps(self, faces: FaceFeatures, guard: Guard) -> FaceFeatures:
         """Features that carry their contrast-layer activations (re-encoded from their crops
@@ -335,7 +342,7 @@ class Explainer:
                 sims.append(float(m_src @ ed[0] / norms))  # S_src at the cell
                 biases.append(float(m_src @ head.bias / norms))
             mean_map = torch.stack(maps).mean(0)
-            aligned = _upsample(mean_map[None], q.crop_size)[0]
+            aligned = _upsample(mean_map[None], q.crop_size, q.encoders[0])[0]
         return Correspondence(
             mean_map.cpu().numpy(),
             aligned.cpu().numpy(),
@@ -460,6 +467,7 @@ def _average_views(
     names: Sequence[str],
     flipped: tuple[bool, ...],
     crop_size: tuple[int, int],
+    encoder: FaceEncoder,
 ) -> list[PairExplanation]:
     def mean(values: list[torch.Tensor], unflip: bool) -> torch.Tensor:
         return torch.stack(
@@ -473,7 +481,7 @@ def _average_views(
         for name in names
         for side in (0, 1)
     }
-    aligned = {key: _upsample(m, crop_size) for key, m in maps.items()}
+    aligned = {key: _upsample(m, crop_size, encoder) for key, m in maps.items()}
     bias_q = mean([v.bias_q for v in per_view], False)
     bias_g = mean([v.bias_g for v in per_view], False)
     res_q = cos - maps["similarity", 0].sum((1, 2)) - bias_q

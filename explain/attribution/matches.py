@@ -25,12 +25,12 @@ import numpy as np
 from explain.attribution import verification  # noqa: F401  (registers xssab, corrrise)
 from explain.attribution.engine import BATCHED_MAPS, Explainer, FaceFeatures
 from explain.attribution.methods import METHODS, SIDES, attribute
+from explain.defaults import DEFAULT_METHODS
 from explain.errors import UnknownMethod
 from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 BATCHED: tuple[str, ...] = tuple(BATCHED_MAPS)
-DEFAULT_METHODS: tuple[str, ...] = ("similarity", "gradcam")
 
 TimeLimit = float | None | Callable[[], float | None]
 

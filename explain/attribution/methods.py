@@ -282,7 +282,7 @@ class RISE(Method):
     mean score t̄ makes it signed; ``centre=False`` gives the original estimator."""
 
     name = "rise"
-    defaults = {"masks": 256, "grid": 7, "p": 0.5, "seed": 0, "batch_size": NO_GRAD_BATCH,
+    defaults = {"masks": 250, "grid": 7, "p": 0.5, "seed": 0, "batch_size": NO_GRAD_BATCH,
                 "centre": True}
 
     def cost(self, opts, problem):
@@ -608,7 +608,8 @@ def attribute(
             maps[side] = maps[f"{side}_aligned"] = None
             continue
         mean = torch.stack(per_side[side]).mean(0)
-        aligned = mean if mean.shape == crop_size else _upsample(mean[None], crop_size)[0]
+        aligned = mean if mean.shape == crop_size else _upsample(mean[None], crop_size,
+                                                                 q.encoders[0])[0]
         maps[side] = _postprocess(mean, relu, absolute, normalise).cpu().numpy()
         maps[f"{side}_aligned"] = _postprocess(aligned, relu, absolute, normalise).cpu().numpy()
     given = {"relu": relu, "absolute": absolute, "normalise": normalise, **opts}

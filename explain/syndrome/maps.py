@@ -315,7 +315,8 @@ class SyndromeExplainer:
             bias_m = torch.stack(bias_c).mean(0)
             res_m = torch.stack(res_c).mean(0)
             mean_c, mean_r = to_c.mean(0), to_r.mean(0)
-            aligned = _upsample(torch.stack([mean_c, mean_r]), features.crop_size)
+            aligned = _upsample(torch.stack([mean_c, mean_r]), features.crop_size,
+                                features.encoders[0])
         members = tuple(
             MemberMaps(
                 i, float(cos_c_m[i]), float(cos_r_m[i]), to_c[i].cpu().numpy(),
@@ -359,7 +360,7 @@ class SyndromeExplainer:
                 cosines.append(float(emb[0] @ unit / norm))
                 biases.append(float(head.bias @ unit / norm))
             mean = torch.stack(maps).mean(0)
-            aligned = _upsample(mean[None], q.crop_size)[0]
+            aligned = _upsample(mean[None], q.crop_size, q.encoders[0])[0]
         cosine = float(np.mean(cosines))
         bias = float(np.mean(biases))
         return QueryPull(

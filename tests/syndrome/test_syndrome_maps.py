@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as nnf
 
 from explain.attribution.engine import Explainer
+from explain.attribution.placement import place, placement
 from explain.attribution.views import SingleEncoderViews
 from explain.syndrome.maps import GroupTooSmall, SyndromeExplainer
 
@@ -18,7 +19,7 @@ def explainers(request, sface):
     return explainer, SyndromeExplainer(explainer)
 
 
-def test_syndrome_average_map_equals_mean_of_member_maps(explainers, group):
+def test_syndrome_average_map_equals_mean_of_member_maps(explainers, group, sface):
     _, syn = explainers
     stack, subjects = group
     maps = syn.syndrome_maps(stack, subjects=subjects)
@@ -26,8 +27,8 @@ def test_syndrome_average_map_equals_mean_of_member_maps(explainers, group):
     members_r = np.stack([m.to_rest for m in maps.members])
     np.testing.assert_allclose(maps.to_centroid, members_c.mean(0), atol=1e-6)
     np.testing.assert_allclose(maps.to_rest, members_r.mean(0), atol=1e-6)
-    up = nnf.interpolate(torch.from_numpy(members_c)[:, None], size=(112, 112), mode="bilinear",
-                         align_corners=False)[:, 0].mean(0).numpy()
+    # Cells drawn over their receptive fields, as every aligned map is (explain.attribution.placement).
+    up = place(torch.from_numpy(members_c), placement(sface, (7, 7)), (112, 112)).mean(0).numpy()
     np.testing.assert_allclose(maps.to_centroid_aligned, up, atol=1e-6)
     assert maps.to_centroid.shape == (7, 7) and maps.to_centroid_aligned.shape == (112, 112)
 

@@ -1,0 +1,175 @@
+"""Where on the aligned crop each cell of a feature grid looks: maps drawn over what they measure.
+
+A 7×7 CAM cell of a 112×112 crop nominally covers a 16-pixel square, but what
+it measures is its effective receptive field: the pixels its activations
+depend on. With zero padding and receptive fields wider than the crop, the
+border cells' fields are cut by the crop's edge and their centres move inward
+(SFace: the 7×7 cells' centres span x ≈ 30…77 px, not 7.5…103.5). Upsampling a
+map by grid position therefore draws the eye cells' values on the temples.
+
+``placement(encoder, grid)`` measures it once per encoder and grid: the
+centroid of ``|∂ Σ_c F[c, i, j] / ∂x|`` for the cells of the middle row and
+column, on a fixed noise input (so no face data is involved), fitted by one
+affine map per axis and made mirror-symmetric (flipped views share it).
+The measurement (a few seconds on a CPU) is kept in memory and in
+``data/cache/placement-*.json`` keyed by the encoder's name, version, grid and
+a checksum of its weights, so a new process reads it instead of measuring.
+``place(maps, placement, crop_size)`` then samples each map bilinearly at
+every crop pixel's position in grid coordinates: cells land on their
+receptive-field centres at their real spacing, and the map fades to zero one
+cell beyond the outermost centres (no cell measures that border).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as nnf
+
+from encoder.spec import FaceEncoder
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Cell (i, j) of an (h, w) grid is centred at crop pixel (x, y) = (step_x·j + x0, step_y·i + y0)."""
+
+    grid: tuple[int, int]
+    step_x: float
+    x0: float
+    step_y: float
+    y0: float
+
+
+_CACHE: dict[tuple[int, tuple[int, int], tuple[int, int]], Placement] = {}
+_LOCK = threading.Lock()
+
+
+def placement(encoder: FaceEncoder, grid: tuple[int, int]) -> Placement | None:
+    """The measured placement of ``encoder``'s CAM grid or contrast grid (None for another grid)."""
+    size = tuple(encoder.spec.input_size)
+    key = (id(encoder), tuple(grid), size)
+    with _LOCK:
+        if key not in _CACHE:
+            layer = _layer_of(encoder, tuple(grid))
+            if layer is None:
+                return None
+            path = _cache_file(encoder, tuple(grid))
+            found = _read(path)
+            if found is None:
+                found = _measure(encoder, layer, tuple(grid))
+                _write(path, found)
+            _CACHE[key] = found
+        return _CACHE[key]
+
+
+def _cache_file(encoder: FaceEncoder, grid: tuple[int, int]) -> Path:
+    from encoder.assets import CACHE_DIR
+
+    with torch.no_grad():
+        checksum = sum(float(p.double().abs().sum()) for p in encoder.parameters())
+    spec = encoder.spec
+    key = f"{spec.name}@{spec.version}:{spec.input_size}:{grid}:{checksum:.6e}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return CACHE_DIR / f"placement-{spec.name}-{grid[0]}x{grid[1]}-{digest}.json"
+
+
+def _read(path: Path) -> Placement | None:
+    try:
+        doc = json.loads(path.read_text())
+        return Placement(tuple(doc["grid"]), doc["step_x"], doc["x0"], doc["step_y"], doc["y0"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write(path: Path, found: Placement) -> None:
+    try:  # a read-only data folder (a container) only costs the next process a measurement
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(found)))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def _layer_of(encoder: FaceEncoder, grid: tuple[int, int]):
+    if tuple(encoder.spec.feature_shape[1:]) == grid:
+        return encoder.features
+    if encoder.spec.contrast_layer is not None:
+        h, w = encoder.spec.input_size
+        with torch.no_grad():
+            probe = encoder.fine_features(torch.zeros(1, encoder.spec.channels, h, w,
+                                                      device=_device(encoder)))
+        if tuple(probe.shape[-2:]) == grid:
+            return encoder.fine_features
+    return None
+
+
+def _device(encoder: FaceEncoder) -> torch.device:
+    return next(encoder.parameters()).device
+
+
+def _measure(encoder: FaceEncoder, layer, grid: tuple[int, int]) -> Placement:
+    h, w = grid
+    height, width = encoder.spec.input_size
+    cols = sorted({*range(0, w, 2), w - 1})  # every other cell and both ends suffice for the fit
+    rows = sorted({*range(0, h, 2), h - 1})
+    cells = [(h // 2, j) for j in cols] + [(i, w // 2) for i in rows]
+    gen = torch.Generator().manual_seed(0)
+    x = 0.5 * torch.randn(1, encoder.spec.channels, height, width, generator=gen)
+    x = x.to(_device(encoder)).repeat(len(cells), 1, 1, 1).requires_grad_(True)
+    with torch.enable_grad():
+        fmap = layer(x)
+        at_row = torch.tensor([c[0] for c in cells])
+        at_col = torch.tensor([c[1] for c in cells])
+        picked = fmap[torch.arange(len(cells)), :, at_row, at_col]  # (N, C)
+        (grad,) = torch.autograd.grad(picked.abs().sum(), x)
+    mass = grad.abs().sum(1)  # (N, H, W)
+    ys = torch.arange(height, dtype=mass.dtype, device=mass.device)[:, None]
+    xs = torch.arange(width, dtype=mass.dtype, device=mass.device)[None, :]
+    total = mass.sum((1, 2))
+    cx = ((mass * xs).sum((1, 2)) / total).cpu()
+    cy = ((mass * ys).sum((1, 2)) / total).cpu()
+    cx_row = cx[: len(cols)].double()
+    cy_col = cy[len(cols) :].double()
+    # Mirror symmetry: a flipped view's cell j is the unflipped view's cell w-1-j, so fit
+    # the centres together with their mirror images.
+    mirrored = torch.tensor([w - 1 - j for j in cols], dtype=torch.float64)
+    step_x, x0 = _fit(torch.cat([cx_row, (width - 1) - cx_row]),
+                      torch.cat([torch.tensor(cols, dtype=torch.float64), mirrored]))
+    step_y, y0 = _fit(cy_col, torch.tensor(rows, dtype=torch.float64))
+    return Placement((h, w), step_x, x0, step_y, y0)
+
+
+def _fit(centres: torch.Tensor, index: torch.Tensor) -> tuple[float, float]:
+    a = torch.stack([index, torch.ones_like(index)], 1)
+    sol = torch.linalg.lstsq(a, centres.double()[:, None]).solution[:, 0]
+    return float(sol[0]), float(sol[1])
+
+
+def place(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, int]) -> torch.Tensor:
+    """(K, h, w) cell maps -> (K, H, W) on the aligned crop (bilinear in grid coordinates).
+
+    Without a placement (a grid no encoder layer produces) the map is stretched over the
+    whole crop, as a plain bilinear upsampling would.
+    """
+    k, h, w = maps.shape
+    height, width = crop_size
+    if where is None or where.grid != (h, w):
+        return nnf.interpolate(maps[:, None], size=crop_size, mode="bilinear",
+                               align_corners=False)[:, 0]
+    ys = torch.arange(height, dtype=maps.dtype, device=maps.device)
+    xs = torch.arange(width, dtype=maps.dtype, device=maps.device)
+    u = (xs - where.x0) / where.step_x  # cell column of each crop column
+    v = (ys - where.y0) / where.step_y
+    gx = 2 * (u + 0.5) / w - 1  # align_corners=False: cell j's centre at 2(j+0.5)/w - 1
+    gy = 2 * (v + 0.5) / h - 1
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)  # (H, W, 2) as (x, y)
+    grid = grid[None].expand(k, -1, -1, -1)
+    return nnf.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)[:, 0]

@@ -1,0 +1,126 @@
+"""``contrast``: what differs between two faces, on both faces, at the encoder's finer layer."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from explain.attribution.contrast import contrast_maps
+from explain.attribution.matches import METHODS, explain_matches
+from explain.attribution.methods import attribute
+from explain.errors import BudgetExceeded
+from explain.limits import DEFAULT_BUDGET
+from explain.regions import region_masks
+
+
+def _lift(amap: np.ndarray, region: np.ndarray) -> float:
+    """Share of the negative mass inside ``region`` / the region's share of the crop (chance 1)."""
+    negative = np.clip(-amap, 0, None)
+    return float(negative[region].sum() / negative.sum() / region.mean())
+
+
+def _swapped(faces, name: str, donor: str, region: str) -> tuple[np.ndarray, np.ndarray]:
+    """``name``'s aligned crop with ``region`` (grown by 2 px) replaced by ``donor``'s pixels."""
+    face = faces[name]
+    mask = region_masks(face.alignment.landmarks_crop)[region]
+    mask = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    swapped = face.crop.copy()
+    swapped[mask] = faces[donor].crop[mask]
+    return swapped, mask
+
+
+def test_contrast_sums_to_the_similarity_lost_minus_a_bias_share_computed_forward(
+    sface, query_features, hit_features
+):
+    """Σ_p c_q(p) = <J_q A_q, ê_g − ê_q>/‖e_q‖: the batched backward (K directions at once)
+    must agree with J_q A_q computed independently by forward-mode autodiff."""
+    fine_q, fine_g = query_features.fine_maps[0], hit_features.fine_maps[0]
+    eq, eg = query_features.embeddings[0][0], hit_features.embeddings[0]
+    maps = contrast_maps(sface, fine_q, eq, fine_g, eg)
+
+    def embed(fine):
+        return sface.head(sface.fine_to_features(fine))
+
+    with torch.no_grad():
+        _, ja_q = torch.func.jvp(embed, (fine_q,), (fine_q,))  # (1, D)
+        _, ja_g = torch.func.jvp(embed, (fine_g,), (fine_g,))  # (K, D)
+    uq, ug = eq / eq.norm(), eg / eg.norm(dim=1, keepdim=True)
+    expected_q = (ug - uq) @ ja_q[0] / eq.norm()
+    expected_g = ((uq - ug) * ja_g).sum(1) / eg.norm(dim=1)
+    torch.testing.assert_close(maps.self_query.sum((1, 2)), expected_q, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(maps.self_hits.sum((1, 2)), expected_g, atol=2e-4, rtol=1e-3)
+    cos = ug @ uq
+    torch.testing.assert_close(maps.maps.sum((1, 2)), cos - 1 - maps.bias_share)
+    assert maps.maps.shape == (len(eg), 14, 14)
+
+
+def test_a_face_against_itself_has_nothing_that_differs(explainer, query_features):
+    (pair,) = explainer.explain(query_features, query_features, maps=("contrast",))
+    assert np.abs(pair.query.maps["contrast"]).max() < 1e-6
+    assert pair.cosine == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize(("region", "donor"), [("eyes", "impostor_1.jpg"),
+                                               ("mouth", "grace_hopper.jpg")])
+def test_nearly_identical_faces_show_the_swapped_region_in_blue(explainer, faces, region, donor):
+    """The similarity map of a face against itself with one region replaced is red almost
+    everywhere; contrast puts its negative ("differs") mass on the replaced region."""
+    name = "person_b_1.jpg"
+    swapped, mask = _swapped(faces, name, donor, region)
+    (result,) = explain_matches(explainer, swapped, faces[name].crop[None],
+                                ("contrast", "similarity"))
+    contrast_q = result["contrast"].query_aligned
+    contrast_g = result["contrast"].gallery_aligned
+    similarity = result["similarity"].query_aligned
+    assert result.cosine > 0.5
+    assert _lift(contrast_q, mask) > 2.5
+    near = cv2.dilate(mask.astype(np.uint8), np.ones((17, 17), np.uint8)).astype(bool)
+    assert near.ravel()[np.argmin(contrast_q)]  # the most negative pixel: within a cell of it
+    np.testing.assert_allclose(contrast_q, contrast_g)  # one map, on both aligned faces
+    assert np.clip(-similarity, 0, None).sum() < 0.25 * np.clip(similarity, 0, None).sum()
+
+
+def test_the_family_call_equals_the_batched_top_k_maps(explainer, query_features, hit_features):
+    batched = list(explain_matches(explainer, query_features, hit_features, ("contrast",)))
+    for k, match in enumerate(batched):
+        single = attribute("contrast", explainer, query_features, hit_features.select(k))
+        np.testing.assert_allclose(single.query, match["contrast"].query, atol=1e-6)
+        np.testing.assert_allclose(single.gallery_aligned, match["contrast"].gallery_aligned,
+                                   atol=1e-6)
+        assert single.forward_passes == 0
+
+
+def test_top_k_contrast_runs_each_tail_once_not_once_per_hit(sface, explainer, query_features,
+                                                             hit_features, monkeypatch):
+    calls = []
+    tail = type(sface).fine_to_features
+
+    def counted(self, fine):
+        calls.append(fine.shape[0])
+        return tail(self, fine)
+
+    monkeypatch.setattr(type(sface), "fine_to_features", counted)
+    list(explain_matches(explainer, query_features, hit_features, ("contrast",)))
+    assert calls == [1, len(hit_features)]  # the query's tail once, the K hits' tails in one batch
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_fits_the_default_budget_with_its_defaults(flip_explainer, query_crop,
+                                                                hit_crops, method):
+    """Both faces, two views (original and mirrored), crops given as arrays: the plan is
+    checked before any work, so a method over budget raises before the first batch."""
+    polls = []
+
+    def stop_at_first_poll() -> bool:
+        polls.append(1)
+        return len(polls) > 2
+
+    try:
+        attribute(method, flip_explainer, query_crop, hit_crops[0], budget=DEFAULT_BUDGET,
+                  cancel=stop_at_first_poll, time_limit=None)
+    except BudgetExceeded as err:  # pragma: no cover - the failure this test exists for
+        pytest.fail(f"{method} with its defaults is over the default budget: {err}")
+    except Exception as err:  # noqa: BLE001 - cancelled mid-way is fine: the plan passed
+        assert type(err).__name__ == "Cancelled", err
