@@ -26,10 +26,11 @@ from gallery.records import (
     RecordInfo,
     SyndromeHit,
 )
+from gallery.search import SearchFilter
 from gallery.store import Gallery
 
 __all__ = [
     "AddReport", "ClassBalance", "DimensionMismatch", "DuplicateId", "Entry", "Gallery",
     "GalleryError", "GalleryStats", "GeneHit", "Hit", "ImportFormatError", "InvalidEmbedding",
-    "Record", "RecordInfo", "SchemaTooNew", "SchemeMismatch", "SyndromeHit", "UnknownId",
+    "Record", "RecordInfo", "SchemaTooNew", "SearchFilter", "SchemeMismatch", "SyndromeHit", "UnknownId",
 ]
