@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 # Below this many eligible records a filtered search on an approximate index that came
 # back short is redone exactly from SQLite.
 _EXACT_FALLBACK_LIMIT = 200_000
+# Labels of this many recent hits stay in memory (cleared by every write).
+_LABEL_CACHE_SIZE = 65_536
+_HIT_LABELS = ("gallery_id", "image_id", "subject_id", "syndrome_id", "syndrome_name", "omim_id", "genes")
 # Extra candidates fetched when the same-patient rule may drop some (approximate index).
 _SAME_PATIENT_SLACK = 16
 
@@ -56,7 +59,9 @@ class SearchFilter:
     @classmethod
     def of(cls, base: SearchFilter | None = None, **fields: object) -> SearchFilter:
         """``base`` (or no filter) with ``fields`` (SearchFilter's own keywords) replaced."""
-        return replace(base or cls(), **fields) if fields else base or cls()
+        if not fields:
+            return base or _NO_FILTER
+        return replace(base or _NO_FILTER, **fields)
 
     @property
     def max_score(self) -> float | None:
@@ -96,6 +101,7 @@ class Ranking:
 
     _rw: ReadWriteLock
     _index: VectorIndex | None
+    _label_cache: dict[int, tuple[RecordInfo, dict]]
 
     def _conn(self) -> sqlite3.Connection: ...
     def _search_dims(self) -> tuple[str | None, tuple[int, ...]]: ...
@@ -115,22 +121,52 @@ class Ranking:
         """``search`` for N queries: an (N, V, D) array or a sequence of per-query views."""
         chosen = SearchFilter.of(filter, **filters)
         with self._rw.read():  # ids and their rows read under one lock: deletes cannot slip between
-            ranked = self._ranked(queries, k, chosen, view_scheme)
-            infos = self._infos({int(g) for ids, _ in ranked for g in ids})
+            ranked = [(ids.tolist(), scores.tolist()) for ids, scores in self._ranked(queries, k, chosen, view_scheme)]
+            labels = self._labels([gid for ids, _ in ranked for gid in ids])
+        new = object.__new__
         out = []
         for ids, scores in ranked:
             hits = []
-            for gid, score in zip(ids.tolist(), scores.tolist(), strict=True):
-                info = infos.get(gid)
-                if info is None:  # deleted between the index read and this lookup
+            for gid, score in zip(ids, scores, strict=True):
+                found = labels.get(gid)
+                if found is None:  # deleted between the index read and this lookup
                     continue
-                hits.append(Hit(
-                    gallery_id=info.gallery_id, image_id=info.image_id, subject_id=info.subject_id,
-                    syndrome_id=info.syndrome_id, syndrome_name=info.syndrome_name,
-                    omim_id=info.omim_id, genes=info.genes, score=score,
-                ))
-            out.append(hits[:k])
+                # Hit's own fields, set as its frozen __init__ would, without its per-field
+                # calls: thousands of hits per batch made them cost more than the search.
+                hit = new(Hit)
+                fields = hit.__dict__
+                fields.update(found[1])
+                fields["score"] = score
+                hits.append(hit)
+            out.append(hits)
         return out
+
+    def _labels(self, ids: list[int]) -> dict[int, tuple[RecordInfo, dict]]:
+        """gallery id -> (RecordInfo, its Hit fields) for those of ``ids`` still in the gallery."""
+        cache = self._label_cache
+        out = {}
+        missing = []
+        for gid in ids:
+            found = cache.get(gid)
+            if found is None:
+                missing.append(gid)
+            else:
+                out[gid] = found
+        if missing:
+            fetched = {
+                gid: (info, {name: getattr(info, name) for name in _HIT_LABELS})
+                for gid, info in self._infos(missing).items()
+            }
+            if len(cache) + len(fetched) > _LABEL_CACHE_SIZE:
+                cache.clear()
+            cache.update(fetched)
+            out.update(fetched)
+        return out
+
+    def _forget_labels(self) -> None:
+        """Drop cached labels: called after every committed write (a search racing the
+        write may have cached a row's old labels into the dictionary this replaces)."""
+        self._label_cache = {}
 
     def rank_syndromes(
         self, query_views: ViewsLike, top: int | None = 30, filter: SearchFilter | None = None, *,
@@ -191,12 +227,14 @@ class Ranking:
         index = self._index
         if index is None or index.ntotal == 0:
             return [_EMPTY] * len(q)
-        allowed, excluded = chosen.eligible(self._conn()) if chosen != _NO_FILTER else (None, None)
+        allowed, excluded = (None, None) if chosen is _NO_FILTER else chosen.eligible(self._conn())
         if allowed is not None and len(allowed) == 0:
             return [_EMPTY] * len(q)
         max_score = chosen.max_score
         if index.exact:  # every filter applied inside the scan: one pass
             scores, ids = index.search(q, k, allowed=allowed, excluded=excluded, max_score=max_score)
+            if ids[:, -1].min() >= 0:  # every row full: no per-row masks
+                return list(zip(ids, scores, strict=True))
             return [(row_ids[row_ids >= 0], row_scores[row_ids >= 0])
                     for row_ids, row_scores in zip(ids, scores, strict=True)]
         total = index.ntotal if allowed is None else min(index.ntotal, len(allowed))
@@ -255,13 +293,13 @@ class Ranking:
         while True:
             with self._rw.read():
                 ids, scores = self._ranked([query_views], fetch, chosen, view_scheme)[0]
-                infos = self._infos(ids.tolist())
+                labels = self._labels(ids.tolist())
             seen: set[str] = set()
             found = []
             for gid, score in zip(ids.tolist(), scores.tolist(), strict=True):
-                info = infos.get(gid)
-                if info is None:
+                if gid not in labels:
                     continue
+                info = labels[gid][0]
                 new = [key for key in keys_of(info) if key not in seen]
                 if new:
                     seen.update(new)

@@ -47,8 +47,6 @@ _INFO_COLUMNS = (
     "gallery_id, image_id, subject_id, syndrome_id, syndrome_name, omim_id, genes, source,"
     " encoder_id, view_scheme, created_at, updated_at, provenance"
 )
-# Hits whose labels stay in memory (cleared by every write): repeated hits skip SQLite.
-_INFO_CACHE_SIZE = 65_536
 
 
 def _info(row: Sequence) -> RecordInfo:
@@ -96,7 +94,7 @@ class Gallery(Ranking):
         self._saved_version = -1
         self._closed = False
         self._scheme_dims: tuple[str | None, tuple[int, ...]] | None = None
-        self._info_cache: dict[int, RecordInfo] = {}
+        self._forget_labels()
 
     # -- opening ------------------------------------------------------------------
 
@@ -260,7 +258,7 @@ class Gallery(Ranking):
     def refresh(self) -> None:
         """Catch up with writes made by another process (rebuilds when the version moved)."""
         if self.version != self._index_version:
-            self._forget_infos()
+            self._forget_labels()
             self._load_or_rebuild_index()
 
     def flush(self) -> None:
@@ -427,7 +425,7 @@ class Gallery(Ranking):
                 self._index_version = -1
                 raise
             if updated:
-                self._forget_infos()
+                self._forget_labels()
             if fresh:
                 self._add_to_index(fresh, dims, version)
             if self._index is not None and self._index.needs_training_rebuild(self._index.ntotal):
@@ -515,7 +513,7 @@ class Gallery(Ranking):
                 conn.execute("ROLLBACK")
                 self._index_version = -1
                 raise
-            self._forget_infos()
+            self._forget_labels()
             return len(found)
 
     # -- reads --------------------------------------------------------------------
@@ -572,32 +570,15 @@ class Gallery(Ranking):
         return {r[1]: _info(r) for r in rows}
 
     def _infos(self, ids: Iterable[int]) -> dict[int, RecordInfo]:
-        """gallery id -> RecordInfo for those of ``ids`` still in the gallery (cached)."""
-        cache = self._info_cache
-        out: dict[int, RecordInfo] = {}
-        missing = []
-        for gid in ids:
-            info = cache.get(gid)
-            if info is None:
-                missing.append(int(gid))
-            else:
-                out[gid] = info
-        if missing:
-            rows = self._conn().execute(
-                f"SELECT {_INFO_COLUMNS} FROM records WHERE gallery_id IN (SELECT value FROM json_each(?))",
-                (json.dumps(missing),),
-            )
-            fetched = {int(r[0]): _info(r) for r in rows}
-            if len(cache) + len(fetched) > _INFO_CACHE_SIZE:
-                cache.clear()
-            cache.update(fetched)
-            out.update(fetched)
-        return out
-
-    def _forget_infos(self) -> None:
-        """Drop cached labels: called after every committed write (a search racing the
-        write may have cached a row's old labels into the dictionary this replaces)."""
-        self._info_cache = {}
+        """gallery id -> RecordInfo for those of ``ids`` still in the gallery."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return {}
+        rows = self._conn().execute(
+            f"SELECT {_INFO_COLUMNS} FROM records WHERE gallery_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids),),
+        )
+        return {int(r[0]): _info(r) for r in rows}
 
     def _search_dims(self) -> tuple[str | None, tuple[int, ...]]:
         """(view scheme, view dims): fixed once the first record is written, so cached then."""
