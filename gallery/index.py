@@ -228,10 +228,11 @@ def _prefer_earlier_ties(scores: np.ndarray, top_s: np.ndarray, top_c: np.ndarra
     """Where the k-th best score of a row is tied beyond the top k, replace that row's
     top k (in place) by the earliest columns, as a stable sort would choose (duplicate
     records: the older one wins, whatever order partitioning left them in)."""
-    k = top_s.shape[1]
-    threshold = top_s.min(axis=1, keepdims=True)
-    tied = np.flatnonzero(np.isfinite(threshold[:, 0]) & ((scores >= threshold).sum(axis=1) > k))
-    for row in tied:
+    n, k = top_s.shape
+    at_least = scores >= top_s.min(axis=1, keepdims=True)
+    if np.count_nonzero(at_least) == n * k:  # no row has a tie beyond its k (the usual case)
+        return
+    for row in np.flatnonzero(at_least.sum(axis=1) > k):
         cols = np.argsort(-scores[row], kind="stable")[:k]
         top_c[row], top_s[row] = cols, scores[row, cols]
 
