@@ -123,6 +123,14 @@ class ExactMatrix:
         self._n = 0
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (ids sorted, their rows)
 
+    @classmethod
+    def of(cls, ids: np.ndarray, vectors: np.ndarray) -> ExactMatrix:
+        """An index holding ``vectors`` (N, dim) float32 C-contiguous under ``ids`` (N,),
+        adopted without a copy (a 1M-record gallery would otherwise hold two)."""
+        self = cls(vectors.shape[1])
+        self._x, self._ids, self._n = vectors, ids, len(ids)
+        return self
+
     @property
     def ntotal(self) -> int:
         return self._n
@@ -310,9 +318,7 @@ class VectorIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
         if self.effective_factory == EXACT:
-            exact = ExactMatrix(self.dim)
-            exact.add(ids, vectors)
-            self._exact, self._index = exact, None
+            self._exact, self._index = ExactMatrix.of(ids, vectors), None
             return
         index = self._new_faiss(self.effective_factory)
         if not index.is_trained:
@@ -468,8 +474,8 @@ class VectorIndex:
                 raise StaleIndex("unreadable") from exc
             if len(ids) != count or vectors.shape != (count, dim):
                 raise StaleIndex("count or dimension differs")
-            self._exact = ExactMatrix(dim)
-            self._exact.add(ids, vectors)
+            self._exact = ExactMatrix.of(np.ascontiguousarray(ids, dtype=np.int64),
+                                         np.ascontiguousarray(vectors, dtype=np.float32))
             return self
         try:
             raw = faiss.read_index(str(path))
