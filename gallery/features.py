@@ -273,11 +273,11 @@ class FeatureStore:
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
-        old = self._snap.data_name
         with self._swap:
             self._snap = self._load()
-        if old and old != data_name:
-            self.path.with_name(old).unlink(missing_ok=True)
+        for other in self.path.parent.glob(f"{self.path.name}.*.f16"):  # older generations
+            if other.name != data_name:
+                other.unlink(missing_ok=True)
 
     def _load(self) -> _Snapshot:
         """The snapshot the manifest on disk describes (empty when absent, torn or stale)."""
