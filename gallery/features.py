@@ -35,13 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from gallery.errors import DimensionMismatch
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-_ENTRY = np.dtype([("gallery_id", "<i8"), ("slot", "<i8"), ("content", "S16")])
+_ENTRY = np.dtype([("gallery_id", "<i8"), ("slot", "<i8"), ("content", "<u8")])
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class FeatureLayout:
 class StoredFeatures:
     """Features of the found images, in the order asked (missing ones left out).
 
-    ``maps[v]``: (N, C, h, w) float32; ``embeddings[v]``: (N, D) float32;
+    ``maps[v]``: (N, C, h, w); ``embeddings[v]``: (N, D); float16 as stored unless asked
+    otherwise (numpy's float16 → float32 cast costs more than the read; torch's is cheap);
     ``missing``: the asked ids that have no valid features (compute and ``put`` them).
     """
 
@@ -95,7 +97,7 @@ class _Snapshot:
 
     layout: FeatureLayout | None
     data_name: str | None
-    slots: dict[int, tuple[int, bytes]]  # gallery id -> (slot, content hash)
+    slots: dict[int, tuple[int, int]]  # gallery id -> (slot, 64-bit key of the record's content hash)
     gallery_version: int
     data: np.ndarray | None = None  # (capacity, values_per_image) float16, memory-mapped
     manifest_stamp: tuple = field(default=())
@@ -154,8 +156,9 @@ class FeatureStore:
         slots = self._current().slots
         return [int(g) for g in gallery_ids if int(g) not in slots]
 
-    def get(self, gallery_ids: Iterable[int]) -> StoredFeatures:
-        """Features of ``gallery_ids``; the ones without valid features are listed in ``missing``."""
+    def get(self, gallery_ids: Iterable[int], dtype: DTypeLike = np.float16) -> StoredFeatures:
+        """Features of ``gallery_ids`` as ``dtype``; the ones without valid features are
+        listed in ``missing``."""
         snap = self._current()
         ids = [int(g) for g in gallery_ids]
         found = [g for g in ids if g in snap.slots]
@@ -163,7 +166,7 @@ class FeatureStore:
         layout = snap.layout
         if layout is None or not found:
             return StoredFeatures((), (), (), missing or tuple(ids))
-        rows = np.asarray(snap.data[[snap.slots[g][0] for g in found]], dtype=np.float32)
+        rows = np.asarray(snap.data[[snap.slots[g][0] for g in found]]).astype(dtype, copy=False)
         maps, embeddings = [], []
         at = 0
         for shape, dim in zip(layout.map_shapes, layout.embedding_dims, strict=True):
@@ -255,7 +258,7 @@ class FeatureStore:
             os.close(fd)
 
     def _commit(self, layout: FeatureLayout | None, data_name: str | None,
-                table: dict[int, tuple[int, bytes]], gallery_version: int) -> None:
+                table: dict[int, tuple[int, int]], gallery_version: int) -> None:
         """Write the manifest atomically, then let readers see it."""
         entries = np.array([(g, s, h) for g, (s, h) in sorted(table.items())], dtype=_ENTRY)
         body = entries.tobytes()
@@ -321,7 +324,7 @@ class FeatureStore:
                 self.stale_reason = "data file shorter than its manifest"
                 return _Snapshot(layout, None, {}, -1, None, stamp)
         self.stale_reason = None
-        slots = {int(g): (int(s), bytes(h)) for g, s, h in entries}
+        slots = {int(g): (int(s), int(h)) for g, s, h in entries}
         return _Snapshot(layout, header["data"], slots, int(header["gallery_version"]), data, stamp)
 
     def _current(self) -> _Snapshot:
@@ -365,8 +368,8 @@ class FeatureStore:
             row = self._conn().execute("SELECT value FROM meta WHERE key = 'gallery_version'").fetchone()
         return int(row[0]) if row else 0
 
-    def _content_hashes(self, ids: list[int]) -> dict[int, bytes]:
-        """gallery id -> the first 16 bytes of its record's content hash (present ids only)."""
+    def _content_hashes(self, ids: list[int]) -> dict[int, int]:
+        """gallery id -> a 64-bit key of its record's content hash (present ids only)."""
         with self._sql:
             rows = self._conn().execute(
                 "SELECT gallery_id, content_hash FROM records WHERE gallery_id IN (SELECT value FROM json_each(?))",
@@ -375,8 +378,8 @@ class FeatureStore:
         return {int(g): _hash_key(h) for g, h in rows}
 
 
-def _hash_key(content_hash: str) -> bytes:
-    return hashlib.sha256(content_hash.encode()).digest()[:16] if content_hash else b""
+def _hash_key(content_hash: str) -> int:
+    return int.from_bytes(hashlib.sha256(content_hash.encode()).digest()[:8], "little")
 
 
 def _free_slots(used: set[int], count: int) -> list[int]:

@@ -41,7 +41,8 @@ def test_put_get_round_trip_in_float16_and_survives_reopening(gallery, gallery_p
     with FeatureStore.open(gallery_path, ENCODER, SCHEME) as store:
         assert store.missing(ids) == ids and store.stale_reason == "missing"
         assert store.put(ids, maps, embs) == ids
-        got = store.get([7, 99, 3, 1])
+        assert store.get([1]).maps[0].dtype == np.float16
+        got = store.get([7, 99, 3, 1], dtype=np.float32)
         assert got.gallery_ids == (7, 3, 1) and got.missing == (99,)
         assert got.maps[1].shape == (3, *SHAPE) and got.maps[1].dtype == np.float32
         np.testing.assert_array_equal(got.maps[0], f16(maps[0][[2, 0, 1]]))
@@ -49,7 +50,11 @@ def test_put_get_round_trip_in_float16_and_survives_reopening(gallery, gallery_p
     with FeatureStore.open(gallery_path, ENCODER, SCHEME) as store:
         assert store.stale_reason is None and len(store) == 3
         assert store.missing([1, 2, 3]) == [2]
-        np.testing.assert_array_equal(store.get([1]).maps[1], f16(maps[1][[1]]))
+        np.testing.assert_array_equal(store.get([1], np.float32).maps[1], f16(maps[1][[1]]))
+        every = list(range(1, len(gallery) + 1))
+        store.put(every, *batch(every, 1))
+    with FeatureStore.open(gallery_path, ENCODER, SCHEME) as store:
+        assert store.missing(every) == [], "an entry was not read back as valid"
 
 
 def test_a_store_for_another_encoder_or_scheme_reads_as_missing_and_is_replaced(gallery, gallery_path):
@@ -91,7 +96,7 @@ def test_deleted_and_updated_records_lose_their_features(gallery, gallery_path):
         assert store.discard([4, 2]) == 1
         assert store.missing(ids) == [2, 3, 4]
         assert store.put([2], [m[1:2] for m in maps], [e[1:2] for e in embs]) == [], "a deleted id was stored"
-        np.testing.assert_array_equal(store.get([1]).maps[0], f16(maps[0][:1]))
+        np.testing.assert_array_equal(store.get([1], np.float32).maps[0], f16(maps[0][:1]))
     with FeatureStore.open(gallery_path, ENCODER, SCHEME) as store:
         assert store.missing(ids) == [2, 3, 4]
 
@@ -107,7 +112,7 @@ def test_compaction_keeps_live_entries_and_drops_the_old_file(gallery, gallery_p
         after = list(gallery_path.parent.glob("*.f16"))
         assert len(after) == 1 and after != before
         assert after[0].stat().st_size == 4 * store.layout.bytes_per_image
-        np.testing.assert_array_equal(store.get([16]).embeddings[0], f16(embs[0][15:16]))
+        np.testing.assert_array_equal(store.get([16], np.float32).embeddings[0], f16(embs[0][15:16]))
 
 
 def test_a_torn_or_half_written_manifest_is_never_read_as_valid(gallery, gallery_path):
@@ -142,7 +147,7 @@ def test_sigkill_mid_put_leaves_only_complete_entries(gallery, gallery_path):
     with FeatureStore.open(gallery_path, ENCODER, SCHEME) as store:
         stored = [g for g in range(1, records + 1) if g not in store.missing([g])]
         assert len(stored) == records, "a durable put was lost"
-        got = store.get(stored)
+        got = store.get(stored, np.float32)
         for row, gid in enumerate(got.gallery_ids):
             # the features of one of the puts that wrote this id, never a mix
             matches = []
