@@ -1,7 +1,9 @@
 """The gallery: SQLite records as the only durable truth, a FAISS index derived from them.
 
 Files: ``PATH`` is the SQLite database (WAL journal), ``PATH.faiss`` the saved
-index and ``PATH.faiss.json`` its sidecar.
+index (a FAISS file, or for the exact index its ids and matrix as ``.npy``) and
+``PATH.faiss.json`` its sidecar; ``PATH.features*`` the feature-map store
+(``gallery.features``). Search and ranking live in ``gallery.search``.
 
 Durability: WAL with ``synchronous=FULL`` fsyncs the WAL on every commit, so a
 committed write survives a power cut, not only a killed process (NORMAL would
