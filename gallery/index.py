@@ -35,27 +35,34 @@ faiss.cvar.distance_compute_blas_threshold = 1
 EXACT = "Flat"
 AUTO = "auto"
 # "auto": exact below this many records (the numpy scan of 128-d float32 stays a few ms per
-# query up to here), IVF above; both measured in bench/bench_gallery.py.
+# query up to here), HNSW above; both measured in bench/bench_gallery.py.
 AUTO_EXACT_LIMIT = 200_000
 # FAISS's own defaults (nprobe 1, efSearch 16) trade too much recall away for a clinical ranking.
 DEFAULT_NPROBE = 16
 DEFAULT_EF_SEARCH = 64
-# nprobe of the IVF that "auto" builds: recall@10 >= 0.95 on face-like synthetic data at 1M
-# records (bench/bench_gallery.py), a few ms per query.
-AUTO_NPROBE = 48
+# efSearch of the HNSW that "auto" builds: recall@10 >= 0.95 at a few ms per query on
+# face-like synthetic data at 100k and 1M records (bench/bench_gallery.py). IVF was measured
+# too and left out: on such data the true top 10 beyond a subject's own images are impostors
+# spread over many lists (IVF1024 at 1M: recall@10 0.85 at nprobe 96, already > 10 ms).
+AUTO_EF_SEARCH = 256
 _IVF = re.compile(r"IVF(\d+)")
 _PQ = re.compile(r"PQ(\d+)(?:x(\d+))?")
 _HNSW = re.compile(r"HNSW(\d+)")
 
 
 def auto_factory(count: int) -> str:
-    """The factory ``"auto"`` resolves to for ``count`` records: exact, or IVF with about
-    √N lists (a power of two, at most 8192; 4·√N lists took minutes of k-means at 1M on
-    two cores and needed a far larger nprobe for the same recall)."""
-    if count < AUTO_EXACT_LIMIT:
-        return EXACT
-    nlist = 2 ** round(math.log2(math.sqrt(count)))
-    return f"IVF{min(8192, nlist)},Flat"
+    """The factory ``"auto"`` resolves to for ``count`` records: exact, or ``HNSW32``.
+
+    HNSW cannot remove vectors: a delete or in-place update rebuilds the index (minutes
+    at 1M records on two cores), which a gallery of that size does rarely.
+    """
+    return EXACT if count < AUTO_EXACT_LIMIT else "HNSW32"
+
+
+def ivf_factory(count: int) -> str:
+    """``IVF<about √N lists>,Flat`` (a power of two; 4·√N lists took minutes of k-means at
+    1M on two cores and needed a far larger nprobe for the same recall)."""
+    return f"IVF{min(8192, 2 ** round(math.log2(math.sqrt(max(count, 1)))))},Flat"
 
 
 def resolve_factory(factory: str, count: int) -> str:
@@ -290,7 +297,7 @@ class VectorIndex:
         self.factory = factory
         self.dim = dim
         self.nprobe = nprobe
-        self.ef_search = ef_search or DEFAULT_EF_SEARCH
+        self.ef_search = ef_search
         self.effective_factory = resolve_factory(factory, 0)
         self._exact: ExactMatrix | None = ExactMatrix(dim)
         self._index: faiss.IndexIDMap2 | None = None
@@ -333,25 +340,19 @@ class VectorIndex:
 
     def needs_training_rebuild(self, count: int) -> bool:
         """True when ``count`` records call for another index than the one built: an
-        exact fallback that can now train, or ``auto`` grown past its size rule."""
+        exact fallback that can now train, or ``auto`` grown past its size limit."""
         want = resolve_factory(self.factory, count)
         if want == self.effective_factory:
             return False
-        if self.factory != AUTO:
-            return self.effective_factory == EXACT
-        have = _IVF.search(self.effective_factory)
-        wanted = _IVF.search(want)
-        if have and wanted:  # re-cluster only when the right list count has doubled
-            return int(wanted.group(1)) >= 2 * int(have.group(1))
-        return True
+        return self.factory == AUTO or self.effective_factory == EXACT
 
     def _apply_params(self, index: faiss.IndexIDMap2) -> None:
         inner = faiss.downcast_index(index.index)
         ivf = faiss.try_extract_index_ivf(inner)
         if ivf is not None:
-            ivf.nprobe = self.nprobe or (AUTO_NPROBE if self.factory == AUTO else DEFAULT_NPROBE)
-        if hasattr(inner, "hnsw") and self.ef_search:
-            inner.hnsw.efSearch = self.ef_search
+            ivf.nprobe = self.nprobe or DEFAULT_NPROBE
+        if hasattr(inner, "hnsw"):
+            inner.hnsw.efSearch = self.ef_search or (AUTO_EF_SEARCH if self.factory == AUTO else DEFAULT_EF_SEARCH)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)

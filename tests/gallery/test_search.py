@@ -104,9 +104,9 @@ def test_filter_object_and_keywords_are_the_same_filter(gallery_path):
         assert g.search_batch([q, q], 8, rule) == g.search_batch([q, q], 8, **keywords)
 
 
-def test_auto_is_exact_for_small_galleries_and_ivf_past_the_limit(gallery_path, monkeypatch):
+def test_auto_is_exact_for_small_galleries_and_hnsw_past_the_limit(gallery_path, monkeypatch):
     assert auto_factory(1_000) == auto_factory(index_module.AUTO_EXACT_LIMIT - 1) == "Flat"
-    assert auto_factory(1_000_000) == "IVF1024,Flat"
+    assert auto_factory(1_000_000) == "HNSW32"
     monkeypatch.setattr(index_module, "AUTO_EXACT_LIMIT", 300)
     entries = make_entries(400, seed=12)
     with Gallery.open(gallery_path) as g:
@@ -114,7 +114,7 @@ def test_auto_is_exact_for_small_galleries_and_ivf_past_the_limit(gallery_path, 
         g.add_many(entries[:250])
         assert g.index_effective_factory == "Flat"
         g.add_many(entries[250:])
-        assert g.index_effective_factory == "IVF16,Flat"
+        assert g.index_effective_factory == "HNSW32"
         assert g.search(entries[7].views, 1)[0].image_id == "img7"
 
 
