@@ -15,6 +15,7 @@ from gallery.errors import (
     SchemeMismatch,
     UnknownId,
 )
+from gallery.features import FeatureLayout, FeatureStore, StoredFeatures
 from gallery.records import (
     AddReport,
     ClassBalance,
@@ -26,10 +27,13 @@ from gallery.records import (
     RecordInfo,
     SyndromeHit,
 )
+from gallery.search import SearchFilter
 from gallery.store import Gallery
 
 __all__ = [
-    "AddReport", "ClassBalance", "DimensionMismatch", "DuplicateId", "Entry", "Gallery",
+    "AddReport", "ClassBalance", "DimensionMismatch", "DuplicateId", "Entry", "FeatureLayout",
+    "FeatureStore", "Gallery",
     "GalleryError", "GalleryStats", "GeneHit", "Hit", "ImportFormatError", "InvalidEmbedding",
-    "Record", "RecordInfo", "SchemaTooNew", "SchemeMismatch", "SyndromeHit", "UnknownId",
+    "Record", "RecordInfo", "SchemaTooNew", "SchemeMismatch", "SearchFilter", "StoredFeatures", "SyndromeHit",
+    "UnknownId",
 ]

@@ -1,11 +1,15 @@
-"""The FAISS index derived from the SQLite records, named by a factory string.
+"""The search index derived from the SQLite records, named by a factory string.
 
-``"Flat"`` is exact inner product; ``"IVF1024,Flat"``, ``"HNSW32"`` or
-``"IVF4096,PQ64"`` are approximate indexes for large galleries. The index maps
-gallery ids (SQLite primary keys) through ``IndexIDMap2``, so ids survive
-rebuilds. It is saved atomically with a sidecar that records the gallery
-version it reflects, its record count and a checksum; anything that does not
-match on load makes the caller rebuild from SQLite.
+``"auto"`` (the default) picks by gallery size: the exact index below
+``AUTO_EXACT_LIMIT`` records, ``IVF<nlist>,Flat`` with a tuned ``nprobe`` above
+(bench/bench_gallery.py measures both). ``"Flat"`` is exact inner product, kept
+as one contiguous float32 matrix and searched with a numpy matrix product, so
+it is as fast as brute force and returns numpy's top-k exactly. Other factory
+strings (``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF4096,PQ64"``) are FAISS
+approximate indexes mapped to gallery ids through ``IndexIDMap2``, so ids
+survive rebuilds. An index is saved atomically with a sidecar that records
+the gallery version it reflects, its record count and a checksum; anything that
+does not match on load makes the caller rebuild from SQLite.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -28,12 +33,47 @@ log = logging.getLogger(__name__)
 faiss.cvar.distance_compute_blas_threshold = 1
 
 EXACT = "Flat"
+AUTO = "auto"
+# "auto": exact below this many records (the numpy scan of 128-d float32 stays a few ms per
+# query up to here), HNSW above; both measured in bench/bench_gallery.py.
+AUTO_EXACT_LIMIT = 200_000
 # FAISS's own defaults (nprobe 1, efSearch 16) trade too much recall away for a clinical ranking.
 DEFAULT_NPROBE = 16
 DEFAULT_EF_SEARCH = 64
+# efSearch of the HNSW that "auto" builds, on face-like synthetic data (bench/bench_gallery.py,
+# one query, shared 2-core machine): 100k records recall@10 0.984 at 3.7 ms; 1M records 0.84
+# at 7.5 ms (efSearch 512: 0.92 at 12 ms; pass ef_search= to trade latency for recall). IVF
+# was measured too and left out: the true top 10 beyond a subject's own images are impostors
+# from the far tail, spread over many lists (IVF1024 at 1M: recall@10 0.85 at nprobe 96, 26 ms).
+AUTO_EF_SEARCH = 256
 _IVF = re.compile(r"IVF(\d+)")
 _PQ = re.compile(r"PQ(\d+)(?:x(\d+))?")
 _HNSW = re.compile(r"HNSW(\d+)")
+
+
+def auto_factory(count: int) -> str:
+    """The factory ``"auto"`` resolves to for ``count`` records: exact, or ``HNSW32``.
+
+    HNSW cannot remove vectors: a delete or in-place update rebuilds the index (minutes
+    at 1M records on two cores), which a gallery of that size does rarely.
+    """
+    return EXACT if count < AUTO_EXACT_LIMIT else "HNSW32"
+
+
+def ivf_factory(count: int) -> str:
+    """``IVF<about √N lists>,Flat`` (a power of two; 4·√N lists took minutes of k-means at
+    1M on two cores and needed a far larger nprobe for the same recall)."""
+    return f"IVF{min(8192, 2 ** round(math.log2(math.sqrt(max(count, 1)))))},Flat"
+
+
+def resolve_factory(factory: str, count: int) -> str:
+    """The factory to build for ``count`` records: ``auto`` by size, an untrainable
+    approximate factory falls back to exact."""
+    if factory == AUTO:
+        return auto_factory(count)
+    if factory != EXACT and count < min_training_vectors(factory):
+        return EXACT
+    return factory
 
 
 def min_training_vectors(factory: str) -> int:
@@ -73,8 +113,183 @@ class Sidecar:
     faiss_version: str
 
 
+class ExactMatrix:
+    """Exact inner-product search over one contiguous float32 matrix (N, dim) in memory.
+
+    Scores are numpy matrix products (BLAS), so the top-k equals a brute-force
+    ``q @ X.T`` + ``argpartition``; the scan runs in row chunks that keep the score
+    block in cache, and each chunk's top-k comes from block maxima rather than a
+    full ``argpartition`` over every score.
+    """
+
+    _BLOCK = 32  # rows per block whose maximum stands for them in the first top-k pass
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._x = np.empty((0, dim), dtype=np.float32)
+        self._ids = np.empty(0, dtype=np.int64)
+        self._n = 0
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (ids sorted, their rows)
+
+    @classmethod
+    def of(cls, ids: np.ndarray, vectors: np.ndarray) -> ExactMatrix:
+        """An index holding ``vectors`` (N, dim) float32 C-contiguous under ``ids`` (N,),
+        adopted without a copy (a 1M-record gallery would otherwise hold two)."""
+        self = cls(vectors.shape[1])
+        self._x, self._ids, self._n = vectors, ids, len(ids)
+        return self
+
+    @property
+    def ntotal(self) -> int:
+        return self._n
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """(N, dim) the stored vectors (a view; do not modify)."""
+        return self._x[: self._n]
+
+    @property
+    def ids(self) -> np.ndarray:
+        """(N,) gallery ids of the rows of ``vectors`` (a view)."""
+        return self._ids[: self._n]
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        m = len(ids)
+        if self._n + m > len(self._x):
+            capacity = max(self._n + m, 2 * len(self._x), 1024)
+            x = np.empty((capacity, self.dim), dtype=np.float32)
+            x[: self._n] = self._x[: self._n]
+            new_ids = np.empty(capacity, dtype=np.int64)
+            new_ids[: self._n] = self._ids[: self._n]
+            self._x, self._ids = x, new_ids
+        self._x[self._n : self._n + m] = vectors
+        self._ids[self._n : self._n + m] = ids
+        self._n += m
+        self._sorted = None
+
+    def remove(self, ids: np.ndarray) -> None:
+        rows = self.rows_of(ids)
+        if not len(rows):
+            return
+        keep = np.ones(self._n, dtype=bool)
+        keep[rows] = False
+        left = int(keep.sum())
+        self._x[:left] = self._x[: self._n][keep]
+        self._ids[:left] = self._ids[: self._n][keep]
+        self._n = left
+        self._sorted = None
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Rows holding ``ids`` (absent ids left out)."""
+        if self._sorted is None:
+            order = np.argsort(self._ids[: self._n], kind="stable")
+            self._sorted = (self._ids[: self._n][order], order)
+        keys, order = self._sorted
+        ids = np.asarray(ids, dtype=np.int64)
+        at = np.minimum(np.searchsorted(keys, ids), max(len(keys) - 1, 0))
+        found = keys[at] == ids if len(keys) else np.zeros(len(ids), dtype=bool)
+        return order[at[found]]
+
+    def search(
+        self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
+        excluded: np.ndarray | None = None, max_score: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (N, k), gallery ids (N, k)) best first over the rows that pass the
+        filters (``allowed``/``excluded`` ids, scores ≤ ``max_score``); id -1 where fewer pass."""
+        x, ids = self.vectors, self.ids
+        if allowed is not None:
+            rows = np.sort(self.rows_of(allowed))
+            x, ids = x[rows], ids[rows]
+        masked = None
+        if excluded is not None and len(excluded):
+            masked = np.zeros(len(ids), dtype=bool)
+            sub = ExactMatrix._rows_in(ids, excluded) if allowed is not None else self.rows_of(excluded)
+            masked[sub] = True
+        nq = len(queries)
+        if not len(ids):
+            return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
+        # About 4 MiB of scores per chunk: one query scans the whole matrix in one product.
+        chunk = max(4096, (1 << 20) // nq)
+        best_s = best_r = None
+        for start in range(0, len(ids), chunk):
+            block = x[start : start + chunk]
+            scores = (block @ queries[0])[None, :] if nq == 1 else queries @ block.T
+            if masked is not None:
+                scores[:, masked[start : start + chunk]] = -np.inf
+            if max_score is not None:
+                scores[scores > max_score] = -np.inf
+            s, r = _top_k(scores, k, self._BLOCK)
+            _prefer_earlier_ties(scores, s, r)
+            if best_s is None:
+                best_s, best_r = s, r
+            else:
+                both_s = np.concatenate([best_s, s], axis=1)
+                both_r = np.concatenate([best_r, r + start], axis=1)
+                pick = np.argsort(-both_s, axis=1, kind="stable")[:, :k]  # ties: earlier chunk
+                rows = np.arange(nq)[:, None]
+                best_s, best_r = both_s[rows, pick], both_r[rows, pick]
+        order = np.lexsort((best_r, -best_s), axis=1)  # ties: the earlier row (older record) first
+        rows = np.arange(nq)[:, None]
+        best_s, best_r = best_s[rows, order], ids[best_r[rows, order]]
+        if masked is not None or max_score is not None or len(ids) < k:
+            best_r[~np.isfinite(best_s)] = -1
+        return best_s, best_r
+
+    @staticmethod
+    def _rows_in(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(np.isin(ids, wanted))
+
+
+def _prefer_earlier_ties(scores: np.ndarray, top_s: np.ndarray, top_c: np.ndarray) -> None:
+    """Where the k-th best score of a row is tied beyond the top k, replace that row's
+    top k (in place) by the earliest columns, as a stable sort would choose (duplicate
+    records: the older one wins, whatever order partitioning left them in)."""
+    n, k = top_s.shape
+    at_least = scores >= top_s.min(axis=1, keepdims=True)
+    if np.count_nonzero(at_least) == n * k:  # no row has a tie beyond its k (the usual case)
+        return
+    for row in np.flatnonzero(at_least.sum(axis=1) > k):
+        cols = np.argsort(-scores[row], kind="stable")[:k]
+        top_c[row], top_s[row] = cols, scores[row, cols]
+
+
+# Up to this many scores one argpartition beats the block maxima (bench: one query over 10k).
+_PLAIN_TOP_K = 16_384
+
+
+def _top_k(scores: np.ndarray, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, columns) of the ``k`` largest per row of ``scores`` (N, M), unordered;
+    -inf/-1 padded when M < k.
+
+    Exact: columns ``j, j+b, j+2b, …`` (b = M // block) form a block; the k largest
+    scores lie in the k blocks with the largest maxima, so only those ``k·block``
+    candidates (plus the ragged tail) are partitioned. The block maxima are an
+    elementwise maximum of ``block`` contiguous rows, which vectorises well.
+    """
+    n, m = scores.shape
+    if m < k:
+        pad = k - m
+        return (np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf),
+                np.pad(np.broadcast_to(np.arange(m), (n, m)), ((0, 0), (0, pad)), constant_values=-1))
+    stride = m // block
+    rows = np.arange(n)[:, None]
+    if stride <= 4 * k or n * m <= _PLAIN_TOP_K:
+        cols = np.argpartition(scores, m - k, axis=1)[:, m - k :]
+        return scores[rows, cols], cols
+    maxima = scores[:, : stride * block].reshape(n, block, stride).max(axis=1)
+    top_blocks = np.argpartition(maxima, stride - k, axis=1)[:, stride - k :]
+    cols = (top_blocks[:, :, None] + stride * np.arange(block)).reshape(n, k * block)
+    if stride * block < m:
+        tail = np.broadcast_to(np.arange(stride * block, m), (n, m - stride * block))
+        cols = np.concatenate([cols, tail], axis=1)
+    cand = scores[rows, cols]
+    pick = np.argpartition(cand, cand.shape[1] - k, axis=1)[:, cand.shape[1] - k :]
+    return cand[rows, pick], cols[rows, pick]
+
+
 class VectorIndex:
-    """One FAISS index over search vectors (N, dim), keyed by gallery id.
+    """One search index over search vectors (N, dim), keyed by gallery id: an
+    ``ExactMatrix`` when the effective factory is exact, else a FAISS index.
 
     Not thread-safe on its own: the gallery guards it with a readers-writer lock.
     """
@@ -82,62 +297,77 @@ class VectorIndex:
     def __init__(self, factory: str, dim: int, *, nprobe: int | None = None, ef_search: int | None = None):
         self.factory = factory
         self.dim = dim
-        self.nprobe = nprobe or DEFAULT_NPROBE
-        self.ef_search = ef_search or DEFAULT_EF_SEARCH
-        self.effective_factory = factory
-        self._index = self._new(factory)
+        self.nprobe = nprobe
+        self.ef_search = ef_search
+        self.effective_factory = resolve_factory(factory, 0)
+        self._exact: ExactMatrix | None = ExactMatrix(dim)
+        self._index: faiss.IndexIDMap2 | None = None
 
-    def _new(self, factory: str) -> faiss.IndexIDMap2:
+    def _new_faiss(self, factory: str) -> faiss.IndexIDMap2:
         base = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
         return faiss.IndexIDMap2(base)
 
     @property
     def ntotal(self) -> int:
-        return int(self._index.ntotal)
+        return self._exact.ntotal if self._exact is not None else int(self._index.ntotal)
 
     @property
     def exact(self) -> bool:
-        return self.effective_factory == EXACT
+        return self._exact is not None
 
     def build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Replace the contents with ``vectors`` (N, dim) under ``ids`` (N,), training if needed."""
-        need = min_training_vectors(self.factory)
-        if self.factory != EXACT and len(ids) < need:
+        self.effective_factory = resolve_factory(self.factory, len(ids))
+        if self.effective_factory != self.factory and self.factory != AUTO:
             log.info(
                 "index %s needs %d vectors to train, gallery has %d: using exact Flat until then",
-                self.factory, need, len(ids),
+                self.factory, min_training_vectors(self.factory), len(ids),
             )
-            self.effective_factory = EXACT
-        else:
-            self.effective_factory = self.factory
-        index = self._new(self.effective_factory)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.effective_factory == EXACT:
+            self._exact, self._index = ExactMatrix.of(ids, vectors), None
+            return
+        index = self._new_faiss(self.effective_factory)
         if not index.is_trained:
             rng = np.random.default_rng(0)
-            take = min(len(ids), training_sample_size(self.factory))
-            sample = vectors if take == len(ids) else vectors[rng.choice(len(ids), take, replace=False)]
-            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+            take = min(len(ids), training_sample_size(self.effective_factory))
+            sample = vectors if take == len(ids) else vectors[np.sort(rng.choice(len(ids), take, replace=False))]
+            index.train(np.ascontiguousarray(sample))
         self._apply_params(index)
         if len(ids):
-            index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
-        self._index = index
+            index.add_with_ids(vectors, ids)
+        self._exact, self._index = None, index
 
     def needs_training_rebuild(self, count: int) -> bool:
-        """True when running on the exact fallback and ``count`` is now enough to train."""
-        return self.effective_factory != self.factory and count >= min_training_vectors(self.factory)
+        """True when ``count`` records call for another index than the one built: an
+        exact fallback that can now train, or ``auto`` grown past its size limit."""
+        want = resolve_factory(self.factory, count)
+        if want == self.effective_factory:
+            return False
+        return self.factory == AUTO or self.effective_factory == EXACT
 
     def _apply_params(self, index: faiss.IndexIDMap2) -> None:
         inner = faiss.downcast_index(index.index)
         ivf = faiss.try_extract_index_ivf(inner)
-        if ivf is not None and self.nprobe:
-            ivf.nprobe = self.nprobe
-        if hasattr(inner, "hnsw") and self.ef_search:
-            inner.hnsw.efSearch = self.ef_search
+        if ivf is not None:
+            ivf.nprobe = self.nprobe or DEFAULT_NPROBE
+        if hasattr(inner, "hnsw"):
+            inner.hnsw.efSearch = self.ef_search or (AUTO_EF_SEARCH if self.factory == AUTO else DEFAULT_EF_SEARCH)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._exact is not None:
+            self._exact.add(ids, vectors)
+        else:
+            self._index.add_with_ids(vectors, ids)
 
     def remove(self, ids: np.ndarray) -> bool:
         """Remove ``ids``; False when this index type cannot remove (the caller rebuilds)."""
+        if self._exact is not None:
+            self._exact.remove(np.asarray(ids, dtype=np.int64))
+            return True
         try:
             self._index.remove_ids(np.asarray(ids, dtype=np.int64))
         except RuntimeError:
@@ -145,14 +375,28 @@ class VectorIndex:
         return True
 
     def search(
-        self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None = None
+        self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
+        excluded: np.ndarray | None = None, max_score: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (N, k), gallery ids (N, k)); missing results have id -1."""
+        """(scores (N, k), gallery ids (N, k)) best first; missing results have id -1.
+
+        ``allowed``/``excluded``: gallery ids to restrict to / leave out; ``max_score``:
+        drop results scoring above it. The exact index applies every filter inside the
+        scan (a short row means nothing else passes); an approximate one may come back
+        short, and the caller widens ``k``.
+        """
         k = max(1, min(k, max(self.ntotal, 1)))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self._exact is not None:
+            return self._exact.search(queries, k, allowed=allowed, excluded=excluded, max_score=max_score)
+        selector, _keep = _selector(allowed, excluded)
         if selector is None:
-            return self._index.search(queries, k)
-        return self._index.search(queries, k, params=self._params(selector))
+            scores, ids = self._index.search(queries, k)
+        else:
+            scores, ids = self._index.search(queries, k, params=self._params(selector))
+        if max_score is not None:
+            ids = np.where(scores > max_score, -1, ids)
+        return scores, ids
 
     def _params(self, selector: faiss.IDSelector) -> faiss.SearchParameters:
         inner = faiss.downcast_index(self._index.index)
@@ -163,13 +407,25 @@ class VectorIndex:
             return faiss.SearchParametersHNSW(sel=selector, efSearch=int(inner.hnsw.efSearch))
         return faiss.SearchParameters(sel=selector)
 
+    def vectors_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids present, their vectors (M, dim)) from the exact index; None for FAISS."""
+        if self._exact is None:
+            return None
+        rows = np.sort(self._exact.rows_of(ids))
+        return self._exact.ids[rows], self._exact.vectors[rows]
+
     # -- persistence ---------------------------------------------------------------
 
     def save(self, path: Path, gallery_version: int) -> Sidecar:
         """Write the index and its sidecar atomically (temp file, fsync, rename)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(self._index, str(tmp))
+        if self._exact is not None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, self._exact.ids)
+                np.save(fh, self._exact.vectors)
+        else:
+            faiss.write_index(self._index, str(tmp))
         digest = _sha256(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
@@ -210,18 +466,46 @@ class VectorIndex:
             raise StaleIndex("stale")
         if _sha256(path) != sidecar.sha256:
             raise StaleIndex("checksum mismatch")
+        self = cls(factory, dim, nprobe=nprobe, ef_search=ef_search)
+        self.effective_factory = sidecar.effective_factory
+        if sidecar.effective_factory == EXACT:
+            try:
+                with open(path, "rb") as fh:
+                    ids, vectors = np.load(fh), np.load(fh)
+            except (ValueError, OSError) as exc:
+                raise StaleIndex("unreadable") from exc
+            if len(ids) != count or vectors.shape != (count, dim):
+                raise StaleIndex("count or dimension differs")
+            self._exact = ExactMatrix.of(np.ascontiguousarray(ids, dtype=np.int64),
+                                         np.ascontiguousarray(vectors, dtype=np.float32))
+            return self
         try:
             raw = faiss.read_index(str(path))
         except RuntimeError as exc:
             raise StaleIndex("unreadable") from exc
         if raw.ntotal != count or raw.d != dim:
             raise StaleIndex("count or dimension differs")
-        self = cls(factory, dim, nprobe=nprobe, ef_search=ef_search)
+        self._exact = None
         self._index = _as_idmap2(raw)
         self._owner = raw  # the downcast proxy does not own the C++ index; this one does
-        self.effective_factory = sidecar.effective_factory
         self._apply_params(self._index)
         return self
+
+
+def _selector(allowed: np.ndarray | None, excluded: np.ndarray | None) -> tuple[faiss.IDSelector | None, list]:
+    """(FAISS selector, objects it needs kept alive)."""
+    if allowed is not None:
+        ids = np.asarray(allowed, dtype=np.int64)
+        if excluded is not None and len(excluded):
+            ids = np.setdiff1d(ids, excluded)
+        selector = faiss.IDSelectorBatch(ids)
+        return selector, [selector, ids]
+    if excluded is not None and len(excluded):
+        ids = np.asarray(excluded, dtype=np.int64)
+        inner = faiss.IDSelectorBatch(ids)
+        selector = faiss.IDSelectorNot(inner)
+        return selector, [selector, inner, ids]
+    return None, []
 
 
 class StaleIndex(Exception):

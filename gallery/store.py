@@ -1,7 +1,9 @@
 """The gallery: SQLite records as the only durable truth, a FAISS index derived from them.
 
 Files: ``PATH`` is the SQLite database (WAL journal), ``PATH.faiss`` the saved
-index and ``PATH.faiss.json`` its sidecar.
+index (a FAISS file, or for the exact index its ids and matrix as ``.npy``) and
+``PATH.faiss.json`` its sidecar; ``PATH.features*`` the feature-map store
+(``gallery.features``). Search and ranking live in ``gallery.search``.
 
 Durability: WAL with ``synchronous=FULL`` fsyncs the WAL on every commit, so a
 committed write survives a power cut, not only a killed process (NORMAL would
@@ -24,25 +26,22 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from gallery import schema
 from gallery._rwlock import ReadWriteLock
 from gallery.errors import DuplicateId, SchemeMismatch, UnknownId
-from gallery.index import EXACT, StaleIndex, VectorIndex
+from gallery.index import AUTO, StaleIndex, VectorIndex
 from gallery.records import (
     AddReport,
     Entry,
     GalleryStats,
-    GeneHit,
-    Hit,
     Record,
     RecordInfo,
-    SyndromeHit,
     class_balance,
 )
-from gallery.vectors import ViewsLike, check_dims, pack, query_matrix, search_matrix, unpack
+from gallery.search import Ranking
+from gallery.vectors import check_dims, pack, search_matrix, unpack
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,6 @@ _INFO_COLUMNS = (
     "gallery_id, image_id, subject_id, syndrome_id, syndrome_name, omim_id, genes, source,"
     " encoder_id, view_scheme, created_at, updated_at, provenance"
 )
-_EXACT_FALLBACK_LIMIT = 200_000
 
 
 def _info(row: Sequence) -> RecordInfo:
@@ -73,11 +71,14 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-class Gallery:
-    """A syndrome-labelled face gallery. Open with ``Gallery.open(path)``; thread-safe."""
+class Gallery(Ranking):
+    """A syndrome-labelled face gallery. Open with ``Gallery.open(path)``; thread-safe.
+
+    Records and the index lifecycle live here; search and ranking in ``gallery.search``.
+    """
 
     def __init__(
-        self, path: Path, *, index: str = EXACT, nprobe: int | None = None,
+        self, path: Path, *, index: str = AUTO, nprobe: int | None = None,
         ef_search: int | None = None,
     ) -> None:
         self.path = Path(path)
@@ -94,6 +95,8 @@ class Gallery:
         self._index_version = -1
         self._saved_version = -1
         self._closed = False
+        self._scheme_dims: tuple[str | None, tuple[int, ...]] | None = None
+        self._forget_labels()
 
     # -- opening ------------------------------------------------------------------
 
@@ -102,7 +105,7 @@ class Gallery:
         cls,
         path: str | Path,
         *,
-        index: str = EXACT,
+        index: str = AUTO,
         encoder_id: str | None = None,
         view_scheme: str | None = None,
         nprobe: int | None = None,
@@ -257,6 +260,7 @@ class Gallery:
     def refresh(self) -> None:
         """Catch up with writes made by another process (rebuilds when the version moved)."""
         if self.version != self._index_version:
+            self._forget_labels()
             self._load_or_rebuild_index()
 
     def flush(self) -> None:
@@ -422,6 +426,8 @@ class Gallery:
                 conn.execute("ROLLBACK")
                 self._index_version = -1
                 raise
+            if updated:
+                self._forget_labels()
             if fresh:
                 self._add_to_index(fresh, dims, version)
             if self._index is not None and self._index.needs_training_rebuild(self._index.ntotal):
@@ -509,6 +515,7 @@ class Gallery:
                 conn.execute("ROLLBACK")
                 self._index_version = -1
                 raise
+            self._forget_labels()
             return len(found)
 
     # -- reads --------------------------------------------------------------------
@@ -565,6 +572,7 @@ class Gallery:
         return {r[1]: _info(r) for r in rows}
 
     def _infos(self, ids: Iterable[int]) -> dict[int, RecordInfo]:
+        """gallery id -> RecordInfo for those of ``ids`` still in the gallery."""
         ids = [int(i) for i in ids]
         if not ids:
             return {}
@@ -574,244 +582,15 @@ class Gallery:
         )
         return {int(r[0]): _info(r) for r in rows}
 
-    # -- search -------------------------------------------------------------------
-
-    def search(
-        self,
-        query_views: ViewsLike,
-        k: int = 10,
-        *,
-        exclude_subjects: Iterable[str] = (),
-        same_patient_distance: float | None = None,
-        syndromes: Iterable[str] | None = None,
-        view_scheme: str | None = None,
-    ) -> list[Hit]:
-        """The ``k`` nearest gallery images to one query (V views, (V, D) or a sequence of (D_v,)).
-
-        Filters: drop the subjects in ``exclude_subjects``; drop hits at mean cosine
-        distance ≤ ``same_patient_distance`` (GestaltMatcher's "likely the same
-        patient" rule, e.g. 0.4; off when None); keep only ``syndromes`` (ids).
-        Filtered searches still return ``k`` hits when the gallery has them.
-        """
-        return self.search_batch(
-            [query_views], k, exclude_subjects=exclude_subjects,
-            same_patient_distance=same_patient_distance, syndromes=syndromes, view_scheme=view_scheme,
-        )[0]
-
-    def search_batch(
-        self,
-        queries: np.ndarray | Sequence[ViewsLike],
-        k: int = 10,
-        *,
-        exclude_subjects: Iterable[str] = (),
-        same_patient_distance: float | None = None,
-        syndromes: Iterable[str] | None = None,
-        view_scheme: str | None = None,
-    ) -> list[list[Hit]]:
-        """``search`` for N queries: an (N, V, D) array or a sequence of per-query views."""
-        with self._rw.read():  # ids and their rows read under one lock: deletes cannot slip between
-            ranked = self._ranked(
-                queries, k, exclude_subjects, same_patient_distance, syndromes, view_scheme
-            )
-            infos = self._infos({int(g) for ids, _ in ranked for g in ids})
-        out = []
-        for ids, scores in ranked:
-            hits = []
-            for gid, score in zip(ids, scores, strict=True):
-                info = infos.get(int(gid))
-                if info is None:  # deleted between the index read and this lookup
-                    continue
-                hits.append(Hit(
-                    gallery_id=info.gallery_id, image_id=info.image_id, subject_id=info.subject_id,
-                    syndrome_id=info.syndrome_id, syndrome_name=info.syndrome_name,
-                    omim_id=info.omim_id, genes=info.genes, score=float(score),
-                ))
-            out.append(hits[:k])
-        return out
-
-    def _query_matrix(self, queries, view_scheme: str | None) -> np.ndarray | None:
-        if view_scheme is not None and self.view_scheme is not None and view_scheme != self.view_scheme:
-            raise SchemeMismatch(
-                f"query view scheme {view_scheme!r} differs from the gallery's {self.view_scheme!r}"
-            )
-        dims = self.view_dims
-        if not dims:
-            return None
-        return query_matrix(queries, dims)
-
-    def _selection(
-        self, exclude_subjects: Iterable[str], syndromes: Iterable[str] | None
-    ) -> tuple[faiss.IDSelector | None, np.ndarray | None, list]:
-        """(selector, eligible ids when restricted to syndromes, objects to keep alive)."""
-        excluded = sorted({str(s) for s in exclude_subjects})
-        conn = self._conn()
-        if syndromes is not None:
-            wanted = sorted({str(s) for s in syndromes})
-            ids = np.fromiter(
-                (r[0] for r in conn.execute(
-                    "SELECT gallery_id FROM records WHERE syndrome_id IN (SELECT value FROM json_each(?))"
-                    " AND subject_id NOT IN (SELECT value FROM json_each(?))",
-                    (json.dumps(wanted), json.dumps(excluded)),
-                )),
-                dtype=np.int64,
-            )
-            selector = faiss.IDSelectorBatch(ids)
-            return selector, ids, [selector, ids]
-        if excluded:
-            ids = np.fromiter(
-                (r[0] for r in conn.execute(
-                    "SELECT gallery_id FROM records WHERE subject_id IN (SELECT value FROM json_each(?))",
-                    (json.dumps(excluded),),
-                )),
-                dtype=np.int64,
-            )
-            if len(ids):
-                inner = faiss.IDSelectorBatch(ids)
-                selector = faiss.IDSelectorNot(inner)
-                return selector, None, [selector, inner, ids]
-        return None, None, []
-
-    def _ranked(
-        self, queries, k: int, exclude_subjects, same_patient_distance, syndromes, view_scheme,
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per query (gallery ids, scores) best first, at most ``k``, filters applied.
-
-        The caller holds the read lock.
-        """
-        q = self._query_matrix(queries, view_scheme)
-        if q is None:
-            n = len(queries)
-            return [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * n
-        if k <= 0:
-            raise ValueError("k must be positive")
-        selector, eligible, _keep = self._selection(exclude_subjects, syndromes)
-        if eligible is not None and len(eligible) == 0:
-            return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
-        index = self._index
-        if index is None or index.ntotal == 0:
-            return [(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
-        total = index.ntotal if eligible is None else min(index.ntotal, len(eligible))
-        fetch = min(total, k if same_patient_distance is None else k + 16)
-        while True:
-            scores, ids = index.search(q, fetch, selector)
-            results = []
-            short = False
-            for row_ids, row_scores in zip(ids, scores, strict=True):
-                keep = row_ids >= 0
-                exhausted = keep.sum() < fetch
-                if same_patient_distance is not None:
-                    keep &= (1.0 - row_scores) > same_patient_distance
-                results.append((row_ids[keep][:k], row_scores[keep][:k]))
-                if keep.sum() < k and not exhausted:
-                    short = True
-            if not short or fetch >= total:
-                break
-            fetch = min(total, fetch * 4)
-        approximate = not index.exact
-        if approximate and eligible is not None and len(eligible) <= _EXACT_FALLBACK_LIMIT:
-            want = min(k, len(eligible))
-            if any(len(r[0]) < want for r in results):
-                results = self._exact_scan(q, eligible, k, same_patient_distance)
-        return results
-
-    def _exact_scan(
-        self, q: np.ndarray, ids: np.ndarray, k: int, same_patient_distance: float | None
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Brute force over ``ids`` from SQLite, for filters an approximate index serves poorly."""
-        rows = self._conn().execute(
-            "SELECT gallery_id, embedding FROM records WHERE gallery_id IN (SELECT value FROM json_each(?))",
-            (json.dumps(ids.tolist()),),
-        ).fetchall()
-        gids = np.array([r[0] for r in rows], dtype=np.int64)
-        flat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
-        scores = q @ search_matrix(flat, self.view_dims).T
-        out = []
-        for row in scores:
-            order = np.argsort(-row, kind="stable")
-            if same_patient_distance is not None:
-                order = order[(1.0 - row[order]) > same_patient_distance]
-            order = order[:k]
-            out.append((gids[order], row[order].astype(np.float32)))
-        return out
-
-    def rank_syndromes(
-        self,
-        query_views: ViewsLike,
-        top: int | None = 30,
-        *,
-        exclude_subjects: Iterable[str] = (),
-        same_patient_distance: float | None = None,
-        syndromes: Iterable[str] | None = None,
-        view_scheme: str | None = None,
-    ) -> list[SyndromeHit]:
-        """Syndromes ranked by their nearest gallery image (GestaltMatcher); ``top=None``: all."""
-        out: list[SyndromeHit] = []
-        for gid, score, info in self._walk(
-            query_views, top, lambda info: [info.syndrome_id], exclude_subjects,
-            same_patient_distance, syndromes, view_scheme,
-        ):
-            if top is not None and len(out) >= top:
-                break
-            out.append(SyndromeHit(
-                syndrome_id=info.syndrome_id, syndrome_name=info.syndrome_name, omim_id=info.omim_id,
-                score=score, gallery_id=gid, image_id=info.image_id, subject_id=info.subject_id,
-            ))
-        return out
-
-    def rank_genes(
-        self,
-        query_views: ViewsLike,
-        top: int | None = 30,
-        *,
-        exclude_subjects: Iterable[str] = (),
-        same_patient_distance: float | None = None,
-        syndromes: Iterable[str] | None = None,
-        view_scheme: str | None = None,
-    ) -> list[GeneHit]:
-        """Genes ranked by the nearest gallery image that carries them; ``top=None``: all."""
-        out: list[GeneHit] = []
-        seen_gene: set[str] = set()
-        for gid, score, info in self._walk(
-            query_views, top, lambda info: list(info.genes), exclude_subjects,
-            same_patient_distance, syndromes, view_scheme,
-        ):
-            for gene in info.genes:
-                if gene not in seen_gene and (top is None or len(out) < top):
-                    seen_gene.add(gene)
-                    out.append(GeneHit(
-                        gene=gene, score=score, gallery_id=gid, image_id=info.image_id,
-                        subject_id=info.subject_id, syndrome_id=info.syndrome_id,
-                    ))
-        return out
-
-    def _walk(self, query_views, top, keys_of, exclude_subjects, same_patient_distance, syndromes, view_scheme):
-        """Yield (gallery id, score, info) for each image that is the first to carry a new key,
-        widening the candidate list until ``top`` keys are found or the gallery is exhausted."""
-        index = self._index
-        total = index.ntotal if index is not None else 0
-        if total == 0:
-            return
-        fetch = total if top is None else min(total, max(64, 8 * top))
-        while True:
-            with self._rw.read():
-                ids, scores = self._ranked(
-                    [query_views], fetch, exclude_subjects, same_patient_distance, syndromes, view_scheme
-                )[0]
-                infos = self._infos(ids)
-            seen: set[str] = set()
-            found = []
-            for gid, score in zip(ids, scores, strict=True):
-                info = infos.get(int(gid))
-                if info is None:
-                    continue
-                new = [key for key in keys_of(info) if key not in seen]
-                if new:
-                    seen.update(new)
-                    found.append((int(gid), float(score), info))
-            if (top is not None and len(seen) >= top) or len(ids) < fetch or fetch >= total:
-                break
-            fetch = min(total, fetch * 4)
-        yield from found
+    def _search_dims(self) -> tuple[str | None, tuple[int, ...]]:
+        """(view scheme, view dims): fixed once the first record is written, so cached then."""
+        known = self._scheme_dims
+        if known is not None:
+            return known
+        now = (self.view_scheme, self.view_dims)
+        if now[1]:
+            self._scheme_dims = now
+        return now
 
     # -- statistics ---------------------------------------------------------------
 

@@ -67,6 +67,11 @@ def search_matrix(flat: np.ndarray, dims: Sequence[int]) -> np.ndarray:
     Raises InvalidEmbedding when a view has zero length.
     """
     flat = np.asarray(flat, dtype=np.float32)
+    if len(dims) == 1:  # one view: one pass, no copies per view
+        norms = np.sqrt(np.einsum("nd,nd->n", flat, flat))[:, None]
+        if not np.all(norms > 0) or not np.all(np.isfinite(norms)):  # NaN fails `> 0`
+            raise InvalidEmbedding("an embedding view has zero length or a non-finite value")
+        return flat / norms
     out = np.empty_like(flat)
     scale = np.float32(1.0 / np.sqrt(len(dims)))
     start = 0
@@ -94,9 +99,7 @@ def query_matrix(queries: np.ndarray | Sequence[ViewsLike], dims: Sequence[int])
             raise DimensionMismatch(
                 f"queries have shape {queries.shape}; the gallery holds views of sizes {list(dims)}"
             )
-        if not np.all(np.isfinite(flat)):
-            raise InvalidEmbedding("a query has a non-finite value")
-        return search_matrix(flat, dims)
+        return search_matrix(flat, dims)  # a non-finite value makes its view's norm non-finite
     rows = []
     for q in queries:
         views = as_views(q)

@@ -1,0 +1,314 @@
+"""Search and ranking over a gallery: nearest images, GestaltMatcher syndrome and gene
+ranking, and the one filter type they all take (``SearchFilter``).
+
+``Ranking`` is the search half of ``gallery.store.Gallery`` (which mixes it in): it
+reads the store only through ``_rw`` (the readers-writer lock), ``_index``,
+``_search_dims()`` and ``_infos()``, and never writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gallery.errors import SchemeMismatch
+from gallery.records import GeneHit, Hit, RecordInfo, SyndromeHit
+from gallery.vectors import ViewsLike, query_matrix, search_matrix
+
+if TYPE_CHECKING:
+    from gallery._rwlock import ReadWriteLock
+    from gallery.index import VectorIndex
+
+# Below this many eligible records a filtered search on an approximate index that came
+# back short is redone exactly from SQLite.
+_EXACT_FALLBACK_LIMIT = 200_000
+# Labels of this many recent hits stay in memory (cleared by every write).
+_LABEL_CACHE_SIZE = 65_536
+_HIT_LABELS = ("gallery_id", "image_id", "subject_id", "syndrome_id", "syndrome_name", "omim_id", "genes")
+# Extra candidates fetched when the same-patient rule may drop some (approximate index).
+_SAME_PATIENT_SLACK = 16
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Which gallery images a search may return.
+
+    ``exclude_subjects``: subject ids left out (the query's own patient).
+    ``same_patient_distance``: drop hits at mean cosine distance ≤ this (GestaltMatcher's
+    "likely the same patient" rule, e.g. 0.4); None: off.
+    ``syndromes``: keep only these syndrome ids; None: every syndrome.
+    Filtered searches still return ``k`` hits when the gallery has them.
+    """
+
+    exclude_subjects: tuple[str, ...] = ()
+    same_patient_distance: float | None = None
+    syndromes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude_subjects", tuple(sorted({str(s) for s in self.exclude_subjects})))
+        if self.syndromes is not None:
+            object.__setattr__(self, "syndromes", tuple(sorted({str(s) for s in self.syndromes})))
+        if self.same_patient_distance is not None:
+            object.__setattr__(self, "same_patient_distance", float(self.same_patient_distance))
+
+    @classmethod
+    def of(cls, base: SearchFilter | None = None, **fields: object) -> SearchFilter:
+        """``base`` (or no filter) with ``fields`` (SearchFilter's own keywords) replaced."""
+        if not fields:
+            return base or _NO_FILTER
+        return replace(base or _NO_FILTER, **fields)
+
+    @property
+    def max_score(self) -> float | None:
+        """The highest score a hit may have (the same-patient rule as a score bound)."""
+        return None if self.same_patient_distance is None else 1.0 - self.same_patient_distance
+
+    def eligible(self, conn: sqlite3.Connection) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(allowed gallery ids or None: all, excluded gallery ids or None: none) from SQLite."""
+        excluded = json.dumps(list(self.exclude_subjects))
+        if self.syndromes is not None:
+            allowed = conn.execute(
+                "SELECT gallery_id FROM records WHERE syndrome_id IN (SELECT value FROM json_each(?))"
+                " AND subject_id NOT IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(self.syndromes)), excluded),
+            )
+            return np.fromiter((r[0] for r in allowed), dtype=np.int64), None
+        if self.exclude_subjects:
+            dropped = conn.execute(
+                "SELECT gallery_id FROM records WHERE subject_id IN (SELECT value FROM json_each(?))",
+                (excluded,),
+            )
+            ids = np.fromiter((r[0] for r in dropped), dtype=np.int64)
+            return None, (ids if len(ids) else None)
+        return None, None
+
+
+_EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+
+class Ranking:
+    """Search and ranking methods of the gallery (mixed into ``Gallery``).
+
+    Each public method takes a ``SearchFilter`` as ``filter`` and/or its fields as
+    keywords (``exclude_subjects=``, ``same_patient_distance=``, ``syndromes=``);
+    keywords override the filter's fields.
+    """
+
+    _rw: ReadWriteLock
+    _index: VectorIndex | None
+    _label_cache: dict[int, tuple[RecordInfo, dict]]
+
+    if TYPE_CHECKING:  # provided by the store (gallery.store.Gallery)
+        def _conn(self) -> sqlite3.Connection: ...
+        def _search_dims(self) -> tuple[str | None, tuple[int, ...]]: ...
+        def _infos(self, ids: Iterable[int]) -> dict[int, RecordInfo]: ...
+
+    def search(
+        self, query_views: ViewsLike, k: int = 10, filter: SearchFilter | None = None, *,
+        view_scheme: str | None = None, **filters: object,
+    ) -> list[Hit]:
+        """The ``k`` nearest gallery images to one query (V views, (V, D) or a sequence of (D_v,))."""
+        return self.search_batch([query_views], k, filter, view_scheme=view_scheme, **filters)[0]
+
+    def search_batch(
+        self, queries: np.ndarray | Sequence[ViewsLike], k: int = 10, filter: SearchFilter | None = None,
+        *, view_scheme: str | None = None, **filters: object,
+    ) -> list[list[Hit]]:
+        """``search`` for N queries: an (N, V, D) array or a sequence of per-query views."""
+        chosen = SearchFilter.of(filter, **filters)
+        with self._rw.read():  # ids and their rows read under one lock: deletes cannot slip between
+            ranked = [(ids.tolist(), scores.tolist()) for ids, scores in self._ranked(queries, k, chosen, view_scheme)]
+            labels = self._labels([gid for ids, _ in ranked for gid in ids])
+        new = object.__new__
+        out = []
+        for ids, scores in ranked:
+            hits = []
+            for gid, score in zip(ids, scores, strict=True):
+                found = labels.get(gid)
+                if found is None:  # deleted between the index read and this lookup
+                    continue
+                # Hit's own fields, set as its frozen __init__ would, without its per-field
+                # calls: thousands of hits per batch made them cost more than the search.
+                hit = new(Hit)
+                fields = hit.__dict__
+                fields.update(found[1])
+                fields["score"] = score
+                hits.append(hit)
+            out.append(hits)
+        return out
+
+    def _labels(self, ids: list[int]) -> dict[int, tuple[RecordInfo, dict]]:
+        """gallery id -> (RecordInfo, its Hit fields) for those of ``ids`` still in the gallery."""
+        cache = self._label_cache
+        out = {}
+        missing = []
+        for gid in ids:
+            found = cache.get(gid)
+            if found is None:
+                missing.append(gid)
+            else:
+                out[gid] = found
+        if missing:
+            fetched = {
+                gid: (info, {name: getattr(info, name) for name in _HIT_LABELS})
+                for gid, info in self._infos(missing).items()
+            }
+            if len(cache) + len(fetched) > _LABEL_CACHE_SIZE:
+                cache.clear()
+            cache.update(fetched)
+            out.update(fetched)
+        return out
+
+    def _forget_labels(self) -> None:
+        """Drop cached labels: called after every committed write (a search racing the
+        write may have cached a row's old labels into the dictionary this replaces)."""
+        self._label_cache = {}
+
+    def rank_syndromes(
+        self, query_views: ViewsLike, top: int | None = 30, filter: SearchFilter | None = None, *,
+        view_scheme: str | None = None, **filters: object,
+    ) -> list[SyndromeHit]:
+        """Syndromes ranked by their nearest gallery image (GestaltMatcher); ``top=None``: all."""
+        out: list[SyndromeHit] = []
+        chosen = SearchFilter.of(filter, **filters)
+        for gid, score, info in self._walk(query_views, top, lambda i: [i.syndrome_id], chosen, view_scheme):
+            if top is not None and len(out) >= top:
+                break
+            out.append(SyndromeHit(
+                syndrome_id=info.syndrome_id, syndrome_name=info.syndrome_name, omim_id=info.omim_id,
+                score=score, gallery_id=gid, image_id=info.image_id, subject_id=info.subject_id,
+            ))
+        return out
+
+    def rank_genes(
+        self, query_views: ViewsLike, top: int | None = 30, filter: SearchFilter | None = None, *,
+        view_scheme: str | None = None, **filters: object,
+    ) -> list[GeneHit]:
+        """Genes ranked by the nearest gallery image that carries them; ``top=None``: all."""
+        out: list[GeneHit] = []
+        seen_gene: set[str] = set()
+        chosen = SearchFilter.of(filter, **filters)
+        for gid, score, info in self._walk(query_views, top, lambda i: list(i.genes), chosen, view_scheme):
+            for gene in info.genes:
+                if gene not in seen_gene and (top is None or len(out) < top):
+                    seen_gene.add(gene)
+                    out.append(GeneHit(
+                        gene=gene, score=score, gallery_id=gid, image_id=info.image_id,
+                        subject_id=info.subject_id, syndrome_id=info.syndrome_id,
+                    ))
+        return out
+
+    # -- internals ----------------------------------------------------------------
+
+    def _query_matrix(self, queries, view_scheme: str | None) -> np.ndarray | None:
+        scheme, dims = self._search_dims()
+        if view_scheme is not None and scheme is not None and view_scheme != scheme:
+            raise SchemeMismatch(f"query view scheme {view_scheme!r} differs from the gallery's {scheme!r}")
+        if not dims:
+            return None
+        return query_matrix(queries, dims)
+
+    def _ranked(
+        self, queries, k: int, chosen: SearchFilter, view_scheme: str | None,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query (gallery ids, scores) best first, at most ``k``, filters applied.
+
+        The caller holds the read lock.
+        """
+        q = self._query_matrix(queries, view_scheme)
+        if q is None:
+            return [_EMPTY] * len(queries)
+        if k <= 0:
+            raise ValueError("k must be positive")
+        index = self._index
+        if index is None or index.ntotal == 0:
+            return [_EMPTY] * len(q)
+        allowed, excluded = (None, None) if chosen is _NO_FILTER else chosen.eligible(self._conn())
+        if allowed is not None and len(allowed) == 0:
+            return [_EMPTY] * len(q)
+        max_score = chosen.max_score
+        if index.exact:  # every filter applied inside the scan: one pass
+            scores, ids = index.search(q, k, allowed=allowed, excluded=excluded, max_score=max_score)
+            if ids[:, -1].min() >= 0:  # every row full: no per-row masks
+                return list(zip(ids, scores, strict=True))
+            return [(row_ids[row_ids >= 0], row_scores[row_ids >= 0])
+                    for row_ids, row_scores in zip(ids, scores, strict=True)]
+        total = index.ntotal if allowed is None else min(index.ntotal, len(allowed))
+        fetch = min(total, k if max_score is None else k + _SAME_PATIENT_SLACK)
+        while True:
+            scores, ids = index.search(q, fetch, allowed=allowed, excluded=excluded)
+            results = []
+            short = False
+            for row_ids, row_scores in zip(ids, scores, strict=True):
+                keep = row_ids >= 0
+                exhausted = keep.sum() < fetch
+                if max_score is not None:
+                    keep &= row_scores <= max_score
+                results.append((row_ids[keep][:k], row_scores[keep][:k]))
+                if keep.sum() < k and not exhausted:
+                    short = True
+            if not short or fetch >= total:
+                break
+            fetch = min(total, fetch * 4)
+        if allowed is not None and len(allowed) <= _EXACT_FALLBACK_LIMIT:
+            want = min(k, len(allowed))
+            if any(len(r[0]) < want for r in results):
+                results = self._exact_scan(q, allowed, k, max_score)
+        return results
+
+    def _exact_scan(
+        self, q: np.ndarray, ids: np.ndarray, k: int, max_score: float | None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Brute force over ``ids`` from SQLite, for filters an approximate index serves poorly."""
+        rows = self._conn().execute(
+            "SELECT gallery_id, embedding FROM records WHERE gallery_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ids.tolist()),),
+        ).fetchall()
+        gids = np.array([r[0] for r in rows], dtype=np.int64)
+        flat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
+        scores = q @ search_matrix(flat, self._search_dims()[1]).T
+        out = []
+        for row in scores:
+            order = np.argsort(-row, kind="stable")
+            if max_score is not None:
+                order = order[row[order] <= max_score]
+            order = order[:k]
+            out.append((gids[order], row[order].astype(np.float32)))
+        return out
+
+    def _walk(
+        self, query_views, top: int | None, keys_of, chosen: SearchFilter, view_scheme: str | None,
+    ) -> Iterator[tuple[int, float, RecordInfo]]:
+        """Yield (gallery id, score, info) for each image that is the first to carry a new key,
+        widening the candidate list until ``top`` keys are found or the gallery is exhausted."""
+        index = self._index
+        total = index.ntotal if index is not None else 0
+        if total == 0:
+            return
+        fetch = total if top is None else min(total, max(64, 8 * top))
+        while True:
+            with self._rw.read():
+                ids, scores = self._ranked([query_views], fetch, chosen, view_scheme)[0]
+                labels = self._labels(ids.tolist())
+            seen: set[str] = set()
+            found = []
+            for gid, score in zip(ids.tolist(), scores.tolist(), strict=True):
+                if gid not in labels:
+                    continue
+                info = labels[gid][0]
+                new = [key for key in keys_of(info) if key not in seen]
+                if new:
+                    seen.update(new)
+                    found.append((gid, score, info))
+            if (top is not None and len(seen) >= top) or len(ids) < fetch or fetch >= total:
+                break
+            fetch = min(total, fetch * 4)
+        yield from found
+
+
+_NO_FILTER = SearchFilter()

@@ -1,0 +1,129 @@
+"""Search and ranking after the split: the exact index equals numpy, filters keep their
+meaning, ``auto`` chooses by size, and ``SearchFilter`` is the one way to say a filter."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from gallery import Entry, Gallery, SearchFilter
+from gallery import index as index_module
+from gallery.index import ExactMatrix, auto_factory
+from gallery.vectors import search_matrix
+from tests.gallery.conftest import make_entries
+
+
+def numpy_top_k(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force: (rows (N, k), scores (N, k)) best first, ties to the earlier row."""
+    scores = q @ x.T
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return rows, np.take_along_axis(scores, rows, axis=1)
+
+
+@pytest.mark.parametrize(("n", "queries"), [(20_000, 1), (20_000, 64), (300, 3), (5, 2)])
+def test_exact_matrix_top_k_equals_numpy(n, queries):
+    """Sizes that take the block-maxima path, several chunks (64 queries over 20k rows),
+    plain argpartition, and fewer rows than k."""
+    rng = np.random.default_rng(n + queries)
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+    q = rng.normal(size=(queries, 16)).astype(np.float32)
+    index = ExactMatrix(16)
+    index.add(np.arange(n) + 100, x)
+    scores, ids = index.search(q, 10)
+    rows, want = numpy_top_k(x, q, 10)
+    found = ids >= 0
+    assert found.sum(axis=1).tolist() == [min(n, 10)] * queries
+    np.testing.assert_array_equal(ids[:, : min(n, 10)], rows + 100)
+    np.testing.assert_allclose(scores[found].reshape(queries, -1), want, rtol=0, atol=1e-5)
+
+
+def test_gallery_exact_search_equals_numpy_over_the_stored_vectors(gallery_path):
+    entries = make_entries(600, views=2, dim=12, seed=4)
+    queries = np.stack([np.stack(e.views) for e in make_entries(64, views=2, dim=12, seed=5)])
+    with Gallery.open(gallery_path) as g:
+        ids = g.add_many(entries).added
+        assert g.index_effective_factory == "Flat"
+        x = search_matrix(np.stack([np.concatenate(e.views) for e in entries]), (12, 12))
+        q = search_matrix(queries.reshape(64, -1), (12, 12))
+        rows, scores = numpy_top_k(x, q, 10)
+        for hits, want_rows, want_scores in zip(g.search_batch(queries, 10), rows, scores, strict=True):
+            assert [h.gallery_id for h in hits] == [ids[r] for r in want_rows]
+            np.testing.assert_allclose([h.score for h in hits], want_scores, atol=1e-6)
+
+
+def brute_force(entries: list[Entry], query: np.ndarray, k: int, rule: SearchFilter) -> list[str]:
+    """The filters' meaning, written out: image ids best first."""
+    x = search_matrix(np.stack([np.concatenate(e.views) for e in entries]), (16,))
+    scores = x @ search_matrix(query.reshape(1, -1), (16,))[0]
+    keep = [
+        i for i in np.argsort(-scores, kind="stable")
+        if entries[i].subject_id not in rule.exclude_subjects
+        and (rule.syndromes is None or entries[i].syndrome_id in rule.syndromes)
+        and (rule.same_patient_distance is None or 1 - scores[i] > rule.same_patient_distance)
+    ]
+    return [entries[i].image_id for i in keep[:k]]
+
+
+RULES = [
+    SearchFilter(),
+    SearchFilter(exclude_subjects=("subj0", "subj3", "nobody")),
+    SearchFilter(syndromes=("SYN1", "SYN4")),
+    SearchFilter(same_patient_distance=0.9),
+    SearchFilter(exclude_subjects=("subj7",), same_patient_distance=0.95, syndromes=("SYN2", "SYN3")),
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=["none", "exclude", "syndromes", "same-patient", "all"])
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
+def test_filters_mean_the_same_as_a_brute_force(gallery_path, rule, factory):
+    entries = make_entries(400, syndromes=6, per_subject=4, seed=9)
+    query = entries[1].views[0] + 0.3 * np.random.default_rng(0).normal(size=16).astype(np.float32)
+    with Gallery.open(gallery_path, index=factory, nprobe=4) as g:  # nprobe 4 of 4: exact recall
+        g.add_many(entries)
+        assert g.index_effective_factory == factory
+        hits = g.search(query, 12, rule)
+        assert [h.image_id for h in hits] == brute_force(entries, query, 12, rule)
+
+
+def test_filter_object_and_keywords_are_the_same_filter(gallery_path):
+    entries = make_entries(120, syndromes=4, seed=3)
+    rule = SearchFilter(exclude_subjects=["subj1", "subj0"], syndromes={"SYN2", "SYN1"}, same_patient_distance=0.5)
+    assert rule.exclude_subjects == ("subj0", "subj1") and rule.syndromes == ("SYN1", "SYN2")
+    assert SearchFilter.of(rule, syndromes=None) == SearchFilter(("subj0", "subj1"), 0.5, None)
+    with pytest.raises(TypeError):
+        SearchFilter.of(None, exclude_subject=("typo",))
+    with Gallery.open(gallery_path) as g:
+        g.add_many(entries)
+        keywords = dict(exclude_subjects=["subj1", "subj0"], syndromes=["SYN1", "SYN2"], same_patient_distance=0.5)
+        q = entries[5].views
+        assert g.search(q, 8, rule) == g.search(q, 8, **keywords)
+        assert g.rank_syndromes(q, 5, rule) == g.rank_syndromes(q, 5, **keywords)
+        assert g.rank_genes(q, 5, rule) == g.rank_genes(q, 5, **keywords)
+        assert g.search_batch([q, q], 8, rule) == g.search_batch([q, q], 8, **keywords)
+
+
+def test_auto_is_exact_for_small_galleries_and_hnsw_past_the_limit(gallery_path, monkeypatch):
+    assert auto_factory(1_000) == auto_factory(index_module.AUTO_EXACT_LIMIT - 1) == "Flat"
+    assert auto_factory(1_000_000) == "HNSW32"
+    monkeypatch.setattr(index_module, "AUTO_EXACT_LIMIT", 300)
+    entries = make_entries(400, seed=12)
+    with Gallery.open(gallery_path) as g:
+        assert g.factory == "auto"
+        g.add_many(entries[:250])
+        assert g.index_effective_factory == "Flat"
+        g.add_many(entries[250:])
+        assert g.index_effective_factory == "HNSW32"
+        assert g.search(entries[7].views, 1)[0].image_id == "img7"
+
+
+def test_saved_exact_index_is_loaded_not_rebuilt(gallery_path, caplog):
+    entries = make_entries(50, views=2, seed=2)
+    with Gallery.open(gallery_path) as g:
+        g.add_many(entries)
+        before = g.search(entries[3].views, 5)
+    with caplog.at_level(logging.INFO, logger="gallery.store"):
+        with Gallery.open(gallery_path) as g:
+            assert g.search(entries[3].views, 5) == before
+    assert not [r for r in caplog.records if "rebuilding" in r.getMessage()]
