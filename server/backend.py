@@ -20,7 +20,7 @@ import numpy as np
 from encoder.image import decode_image
 from encoder.pipeline import Face, FacePipeline
 from explain.errors import Cancelled as ExplainCancelled
-from gallery import Entry, Gallery, GeneHit, Hit, SchemeMismatch, SyndromeHit
+from gallery import Entry, Gallery, GeneHit, Hit, SchemeMismatch, SearchFilter, SyndromeHit
 from gallery.calibration import Calibration, CalibrationCache
 from gallery.png import encode_png
 from server.config import ServiceConfig
@@ -30,11 +30,7 @@ from server.limits import RequestScope
 
 log = logging.getLogger("phenolens.server")
 
-@dataclass(frozen=True)
-class SearchFilters:
-    exclude_subjects: tuple[str, ...] = ()
-    same_patient_distance: float | None = None  # None: rule off
-    syndromes: tuple[str, ...] | None = None  # None: all syndromes
+SearchFilters = SearchFilter  # the gallery's one filter type, under the name callers use
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,14 +212,13 @@ class Backend:
     def match(self, query: Query, *, top_k: int, top_syndromes: int, top_genes: int,
               filters: SearchFilters, scope: RequestScope) -> MatchOutcome:
         scope.check()
-        kwargs = dict(exclude_subjects=filters.exclude_subjects,
-                      same_patient_distance=filters.same_patient_distance,
-                      syndromes=filters.syndromes, view_scheme=self.view_scheme)
+        scheme = self.view_scheme
         version = self.gallery.version
-        hits = self.gallery.search(query.views, top_k, **kwargs)
-        syndromes = self.gallery.rank_syndromes(query.views, top_syndromes, **kwargs) \
-            if top_syndromes else []
-        genes = self.gallery.rank_genes(query.views, top_genes, **kwargs) if top_genes else []
+        hits = self.gallery.search(query.views, top_k, filters, view_scheme=scheme)
+        syndromes = self.gallery.rank_syndromes(query.views, top_syndromes, filters,
+                                                view_scheme=scheme) if top_syndromes else []
+        genes = self.gallery.rank_genes(query.views, top_genes, filters,
+                                        view_scheme=scheme) if top_genes else []
         return MatchOutcome(query, tuple(hits), tuple(syndromes), tuple(genes), version,
                             self.calibrations.get(self.gallery))
 

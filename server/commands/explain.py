@@ -86,7 +86,7 @@ def _gallery_matches(args: argparse.Namespace, config, embed, query_views) -> li
     from encoder.image import decode_image
     from gallery import Gallery, SchemeMismatch
 
-    index = args.index or config.gallery.index or "Flat"
+    index = args.index or config.gallery.index or "auto"
     with Gallery.open(args.gallery, index=index, create=False) as gallery:
         if gallery.view_scheme not in (None, embed.view_scheme):
             raise SchemeMismatch(

@@ -133,7 +133,7 @@ def _open_gallery(args: argparse.Namespace, config, *, encoder_id: str | None = 
     from gallery import Gallery
 
     path = args.gallery or config.gallery.path
-    index = getattr(args, "index", None) or config.gallery.index or "Flat"
+    index = getattr(args, "index", None) or config.gallery.index or "auto"
     return Gallery.open(path, index=index, encoder_id=encoder_id, view_scheme=view_scheme,
                         create=create)
 
