@@ -101,7 +101,7 @@ def test_match_by_precomputed_embedding_equals_match_by_image(reader, photo_path
 
 
 def _check_explained(e, *, photo_shape):
-    assert set(e.methods) == {"similarity", "gradcam"}
+    assert set(e.methods) == {"contrast", "similarity"}  # the default explanation
     for method in e.methods:
         q, g = e.map(method, "query"), e.map(method, "gallery")
         assert q.aligned.shape == (112, 112) and g.aligned.shape == (112, 112)
