@@ -2,11 +2,12 @@
 
 Colormap: ``RdBu_r`` — red where a region pulls the two faces together,
 blue where it pushes them apart, centred at 0 with symmetric limits ±max|map|
-(one scale for both faces of a pair). ColorBrewer's RdBu is diverging and
+(one scale for both faces of a pair; the peak is the 99th percentile of |map| so
+one extreme cell does not wash out the rest). ColorBrewer's RdBu is diverging and
 colour-blind safe (red/blue stay apart for deuteranopia and protanopia, unlike
 red/green or ``coolwarm``'s grey-ish midtones), and red/blue reads without a
-legend. Opacity grows with |value|, so cells near 0 leave the face visible
-instead of washing it white.
+legend. Opacity grows with sqrt(|value|), so cells near 0 leave the face
+visible and cells at a fifth of the peak are still plainly coloured.
 """
 
 from __future__ import annotations
@@ -28,12 +29,23 @@ from encoder.align import Alignment, warp_to_photo  # noqa: E402
 from gallery.png import encode_png  # noqa: E402
 
 DIVERGING_CMAP = "RdBu_r"
-MAX_ALPHA = 0.7
+MAX_ALPHA = 0.75
+LEGENDS = {"contrast": "← differs from the other face      0      shared with it →"}
+DEFAULT_LEGEND = "← pushes apart      0      pulls together →"
 
 
 def symmetric_limit(*maps: np.ndarray) -> float:
-    """max |value| over all maps (1.0 when they are all zero): the shared colour scale ±limit."""
-    peak = max((float(np.abs(m).max()) for m in maps if m is not None and m.size), default=0.0)
+    """The shared colour scale ±limit: the largest over all maps of the 99th percentile of
+    their non-zero |values| (1.0 when they are all zero)."""
+    peaks = []
+    for m in maps:
+        if m is None or not m.size:
+            continue
+        magnitude = np.abs(np.asarray(m, dtype=np.float64))
+        nonzero = magnitude[magnitude > 0]
+        if nonzero.size:
+            peaks.append(float(np.percentile(nonzero, 99)))
+    peak = max(peaks, default=0.0)
     return peak if peak > 0 else 1.0
 
 
@@ -42,7 +54,7 @@ def colorize(signed_map: np.ndarray, limit: float | None = None) -> np.ndarray:
     limit = symmetric_limit(signed_map) if limit is None else float(limit)
     scaled = np.clip(np.asarray(signed_map, dtype=np.float64) / limit, -1.0, 1.0)
     rgba = colormaps[DIVERGING_CMAP]((scaled + 1.0) / 2.0)
-    rgba[..., 3] = MAX_ALPHA * np.abs(scaled)
+    rgba[..., 3] = MAX_ALPHA * np.sqrt(np.abs(scaled))
     return rgba
 
 
@@ -138,7 +150,7 @@ def pair_figure(
     bar = fig.colorbar(
         mappable, ax=axes.ravel().tolist(), orientation="horizontal", fraction=0.05, pad=0.04
     )
-    bar.set_label("← pushes apart      0      pulls together →", fontsize=8)
+    bar.set_label(LEGENDS.get(method, DEFAULT_LEGEND), fontsize=8)
     bar.ax.tick_params(labelsize=7)
     title = f"cosine {cosine:.3f}"
     fig.suptitle(f"{label} · {title}" if label else title, fontsize=11)

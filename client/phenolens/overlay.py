@@ -2,8 +2,10 @@
 
 The colormap is diverging and colour-blind safe (ColorBrewer RdBu, reversed):
 blue cells push two faces apart, red cells pull them together, and cells near
-zero leave the face visible. Maps are scaled by their largest absolute value,
-so zero stays white-transparent and the sign is never lost.
+zero leave the face visible. Maps are scaled by a robust peak (the 99th
+percentile of |map|, so one extreme cell does not wash out the rest), zero stays
+transparent, and opacity grows with the square root of |value| so that cells at
+a fifth of the peak are still plainly visible.
 """
 
 from __future__ import annotations
@@ -51,11 +53,38 @@ def render_overlay(base_rgb: np.ndarray, signed_map: np.ndarray, *, alpha: float
     """
     base = np.asarray(base_rgb, dtype=np.float32)[..., :3]
     m = resize_map(signed_map, base.shape[:2])
-    scale = float(np.max(np.abs(m))) or 1.0
-    v = m / scale
-    weight = (alpha * np.abs(v))[..., None]
+    scale = robust_peak(m)
+    v = np.clip(m / scale, -1.0, 1.0)
+    weight = (alpha * np.sqrt(np.abs(v)))[..., None]
     out = base * (1.0 - weight) + diverging_colors(v) * weight
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def robust_peak(signed_map: np.ndarray) -> float:
+    """The colour scale ±peak of a map: the 99th percentile of its non-zero |values| (1.0 if none)."""
+    magnitude = np.abs(np.asarray(signed_map, dtype=np.float64))
+    nonzero = magnitude[magnitude > 0]
+    return float(np.percentile(nonzero, 99)) if nonzero.size else 1.0
+
+
+LEGENDS = {
+    "contrast": ("blue: differs from the other face", "red: shared with it"),
+}
+DEFAULT_LEGEND = ("blue: pushes the faces apart", "red: pulls them together")
+
+
+def legend_strip(width: int, method: str | None) -> np.ndarray:
+    """(28, width, 3) uint8: a small colour bar and what blue and red mean for ``method``."""
+    Image = require_pillow()
+    from PIL import ImageDraw
+
+    strip = np.full((28, width, 3), 255, dtype=np.uint8)
+    bar = diverging_colors(np.linspace(-1.0, 1.0, min(96, width // 3)))
+    strip[4:12, 4 : 4 + bar.shape[0]] = bar[None].astype(np.uint8)
+    image = Image.fromarray(strip)
+    blue, red = LEGENDS.get(method or "", DEFAULT_LEGEND)
+    ImageDraw.Draw(image).text((4, 14), f"{blue} · {red}", fill=(40, 40, 40))
+    return np.asarray(image)
 
 
 def side_by_side(images: list[np.ndarray], *, gap: int = 8) -> np.ndarray:

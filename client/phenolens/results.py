@@ -334,15 +334,19 @@ class ExplainedMatch:
 
     def save_overlay(self, path: str | Path, method: str | None = None,
                      side: Side | Literal["both"] = "both", *,
-                     coords: Literal["aligned", "photo"] = "aligned", alpha: float = 0.6,
+                     coords: Literal["aligned", "photo"] = "aligned", alpha: float = 0.75,
                      scale: int = 2) -> Path:
         """Write a PNG: one face with its map, or (``side="both"``) query | gallery side by side.
 
-        Red cells pull the faces together, blue cells push them apart."""
+        Red cells pull the faces together, blue cells push them apart (for ``contrast``:
+        blue marks what differs from the other face); a legend line says so under the faces."""
         if side == "both":
             images = [self.overlay(method, "query", coords=coords, alpha=alpha, scale=scale),
                       self.overlay(method, "gallery", alpha=alpha, scale=scale)]
-            return overlay.save_png(overlay.side_by_side(images), path)
+            row = overlay.side_by_side(images)
+            name = method or (self.methods[0] if self.methods else None)
+            legend = overlay.legend_strip(row.shape[1], name)
+            return overlay.save_png(np.concatenate([row, legend]), path)
         return overlay.save_png(
             self.overlay(method, side, coords=coords, alpha=alpha, scale=scale), path)
 
