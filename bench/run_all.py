@@ -174,6 +174,20 @@ def parse_explain(out: str, err: str) -> list[Ratio]:
     return rows
 
 
+def parse_contrast(out: str, err: str) -> list[Ratio]:
+    doc = _json_tail(out)
+    rows = []
+    for r in doc["contrast"]:
+        value = r["cached_per_encode"]
+        rows.append(Ratio("contrast", f"contrast maps top-{r['k']} (cached hits) vs one encode",
+                          f"{r['contrast_cached_ms']:.1f} ms", f"{r['encode_ms']:.1f} ms", value,
+                          "<= 3x", value <= 3.0))
+    for p in doc["peers"]:
+        rows.append(Ratio("contrast", f"{p['method']} (one pair) vs contrast (one pair)",
+                          f"{p['pair_ms']:.0f} ms", "contrast", p["times_contrast_pair"]))
+    return rows
+
+
 def parse_gallery(out: str, err: str) -> list[Ratio]:
     results = [
         json.loads(line.split(": ", 1)[1])
@@ -242,6 +256,8 @@ BENCHES: tuple[Bench, ...] = (
         (),
         parse_explain,
     ),
+    Bench("contrast", "bench.bench_contrast", ("--ks", "1", "10", "--json"), ("--json",),
+          parse_contrast),
     Bench("gallery", "bench.bench_gallery", ("--sizes", "10000"), (), parse_gallery),
     Bench("service", "bench.bench_service", ("--calls", "5", "--json"), ("--json",), parse_service),
 )

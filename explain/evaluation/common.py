@@ -164,9 +164,12 @@ def query_map(
     explainer: Explainer,
     query: np.ndarray,
     gallery: np.ndarray,
+    native: bool = False,
     **options,
 ) -> np.ndarray:
-    """(H, W) float32 signed map of ``method`` on the query side, in aligned-crop pixels.
+    """(H, W) float32 signed map of ``method`` on the query side, in aligned-crop pixels
+    (``native=True``: at the method's own resolution, e.g. the 7×7 cells, as the model made
+    it — what a sanity check compares, free of how cells are drawn on the crop).
 
     Goes through ``explain_matches`` (family methods on the query side only);
     ``options`` are passed on (method options; ``budget`` and ``time_limit``
@@ -178,6 +181,8 @@ def query_map(
     (match,) = explain_matches(explainer, query, np.asarray(gallery)[None], [method],
                                options={method: options}, budget=budget,
                                time_limit=time_limit, sides=("query",))
+    if native:
+        return np.asarray(match[method].query, dtype=np.float32)
     amap = np.asarray(match[method].query_aligned, dtype=np.float32)
     return M.upsample_map(amap, query.shape[:2])
 

@@ -170,7 +170,8 @@ def cascading_randomisation(
             try:
                 out[method] = [
                     query_map(
-                        method, explainer, p.query, p.gallery, **method_options.get(method, {})
+                        method, explainer, p.query, p.gallery, native=True,
+                        **method_options.get(method, {}),
                     )
                     for p in pairs
                 ]
