@@ -29,7 +29,7 @@ ARG PIP_CA_BUNDLE=
 # Packages from requirements*.txt that serving never imports (tests and their
 # own dependencies, lint, stub generation, the onnxruntime reference check), left
 # out of the image.
-ARG DEV_ONLY="pytest pytest-timeout iniconfig pluggy pygments ruff grad-cam ttach grpcio-tools onnxruntime"
+ARG DEV_ONLY="pytest pytest-timeout iniconfig pluggy pygments ruff grad-cam ttach grpcio-tools hypothesis sortedcontainers"
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

@@ -38,6 +38,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from gallery.errors import DimensionMismatch
+from gallery.index import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ class FeatureStore:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         with self._swap:
             self._snap = self._load()
         for other in self.path.parent.glob(f"{self.path.name}.*.f16"):  # older generations
@@ -396,15 +397,3 @@ def _free_slots(used: set[int], count: int) -> list[int]:
 def _generation(data_name: str) -> int:
     return int(data_name.rsplit(".", 2)[-2])
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -443,7 +443,7 @@ class VectorIndex:
         side_tmp.write_text(json.dumps(asdict(sidecar), indent=1))
         _fsync_file(side_tmp)
         os.replace(side_tmp, side)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return sidecar
 
     @classmethod
@@ -539,7 +539,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -34,7 +34,7 @@ IMPORT_NAMES = {
     "pytest": "pytest", "pytest-timeout": "pytest_timeout", "iniconfig": "iniconfig",
     "pluggy": "pluggy", "pygments": "pygments", "ruff": "ruff",
     "grad-cam": "pytorch_grad_cam", "ttach": "ttach", "grpcio-tools": "grpc_tools",
-    "onnxruntime": "onnxruntime",
+    "hypothesis": "hypothesis", "sortedcontainers": "sortedcontainers",
 }
 # development tools that may import what the image leaves out
 DEV_MODULES = {"server/protogen.py"}

@@ -12,23 +12,7 @@ from explain.attribution.matches import METHODS, explain_matches
 from explain.attribution.methods import attribute
 from explain.errors import BudgetExceeded
 from explain.limits import DEFAULT_BUDGET
-from explain.regions import region_masks
-
-
-def _lift(amap: np.ndarray, region: np.ndarray) -> float:
-    """Share of the negative mass inside ``region`` / the region's share of the crop (chance 1)."""
-    negative = np.clip(-amap, 0, None)
-    return float(negative[region].sum() / negative.sum() / region.mean())
-
-
-def _swapped(faces, name: str, donor: str, region: str) -> tuple[np.ndarray, np.ndarray]:
-    """``name``'s aligned crop with ``region`` (grown by 2 px) replaced by ``donor``'s pixels."""
-    face = faces[name]
-    mask = region_masks(face.alignment.landmarks_crop)[region]
-    mask = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    swapped = face.crop.copy()
-    swapped[mask] = faces[donor].crop[mask]
-    return swapped, mask
+from tests.explain.swaps import chance_lift, swapped_crop
 
 
 def test_contrast_sums_to_the_similarity_lost_minus_a_bias_share_computed_forward(
@@ -68,14 +52,14 @@ def test_nearly_identical_faces_show_the_swapped_region_in_blue(explainer, faces
     """The similarity map of a face against itself with one region replaced is red almost
     everywhere; contrast puts its negative ("differs") mass on the replaced region."""
     name = "person_b_1.jpg"
-    swapped, mask = _swapped(faces, name, donor, region)
+    swapped, mask = swapped_crop(faces, name, donor, region)
     (result,) = explain_matches(explainer, swapped, faces[name].crop[None],
                                 ("contrast", "similarity"))
     contrast_q = result["contrast"].query_aligned
     contrast_g = result["contrast"].gallery_aligned
     similarity = result["similarity"].query_aligned
     assert result.cosine > 0.5
-    assert _lift(contrast_q, mask) > 2.5
+    assert chance_lift(contrast_q, mask) > 2.5
     near = cv2.dilate(mask.astype(np.uint8), np.ones((17, 17), np.uint8)).astype(bool)
     assert near.ravel()[np.argmin(contrast_q)]  # the most negative pixel: within a cell of it
     np.testing.assert_allclose(contrast_q, contrast_g)  # one map, on both aligned faces

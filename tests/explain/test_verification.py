@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -13,25 +12,9 @@ from explain.attribution.methods import attribute
 from explain.attribution.verification import correlation_map, patch_masks
 from explain.errors import Cancelled, InvalidOption
 from explain.limits import DEFAULT_BUDGET
-from explain.regions import region_masks
+from tests.explain.swaps import chance_lift, swapped_crop
 
 SMALL_CORRRISE = {"masks": 48, "batch_size": 16}
-
-
-def _chance_lift(amap: np.ndarray, region: np.ndarray) -> float:
-    """Share of the negative mass inside ``region`` / the region's share of the crop (chance 1)."""
-    negative = np.clip(-amap, 0, None)
-    return float(negative[region].sum() / negative.sum() / region.mean())
-
-
-def _swap(faces, name: str, donor: str, region: str) -> tuple[np.ndarray, np.ndarray]:
-    """``name``'s aligned crop with ``region`` (dilated 2 px) taken from ``donor``'s crop."""
-    face = faces[name]
-    mask = region_masks(face.alignment.landmarks_crop)[region]
-    mask = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    swapped = face.crop.copy()
-    swapped[mask] = faces[donor].crop[mask]
-    return swapped, mask
 
 
 @pytest.mark.parametrize("method", ["xssab", "corrrise"])
@@ -172,8 +155,8 @@ def test_xssab_gives_same_person_pairs_more_positive_mass_than_other_people(expl
 def test_corrrise_puts_negative_mass_on_a_region_taken_from_another_face(
     explainer, faces, region, name, donor
 ):
-    swapped, mask = _swap(faces, name, donor, region)
+    swapped, mask = swapped_crop(faces, name, donor, region)
     result = attribute("corrrise", explainer,
         swapped, faces[name].crop, sides=("query",), masks=64, batch_size=32
     )
-    assert _chance_lift(result.query, mask) > 1.5
+    assert chance_lift(result.query, mask) > 1.5
