@@ -166,11 +166,11 @@ def donor_index(photos: Sequence[SourcePhoto], index: int, offset: int = DONOR_O
     unknown). Raises ValueError when there is none."""
     n = len(photos)
     target = photos[index]
-    for step in range(n - 1):
+    for step in range(n):
         j = (index + max(offset, 1) + step) % n
+        other = photos[j]
         if j == index:
             continue
-        other = photos[j]
         if target.person is None or other.person is None or other.person != target.person:
             return j
     raise ValueError(f"no donor of another person for {target.name}")
