@@ -17,6 +17,10 @@ method's defaults) is scored on the aligned crop (H, W):
   map without negative mass;
 - pointing: 1 when the most negative pixel lies in the region (0 without
   negative mass);
+- off-region lift: the lift of the same map on the masks of the OTHER regions
+  evaluated (``explain.regions`` masks of the swapped face's landmarks), averaged:
+  a control (chance 1; a map that marks one place on every face, whatever was
+  swapped, scores as high here as in the swapped region);
 - restore AUC: the query crop's pixels, most negative first, are restored from
   the ORIGINAL photo warped into the swapped face's crop frame (restoring every
   pixel gives the original's pixels in that frame) in ``steps`` steps; the mean
@@ -82,6 +86,7 @@ class SwapPair:
 
     query: (h, w, 3) uint8 crop of the swapped photo; gallery: the original's crop;
     truth_query, truth_gallery: (h, w) bool paste masks in each crop;
+    query_landmarks: (5, 2) the swapped face's landmarks in its crop;
     original_in_query: (h, w, 3) uint8 the ORIGINAL photo warped by the swapped
     face's alignment (what restoring every query pixel gives); alpha: (H, W)
     float32 paste weights in the photo; swapped_photo: (H, W, 3) uint8.
@@ -95,6 +100,7 @@ class SwapPair:
     gallery: np.ndarray = field(repr=False)
     truth_query: np.ndarray = field(repr=False)
     truth_gallery: np.ndarray = field(repr=False)
+    query_landmarks: np.ndarray = field(repr=False)
     original_in_query: np.ndarray = field(repr=False)
     alpha: np.ndarray = field(repr=False)
     swapped_photo: np.ndarray = field(repr=False)
@@ -253,7 +259,7 @@ def build_pairs(
             pairs.append(SwapPair(
                 name, target.name, donor.name, region, face.crop, target.face.crop,
                 truth_query, warp_to_crop(alpha, target.face.alignment) > 0.5,
-                original_in_query, alpha, swapped))
+                np.asarray(face.alignment.landmarks_crop, dtype=np.float64), original_in_query, alpha, swapped))
     return pairs, skipped
 
 
@@ -297,8 +303,8 @@ def restore_curve(
 
 @dataclass(frozen=True)
 class SwapScore:
-    """One method's query map on one pair; restore_auc: mean cosine to the original
-    along the restore curve; passes: forward passes the method reports (0 for the
+    """One method's query map on one pair; off_lift: mean lift on the other evaluated
+    regions (a control); restore_auc: mean cosine to the original along the restore curve; passes: forward passes the method reports (0 for the
     engine's batched maps); seconds: of the map, given the pair's features."""
 
     pair: str
@@ -306,6 +312,7 @@ class SwapScore:
     method: str
     lift: float
     pointing: float
+    off_lift: float
     restore_auc: float
     passes: int
     seconds: float
@@ -370,6 +377,7 @@ def evaluate_swaps(
     pair name -> method -> (H, W) aligned query map (for the example grid).
     """
     methods = check_methods(methods)
+    regions = tuple(dict.fromkeys(p.region for p in pairs))
     explainer = Explainer(model)
     rng = np.random.default_rng(seed)
     infos: list[PairInfo] = []
@@ -377,6 +385,8 @@ def evaluate_swaps(
     errors: dict[str, str] = {}
     for pair in pairs:
         size = pair.query.shape[:2]
+        masks = region_masks(pair.query_landmarks, size=size)
+        others = [masks[r] for r in regions if r != pair.region]
         query = explainer.encode(pair.query)
         hit = explainer.encode(pair.gallery[None])
         target = PairTarget(model, pair.query, pair.gallery)
@@ -402,18 +412,20 @@ def evaluate_swaps(
             curve = restore_curve(target, pair.query, pair.original_in_query, order, steps)
             scores.append(SwapScore(pair.name, pair.region, method,
                                     negative_lift(amap, pair.truth_query),
-                                    negative_pointing(amap, pair.truth_query), curve.auc,
+                                    negative_pointing(amap, pair.truth_query),
+                                    float(np.mean([negative_lift(amap, m) for m in others]))
+                                    if others else float("nan"), curve.auc,
                                     int(maps.forward_passes), seconds))
             if maps_out is not None:
                 maps_out.setdefault(pair.name, {})[method] = amap
-    regions = tuple(dict.fromkeys(p.region for p in pairs))
     return SwapResult(methods, regions, tuple(infos), tuple(scores),
                       summarise(scores, methods, regions), _random_summary(infos, regions),
                       dict(skipped_photos or {}), dict(skipped_pairs or {}), errors, steps,
                       budget, time_limit)
 
 
-SUMMARY_FIELDS: tuple[str, ...] = ("lift", "pointing", "restore_auc", "passes", "seconds")
+SUMMARY_FIELDS: tuple[str, ...] = ("lift", "pointing", "off_lift", "restore_auc", "passes",
+                                   "seconds")
 
 
 def summarise(scores: Sequence[SwapScore], methods: Sequence[str], regions: Sequence[str]
@@ -450,7 +462,7 @@ def swap_markdown(result: SwapResult) -> str:
     """Methods as rows, regions as columns ("lift / pointing"), then the mean over
     regions, restore AUC (random orders in the last row) and cost."""
     cols = [*result.regions, "mean"]
-    header = ["method", *(f"{r} lift / pointing" for r in cols), "restore AUC",
+    header = ["method", *(f"{r} lift / pointing" for r in cols), "off-region lift", "restore AUC",
               "passes / pair", "s / pair"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in result.methods:
@@ -461,19 +473,20 @@ def swap_markdown(result: SwapResult) -> str:
         cells = [f"{row[r]['lift']:.2f} / {row[r]['pointing']:.2f}" if r in row else "–"
                  for r in cols]
         mean = row["mean"]
-        cells += [f"{mean['restore_auc']:.3f}", f"{mean['passes']:.0f}", f"{mean['seconds']:.2f}"]
+        cells += [f"{mean['off_lift']:.2f}", f"{mean['restore_auc']:.3f}", f"{mean['passes']:.0f}", f"{mean['seconds']:.2f}"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if result.random_restore:
         lines.append("| random order | " + " | ".join("–" for _ in cols)
-                     + f" | {result.random_restore['mean']:.3f} | – | – |")
+                     + f" | – | {result.random_restore['mean']:.3f} | – | – |")
     n_pairs = len(result.pairs)
     text = [
         f"## Region swaps ({n_pairs} pairs: query = a photo with one region swapped in from "
         "another person, gallery = the original)\n",
         "lift: share of the query map's negative mass inside the swapped region / the region's "
         "share of the aligned crop (chance 1); pointing: the most negative pixel lies in the "
-        "region. restore AUC: mean cosine to the original while the query's pixels are restored "
-        f"from it, most negative first ({result.steps} steps; higher = the map found the "
+        "region; off-region lift: the same map's lift on the other regions' masks (a control, "
+        "chance 1: lower is better). restore AUC: mean cosine to the original while the "
+        f"query's pixels are restored from it, most negative first ({result.steps} steps; higher = the map found the "
         "difference). passes: forward passes the method reports beyond the pair's 2 encodes "
         "(0 for the engine's batched maps); s: seconds of the query-side map.\n",
         "\n".join(lines),
@@ -510,7 +523,8 @@ def plot_examples(
     chosen += [p for p in pairs if p not in chosen and p.name in maps]
     chosen = chosen[:max_pairs]
     cols = 2 + len(methods)
-    fig = Figure(figsize=(1.6 * cols, 1.75 * max(len(chosen), 1) + 0.3), dpi=100)
+    fig = Figure(figsize=(1.6 * cols, 1.75 * max(len(chosen), 1) + 0.3), dpi=100,
+                 layout="constrained")
     axes = np.atleast_2d(fig.subplots(max(len(chosen), 1), cols, squeeze=False))
     for row, pair in zip(axes, chosen, strict=False):
         outline = _outline(pair.query, pair.truth_query)
