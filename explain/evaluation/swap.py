@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 
 from encoder.align import similarity_transform, warp_to_crop
-from encoder.errors import NoFaceFound
+from encoder.errors import ImageError, NoFaceFound
 from encoder.pipeline import Face, FacePipeline
 from encoder.spec import FaceEncoder
 from explain.attribution.engine import Explainer
@@ -149,6 +149,9 @@ def load_photos(
             rgb, face = pipeline.photo_face(path)
         except NoFaceFound:
             skipped[name] = "no face found"
+            continue
+        except ImageError as exc:
+            skipped[name] = f"unreadable ({type(exc).__name__})"
             continue
         if face.face_count != 1:
             skipped[name] = f"{face.face_count} faces (one is needed)"
