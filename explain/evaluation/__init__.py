@@ -5,7 +5,7 @@
 - ``common``: photo pairs (``FacePair``, ``photo_pairs``), ``PairTarget``,
   ``embed_views`` and query maps through ``explain_matches``.
 - one module per protocol: ``faithfulness``, ``sanity``, ``localization``,
-  ``cost``, ``accuracy``.
+  ``cost``, ``accuracy``, ``swap`` (region swaps between two people's photos).
 - ``report``: JSON, Markdown and PNG output of the protocols' results.
 
 GestaltMatcher matching accuracy lives in ``gallery.accuracy`` (numpy only).

@@ -1,4 +1,4 @@
-"""``phenolens evaluate {faithfulness,sanity,localization,cost,accuracy,all}``.
+"""``phenolens evaluate {faithfulness,sanity,localization,cost,accuracy,swap,all}``.
 
 Each protocol writes ``<protocol>.json``, ``<protocol>.md`` and its PNG plots
 into ``--out DIR``; ``all`` runs every explanation protocol (and accuracy when
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROTOCOLS = ("faithfulness", "sanity", "localization", "cost", "accuracy", "all")
+PROTOCOLS = ("faithfulness", "sanity", "localization", "cost", "accuracy", "swap", "all")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--flip", action="store_true", help="add the mirrored view")
     parser.add_argument(
         "--methods",
-        help="comma-separated attribution methods (default: every method of the family)",
+        nargs="+",
+        help="attribution methods, space- or comma-separated (default: every method of the "
+        "family; the heavy ones take minutes per pair on a CPU)",
     )
     parser.add_argument(
         "--pair",
@@ -84,6 +86,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cost = parser.add_argument_group("cost")
     cost.add_argument("--repeats", type=int, default=3)
     cost.add_argument("--noise", type=float, default=2.0, help="pixel noise std for consistency")
+
+    swap = parser.add_argument_group("swap (one region pasted from another person's photo)")
+    swap.add_argument("--photos", type=Path,
+                      help="folder of single-face photos (default: the bundled data/photos)")
+    swap.add_argument("--regions", nargs="+", help="of eyes brows nose mouth chin (default all)")
+    swap.add_argument("--same-person", type=Path, metavar="CSV",
+                      help="photo,person rows: donors are never the same person (default: "
+                      "sub-folder names, if any)")
+    swap.add_argument("--budget", type=int, help="forward passes per map (default the family's)")
+    swap.add_argument("--time-limit", type=float, help="seconds per map (default the family's)")
 
     acc = parser.add_argument_group("accuracy")
     acc.add_argument("--gallery", type=Path, help="gallery file holding both splits' embeddings")
@@ -150,7 +162,7 @@ def _methods(args: argparse.Namespace) -> tuple[str, ...]:
 
     if not args.methods:
         return available_methods()
-    return tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    return tuple(m.strip() for m in ",".join(args.methods).split(",") if m.strip())
 
 
 def _stages(args: argparse.Namespace, n_units: int) -> list[int] | None:
@@ -354,6 +366,37 @@ def _accuracy(args, out: Path) -> tuple[str, dict]:
     return md, {"macro": result.macro, "micro": result.micro}
 
 
+def _swap(args, model, methods, out: Path) -> tuple[str, dict]:
+    from encoder.assets import PHOTOS, PHOTOS_DIR
+    from explain.evaluation import report as R
+    from explain.evaluation import swap
+    from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S
+
+    if args.photos is None:  # the bundled photos: skip the group photo and the aligned crop
+        folder, identities = PHOTOS_DIR, {p.name: p.person for p in PHOTOS}
+        exclude = tuple(p.name for p in PHOTOS if p.faces != 1 or p.aligned)
+    else:
+        folder, exclude = args.photos, ()
+        identities = swap.read_identities(args.same_person) if args.same_person else {}
+    regions = tuple(r for r in ",".join(args.regions or swap.SWAP_REGIONS).split(",") if r)
+    unknown = [r for r in regions if r not in swap.SWAP_REGIONS]
+    if unknown:
+        raise ValueError(f"unknown swap region(s) {unknown}; choose from {swap.SWAP_REGIONS}")
+    photos, skipped_photos = swap.load_photos(folder, identities=identities, exclude=exclude)
+    pairs, skipped_pairs = swap.build_pairs(photos, regions, max_pairs=args.max_pairs)
+    maps: dict = {}
+    result = swap.evaluate_swaps(
+        model, pairs, methods,
+        budget=DEFAULT_BUDGET if args.budget is None else args.budget,
+        time_limit=DEFAULT_TIME_LIMIT_S if args.time_limit is None else args.time_limit,
+        steps=args.steps, seed=args.seed, skipped_photos=skipped_photos,
+        skipped_pairs=skipped_pairs, maps_out=maps)
+    md = swap.swap_markdown(result)
+    plot = swap.plot_examples(pairs, maps, result.methods, out / "swap_examples.png")
+    R.write_report(out, "swap", {"result": result}, md)
+    return md, {"plots": [str(plot)], "summary": result.summary, "errors": result.errors}
+
+
 # ---------------------------------------------------------------------------- run
 
 
@@ -387,6 +430,7 @@ def run(args: argparse.Namespace) -> int:
     if wanted != ["accuracy"]:
         encoder, model = _model(args)
         methods = _methods(args)
+    if set(wanted) - {"accuracy", "swap"}:
         pairs = _pairs(args)
     for protocol in wanted:
         t0 = time.perf_counter()
@@ -398,6 +442,8 @@ def run(args: argparse.Namespace) -> int:
             md, info = _localization(args, model, pairs, methods, options, out, maps)
         elif protocol == "cost":
             md, info = _cost(args, model, pairs, methods, options, out)
+        elif protocol == "swap":
+            md, info = _swap(args, model, methods, out)
         else:
             md, info = _accuracy(args, out)
         info["seconds"] = round(time.perf_counter() - t0, 1)
