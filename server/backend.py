@@ -19,13 +19,16 @@ import numpy as np
 
 from encoder.image import decode_image
 from encoder.pipeline import Face, FacePipeline
+from explain.attribution.engine import FaceFeatures
 from explain.errors import Cancelled as ExplainCancelled
 from gallery import Entry, Gallery, GeneHit, Hit, SchemeMismatch, SearchFilter, SyndromeHit
 from gallery.calibration import Calibration, CalibrationCache
+from gallery.features import FeatureStore
 from gallery.png import encode_png
+from gallery.records import AddReport
 from server.config import ServiceConfig
 from server.errors import BadRequest, SeveralFaces
-from server.feature_cache import FeatureCache, Fingerprint
+from server.feature_cache import FeatureCache, Fingerprint, from_stored, stored_scheme, to_stored
 from server.limits import RequestScope
 
 log = logging.getLogger("phenolens.server")
@@ -87,6 +90,8 @@ class ExplainActivity:
     started: int = 0
     completed: int = 0
     stopped: int = 0  # ended early: cancelled, past the deadline, or failed
+    hit_encodes: int = 0  # hit faces encoded because neither the cache nor the store held them
+    store_reads: int = 0  # hit faces whose features came from the feature store
     _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     def begin(self) -> None:
@@ -102,6 +107,11 @@ class ExplainActivity:
             else:
                 self.stopped += 1
             self._lock.notify_all()
+
+    def count(self, *, encoded: int = 0, from_store: int = 0) -> None:
+        with self._lock:
+            self.hit_encodes += encoded
+            self.store_reads += from_store
 
     def wait_idle(self, timeout: float) -> bool:
         """True once no explanation is running (False after ``timeout`` seconds)."""
@@ -126,12 +136,15 @@ class Backend:
     pipeline: FacePipeline; views: a view source (``encoder.views.Ensemble``);
     gallery: an open Gallery; explainer: ``explain.attribution.engine.Explainer`` over ``views``.
     ``feature_cache`` holds the explainer's features of recently explained gallery
-    faces (``explain.feature_cache_size`` faces; None when that is 0).
+    faces (``explain.feature_cache_size`` faces; None when that is 0);
+    ``feature_store`` the features of every gallery face on disk beside the gallery
+    (``gallery.features``; filled as images are added, refilled lazily by Explain),
+    or None (then only the cache and encoding).
     """
 
     def __init__(self, config: ServiceConfig, *, pipeline: FacePipeline, views: Any,
                  gallery: Gallery, explainer: Any, encoder_id: str, view_scheme: str,
-                 encoders: Sequence[Any] = ()) -> None:
+                 encoders: Sequence[Any] = (), feature_store: FeatureStore | None = None) -> None:
         self.config = config
         self.pipeline = pipeline
         self.views = views
@@ -143,6 +156,7 @@ class Backend:
         self.activity = ExplainActivity()
         size = config.explain.feature_cache_size
         self.feature_cache: FeatureCache | None = FeatureCache(size) if size > 0 else None
+        self.feature_store = feature_store
         self.calibrations = CalibrationCache()  # refitted when the gallery version moves
 
     # -- construction -----------------------------------------------------------------
@@ -165,9 +179,10 @@ class Backend:
         gallery = Gallery.open(config.gallery.path, encoder_id=encoder_id,
                                view_scheme=scheme.id,
                                **({"index": config.gallery.index} if config.gallery.index else {}))
+        store = FeatureStore.open(gallery.path, encoder_id, stored_scheme(scheme.id))
         return cls(config, pipeline=pipeline, views=ensemble, gallery=gallery,
                    explainer=Explainer(ensemble), encoder_id=encoder_id, view_scheme=scheme.id,
-                   encoders=tuple(encoders.values()))
+                   encoders=tuple(encoders.values()), feature_store=store)
 
     def warm_up(self) -> None:
         """Build the detector and run one forward pass so the first call is not slow."""
@@ -176,6 +191,8 @@ class Backend:
         self.explainer.encode(np.zeros((1, h, w, 3), np.uint8))
 
     def close(self) -> None:
+        if self.feature_store is not None:
+            self.feature_store.close()
         self.gallery.close()
 
     # -- faces and embeddings ----------------------------------------------------------
@@ -264,7 +281,8 @@ class Backend:
                 return limit if remaining is None else max(0.0, min(limit, remaining))
 
             matches = explain_matches(
-                self.explainer, query.features, self._hit_features(hits, pngs, crops, scope),
+                self.explainer, query.features,
+                self._hit_features(hits, pngs, crops, query.features, scope),
                 methods, options={m: typed_options(m, o) for m, o in options.items()},
                 budget=self.config.explain.budget, time_limit=time_left, cancel=scope.cancelled)
             for match in matches:
@@ -281,15 +299,52 @@ class Backend:
             self.activity.end(completed)
 
     def _hit_features(self, hits: Sequence[Hit], pngs: Sequence[bytes], crops: np.ndarray,
-                      scope: RequestScope) -> Any:
-        """The hits' FaceFeatures (crops included), from the cache where their stored crop
-        is unchanged; without a cache the (K, H, W, 3) crops themselves (encoded once)."""
+                      like: FaceFeatures, scope: RequestScope) -> FaceFeatures:
+        """The hits' FaceFeatures (crops included): from the cache where their stored crop is
+        unchanged, else from the feature store, else encoded (and written to the store).
+        ``like``: features of the same explainer (the query's), for encoders and flips."""
+        ids = [h.gallery_id for h in hits]
+
+        def load(positions: list[int]) -> FaceFeatures:
+            return self._stored_or_encoded([ids[i] for i in positions], crops[positions],
+                                           like, scope)
+
         if self.feature_cache is None:
-            return crops
-        keys = [(h.gallery_id, Fingerprint.of(png, self.encoder_id, self.view_scheme))
-                for h, png in zip(hits, pngs, strict=True)]
-        return self.feature_cache.features(
-            keys, lambda missing: self.explainer.encode(crops[missing], cancel=scope.cancelled))
+            return load(list(range(len(hits))))
+        keys = [(gid, Fingerprint.of(png, self.encoder_id, self.view_scheme))
+                for gid, png in zip(ids, pngs, strict=True)]
+        return self.feature_cache.features(keys, load)
+
+    def _stored_or_encoded(self, ids: list[int], crops: np.ndarray, like: FaceFeatures,
+                           scope: RequestScope) -> FaceFeatures:
+        """Features of gallery faces ``ids`` with (N, H, W, 3) ``crops``, in order: the
+        store's where it holds them, the rest encoded together and stored."""
+        store = self.feature_store
+        stored = store.get(ids) if store is not None else None
+        parts: dict[int, FaceFeatures] = {}
+        if stored is not None and stored.gallery_ids:
+            at = {gid: i for i, gid in enumerate(ids)}
+            rows = [at[gid] for gid in stored.gallery_ids]
+            found = from_stored(stored, like, crops[rows])
+            parts.update({i: found.select(j) for j, i in enumerate(rows)})
+        missing = [i for i in range(len(ids)) if i not in parts]
+        if missing:
+            fresh = self.explainer.encode(crops[missing], cancel=scope.cancelled)
+            self._store([ids[i] for i in missing], fresh)
+            parts.update({i: fresh.select(j) for j, i in enumerate(missing)})
+        self.activity.count(encoded=len(missing), from_store=len(ids) - len(missing))
+        return FaceFeatures.concat([parts[i] for i in range(len(ids))])
+
+    def _store(self, gallery_ids: Sequence[int], features: FaceFeatures) -> None:
+        """Write gallery faces' features to the store (ids no longer in the gallery are
+        skipped by the store; a failing disk only costs the next call an encode)."""
+        if self.feature_store is None or not gallery_ids:
+            return
+        try:
+            self.feature_store.put(list(gallery_ids), *to_stored(features))
+        except OSError as exc:
+            log.warning("feature store write failed (%s): features will be encoded again",
+                        type(exc).__name__)
 
     def _gallery_crop_png(self, gallery_id: int) -> bytes:
         record = self.gallery.get(gallery_id)
@@ -338,16 +393,46 @@ class Backend:
         deleted = self.gallery.delete(ids) if ids else 0
         if self.feature_cache is not None:
             self.feature_cache.discard(ids)
+        if self.feature_store is not None and ids:
+            self.feature_store.discard(ids)
         return deleted
+
+    def add_images(self, items: Sequence[tuple[Entry, FaceFeatures | None]]) -> AddReport:
+        """Add entries to the gallery, then their faces' features (from ``entry_with_features``,
+        None for precomputed embeddings) to the feature store: the encode that embedded a
+        crop is the only one. Replaced records' old features are dropped first."""
+        report = self.gallery.add_many([entry for entry, _ in items])
+        if self.feature_cache is not None and report.updated:
+            self.feature_cache.discard(list(report.updated))
+        if self.feature_store is not None:
+            if report.updated:
+                self.feature_store.discard(list(report.updated))
+            with_features = [(e, f) for e, f in items if f is not None]
+            if with_features:
+                gids = [self.gallery.get_image(e.image_id).info.gallery_id
+                        for e, _ in with_features]
+                todo = set(self.feature_store.missing(gids))
+                keep = [i for i, g in enumerate(gids) if g in todo]
+                if keep:
+                    self._store([gids[i] for i in keep],
+                                FaceFeatures.concat([with_features[i][1] for i in keep]))
+        return report
 
     def entry(self, face: Face, record: Mapping[str, Any], scope: RequestScope) -> Entry:
         """A gallery Entry for an aligned face and its labels (embeds the crop); a photo
         with several faces is refused (SeveralFaces), never silently reduced to one."""
+        return self.entry_with_features(face, record, scope)[0]
+
+    def entry_with_features(self, face: Face, record: Mapping[str, Any], scope: RequestScope
+                            ) -> tuple[Entry, FaceFeatures]:
+        """``entry`` and the explainer's features of the face (N = 1) it was embedded from,
+        for ``add_images`` to store."""
         if face.face_count > 1:
             raise SeveralFaces(f"the photo shows {face.face_count} faces; a gallery image "
                                "needs exactly one: crop it to one face or send its aligned crop")
         query = self.query_of_face(face, scope)
-        return self.entry_of(query.views, encode_png(face.crop), record, self.view_scheme)
+        entry = self.entry_of(query.views, encode_png(face.crop), record, self.view_scheme)
+        return entry, query.features
 
     def entry_of(self, views: np.ndarray, crop_png: bytes, record: Mapping[str, Any],
                  view_scheme: str) -> Entry:
