@@ -119,15 +119,65 @@ class ExplainActivity:
             return self._lock.wait_for(lambda: self.active == 0, timeout)
 
 
-def _downscale(photo_map: np.ndarray, max_side: int) -> np.ndarray:
-    h, w = photo_map.shape
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return photo_map
-    import cv2
+@dataclass(frozen=True, eq=False)
+class PhotoWarp:
+    """Where each pixel of a query's photo map comes from on the aligned crop: built once
+    per request (``of``), then applied to every map of every hit (``__call__``).
 
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(photo_map, size, interpolation=cv2.INTER_AREA)
+    The photo map is drawn at the size the wire carries (the photo downscaled so that its
+    longer side is at most ``max_side``), only inside the face's box: each output pixel
+    centre goes through ``photo_to_crop`` and the map is sampled bilinearly there, zero
+    beyond the crop's edge (``encoder.align.warp_to_photo``'s constant border). That
+    replaces a full-resolution warp plus a resize per map with one small remap per map.
+    """
+
+    shape: tuple[int, int]  # (H', W') of the photo map
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2 of the face in the photo map
+    crop_size: tuple[int, int]
+    map_x: np.ndarray = field(repr=False)  # fixed-point remap tables of the box
+    map_y: np.ndarray = field(repr=False)
+
+    @classmethod
+    def of(cls, alignment: Any, max_side: int) -> PhotoWarp:
+        """For an ``encoder.align.Alignment`` and the wire's longer-side limit."""
+        import cv2
+
+        ph, pw = alignment.photo_size
+        scale = max_side / max(ph, pw)
+        oh, ow = (max(1, round(ph * scale)), max(1, round(pw * scale))) if scale < 1 else (ph, pw)
+        sx, sy = ow / pw, oh / ph
+        x1, y1, x2, y2 = alignment.face_box_photo
+        bx1, bx2 = max(int(np.floor(x1 * sx)) - 1, 0), min(int(np.ceil(x2 * sx)) + 2, ow)
+        by1, by2 = max(int(np.floor(y1 * sy)) - 1, 0), min(int(np.ceil(y2 * sy)) + 2, oh)
+        bx2, by2 = max(bx2, bx1), max(by2, by1)
+        xp = (np.arange(bx1, bx2) + 0.5) / sx - 0.5  # output pixel centres in photo pixels
+        yp = (np.arange(by1, by2) + 0.5) / sy - 0.5
+        a = np.asarray(alignment.photo_to_crop, np.float64)
+        u = (a[0, 0] * xp[None, :] + a[0, 1] * yp[:, None] + a[0, 2]).astype(np.float32)
+        v = (a[1, 0] * xp[None, :] + a[1, 1] * yp[:, None] + a[1, 2]).astype(np.float32)
+        map_x, map_y = (cv2.convertMaps(u, v, cv2.CV_16SC2) if u.size
+                        else (np.zeros((0, 0, 2), np.int16), np.zeros((0, 0), np.uint16)))
+        return cls((oh, ow), (bx1, by1, bx2, by2), alignment.crop_size, map_x, map_y)
+
+    def __call__(self, aligned: np.ndarray) -> np.ndarray:
+        """(M, h, w) maps on the crop (any resolution: resized bilinearly to the crop first)
+        -> (M, H', W') float32 photo maps, 0 outside the face."""
+        import cv2
+
+        maps = np.asarray(aligned, np.float32)
+        if maps.ndim != 3 or not np.isfinite(maps).all():
+            raise ValueError(f"aligned maps must be finite (M, h, w), got shape {maps.shape}")
+        out = np.zeros((len(maps), *self.shape), np.float32)
+        x1, y1, x2, y2 = self.box
+        if x2 <= x1 or y2 <= y1:
+            return out
+        ch, cw = self.crop_size
+        for m, target in zip(maps, out, strict=True):
+            if m.shape != (ch, cw):
+                m = cv2.resize(m, (cw, ch), interpolation=cv2.INTER_LINEAR)
+            target[y1:y2, x1:x2] = cv2.remap(m, self.map_x, self.map_y, cv2.INTER_LINEAR,
+                                             borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        return out
 
 
 class Backend:
@@ -285,10 +335,16 @@ class Backend:
                 self._hit_features(hits, pngs, crops, query.features, scope),
                 methods, options={m: typed_options(m, o) for m, o in options.items()},
                 budget=self.config.explain.budget, time_limit=time_left, cancel=scope.cancelled)
+            warp = None  # the photo maps' sampling, shared by every map of every hit
+            if photo_maps and query.face.alignment is not None:
+                warp = PhotoWarp.of(query.face.alignment, self.config.limits.max_photo_map_side)
             for match in matches:
                 i = match.index
-                maps = tuple(self._wire_maps(m, query, photo_maps, feature_maps)
-                             for m in match.maps)
+                photos = None if warp is None else warp(
+                    np.stack([np.asarray(m.query_aligned, np.float32) for m in match.maps]))
+                maps = tuple(self._wire_maps(m, None if photos is None else photos[j],
+                                             feature_maps)
+                             for j, m in enumerate(match.maps))
                 yield HitExplanation(i, hits[i], maps, match.residual, match.bias_share,
                                      crops[i], pngs[i])
             completed = True
@@ -352,18 +408,11 @@ class Backend:
             raise BadRequest("a gallery image has no stored aligned crop to explain against")
         return record.crop_png
 
-    def _wire_maps(self, maps: Any, query: Query, photo_maps: bool,
-                   feature_maps: bool) -> WireMaps:
-        """An ``explain_matches`` MethodMaps -> what the wire carries (photo map warped here)."""
+    def _wire_maps(self, maps: Any, photo: np.ndarray | None, feature_maps: bool) -> WireMaps:
+        """An ``explain_matches`` MethodMaps (and its photo map) -> what the wire carries."""
         qa, ga = maps.query_aligned, maps.gallery_aligned
         feature = feature_maps and maps.resolution == "feature"
         qf, gf = (maps.query, maps.gallery) if feature else (None, None)
-        photo = None
-        if photo_maps and query.face.alignment is not None:
-            from encoder.align import warp_to_photo
-
-            photo = _downscale(warp_to_photo(qa, query.face.alignment),
-                               self.config.limits.max_photo_map_side)
         return WireMaps(maps.method, np.asarray(qa, np.float32), np.asarray(ga, np.float32),
                         qf, gf, photo)
 

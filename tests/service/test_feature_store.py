@@ -164,3 +164,47 @@ def test_a_damaged_store_is_rebuilt_by_explain(backend, filled, photo_paths, dam
     with _serving(second, filled) as reader:
         _explain(reader, photo_paths)
     assert (second.activity.hit_encodes, second.activity.store_reads) == (0, TOP_K)
+
+
+# ---------------------------------------------------------------- photo maps
+
+
+@pytest.mark.parametrize("max_side", [4096, 512])
+def test_photo_maps_are_warp_to_photo_at_the_wire_size(pipeline, photo_paths, max_side):
+    """The batched photo warp draws what encoder.align.warp_to_photo (and the resize to
+    the wire's size) draws, inside the face; nothing outside it."""
+    import cv2
+
+    from encoder.align import warp_to_photo
+    from server.backend import PhotoWarp
+
+    alignment = pipeline.face(photo_paths[QUERY].read_bytes(), aligned=False).alignment
+    rng = np.random.default_rng(0)
+    maps = np.stack([rng.standard_normal((7, 7)).astype(np.float32) for _ in range(3)])
+    got = PhotoWarp.of(alignment, max_side)(maps)
+    for m, g in zip(maps, got, strict=True):
+        want, covered = warp_to_photo(m, alignment, return_mask=True)
+        h, w = want.shape
+        if max(h, w) > max_side:
+            size = (round(w * max_side / max(h, w)), round(h * max_side / max(h, w)))
+            want = cv2.resize(want, size, interpolation=cv2.INTER_AREA)
+            covered = cv2.resize(covered.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        assert g.shape == want.shape
+        interior = cv2.erode(covered.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        peak = float(np.abs(want).max())
+        assert np.abs(g - want)[interior].max() < 0.03 * peak
+        outside = cv2.dilate(covered.astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+        assert outside.any() and not g[outside].any()
+
+
+def test_photo_maps_come_for_the_methods_asked_only(backend, filled, photo_paths):
+    with _serving(_backend(backend, filled), filled) as reader:
+        result = reader.explain(photo_paths[QUERY], top_k=2, methods=("similarity",),
+                                gallery_crops=False)
+    for e in result.explanations:
+        assert [(m.method, m.side) for m in e.maps] == [("similarity", "query"),
+                                                        ("similarity", "gallery")]
+        query, gallery = e.maps
+        assert query.photo is not None and max(query.photo.shape) <= 512
+        assert gallery.photo is None
+        assert np.abs(query.photo).sum() > 0
