@@ -206,8 +206,25 @@ class Backend:
         self.activity = ExplainActivity()
         size = config.explain.feature_cache_size
         self.feature_cache: FeatureCache | None = FeatureCache(size) if size > 0 else None
-        self.feature_store = feature_store
+        self._feature_store = feature_store
+        self._store_lock = threading.Lock()
         self.calibrations = CalibrationCache()  # refitted when the gallery version moves
+
+    @property
+    def feature_store(self) -> FeatureStore | None:
+        """The feature store beside the current gallery: when a replica swaps a snapshot
+        in (``server.replica``), the store beside the snapshot's copy is opened, so gallery
+        ids are never checked against another gallery's records."""
+        store = self._feature_store
+        if store is None or store.gallery_path == self.gallery.path:
+            return store
+        with self._store_lock:
+            old = self._feature_store
+            if old.gallery_path != self.gallery.path:
+                self._feature_store = FeatureStore.open(self.gallery.path, old.encoder_id,
+                                                        old.view_scheme)
+                old.close()
+            return self._feature_store
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -241,8 +258,8 @@ class Backend:
         self.explainer.encode(np.zeros((1, h, w, 3), np.uint8))
 
     def close(self) -> None:
-        if self.feature_store is not None:
-            self.feature_store.close()
+        if self._feature_store is not None:
+            self._feature_store.close()
         self.gallery.close()
 
     # -- faces and embeddings ----------------------------------------------------------
@@ -360,10 +377,11 @@ class Backend:
         unchanged, else from the feature store, else encoded (and written to the store).
         ``like``: features of the same explainer (the query's), for encoders and flips."""
         ids = [h.gallery_id for h in hits]
+        store = self.feature_store  # one store for the whole call, read and written
 
         def load(positions: list[int]) -> FaceFeatures:
-            return self._stored_or_encoded([ids[i] for i in positions], crops[positions],
-                                           like, scope)
+            return self._stored_or_encoded(store, [ids[i] for i in positions],
+                                           crops[positions], like, scope)
 
         if self.feature_cache is None:
             return load(list(range(len(hits))))
@@ -371,11 +389,10 @@ class Backend:
                 for gid, png in zip(ids, pngs, strict=True)]
         return self.feature_cache.features(keys, load)
 
-    def _stored_or_encoded(self, ids: list[int], crops: np.ndarray, like: FaceFeatures,
-                           scope: RequestScope) -> FaceFeatures:
-        """Features of gallery faces ``ids`` with (N, H, W, 3) ``crops``, in order: the
-        store's where it holds them, the rest encoded together and stored."""
-        store = self.feature_store
+    def _stored_or_encoded(self, store: FeatureStore | None, ids: list[int], crops: np.ndarray,
+                           like: FaceFeatures, scope: RequestScope) -> FaceFeatures:
+        """Features of gallery faces ``ids`` with (N, H, W, 3) ``crops``, in order:
+        ``store``'s where it holds them, the rest encoded together and stored there."""
         stored = store.get(ids) if store is not None else None
         parts: dict[int, FaceFeatures] = {}
         if stored is not None and stored.gallery_ids:
@@ -386,18 +403,20 @@ class Backend:
         missing = [i for i in range(len(ids)) if i not in parts]
         if missing:
             fresh = self.explainer.encode(crops[missing], cancel=scope.cancelled)
-            self._store([ids[i] for i in missing], fresh)
+            self._store(store, [ids[i] for i in missing], fresh)
             parts.update({i: fresh.select(j) for j, i in enumerate(missing)})
         self.activity.count(encoded=len(missing), from_store=len(ids) - len(missing))
         return FaceFeatures.concat([parts[i] for i in range(len(ids))])
 
-    def _store(self, gallery_ids: Sequence[int], features: FaceFeatures) -> None:
-        """Write gallery faces' features to the store (ids no longer in the gallery are
+    @staticmethod
+    def _store(store: FeatureStore | None, gallery_ids: Sequence[int],
+               features: FaceFeatures) -> None:
+        """Write gallery faces' features to ``store`` (ids no longer in the gallery are
         skipped by the store; a failing disk only costs the next call an encode)."""
-        if self.feature_store is None or not gallery_ids:
+        if store is None or not gallery_ids:
             return
         try:
-            self.feature_store.put(list(gallery_ids), *to_stored(features))
+            store.put(list(gallery_ids), *to_stored(features))
         except OSError as exc:
             log.warning("feature store write failed (%s): features will be encoded again",
                         type(exc).__name__)
@@ -442,8 +461,12 @@ class Backend:
         deleted = self.gallery.delete(ids) if ids else 0
         if self.feature_cache is not None:
             self.feature_cache.discard(ids)
-        if self.feature_store is not None and ids:
-            self.feature_store.discard(ids)
+        store = self.feature_store
+        if store is not None and ids:
+            try:  # only tidiness: the store drops deleted records' entries by itself
+                store.discard(ids)
+            except OSError as exc:
+                log.warning("feature store discard failed (%s)", type(exc).__name__)
         return deleted
 
     def add_images(self, items: Sequence[tuple[Entry, FaceFeatures | None]]) -> AddReport:
@@ -453,17 +476,18 @@ class Backend:
         report = self.gallery.add_many([entry for entry, _ in items])
         if self.feature_cache is not None and report.updated:
             self.feature_cache.discard(list(report.updated))
-        if self.feature_store is not None:
+        store = self.feature_store
+        if store is not None:
             if report.updated:
-                self.feature_store.discard(list(report.updated))
+                store.discard(list(report.updated))
             with_features = [(e, f) for e, f in items if f is not None]
             if with_features:
                 gids = [self.gallery.get_image(e.image_id).info.gallery_id
                         for e, _ in with_features]
-                todo = set(self.feature_store.missing(gids))
+                todo = set(store.missing(gids))
                 keep = [i for i, g in enumerate(gids) if g in todo]
                 if keep:
-                    self._store([gids[i] for i in keep],
+                    self._store(store, [gids[i] for i in keep],
                                 FaceFeatures.concat([with_features[i][1] for i in keep]))
         return report
 

@@ -208,3 +208,23 @@ def test_photo_maps_come_for_the_methods_asked_only(backend, filled, photo_paths
         assert query.photo is not None and max(query.photo.shape) <= 512
         assert gallery.photo is None
         assert np.abs(query.photo).sum() > 0
+
+
+def test_the_store_follows_a_swapped_in_gallery(backend, filled, photo_paths):
+    """A replica swaps a snapshot's copy in (server.replica): the store beside that copy
+    is used, never the old gallery's entries under the new gallery's ids."""
+    import shutil
+
+    from gallery import Gallery
+
+    swapped = _backend(backend, filled)
+    copy = filled / "gallery.sqlite.snapshot"  # the importer closed the gallery: one file
+    shutil.copyfile(filled / "gallery.sqlite", copy)
+    old = swapped.gallery
+    swapped.gallery = Gallery.open(copy, create=False)
+    old.close()
+    assert swapped.feature_store.gallery_path == copy and len(swapped.feature_store) == 0
+    with _serving(swapped, filled) as reader:
+        _explain(reader, photo_paths)
+    assert (swapped.activity.hit_encodes, swapped.activity.store_reads) == (TOP_K, 0)
+    assert len(list(filled.glob("gallery.sqlite.snapshot.features*"))) >= 2
