@@ -491,6 +491,32 @@ class Backend:
                                 FaceFeatures.concat([with_features[i][1] for i in keep]))
         return report
 
+    def fill_feature_store(self, batch: int = 32) -> int:
+        """Encode and store the features of every gallery face the store lacks (records
+        imported without a server, a store rebuilt offline); returns how many were stored."""
+        store = self.feature_store
+        if store is None:
+            return 0
+        stored = 0
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def flush() -> None:
+            nonlocal stored
+            if pending:
+                features = self.explainer.encode(np.stack([crop for _, crop in pending]))
+                self._store(store, [gid for gid, _ in pending], features)
+                stored += len(pending)
+                pending.clear()
+
+        for record in self.gallery.iter_records(batch=batch):
+            gid = record.info.gallery_id
+            if record.crop_png and store.missing([gid]):
+                pending.append((gid, decode_image(record.crop_png)))
+                if len(pending) >= batch:
+                    flush()
+        flush()
+        return stored
+
     def entry(self, face: Face, record: Mapping[str, Any], scope: RequestScope) -> Entry:
         """A gallery Entry for an aligned face and its labels (embeds the crop); a photo
         with several faces is refused (SeveralFaces), never silently reduced to one."""

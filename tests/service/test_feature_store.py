@@ -228,3 +228,22 @@ def test_the_store_follows_a_swapped_in_gallery(backend, filled, photo_paths):
         _explain(reader, photo_paths)
     assert (swapped.activity.hit_encodes, swapped.activity.store_reads) == (TOP_K, 0)
     assert len(list(filled.glob("gallery.sqlite.snapshot.features*"))) >= 2
+
+
+def test_the_gallery_features_command_fills_the_store_offline(backend, filled, photo_paths,
+                                                             capsys, monkeypatch):
+    import json
+
+    from server.cli import main
+
+    for f in filled.glob("gallery.sqlite.features*"):
+        f.unlink()
+    monkeypatch.chdir(filled)
+    assert main(["gallery", "features", "--gallery", str(filled / "gallery.sqlite"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out == {"stored": len(GALLERY_PHOTOS), "images": len(GALLERY_PHOTOS)}
+    fresh = _backend(backend, filled)
+    with _serving(fresh, filled) as reader:
+        _explain(reader, photo_paths)
+    assert (fresh.activity.hit_encodes, fresh.activity.store_reads) == (0, TOP_K)
