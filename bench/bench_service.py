@@ -20,6 +20,14 @@ and driven by the Python client, one call at a time after 3 warm-up calls:
   and one that encodes the hits on every call (size 0), from a photo and from
   an aligned crop (no detection: the difference is the hit forwards); these
   eight are timed interleaved, one call of each per round.
+- Explain top 10 from the feature store ("store", issue 15 item 3): a server
+  without the in-memory cache over the same gallery, so every call reads the hits'
+  features from the store filled at import, as a freshly started server does
+  (cold; the store's pages are in the OS cache after the first call); against
+  "cached" (warm, the in-memory cache) and "uncached" (no store, hits encoded),
+  timed in the same interleaved rounds. Printed with the store's bytes per image,
+  and Explain of a photo against its aligned crop plus detection (Encode photo
+  minus Encode aligned crop): target <= 1.5x.
 
 Latency includes gRPC, protobuf and the client's conversion to numpy. On a
 shared machine the numbers move with the load: the load average is printed.
@@ -123,9 +131,16 @@ def run(calls: int, threads: int | None) -> dict:
         uncached_config, pipeline=backend.pipeline, views=backend.views,
         gallery=backend.gallery, explainer=backend.explainer, encoder_id=backend.encoder_id,
         view_scheme=backend.view_scheme, encoders=backend.encoders))
+    from_store = Backend(  # no in-memory cache: every call reads the store
+        uncached_config, pipeline=backend.pipeline, views=backend.views,
+        gallery=backend.gallery, explainer=backend.explainer, encoder_id=backend.encoder_id,
+        view_scheme=backend.view_scheme, encoders=backend.encoders,
+        feature_store=backend.feature_store)
+    stored = start(uncached_config, backend=from_store)
     try:
         with phenolens.Client(server.address, token=BENCH_TOKEN, timeout=300) as client, \
-                phenolens.Client(uncached.address, token=BENCH_TOKEN, timeout=300) as plain:
+                phenolens.Client(uncached.address, token=BENCH_TOKEN, timeout=300) as plain, \
+                phenolens.Client(stored.address, token=BENCH_TOKEN, timeout=300) as cold:
             singles = [p for p in PHOTOS if p.faces == 1 and p.name != QUERY]
             items = [phenolens.ImportItem(
                 phenolens.GalleryRecord("", image_id=p.name, subject_id=p.person,
@@ -164,14 +179,23 @@ def run(calls: int, threads: int | None) -> dict:
             for k in (3, 10):
                 for source, kwargs in (("photo", {}), ("crop", {"aligned": True})):
                     image = query if source == "photo" else crop
-                    for label, c in (("cached", client), ("uncached", plain)):
+                    clients = [("cached", client), ("uncached", plain)]
+                    if k == 10:
+                        clients.append(("store", cold))
+                    for label, c in clients:
                         paired[f"Explain {source} top {k} {label}"] = \
                             lambda c=c, k=k, image=image, kwargs=kwargs: \
                             c.explain(image, top_k=k, **kwargs)
             results.update({name: _percentiles(samples) for name, samples
                             in _time_interleaved(paired, calls).items()})
             info = client.server_info()
+            features = backend.feature_store
+            store = {"images": len(features),
+                     "bytes_per_image": features.layout.bytes_per_image,
+                     "hit_encodes_of_store_server": from_store.activity.hit_encodes,
+                     "hit_faces_read_from_store": from_store.activity.store_reads}
     finally:
+        stored.stop(grace_s=1.0)
         uncached.stop(grace_s=1.0)
         server.stop(grace_s=1.0)
         backend.close()
@@ -182,6 +206,7 @@ def run(calls: int, threads: int | None) -> dict:
         "encoder_id": info.encoder_id, "view_scheme": info.view_scheme,
         "gallery_size": info.gallery_size, "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(), "cpus": os.cpu_count(), "latency": results,
+        "feature_store": store,
     }
 
 
@@ -384,7 +409,28 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in report["latency"].items():
         print(f"{name:<32} {r['p50_ms']:>9.1f} {r['p95_ms']:>9.1f} {r['mean_ms']:>9.1f} "
               f"{r['n']:>4}")
+    print_store(report)
     return 0
+
+
+def print_store(report: dict) -> None:
+    """The feature store's size and the cold/warm/uncached and photo/crop ratios (p50)."""
+    p50 = {name: r["p50_ms"] for name, r in report["latency"].items()}
+    s = report["feature_store"]
+    print(f"feature store: {s['bytes_per_image']:,} B per image ({s['images']} images); "
+          f"the store server encoded {s['hit_encodes_of_store_server']} hits, read "
+          f"{s['hit_faces_read_from_store']} from the store")
+    for source in ("crop", "photo"):
+        cold, warm, plain = (p50[f"Explain {source} top 10 {label}"]
+                             for label in ("store", "cached", "uncached"))
+        print(f"Explain {source} top 10: cold (store) {cold:.1f} ms, warm (cache) {warm:.1f} ms, "
+              f"uncached {plain:.1f} ms; cold/warm {cold / warm:.2f}x, uncached/cold "
+              f"{plain / cold:.2f}x")
+    detection = p50["Encode (photo)"] - p50["Encode (aligned crop)"]
+    for label in ("cached", "store"):
+        photo, crop = p50[f"Explain photo top 10 {label}"], p50[f"Explain crop top 10 {label}"]
+        print(f"Explain photo top 10 ({label}) / (crop top 10 + detection {detection:.1f} ms): "
+              f"{photo / (crop + detection):.2f}x (target <= 1.5x)")
 
 
 if __name__ == "__main__":

@@ -200,8 +200,11 @@ class FeatureStore:
                 axis=1,
             )[keep].astype(np.float16)
             stored = [ids[i] for i in keep]
-            if snap.layout is None:  # new or stale store: a fresh data file, old one dropped on commit
-                data_name = self._data_name(_generation(snap.data_name) + 1 if snap.data_name else 1)
+            if snap.layout is None or snap.data_name is None:
+                # new or stale store, or its data file is gone: a fresh data file (a new
+                # generation: never one the manifest names), old ones dropped on commit
+                data_name = self._data_name(self._next_generation())
+                snap = _Snapshot(None, None, {}, snap.gallery_version)
             else:
                 data_name = snap.data_name
             used = {slot for slot, _ in snap.slots.values()}
@@ -241,6 +244,16 @@ class FeatureStore:
 
     def _data_name(self, generation: int) -> str:
         return f"{self.path.name}.{generation}.f16"
+
+    def _next_generation(self) -> int:
+        """One above every data file beside the manifest (a torn manifest names none)."""
+        found = []
+        for other in self.path.parent.glob(f"{self.path.name}.*.f16"):
+            try:
+                found.append(_generation(other.name))
+            except ValueError:
+                pass
+        return max(found, default=0) + 1
 
     def _write_rows(self, data_name: str, slots: list[int], rows: np.ndarray | None, layout: FeatureLayout) -> None:
         """Write ``rows`` (M, values) float16 into ``slots`` of the data file, then fsync."""

@@ -19,13 +19,16 @@ import numpy as np
 
 from encoder.image import decode_image
 from encoder.pipeline import Face, FacePipeline
+from explain.attribution.engine import FaceFeatures
 from explain.errors import Cancelled as ExplainCancelled
 from gallery import Entry, Gallery, GeneHit, Hit, SchemeMismatch, SearchFilter, SyndromeHit
 from gallery.calibration import Calibration, CalibrationCache
+from gallery.features import FeatureStore
 from gallery.png import encode_png
+from gallery.records import AddReport
 from server.config import ServiceConfig
 from server.errors import BadRequest, SeveralFaces
-from server.feature_cache import FeatureCache, Fingerprint
+from server.feature_cache import FeatureCache, Fingerprint, from_stored, stored_scheme, to_stored
 from server.limits import RequestScope
 
 log = logging.getLogger("phenolens.server")
@@ -87,6 +90,8 @@ class ExplainActivity:
     started: int = 0
     completed: int = 0
     stopped: int = 0  # ended early: cancelled, past the deadline, or failed
+    hit_encodes: int = 0  # hit faces encoded because neither the cache nor the store held them
+    store_reads: int = 0  # hit faces whose features came from the feature store
     _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     def begin(self) -> None:
@@ -103,21 +108,76 @@ class ExplainActivity:
                 self.stopped += 1
             self._lock.notify_all()
 
+    def count(self, *, encoded: int = 0, from_store: int = 0) -> None:
+        with self._lock:
+            self.hit_encodes += encoded
+            self.store_reads += from_store
+
     def wait_idle(self, timeout: float) -> bool:
         """True once no explanation is running (False after ``timeout`` seconds)."""
         with self._lock:
             return self._lock.wait_for(lambda: self.active == 0, timeout)
 
 
-def _downscale(photo_map: np.ndarray, max_side: int) -> np.ndarray:
-    h, w = photo_map.shape
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return photo_map
-    import cv2
+@dataclass(frozen=True, eq=False)
+class PhotoWarp:
+    """Where each pixel of a query's photo map comes from on the aligned crop: built once
+    per request (``of``), then applied to every map of every hit (``__call__``).
 
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(photo_map, size, interpolation=cv2.INTER_AREA)
+    The photo map is drawn at the size the wire carries (the photo downscaled so that its
+    longer side is at most ``max_side``), only inside the face's box: each output pixel
+    centre goes through ``photo_to_crop`` and the map is sampled bilinearly there, zero
+    beyond the crop's edge (``encoder.align.warp_to_photo``'s constant border). That
+    replaces a full-resolution warp plus a resize per map with one small remap per map.
+    """
+
+    shape: tuple[int, int]  # (H', W') of the photo map
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2 of the face in the photo map
+    crop_size: tuple[int, int]
+    map_x: np.ndarray = field(repr=False)  # fixed-point remap tables of the box
+    map_y: np.ndarray = field(repr=False)
+
+    @classmethod
+    def of(cls, alignment: Any, max_side: int) -> PhotoWarp:
+        """For an ``encoder.align.Alignment`` and the wire's longer-side limit."""
+        import cv2
+
+        ph, pw = alignment.photo_size
+        scale = max_side / max(ph, pw)
+        oh, ow = (max(1, round(ph * scale)), max(1, round(pw * scale))) if scale < 1 else (ph, pw)
+        sx, sy = ow / pw, oh / ph
+        x1, y1, x2, y2 = alignment.face_box_photo
+        bx1, bx2 = max(int(np.floor(x1 * sx)) - 1, 0), min(int(np.ceil(x2 * sx)) + 2, ow)
+        by1, by2 = max(int(np.floor(y1 * sy)) - 1, 0), min(int(np.ceil(y2 * sy)) + 2, oh)
+        bx2, by2 = max(bx2, bx1), max(by2, by1)
+        xp = (np.arange(bx1, bx2) + 0.5) / sx - 0.5  # output pixel centres in photo pixels
+        yp = (np.arange(by1, by2) + 0.5) / sy - 0.5
+        a = np.asarray(alignment.photo_to_crop, np.float64)
+        u = (a[0, 0] * xp[None, :] + a[0, 1] * yp[:, None] + a[0, 2]).astype(np.float32)
+        v = (a[1, 0] * xp[None, :] + a[1, 1] * yp[:, None] + a[1, 2]).astype(np.float32)
+        map_x, map_y = (cv2.convertMaps(u, v, cv2.CV_16SC2) if u.size
+                        else (np.zeros((0, 0, 2), np.int16), np.zeros((0, 0), np.uint16)))
+        return cls((oh, ow), (bx1, by1, bx2, by2), alignment.crop_size, map_x, map_y)
+
+    def __call__(self, aligned: np.ndarray) -> np.ndarray:
+        """(M, h, w) maps on the crop (any resolution: resized bilinearly to the crop first)
+        -> (M, H', W') float32 photo maps, 0 outside the face."""
+        import cv2
+
+        maps = np.asarray(aligned, np.float32)
+        if maps.ndim != 3 or not np.isfinite(maps).all():
+            raise ValueError(f"aligned maps must be finite (M, h, w), got shape {maps.shape}")
+        out = np.zeros((len(maps), *self.shape), np.float32)
+        x1, y1, x2, y2 = self.box
+        if x2 <= x1 or y2 <= y1:
+            return out
+        ch, cw = self.crop_size
+        for m, target in zip(maps, out, strict=True):
+            if m.shape != (ch, cw):
+                m = cv2.resize(m, (cw, ch), interpolation=cv2.INTER_LINEAR)
+            target[y1:y2, x1:x2] = cv2.remap(m, self.map_x, self.map_y, cv2.INTER_LINEAR,
+                                             borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+        return out
 
 
 class Backend:
@@ -126,12 +186,15 @@ class Backend:
     pipeline: FacePipeline; views: a view source (``encoder.views.Ensemble``);
     gallery: an open Gallery; explainer: ``explain.attribution.engine.Explainer`` over ``views``.
     ``feature_cache`` holds the explainer's features of recently explained gallery
-    faces (``explain.feature_cache_size`` faces; None when that is 0).
+    faces (``explain.feature_cache_size`` faces; None when that is 0);
+    ``feature_store`` the features of every gallery face on disk beside the gallery
+    (``gallery.features``; filled as images are added, refilled lazily by Explain),
+    or None (then only the cache and encoding).
     """
 
     def __init__(self, config: ServiceConfig, *, pipeline: FacePipeline, views: Any,
                  gallery: Gallery, explainer: Any, encoder_id: str, view_scheme: str,
-                 encoders: Sequence[Any] = ()) -> None:
+                 encoders: Sequence[Any] = (), feature_store: FeatureStore | None = None) -> None:
         self.config = config
         self.pipeline = pipeline
         self.views = views
@@ -143,7 +206,25 @@ class Backend:
         self.activity = ExplainActivity()
         size = config.explain.feature_cache_size
         self.feature_cache: FeatureCache | None = FeatureCache(size) if size > 0 else None
+        self._feature_store = feature_store
+        self._store_lock = threading.Lock()
         self.calibrations = CalibrationCache()  # refitted when the gallery version moves
+
+    @property
+    def feature_store(self) -> FeatureStore | None:
+        """The feature store beside the current gallery: when a replica swaps a snapshot
+        in (``server.replica``), the store beside the snapshot's copy is opened, so gallery
+        ids are never checked against another gallery's records."""
+        store = self._feature_store
+        if store is None or store.gallery_path == self.gallery.path:
+            return store
+        with self._store_lock:
+            old = self._feature_store
+            if old.gallery_path != self.gallery.path:
+                self._feature_store = FeatureStore.open(self.gallery.path, old.encoder_id,
+                                                        old.view_scheme)
+                old.close()
+            return self._feature_store
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -165,9 +246,10 @@ class Backend:
         gallery = Gallery.open(config.gallery.path, encoder_id=encoder_id,
                                view_scheme=scheme.id,
                                **({"index": config.gallery.index} if config.gallery.index else {}))
+        store = FeatureStore.open(gallery.path, encoder_id, stored_scheme(scheme.id))
         return cls(config, pipeline=pipeline, views=ensemble, gallery=gallery,
                    explainer=Explainer(ensemble), encoder_id=encoder_id, view_scheme=scheme.id,
-                   encoders=tuple(encoders.values()))
+                   encoders=tuple(encoders.values()), feature_store=store)
 
     def warm_up(self) -> None:
         """Build the detector and run one forward pass so the first call is not slow."""
@@ -176,6 +258,8 @@ class Backend:
         self.explainer.encode(np.zeros((1, h, w, 3), np.uint8))
 
     def close(self) -> None:
+        if self._feature_store is not None:
+            self._feature_store.close()
         self.gallery.close()
 
     # -- faces and embeddings ----------------------------------------------------------
@@ -264,13 +348,20 @@ class Backend:
                 return limit if remaining is None else max(0.0, min(limit, remaining))
 
             matches = explain_matches(
-                self.explainer, query.features, self._hit_features(hits, pngs, crops, scope),
+                self.explainer, query.features,
+                self._hit_features(hits, pngs, crops, query.features, scope),
                 methods, options={m: typed_options(m, o) for m, o in options.items()},
                 budget=self.config.explain.budget, time_limit=time_left, cancel=scope.cancelled)
+            warp = None  # the photo maps' sampling, shared by every map of every hit
+            if photo_maps and query.face.alignment is not None:
+                warp = PhotoWarp.of(query.face.alignment, self.config.limits.max_photo_map_side)
             for match in matches:
                 i = match.index
-                maps = tuple(self._wire_maps(m, query, photo_maps, feature_maps)
-                             for m in match.maps)
+                photos = None if warp is None else warp(
+                    np.stack([np.asarray(m.query_aligned, np.float32) for m in match.maps]))
+                maps = tuple(self._wire_maps(m, None if photos is None else photos[j],
+                                             feature_maps)
+                             for j, m in enumerate(match.maps))
                 yield HitExplanation(i, hits[i], maps, match.residual, match.bias_share,
                                      crops[i], pngs[i])
             completed = True
@@ -281,15 +372,54 @@ class Backend:
             self.activity.end(completed)
 
     def _hit_features(self, hits: Sequence[Hit], pngs: Sequence[bytes], crops: np.ndarray,
-                      scope: RequestScope) -> Any:
-        """The hits' FaceFeatures (crops included), from the cache where their stored crop
-        is unchanged; without a cache the (K, H, W, 3) crops themselves (encoded once)."""
+                      like: FaceFeatures, scope: RequestScope) -> FaceFeatures:
+        """The hits' FaceFeatures (crops included): from the cache where their stored crop is
+        unchanged, else from the feature store, else encoded (and written to the store).
+        ``like``: features of the same explainer (the query's), for encoders and flips."""
+        ids = [h.gallery_id for h in hits]
+        store = self.feature_store  # one store for the whole call, read and written
+
+        def load(positions: list[int]) -> FaceFeatures:
+            return self._stored_or_encoded(store, [ids[i] for i in positions],
+                                           crops[positions], like, scope)
+
         if self.feature_cache is None:
-            return crops
-        keys = [(h.gallery_id, Fingerprint.of(png, self.encoder_id, self.view_scheme))
-                for h, png in zip(hits, pngs, strict=True)]
-        return self.feature_cache.features(
-            keys, lambda missing: self.explainer.encode(crops[missing], cancel=scope.cancelled))
+            return load(list(range(len(hits))))
+        keys = [(gid, Fingerprint.of(png, self.encoder_id, self.view_scheme))
+                for gid, png in zip(ids, pngs, strict=True)]
+        return self.feature_cache.features(keys, load)
+
+    def _stored_or_encoded(self, store: FeatureStore | None, ids: list[int], crops: np.ndarray,
+                           like: FaceFeatures, scope: RequestScope) -> FaceFeatures:
+        """Features of gallery faces ``ids`` with (N, H, W, 3) ``crops``, in order:
+        ``store``'s where it holds them, the rest encoded together and stored there."""
+        stored = store.get(ids) if store is not None else None
+        parts: dict[int, FaceFeatures] = {}
+        if stored is not None and stored.gallery_ids:
+            at = {gid: i for i, gid in enumerate(ids)}
+            rows = [at[gid] for gid in stored.gallery_ids]
+            found = from_stored(stored, like, crops[rows])
+            parts.update({i: found.select(j) for j, i in enumerate(rows)})
+        missing = [i for i in range(len(ids)) if i not in parts]
+        if missing:
+            fresh = self.explainer.encode(crops[missing], cancel=scope.cancelled)
+            self._store(store, [ids[i] for i in missing], fresh)
+            parts.update({i: fresh.select(j) for j, i in enumerate(missing)})
+        self.activity.count(encoded=len(missing), from_store=len(ids) - len(missing))
+        return FaceFeatures.concat([parts[i] for i in range(len(ids))])
+
+    @staticmethod
+    def _store(store: FeatureStore | None, gallery_ids: Sequence[int],
+               features: FaceFeatures) -> None:
+        """Write gallery faces' features to ``store`` (ids no longer in the gallery are
+        skipped by the store; a failing disk only costs the next call an encode)."""
+        if store is None or not gallery_ids:
+            return
+        try:
+            store.put(list(gallery_ids), *to_stored(features))
+        except OSError as exc:
+            log.warning("feature store write failed (%s): features will be encoded again",
+                        type(exc).__name__)
 
     def _gallery_crop_png(self, gallery_id: int) -> bytes:
         record = self.gallery.get(gallery_id)
@@ -297,18 +427,11 @@ class Backend:
             raise BadRequest("a gallery image has no stored aligned crop to explain against")
         return record.crop_png
 
-    def _wire_maps(self, maps: Any, query: Query, photo_maps: bool,
-                   feature_maps: bool) -> WireMaps:
-        """An ``explain_matches`` MethodMaps -> what the wire carries (photo map warped here)."""
+    def _wire_maps(self, maps: Any, photo: np.ndarray | None, feature_maps: bool) -> WireMaps:
+        """An ``explain_matches`` MethodMaps (and its photo map) -> what the wire carries."""
         qa, ga = maps.query_aligned, maps.gallery_aligned
         feature = feature_maps and maps.resolution == "feature"
         qf, gf = (maps.query, maps.gallery) if feature else (None, None)
-        photo = None
-        if photo_maps and query.face.alignment is not None:
-            from encoder.align import warp_to_photo
-
-            photo = _downscale(warp_to_photo(qa, query.face.alignment),
-                               self.config.limits.max_photo_map_side)
         return WireMaps(maps.method, np.asarray(qa, np.float32), np.asarray(ga, np.float32),
                         qf, gf, photo)
 
@@ -338,16 +461,77 @@ class Backend:
         deleted = self.gallery.delete(ids) if ids else 0
         if self.feature_cache is not None:
             self.feature_cache.discard(ids)
+        store = self.feature_store
+        if store is not None and ids:
+            try:  # only tidiness: the store drops deleted records' entries by itself
+                store.discard(ids)
+            except OSError as exc:
+                log.warning("feature store discard failed (%s)", type(exc).__name__)
         return deleted
+
+    def add_images(self, items: Sequence[tuple[Entry, FaceFeatures | None]]) -> AddReport:
+        """Add entries to the gallery, then their faces' features (from ``entry_with_features``,
+        None for precomputed embeddings) to the feature store: the encode that embedded a
+        crop is the only one. Replaced records' old features are dropped first."""
+        report = self.gallery.add_many([entry for entry, _ in items])
+        if self.feature_cache is not None and report.updated:
+            self.feature_cache.discard(list(report.updated))
+        store = self.feature_store
+        if store is not None:
+            if report.updated:
+                store.discard(list(report.updated))
+            with_features = [(e, f) for e, f in items if f is not None]
+            if with_features:
+                gids = [self.gallery.get_image(e.image_id).info.gallery_id
+                        for e, _ in with_features]
+                todo = set(store.missing(gids))
+                keep = [i for i, g in enumerate(gids) if g in todo]
+                if keep:
+                    self._store(store, [gids[i] for i in keep],
+                                FaceFeatures.concat([with_features[i][1] for i in keep]))
+        return report
+
+    def fill_feature_store(self, batch: int = 32) -> int:
+        """Encode and store the features of every gallery face the store lacks (records
+        imported without a server, a store rebuilt offline); returns how many were stored."""
+        store = self.feature_store
+        if store is None:
+            return 0
+        stored = 0
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def flush() -> None:
+            nonlocal stored
+            if pending:
+                features = self.explainer.encode(np.stack([crop for _, crop in pending]))
+                self._store(store, [gid for gid, _ in pending], features)
+                stored += len(pending)
+                pending.clear()
+
+        for record in self.gallery.iter_records(batch=batch):
+            gid = record.info.gallery_id
+            if record.crop_png and store.missing([gid]):
+                pending.append((gid, decode_image(record.crop_png)))
+                if len(pending) >= batch:
+                    flush()
+        flush()
+        return stored
 
     def entry(self, face: Face, record: Mapping[str, Any], scope: RequestScope) -> Entry:
         """A gallery Entry for an aligned face and its labels (embeds the crop); a photo
         with several faces is refused (SeveralFaces), never silently reduced to one."""
+        return self.entry_with_features(face, record, scope)[0]
+
+    def entry_with_features(self, face: Face, record: Mapping[str, Any], scope: RequestScope
+                            ) -> tuple[Entry, FaceFeatures]:
+        """``entry`` and the explainer's features of the face (N = 1) it was embedded from,
+        for ``add_images`` to store."""
         if face.face_count > 1:
             raise SeveralFaces(f"the photo shows {face.face_count} faces; a gallery image "
                                "needs exactly one: crop it to one face or send its aligned crop")
         query = self.query_of_face(face, scope)
-        return self.entry_of(query.views, encode_png(face.crop), record, self.view_scheme)
+        entry = self.entry_of(query.views, encode_png(face.crop), record, self.view_scheme)
+        return entry, query.features
 
     def entry_of(self, views: np.ndarray, crop_png: bytes, record: Mapping[str, Any],
                  view_scheme: str) -> Entry:

@@ -12,8 +12,12 @@ keep valid features.
 
 The cache holds torch tensors of features and embeddings only: no image bytes,
 no labels. It never logs. Memory per face is ``FaceFeatures`` of one face,
-``sum over views of C*h*w*4 + D*4`` bytes (SFace with two views: 2 x 1 KB of
-embedding plus the feature maps; see ``FeatureCache.stats().bytes``).
+``sum over views of (C*h*w + C_f*h_f*w_f + D)*4`` bytes plus its crop (SFace with two
+views: 7x7x1024 CAM maps, 14x14x512 contrast-layer maps, 128-d embeddings: about 1.2 MB;
+see ``FeatureCache.stats().bytes``).
+
+Below the cache sits the on-disk ``gallery.features.FeatureStore`` (filled when images
+are added); ``to_stored``/``from_stored`` convert between the two.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from explain.attribution.engine import FaceFeatures
+from gallery.features import StoredFeatures
 
 
 @dataclass(frozen=True)
@@ -56,16 +64,73 @@ class CacheStats:
 def _nbytes(features: FaceFeatures) -> int:
     crops = 0 if features.crops is None else features.crops.nbytes
     return crops + sum(t.numel() * t.element_size()
-                       for t in (*features.feature_maps, *features.embeddings))
+                       for t in (*features.feature_maps, *features.embeddings,
+                                 *(features.fine_maps or ())))
 
 
 def _own(features: FaceFeatures) -> FaceFeatures:
-    """One face's features (and crop) in arrays of their own (not views into a batch)."""
+    """One face's features (crop and contrast-layer maps included) in arrays of their own
+    (not views into a batch)."""
     return FaceFeatures(
         tuple(f.detach().clone() for f in features.feature_maps),
         tuple(e.detach().clone() for e in features.embeddings),
         features.encoders, features.flipped, features.crop_size,
         None if features.crops is None else features.crops.copy(),
+        None if features.fine_maps is None else tuple(f.detach().clone()
+                                                      for f in features.fine_maps),
+    )
+
+
+# -- the on-disk store's layout (gallery.features) ------------------------------------
+#
+# The store keeps per view one map and one embedding; a face here has two maps per view
+# (the CAM layer's and the contrast layer's). They go in as twice the views, in the order
+# [CAM maps of views 0..V-1, contrast-layer maps of views 0..V-1]; the embeddings sit on
+# the first V and the last V carry empty (0-wide) embeddings. The layout is named in the
+# store's view scheme (``stored_scheme``), so a store of another layout reads as stale.
+
+STORED_KINDS = "cam+contrast"
+
+
+def stored_scheme(view_scheme: str) -> str:
+    """The view scheme a FeatureStore is opened with for ``view_scheme``'s features."""
+    return f"{view_scheme}|{STORED_KINDS}"
+
+
+def to_stored(features: FaceFeatures) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """FaceFeatures of N faces -> (maps, embeddings) for ``FeatureStore.put``: 2V maps
+    (N, C, h, w) then (N, C_f, h_f, w_f), and 2V embeddings (N, D) then (N, 0), float32."""
+    if features.fine_maps is None:
+        raise ValueError("only features with their contrast-layer maps can be stored")
+
+    def arr(t: torch.Tensor) -> np.ndarray:
+        return t.detach().to("cpu", torch.float32).numpy()
+
+    n = len(features)
+    maps = [arr(m) for m in (*features.feature_maps, *features.fine_maps)]
+    embeddings = [arr(e) for e in features.embeddings]
+    embeddings += [np.zeros((n, 0), np.float32)] * len(features.fine_maps)
+    return maps, embeddings
+
+
+def from_stored(stored: StoredFeatures, like: FaceFeatures, crops: np.ndarray | None
+                ) -> FaceFeatures:
+    """``FeatureStore.get`` results -> FaceFeatures of those faces, with the encoders,
+    flips and device of ``like`` (any features of the same explainer) and ``crops``
+    (N, H, W, 3) uint8 of those faces (or None)."""
+    views = len(like.feature_maps)
+    if len(stored.maps) != 2 * views:
+        raise ValueError(f"the store holds {len(stored.maps)} maps per face, expected {2 * views}")
+    device = like.feature_maps[0].device
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device, torch.float32)
+
+    return FaceFeatures(
+        tuple(tensor(m) for m in stored.maps[:views]),
+        tuple(tensor(e) for e in stored.embeddings[:views]),
+        like.encoders, like.flipped, like.crop_size, crops,
+        tuple(tensor(m) for m in stored.maps[views:]),
     )
 
 

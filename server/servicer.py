@@ -205,9 +205,11 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
                                              self.config.limits.max_image_pixels)
         with self.limiter.slot():
             face = self.backend.face(image, aligned=aligned, scope=scope)
-            entry = self.backend.entry(face, convert.record_fields(request.record), scope)
+            item = self.backend.entry_with_features(face, convert.record_fields(request.record),
+                                                    scope)
         scope.check()
-        gid = self.backend.gallery.add(entry)
+        report = self.backend.add_images([item])
+        gid = (report.added + report.updated + report.unchanged)[0]
         info = self.backend.gallery.get(gid).info
         return gallery_pb2.AddImageResponse(record=convert.record_info(info),
                                             gallery_version=self.backend.gallery.version,
@@ -224,7 +226,7 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
         def commit() -> None:
             nonlocal added, unchanged
             if batch:
-                report = b.gallery.add_many(batch)
+                report = b.add_images(batch)
                 added += len(report.added) + len(report.updated)
                 unchanged += len(report.unchanged)
                 batch.clear()
@@ -238,13 +240,13 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
                     image, aligned = convert.image_input(item.image,
                                                          self.config.limits.max_image_pixels)
                     face = b.face(image, aligned=aligned, scope=scope)
-                    batch.append(b.entry(face, fields, scope))
+                    batch.append(b.entry_with_features(face, fields, scope))
                 elif item.WhichOneof("content") == "precomputed":
                     vectors, scheme = convert.embedding_input(item.precomputed.embedding)
                     crop = item.precomputed.aligned_crop_png
                     if crop:
                         decode_image(crop)  # refuse a corrupt crop before it is stored
-                    batch.append(b.entry_of(vectors, crop, fields, scheme))
+                    batch.append((b.entry_of(vectors, crop, fields, scheme), None))
                 else:
                     raise BadRequest(f"import record {received} has neither image nor "
                                      "precomputed embedding")

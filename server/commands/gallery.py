@@ -1,4 +1,4 @@
-"""``phenolens gallery {import,stats,add,delete,list,export}`` and ``phenolens match``.
+"""``phenolens gallery {import,stats,add,delete,list,export,features}`` and ``phenolens match``.
 
 Local commands work on a gallery file without a server; with ``--server`` the
 same commands go through the client library (``server.remote``). Images are
@@ -87,6 +87,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     delete.add_argument("--gallery-ids", action="store_true", help="the ids are gallery ids")
     _common(delete)
     delete.set_defaults(func=run_gallery)
+
+    features = sub.add_parser("features", help="fill the feature store Explain reads (the "
+                              "server also fills it as images are added and explained)")
+    _common(features, remote=False)
+    features.set_defaults(func=run_gallery)
 
     listing = sub.add_parser("list", help="list records, one page")
     listing.add_argument("--limit", type=int, default=100)
@@ -203,6 +208,19 @@ def run_gallery(args: argparse.Namespace) -> int:
         return _run_import(args, config)
     if action == "add":
         return _run_add(args, config)
+    if action == "features":
+        from server.backend import Backend
+
+        if args.gallery:
+            config = replace(config, gallery=replace(config.gallery, path=args.gallery))
+        backend = Backend.from_config(config)
+        try:
+            n = backend.fill_feature_store()
+            _emit(args, {"stored": n, "images": len(backend.feature_store)},
+                  f"stored features of {n} images ({len(backend.feature_store)} in the store)")
+        finally:
+            backend.close()
+        return 0
     with _open_gallery(args, config, create=False) as gallery:
         if action == "stats":
             return _run_stats(args, gallery)

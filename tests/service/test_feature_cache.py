@@ -232,7 +232,7 @@ def test_the_cache_evicts_least_recently_used_and_holds_only_feature_tensors(bac
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for gid, fingerprint in keys[2:]:
         features = cache.get(gid, fingerprint)
-        held = (*features.feature_maps, *features.embeddings)
+        held = (*features.feature_maps, *features.embeddings, *features.fine_maps)  # contrast reads them
         assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in held)
         assert len(fingerprint.crop_sha256) == 64  # a digest, not the crop
         assert features.crops.shape == (1, *crops.shape[1:])  # pixel methods perturb it
