@@ -115,9 +115,10 @@ class ExplainConfig:
     budget: int = 1024  # forward passes per method call
     # Explain keeps the model's features of this many recently explained gallery
     # faces in memory (LRU, keyed by gallery id and checked against the sha256 of
-    # the stored crop, so an updated crop is recomputed), and top-K maps then cost
-    # about one query encode. SFace with flip: about 0.4 MB per face. 0 disables.
-    feature_cache_size: int = 512
+    # the stored crop, so an updated crop is recomputed) in front of the feature store
+    # beside the gallery file. SFace with flip, CAM and contrast-layer maps: about
+    # 1.24 MB per face, so the default holds ~160 MB. 0 disables.
+    feature_cache_size: int = 128
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ def report_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synth_samples(pipeline):
-    from research import synth
     from encoder.assets import PHOTOS
+    from research import synth
 
     sources = synth.load_source_faces(pipeline, [p for p in PHOTOS if p.name in SOURCE_PHOTOS])
     return list(synth.generate(sources, CLASSES, seed=3, split="gallery"))
