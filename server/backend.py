@@ -263,9 +263,19 @@ class Backend:
         self.gallery.close()
 
     # -- faces and embeddings ----------------------------------------------------------
-    def face(self, image: bytes | np.ndarray, *, aligned: bool, scope: RequestScope) -> Face:
+    def face(self, image: bytes | np.ndarray, *, aligned: bool, scope: RequestScope,
+             index: int | None = None) -> Face:
+        """The most confident face, or with ``index`` the index-th most confident of a
+        photo's faces (BadRequest naming the count when there is no such face)."""
         scope.check()
-        return self.pipeline.face(image, aligned=aligned)
+        if index is None or aligned:
+            return self.pipeline.face(image, aligned=aligned)
+        faces = self.pipeline.faces(image)
+        if not 0 <= index < len(faces):
+            raise BadRequest(f"face_index {index} does not exist: the photo shows "
+                             f"{len(faces)} face(s), numbered 0 to {len(faces) - 1} by "
+                             "decreasing confidence")
+        return faces[index]
 
     def query_of_face(self, face: Face, scope: RequestScope,
                       photo: np.ndarray | None = None) -> Query:
@@ -522,13 +532,14 @@ class Backend:
         with several faces is refused (SeveralFaces), never silently reduced to one."""
         return self.entry_with_features(face, record, scope)[0]
 
-    def entry_with_features(self, face: Face, record: Mapping[str, Any], scope: RequestScope
-                            ) -> tuple[Entry, FaceFeatures]:
+    def entry_with_features(self, face: Face, record: Mapping[str, Any], scope: RequestScope,
+                            *, picked: bool = False) -> tuple[Entry, FaceFeatures]:
         """``entry`` and the explainer's features of the face (N = 1) it was embedded from,
-        for ``add_images`` to store."""
-        if face.face_count > 1:
+        for ``add_images`` to store. ``picked``: the caller chose this face of several."""
+        if face.face_count > 1 and not picked:
             raise SeveralFaces(f"the photo shows {face.face_count} faces; a gallery image "
-                               "needs exactly one: crop it to one face or send its aligned crop")
+                               "needs exactly one: pick one with face_index (0 = the most "
+                               "confident), crop the photo, or send the aligned crop")
         query = self.query_of_face(face, scope)
         entry = self.entry_of(query.views, encode_png(face.crop), record, self.view_scheme)
         return entry, query.features

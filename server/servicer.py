@@ -203,10 +203,11 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
         scope = RequestScope.of(context)
         image, aligned = convert.image_input(request.image,
                                              self.config.limits.max_image_pixels)
+        index = request.face_index if request.HasField("face_index") else None
         with self.limiter.slot():
-            face = self.backend.face(image, aligned=aligned, scope=scope)
+            face = self.backend.face(image, aligned=aligned, scope=scope, index=index)
             item = self.backend.entry_with_features(face, convert.record_fields(request.record),
-                                                    scope)
+                                                    scope, picked=index is not None)
         scope.check()
         report = self.backend.add_images([item])
         gid = (report.added + report.updated + report.unchanged)[0]

@@ -187,13 +187,14 @@ class AsyncClient:
             call.cancel()
 
     async def add_image(self, image: ImageLike, record: GalleryRecord | None = None, *,
-                        aligned: bool = False, timeout: float | None = None, **fields: Any
-                        ) -> GalleryRecord:
+                        aligned: bool = False, face_index: int | None = None,
+                        timeout: float | None = None, **fields: Any) -> GalleryRecord:
         if record is None:
             fields["genes"] = tuple(fields.get("genes", ()))
             record = GalleryRecord(gallery_id="", **fields)
         response = await self._call(self._gallery.AddImage,
-                                    rq.add_image_request(image, record, aligned=aligned), timeout)
+                                    rq.add_image_request(image, record, aligned=aligned,
+                                                         face_index=face_index), timeout)
         return GalleryRecord.from_proto(response.record)
 
     async def import_gallery(self, items: Iterable[rq.ImportItem], *,

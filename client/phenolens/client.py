@@ -289,15 +289,17 @@ class Client(SyndromeMixin):
 
     # -- gallery ----------------------------------------------------------------------------
     def add_image(self, image: ImageLike, record: GalleryRecord | None = None, *,
-                  aligned: bool = False, timeout: float | None = None, **fields: Any
-                  ) -> GalleryRecord:
+                  aligned: bool = False, face_index: int | None = None,
+                  timeout: float | None = None, **fields: Any) -> GalleryRecord:
         """Add one image (needs the admin scope). Metadata as a GalleryRecord or keywords
-        (image_id=, subject_id=, syndrome_id=, syndrome_name=, omim=, genes=, source=)."""
+        (image_id=, subject_id=, syndrome_id=, syndrome_name=, omim=, genes=, source=).
+        A photo with several faces is refused unless ``face_index`` picks one (0 = the most
+        confident)."""
         if record is None:
             fields["genes"] = tuple(fields.get("genes", ()))
             record = GalleryRecord(gallery_id="", **fields)
         response = self._call(self._gallery.AddImage,
-                              rq.add_image_request(image, record, aligned=aligned), timeout)
+                              rq.add_image_request(image, record, aligned=aligned, face_index=face_index), timeout)
         return GalleryRecord.from_proto(response.record)
 
     def import_gallery(self, items: Iterable[rq.ImportItem], *, timeout: float | None = None

@@ -113,10 +113,13 @@ def explain_request(
     )
 
 
-def add_image_request(image: ImageLike, record: GalleryRecord, *, aligned: bool = False
-                      ) -> gallery_pb2.AddImageRequest:
-    return gallery_pb2.AddImageRequest(image=to_image(image, aligned=aligned),
-                                       record=record.to_proto())
+def add_image_request(image: ImageLike, record: GalleryRecord, *, aligned: bool = False,
+                      face_index: int | None = None) -> gallery_pb2.AddImageRequest:
+    request = gallery_pb2.AddImageRequest(image=to_image(image, aligned=aligned),
+                                          record=record.to_proto())
+    if face_index is not None:
+        request.face_index = face_index
+    return request
 
 
 def import_records(items: Iterable[ImportItem]) -> Iterator[gallery_pb2.ImportRecord]:

@@ -319,3 +319,19 @@ def test_an_oversized_request_gets_an_access_log_line(backend, tmp_path, server_
         running.stop(grace_s=1.0)
     line = next(r for r in server_log() if r["msg"] == "rpc" and r["method"].endswith("/Encode"))
     assert line["code"] == "NOT_RECEIVED"
+
+
+def test_a_gallery_write_may_pick_one_face_of_a_group_photo(admin, photo_paths, gallery_ids):
+    from phenolens import GalleryRecord
+
+    before = admin.gallery_stats().images
+    with pytest.raises(phenolens.InvalidArgument, match="6 face"):
+        admin.add_image(photo_paths["t1.jpg"], GalleryRecord("", image_id="t1-face-9",
+                                                             subject_id="t1-9"), face_index=9)
+    records = [admin.add_image(photo_paths["t1.jpg"], GalleryRecord(
+        "", image_id=f"t1-face-{i}", subject_id=f"t1-{i}"), face_index=i) for i in (0, 3)]
+    assert admin.gallery_stats().images == before + 2
+    ids = [r.gallery_id for r in records]
+    crops = [admin.get_image(gid, include_crop=True).aligned_crop_png for gid in ids]
+    assert crops[0] and crops[0] != crops[1]  # two different people of the photo
+    admin.delete_images(ids)

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import types_pb2 as phenolens_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aphenolens/v1/gallery.proto\x12\x0cphenolens.v1\x1a\x18phenolens/v1/types.proto\"b\n\x0f\x41\x64\x64ImageRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.phenolens.v1.Image\x12+\n\x06record\x18\x02 \x01(\x0b\x32\x1b.phenolens.v1.GalleryRecord\"\x84\x01\n\x10\x41\x64\x64ImageResponse\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.phenolens.v1.GalleryRecord\x12\x17\n\x0fgallery_version\x18\x02 \x01(\x04\x12*\n\talignment\x18\x03 \x01(\x0b\x32\x17.phenolens.v1.Alignment\"\xa2\x01\n\x0cImportRecord\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.phenolens.v1.GalleryRecord\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x13.phenolens.v1.ImageH\x00\x12\x34\n\x0bprecomputed\x18\x03 \x01(\x0b\x32\x1d.phenolens.v1.PrecomputedFaceH\x00\x42\t\n\x07\x63ontent\"W\n\x0fPrecomputedFace\x12*\n\tembedding\x18\x01 \x01(\x0b\x32\x17.phenolens.v1.Embedding\x12\x18\n\x10\x61ligned_crop_png\x18\x02 \x01(\x0c\"\\\n\rImportSummary\x12\x10\n\x08received\x18\x01 \x01(\r\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\r\x12\x11\n\tunchanged\x18\x03 \x01(\r\x12\x17\n\x0fgallery_version\x18\x04 \x01(\x04\"Q\n\x13\x44\x65leteImagesRequest\x12\x13\n\x0bgallery_ids\x18\x01 \x03(\t\x12\x12\n\nmissing_ok\x18\x02 \x01(\x08\x12\x11\n\timage_ids\x18\x03 \x03(\t\"@\n\x14\x44\x65leteImagesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x17\n\x0fgallery_version\x18\x02 \x01(\x04\"V\n\x0fGetImageRequest\x12\x12\n\ngallery_id\x18\x01 \x01(\t\x12\x14\n\x0cinclude_crop\x18\x02 \x01(\x08\x12\x19\n\x11include_embedding\x18\x03 \x01(\x08\"\x82\x01\n\x0cGalleryImage\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.phenolens.v1.GalleryRecord\x12\x18\n\x10\x61ligned_crop_png\x18\x02 \x01(\x0c\x12+\n\tembedding\x18\x03 \x01(\x0b\x32\x18.phenolens.v1.FloatArray\"c\n\x11ListImagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bsyndrome_id\x18\x03 \x01(\t\x12\x12\n\nsubject_id\x18\x04 \x01(\t\"j\n\x12ListImagesResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.phenolens.v1.GalleryRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x04\"\x15\n\x13GalleryStatsRequest\"]\n\rSyndromeCount\x12\x13\n\x0bsyndrome_id\x18\x01 \x01(\t\x12\x15\n\rsyndrome_name\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x04\x12\x10\n\x08subjects\x18\x04 \x01(\x04\"\xd3\x01\n\x14GalleryStatsResponse\x12\x0e\n\x06images\x18\x01 \x01(\x04\x12\x10\n\x08subjects\x18\x02 \x01(\x04\x12\x11\n\tsyndromes\x18\x03 \x01(\x04\x12\x31\n\x0cper_syndrome\x18\x04 \x03(\x0b\x32\x1b.phenolens.v1.SyndromeCount\x12\x11\n\timbalance\x18\x05 \x01(\x02\x12\x17\n\x0fgallery_version\x18\x06 \x01(\x04\x12\x12\n\nencoder_id\x18\x07 \x01(\t\x12\x13\n\x0bview_scheme\x18\x08 \x01(\t2\xeb\x03\n\x0cGalleryAdmin\x12I\n\x08\x41\x64\x64Image\x12\x1d.phenolens.v1.AddImageRequest\x1a\x1e.phenolens.v1.AddImageResponse\x12J\n\rImportGallery\x12\x1a.phenolens.v1.ImportRecord\x1a\x1b.phenolens.v1.ImportSummary(\x01\x12U\n\x0c\x44\x65leteImages\x12!.phenolens.v1.DeleteImagesRequest\x1a\".phenolens.v1.DeleteImagesResponse\x12\x45\n\x08GetImage\x12\x1d.phenolens.v1.GetImageRequest\x1a\x1a.phenolens.v1.GalleryImage\x12O\n\nListImages\x12\x1f.phenolens.v1.ListImagesRequest\x1a .phenolens.v1.ListImagesResponse\x12U\n\x0cGalleryStats\x12!.phenolens.v1.GalleryStatsRequest\x1a\".phenolens.v1.GalleryStatsResponseB\x14\n\x10org.phenolens.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aphenolens/v1/gallery.proto\x12\x0cphenolens.v1\x1a\x18phenolens/v1/types.proto\"\x8a\x01\n\x0f\x41\x64\x64ImageRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.phenolens.v1.Image\x12+\n\x06record\x18\x02 \x01(\x0b\x32\x1b.phenolens.v1.GalleryRecord\x12\x17\n\nface_index\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\r\n\x0b_face_index\"\x84\x01\n\x10\x41\x64\x64ImageResponse\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.phenolens.v1.GalleryRecord\x12\x17\n\x0fgallery_version\x18\x02 \x01(\x04\x12*\n\talignment\x18\x03 \x01(\x0b\x32\x17.phenolens.v1.Alignment\"\xa2\x01\n\x0cImportRecord\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.phenolens.v1.GalleryRecord\x12$\n\x05image\x18\x02 \x01(\x0b\x32\x13.phenolens.v1.ImageH\x00\x12\x34\n\x0bprecomputed\x18\x03 \x01(\x0b\x32\x1d.phenolens.v1.PrecomputedFaceH\x00\x42\t\n\x07\x63ontent\"W\n\x0fPrecomputedFace\x12*\n\tembedding\x18\x01 \x01(\x0b\x32\x17.phenolens.v1.Embedding\x12\x18\n\x10\x61ligned_crop_png\x18\x02 \x01(\x0c\"\\\n\rImportSummary\x12\x10\n\x08received\x18\x01 \x01(\r\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\r\x12\x11\n\tunchanged\x18\x03 \x01(\r\x12\x17\n\x0fgallery_version\x18\x04 \x01(\x04\"Q\n\x13\x44\x65leteImagesRequest\x12\x13\n\x0bgallery_ids\x18\x01 \x03(\t\x12\x12\n\nmissing_ok\x18\x02 \x01(\x08\x12\x11\n\timage_ids\x18\x03 \x03(\t\"@\n\x14\x44\x65leteImagesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x17\n\x0fgallery_version\x18\x02 \x01(\x04\"V\n\x0fGetImageRequest\x12\x12\n\ngallery_id\x18\x01 \x01(\t\x12\x14\n\x0cinclude_crop\x18\x02 \x01(\x08\x12\x19\n\x11include_embedding\x18\x03 \x01(\x08\"\x82\x01\n\x0cGalleryImage\x12+\n\x06record\x18\x01 \x01(\x0b\x32\x1b.phenolens.v1.GalleryRecord\x12\x18\n\x10\x61ligned_crop_png\x18\x02 \x01(\x0c\x12+\n\tembedding\x18\x03 \x01(\x0b\x32\x18.phenolens.v1.FloatArray\"c\n\x11ListImagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bsyndrome_id\x18\x03 \x01(\t\x12\x12\n\nsubject_id\x18\x04 \x01(\t\"j\n\x12ListImagesResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.phenolens.v1.GalleryRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x04\"\x15\n\x13GalleryStatsRequest\"]\n\rSyndromeCount\x12\x13\n\x0bsyndrome_id\x18\x01 \x01(\t\x12\x15\n\rsyndrome_name\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x04\x12\x10\n\x08subjects\x18\x04 \x01(\x04\"\xd3\x01\n\x14GalleryStatsResponse\x12\x0e\n\x06images\x18\x01 \x01(\x04\x12\x10\n\x08subjects\x18\x02 \x01(\x04\x12\x11\n\tsyndromes\x18\x03 \x01(\x04\x12\x31\n\x0cper_syndrome\x18\x04 \x03(\x0b\x32\x1b.phenolens.v1.SyndromeCount\x12\x11\n\timbalance\x18\x05 \x01(\x02\x12\x17\n\x0fgallery_version\x18\x06 \x01(\x04\x12\x12\n\nencoder_id\x18\x07 \x01(\t\x12\x13\n\x0bview_scheme\x18\x08 \x01(\t2\xeb\x03\n\x0cGalleryAdmin\x12I\n\x08\x41\x64\x64Image\x12\x1d.phenolens.v1.AddImageRequest\x1a\x1e.phenolens.v1.AddImageResponse\x12J\n\rImportGallery\x12\x1a.phenolens.v1.ImportRecord\x1a\x1b.phenolens.v1.ImportSummary(\x01\x12U\n\x0c\x44\x65leteImages\x12!.phenolens.v1.DeleteImagesRequest\x1a\".phenolens.v1.DeleteImagesResponse\x12\x45\n\x08GetImage\x12\x1d.phenolens.v1.GetImageRequest\x1a\x1a.phenolens.v1.GalleryImage\x12O\n\nListImages\x12\x1f.phenolens.v1.ListImagesRequest\x1a .phenolens.v1.ListImagesResponse\x12U\n\x0cGalleryStats\x12!.phenolens.v1.GalleryStatsRequest\x1a\".phenolens.v1.GalleryStatsResponseB\x14\n\x10org.phenolens.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phenolens.v1.gallery_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020org.phenolens.v1P\001'
-  _globals['_ADDIMAGEREQUEST']._serialized_start=70
-  _globals['_ADDIMAGEREQUEST']._serialized_end=168
-  _globals['_ADDIMAGERESPONSE']._serialized_start=171
-  _globals['_ADDIMAGERESPONSE']._serialized_end=303
-  _globals['_IMPORTRECORD']._serialized_start=306
-  _globals['_IMPORTRECORD']._serialized_end=468
-  _globals['_PRECOMPUTEDFACE']._serialized_start=470
-  _globals['_PRECOMPUTEDFACE']._serialized_end=557
-  _globals['_IMPORTSUMMARY']._serialized_start=559
-  _globals['_IMPORTSUMMARY']._serialized_end=651
-  _globals['_DELETEIMAGESREQUEST']._serialized_start=653
-  _globals['_DELETEIMAGESREQUEST']._serialized_end=734
-  _globals['_DELETEIMAGESRESPONSE']._serialized_start=736
-  _globals['_DELETEIMAGESRESPONSE']._serialized_end=800
-  _globals['_GETIMAGEREQUEST']._serialized_start=802
-  _globals['_GETIMAGEREQUEST']._serialized_end=888
-  _globals['_GALLERYIMAGE']._serialized_start=891
-  _globals['_GALLERYIMAGE']._serialized_end=1021
-  _globals['_LISTIMAGESREQUEST']._serialized_start=1023
-  _globals['_LISTIMAGESREQUEST']._serialized_end=1122
-  _globals['_LISTIMAGESRESPONSE']._serialized_start=1124
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=1230
-  _globals['_GALLERYSTATSREQUEST']._serialized_start=1232
-  _globals['_GALLERYSTATSREQUEST']._serialized_end=1253
-  _globals['_SYNDROMECOUNT']._serialized_start=1255
-  _globals['_SYNDROMECOUNT']._serialized_end=1348
-  _globals['_GALLERYSTATSRESPONSE']._serialized_start=1351
-  _globals['_GALLERYSTATSRESPONSE']._serialized_end=1562
-  _globals['_GALLERYADMIN']._serialized_start=1565
-  _globals['_GALLERYADMIN']._serialized_end=2056
+  _globals['_ADDIMAGEREQUEST']._serialized_start=71
+  _globals['_ADDIMAGEREQUEST']._serialized_end=209
+  _globals['_ADDIMAGERESPONSE']._serialized_start=212
+  _globals['_ADDIMAGERESPONSE']._serialized_end=344
+  _globals['_IMPORTRECORD']._serialized_start=347
+  _globals['_IMPORTRECORD']._serialized_end=509
+  _globals['_PRECOMPUTEDFACE']._serialized_start=511
+  _globals['_PRECOMPUTEDFACE']._serialized_end=598
+  _globals['_IMPORTSUMMARY']._serialized_start=600
+  _globals['_IMPORTSUMMARY']._serialized_end=692
+  _globals['_DELETEIMAGESREQUEST']._serialized_start=694
+  _globals['_DELETEIMAGESREQUEST']._serialized_end=775
+  _globals['_DELETEIMAGESRESPONSE']._serialized_start=777
+  _globals['_DELETEIMAGESRESPONSE']._serialized_end=841
+  _globals['_GETIMAGEREQUEST']._serialized_start=843
+  _globals['_GETIMAGEREQUEST']._serialized_end=929
+  _globals['_GALLERYIMAGE']._serialized_start=932
+  _globals['_GALLERYIMAGE']._serialized_end=1062
+  _globals['_LISTIMAGESREQUEST']._serialized_start=1064
+  _globals['_LISTIMAGESREQUEST']._serialized_end=1163
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=1165
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=1271
+  _globals['_GALLERYSTATSREQUEST']._serialized_start=1273
+  _globals['_GALLERYSTATSREQUEST']._serialized_end=1294
+  _globals['_SYNDROMECOUNT']._serialized_start=1296
+  _globals['_SYNDROMECOUNT']._serialized_end=1389
+  _globals['_GALLERYSTATSRESPONSE']._serialized_start=1392
+  _globals['_GALLERYSTATSRESPONSE']._serialized_end=1603
+  _globals['_GALLERYADMIN']._serialized_start=1606
+  _globals['_GALLERYADMIN']._serialized_end=2097
 # @@protoc_insertion_point(module_scope)

@@ -9,12 +9,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AddImageRequest(_message.Message):
-    __slots__ = ("image", "record")
+    __slots__ = ("image", "record", "face_index")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
+    FACE_INDEX_FIELD_NUMBER: _ClassVar[int]
     image: _types_pb2.Image
     record: _types_pb2.GalleryRecord
-    def __init__(self, image: _Optional[_Union[_types_pb2.Image, _Mapping]] = ..., record: _Optional[_Union[_types_pb2.GalleryRecord, _Mapping]] = ...) -> None: ...
+    face_index: int
+    def __init__(self, image: _Optional[_Union[_types_pb2.Image, _Mapping]] = ..., record: _Optional[_Union[_types_pb2.GalleryRecord, _Mapping]] = ..., face_index: _Optional[int] = ...) -> None: ...
 
 class AddImageResponse(_message.Message):
     __slots__ = ("record", "gallery_version", "alignment")
