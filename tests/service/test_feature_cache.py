@@ -242,7 +242,7 @@ def test_the_cache_evicts_least_recently_used_and_holds_only_feature_tensors(bac
 def test_feature_cache_size_is_configurable_and_zero_disables_it(tmp_path):
     from server.config import ConfigError, load_config
 
-    assert make_config(tmp_path).explain.feature_cache_size == 512
+    assert make_config(tmp_path).explain.feature_cache_size == 128  # the default (~160 MB)
     env = {"PHENOLENS_EXPLAIN__FEATURE_CACHE_SIZE": "0"}
     assert load_config(None, env=env).explain.feature_cache_size == 0
     with pytest.raises(ConfigError, match="feature_cache_size"):
