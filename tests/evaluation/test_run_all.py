@@ -26,21 +26,22 @@ def test_explain_table_gives_the_issue_targets():
     assert peer.value == pytest.approx(20.0) and peer.met is True
 
 
-def test_gallery_progress_lines_give_numpy_ratios():
+def test_gallery_progress_lines_give_numpy_ratios_and_the_auto_recall():
     record = {
         "n": 10000,
         "numpy_1_ms": 2.0,
-        "exact_1_ms": 1.0,
+        "gallery_1_ms": 1.0,
         "numpy_64_ms": 30.0,
-        "exact_64_ms": 10.0,
-        "approx_1_ms": 0.5,
-        "approx_64_ms": 3.0,
-        "approx_effective": "IVF256,Flat",
-        "approx_recall10": 0.97,
+        "gallery_64_ms": 40.0,
+        "exact_equals_numpy": 1.0,
+        "auto": "Exact",
+        "auto_1_ms": 1.1,
+        "auto_recall10": 1.0,
     }
     err = f"#   10,000: built (3 s)\n# 10,000 records done in 12 s: {json.dumps(record)}\n"
-    values = [r.value for r in run_all.parse_gallery("", err)]
-    assert values == pytest.approx([2.0, 4.0, 3.0, 10.0])
+    rows = run_all.parse_gallery("", err)
+    assert [r.value for r in rows] == pytest.approx([2.0, 0.75, 1.0])
+    assert [r.met for r in rows] == [True, False, True]
 
 
 def test_service_json_gives_latency_ratios_to_encode():
