@@ -252,10 +252,16 @@ class Backend:
                    encoders=tuple(encoders.values()), feature_store=store)
 
     def warm_up(self) -> None:
-        """Build the detector and run one forward pass so the first call is not slow."""
+        """Build the detector, run one forward pass and one pair of maps (which measures,
+        or reads from the data cache, where each map cell is drawn) so the first call is
+        not slow."""
         self.pipeline.detector  # noqa: B018
         h, w = self.encoders[0].spec.input_size if self.encoders else (112, 112)
-        self.explainer.encode(np.zeros((1, h, w, 3), np.uint8))
+        features = self.explainer.encode(np.zeros((1, h, w, 3), np.uint8))
+        from explain.attribution.engine import BATCHED_MAPS
+
+        batched = [m for m in self.config.explain.methods if m in BATCHED_MAPS]
+        self.explainer.explain(features, features, maps=batched)
 
     def close(self) -> None:
         if self._feature_store is not None:
