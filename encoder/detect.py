@@ -17,7 +17,6 @@ the sort.
 
 from __future__ import annotations
 
-import importlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import cv2
 import numpy as np
 
 from encoder.errors import UnknownDetector
+from encoder.named import Registry
 
 __all__ = [
     "DEFAULT_DETECTOR",
@@ -215,58 +215,35 @@ class DetectorEntry:
     build: Builder
 
 
-_REGISTRY: dict[str, DetectorEntry] = {}
-_DETECTOR_MODULES = ("encoder.detectors.mtcnn", "encoder.detectors.yunet")
-_loaded = False
-_load_lock = threading.Lock()
+_REGISTRY: Registry[DetectorEntry] = Registry(
+    "detector", ("encoder.detectors.mtcnn", "encoder.detectors.yunet"), UnknownDetector,
+    label="face detector",
+)
 
 
 def register_detector(spec: DetectorSpec) -> Callable[[Builder], Builder]:
     """Decorator: ``@register_detector(YUNET_SPEC)`` over ``def build(**options) -> FaceDetector``."""
 
     def decorate(build: Builder) -> Builder:
-        if spec.name in _REGISTRY and _REGISTRY[spec.name].build is not build:
-            raise ValueError(f"detector {spec.name!r} is registered twice")
-        _REGISTRY[spec.name] = DetectorEntry(spec.name, spec, build)
+        _REGISTRY.add(spec.name, DetectorEntry(spec.name, spec, build))
         return build
 
     return decorate
 
 
-def _ensure_registered() -> None:
-    global _loaded
-    if _loaded:
-        return
-    with _load_lock:
-        if not _loaded:
-            for module in _DETECTOR_MODULES:
-                importlib.import_module(module)
-            _loaded = True
-
-
-def _entry(name: str) -> DetectorEntry:
-    _ensure_registered()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise UnknownDetector(f"unknown face detector {name!r}; known detectors: {known}") from None
-
-
 def list_detectors() -> list[str]:
     """Names of every registered detector, sorted."""
-    _ensure_registered()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def detector_spec(name: str) -> DetectorSpec:
     """The static spec of ``name`` without building the detector."""
-    return _entry(name).spec
+    return _REGISTRY.get(name).spec
 
 
 def create_detector(name: str = DEFAULT_DETECTOR, **options: Any) -> FaceDetector:
     """A fresh detector; ``options`` go to its constructor (``detect_side``, ``min_score``, ...)."""
-    return _entry(name).build(**options)
+    return _REGISTRY.get(name).build(**options)
 
 
 _shared: dict[str, FaceDetector] = {}
@@ -275,7 +252,7 @@ _shared_lock = threading.Lock()
 
 def shared_detector(name: str = DEFAULT_DETECTOR) -> FaceDetector:
     """The process-wide detector ``name`` with its default options; built once, thread-safe."""
-    entry = _entry(name)
+    entry = _REGISTRY.get(name)
     with _shared_lock:
         detector = _shared.get(entry.name)
         if detector is None:

@@ -11,13 +11,13 @@ parameter-randomisation tests need modules they may modify).
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from encoder.errors import UnknownEncoder
+from encoder.named import Registry
 from encoder.spec import EncoderSpec, FaceEncoder
 
 DEFAULT_ENCODER = "sface"
@@ -36,16 +36,17 @@ class EncoderEntry:
     description: str
 
 
-_REGISTRY: dict[str, EncoderEntry] = {}
-_MODEL_MODULES = (
-    "encoder.models.sface",
-    "encoder.models.iresnet",
-    "encoder.models.facenet",
-    "encoder.models.gm_casia",
-    "encoder.models.finetuned",
+_REGISTRY: Registry[EncoderEntry] = Registry(
+    "encoder",
+    (
+        "encoder.models.sface",
+        "encoder.models.iresnet",
+        "encoder.models.facenet",
+        "encoder.models.gm_casia",
+        "encoder.models.finetuned",
+    ),
+    UnknownEncoder,
 )
-_loaded = False
-_load_lock = threading.Lock()
 
 
 def register_encoder(
@@ -54,51 +55,24 @@ def register_encoder(
     """Decorator: ``@register_encoder("sface", SFACE_SPEC)`` over ``def build(weights) -> FaceEncoder``."""
 
     def decorate(build: Builder) -> Builder:
-        if name in _REGISTRY and _REGISTRY[name].build is not build:
-            raise ValueError(f"encoder {name!r} is registered twice")
-        _REGISTRY[name] = EncoderEntry(name, spec, build, needs_weights, description)
+        _REGISTRY.add(name, EncoderEntry(name, spec, build, needs_weights, description))
         return build
 
     return decorate
 
 
-def _ensure_registered() -> None:
-    global _loaded
-    if _loaded:
-        return
-    with _load_lock:
-        if not _loaded:
-            for module in _MODEL_MODULES:
-                try:
-                    importlib.import_module(module)
-                except ModuleNotFoundError as exc:
-                    if exc.name != module:
-                        raise
-            _loaded = True
-
-
-def _entry(name: str) -> EncoderEntry:
-    _ensure_registered()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise UnknownEncoder(f"unknown encoder {name!r}; known encoders: {known}") from None
-
-
 def list_encoders() -> list[str]:
     """Names of every registered encoder, sorted."""
-    _ensure_registered()
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def encoder_spec(name: str) -> EncoderSpec:
     """The static spec of ``name`` without building the model."""
-    return _entry(name).spec
+    return _REGISTRY.get(name).spec
 
 
 def encoder_entry(name: str) -> EncoderEntry:
-    return _entry(name)
+    return _REGISTRY.get(name)
 
 
 def create_encoder(
@@ -111,7 +85,7 @@ def create_encoder(
     """
     from encoder.runtime import resolve_device
 
-    entry = _entry(name)
+    entry = _REGISTRY.get(name)
     model = entry.build(Path(weights) if weights is not None else None)
     model.requires_grad_(False)
     return model.to(resolve_device(device)).eval()
