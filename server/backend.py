@@ -33,9 +33,6 @@ from server.limits import RequestScope
 
 log = logging.getLogger("phenolens.server")
 
-SearchFilters = SearchFilter  # the gallery's one filter type, under the name callers use
-
-
 @dataclass(frozen=True, eq=False)
 class Query:
     """A query face: its per-view unit embeddings (V, D) and, when it came as an image,
@@ -310,7 +307,7 @@ class Backend:
 
     # -- matching ----------------------------------------------------------------------
     def match(self, query: Query, *, top_k: int, top_syndromes: int, top_genes: int,
-              filters: SearchFilters, scope: RequestScope) -> MatchOutcome:
+              filters: SearchFilter, scope: RequestScope) -> MatchOutcome:
         scope.check()
         scheme = self.view_scheme
         version = self.gallery.version

@@ -10,9 +10,9 @@ from phenolens._proto import gallery_pb2, phenolens_pb2, types_pb2
 from phenolens.arrays import from_float_array, to_float_array
 
 from encoder.pipeline import Face
-from gallery import GeneHit, Hit, RecordInfo, SyndromeHit
+from gallery import GeneHit, Hit, RecordInfo, SearchFilter, SyndromeHit
 from gallery.calibration import Calibration, Confidence
-from server.backend import HitExplanation, MatchOutcome, SearchFilters
+from server.backend import HitExplanation, MatchOutcome
 from server.errors import BadRequest, NotFound
 
 SIDE_QUERY, SIDE_GALLERY = phenolens_pb2.SIDE_QUERY, phenolens_pb2.SIDE_GALLERY
@@ -58,11 +58,11 @@ def gallery_id(value: str) -> int:
         raise NotFound("gallery id is not in the gallery") from None
 
 
-def filters(message: types_pb2.GalleryFilters) -> SearchFilters:
+def filters(message: types_pb2.GalleryFilters) -> SearchFilter:
     distance = None
     if message.same_patient_rule:
         distance = message.same_patient_distance or DEFAULT_SAME_PATIENT_DISTANCE
-    return SearchFilters(
+    return SearchFilter(
         exclude_subjects=tuple(message.exclude_subject_ids),
         same_patient_distance=distance,
         syndromes=tuple(message.syndrome_ids) or None,

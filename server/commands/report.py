@@ -63,10 +63,10 @@ def local_explain_result(args: argparse.Namespace) -> tuple[Any, Any]:
     from phenolens._proto import phenolens_pb2
     from phenolens.results import ExplainResult
 
-    from gallery import Gallery
+    from gallery import Gallery, SearchFilter
     from gallery.png import encode_png
     from server import convert
-    from server.backend import Backend, SearchFilters
+    from server.backend import Backend
     from server.config import load_config
     from server.limits import RequestScope
 
@@ -77,11 +77,11 @@ def local_explain_result(args: argparse.Namespace) -> tuple[Any, Any]:
     backend = Backend.from_config(config)
     try:
         scope = RequestScope()
-        image = args.image.read_bytes()
-        face = backend.face(image, aligned=args.aligned, scope=scope)
-        query = backend.query_of_face(face, scope)
+        query = backend.query_of_image(args.image.read_bytes(), aligned=args.aligned,
+                                       scope=scope)
+        face = query.face
         outcome = backend.match(query, top_k=args.top, top_syndromes=10, top_genes=10,
-                                filters=SearchFilters(tuple(args.exclude_subject)), scope=scope)
+                                filters=SearchFilter(tuple(args.exclude_subject)), scope=scope)
         b = backend
         response = phenolens_pb2.ExplainResponse(
             match=convert.match_response(outcome, b.encoder_id, b.view_scheme,
@@ -93,7 +93,6 @@ def local_explain_result(args: argparse.Namespace) -> tuple[Any, Any]:
                 e, rank=e.index + 1, encoder_id=b.encoder_id, view_scheme=b.view_scheme,
                 query_crop=face.crop, overlays=False, gallery_crops=True, pair_figures=True,
                 calibration=outcome.calibration))
-        photo = b.pipeline.load(image)
     finally:
         backend.close()
-    return ExplainResult.from_proto(response), photo
+    return ExplainResult.from_proto(response), query.photo
