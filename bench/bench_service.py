@@ -102,6 +102,31 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], calls: int,
     return out
 
 
+def _bench_config(threads: int | None):
+    """A loopback server's configuration over a fresh gallery file, with an admin token."""
+    from server.config import load_config
+    from server.logs import setup_logging
+
+    setup_logging("ERROR")
+    tmp = Path(tempfile.mkdtemp(prefix="phenolens-bench-"))
+    return load_config(None, env={}, listen="127.0.0.1:0",
+                       gallery={"path": str(tmp / "bench.sqlite")},
+                       runtime={"torch_threads": threads} if threads else {},
+                       auth={"tokens": [{"name": "bench", "scopes": ["admin"],
+                                         "token": BENCH_TOKEN}]},
+                       log={"level": "WARNING"})
+
+
+def _sharing(backend, config, **extra):
+    """A Backend over ``backend``'s models and gallery, with another configuration."""
+    from server.backend import Backend
+
+    return Backend(config, pipeline=backend.pipeline, views=backend.views,
+                   gallery=backend.gallery, explainer=backend.explainer,
+                   encoder_id=backend.encoder_id, view_scheme=backend.view_scheme,
+                   encoders=backend.encoders, **extra)
+
+
 def run(calls: int, threads: int | None) -> dict:
     import phenolens
     from PIL import Image
@@ -109,17 +134,8 @@ def run(calls: int, threads: int | None) -> dict:
     from encoder.assets import PHOTOS, photo
     from server.app import start
     from server.backend import Backend
-    from server.config import load_config
-    from server.logs import setup_logging
 
-    setup_logging("ERROR")
-    tmp = Path(tempfile.mkdtemp(prefix="phenolens-bench-"))
-    config = load_config(None, env={}, listen="127.0.0.1:0",
-                         gallery={"path": str(tmp / "bench.sqlite")},
-                         runtime={"torch_threads": threads} if threads else {},
-                         auth={"tokens": [{"name": "bench", "scopes": ["admin"],
-                                           "token": BENCH_TOKEN}]},
-                         log={"level": "WARNING"})
+    config = _bench_config(threads)
     t0 = time.perf_counter()
     backend = Backend.from_config(config)
     backend.warm_up()
@@ -127,15 +143,9 @@ def run(calls: int, threads: int | None) -> dict:
     startup_s = time.perf_counter() - t0
     uncached_config = dataclasses.replace(config, explain=dataclasses.replace(
         config.explain, feature_cache_size=0))
-    uncached = start(uncached_config, backend=Backend(
-        uncached_config, pipeline=backend.pipeline, views=backend.views,
-        gallery=backend.gallery, explainer=backend.explainer, encoder_id=backend.encoder_id,
-        view_scheme=backend.view_scheme, encoders=backend.encoders))
-    from_store = Backend(  # no in-memory cache: every call reads the store
-        uncached_config, pipeline=backend.pipeline, views=backend.views,
-        gallery=backend.gallery, explainer=backend.explainer, encoder_id=backend.encoder_id,
-        view_scheme=backend.view_scheme, encoders=backend.encoders,
-        feature_store=backend.feature_store)
+    uncached = start(uncached_config, backend=_sharing(backend, uncached_config))
+    # no in-memory cache: every call reads the store
+    from_store = _sharing(backend, uncached_config, feature_store=backend.feature_store)
     stored = start(uncached_config, backend=from_store)
     try:
         with phenolens.Client(server.address, token=BENCH_TOKEN, timeout=300) as client, \
@@ -285,17 +295,8 @@ def run_load(seconds: float, threads: int | None) -> dict:
     from encoder.assets import PHOTOS, photo
     from server.app import start
     from server.backend import Backend
-    from server.config import load_config
-    from server.logs import setup_logging
 
-    setup_logging("ERROR")
-    tmp = Path(tempfile.mkdtemp(prefix="phenolens-bench-"))
-    config = load_config(None, env={}, listen="127.0.0.1:0",
-                         gallery={"path": str(tmp / "bench.sqlite")},
-                         runtime={"torch_threads": threads} if threads else {},
-                         auth={"tokens": [{"name": "bench", "scopes": ["admin"],
-                                           "token": BENCH_TOKEN}]},
-                         log={"level": "WARNING"})
+    config = _bench_config(threads)
     backend = Backend.from_config(config)
     backend.warm_up()
     server = start(config, backend=backend)
