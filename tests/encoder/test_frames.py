@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from PIL import Image
 
 from encoder.errors import ImageTooLarge, NoFaceFound
 from encoder.image import DEFAULT_MAX_FRAMES, decode_image, iter_frames
+from tests.encoder.test_image import _png_with_header
 
 NAME = "grace_hopper.jpg"
 
@@ -100,16 +99,6 @@ def test_load_of_a_frame_the_image_lacks_is_an_error(pipeline, hopper):
 
 
 # ---------------------------------------------------------------- decompression bombs
-
-
-def _png_with_header(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def _limits_quoted(message: str) -> list[str]:
