@@ -350,7 +350,7 @@ def run_load(seconds: float, threads: int | None) -> dict:
                 settled[f"{mark}s"] = round(_rss() / 2**20)
             report["memory"] = {"idle_mb": round(idle / 2**20), "peak_mb": round(peak[0] / 2**20),
                                 "settled_mb": settled, "limit_mb": round(
-                                    getattr(config.limits, "max_rss_bytes", 0) / 2**20),
+                                    getattr(server.limiter, "max_rss_bytes", 0) / 2**20),
                                 "heavy_run": heavy}
     finally:
         server.stop(grace_s=1.0)

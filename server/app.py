@@ -184,7 +184,7 @@ def start(config: ServiceConfig, backend: Backend | None = None) -> Server:
               mutual_tls=config.tls.client_ca is not None, auth=auth.enabled,
               encoder_id=backend.encoder_id, view_scheme=backend.view_scheme,
               gallery_version=backend.gallery.version, max_concurrent=limits.max_concurrent,
-              max_queued=limits.max_queued, max_rss_bytes=limits.max_rss_bytes)
+              max_queued=limits.max_queued, max_rss_bytes=limiter.max_rss_bytes)
     return Server(server, backend, limiter, health_servicer, port, address, lens, owns_backend,
                   interceptor, follower)
 

@@ -133,12 +133,14 @@ class LimitsConfig:
     # Heavy calls (Encode, Match, Explain, AddImage, ImportGallery) hold one of
     # max_concurrent slots. At most max_queued wait for one; a call that cannot get
     # one within queue_timeout_s of its arrival, finds the queue full, or arrives
-    # while the process's RSS is at max_rss_bytes (0: no limit) is refused with
-    # RESOURCE_EXHAUSTED and a retry hint (trailing metadata retry-after-ms).
+    # while the process's RSS is at max_rss_bytes is refused with RESOURCE_EXHAUSTED
+    # and a retry hint (trailing metadata retry-after-ms). max_rss_bytes -1 (the
+    # default): 85 % of the memory the process may use (its cgroup's limit, else
+    # physical RAM); 0: no limit.
     max_concurrent: int = 2
     max_queued: int = 14
     queue_timeout_s: float = 2.0
-    max_rss_bytes: int = 2 * 1024**3
+    max_rss_bytes: int = -1
     workers: int = 24  # gRPC handler threads; > max_concurrent + max_queued
     # Calls in handlers at once (health and reflection not counted); beyond it the
     # interceptor answers RESOURCE_EXHAUSTED (with an access-log line).
@@ -289,8 +291,11 @@ def _validate(config: ServiceConfig) -> ServiceConfig:
                           "limits.max_queued, so light calls always find a thread")
     if config.gallery.follow_interval_s <= 0:
         raise ConfigError("gallery.follow_interval_s must be > 0")
-    if limits.max_queued < 0 or limits.max_rss_bytes < 0:
-        raise ConfigError("limits.max_queued and limits.max_rss_bytes must be >= 0")
+    if limits.max_queued < 0:
+        raise ConfigError("limits.max_queued must be >= 0")
+    if limits.max_rss_bytes < -1:
+        raise ConfigError("limits.max_rss_bytes must be -1 (85 % of the memory the process "
+                          "may use), 0 (no limit) or a number of bytes")
     for i, token in enumerate(config.auth.tokens):
         bad = sorted(set(token.scopes) - set(SCOPES))
         if bad or not token.scopes:

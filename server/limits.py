@@ -9,7 +9,9 @@ ways, each refusal a ``Saturated`` (RESOURCE_EXHAUSTED) with a retry hint:
   (the interceptor records arrival, so time spent waiting for a handler thread
   counts), and the message states the real wait;
 - while the process's resident memory is above ``max_rss_bytes`` no new heavy
-  call starts.
+  call starts. The default (``AUTO``) is 85 % of the memory the process may use:
+  its cgroup's limit when it runs in a container with one, else physical RAM, so
+  the server refuses work before the kernel's OOM killer takes the pod down.
 
 When the last heavy call ends, freed heap is handed back to the system
 (glibc ``malloc_trim``) on a background thread, so RSS settles near idle.
@@ -44,6 +46,39 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return 0
+
+
+AUTO = -1  # max_rss_bytes: derive the ceiling from the memory this process may use
+AUTO_SHARE = 0.85
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max",  # cgroup v2
+                  "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v1
+
+
+def memory_available_bytes() -> int:
+    """Memory this process may use: its cgroup's limit when one is set, else physical
+    RAM; 0 when neither can be read."""
+    physical = 0
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * _PAGE
+    except (AttributeError, ValueError, OSError):
+        pass
+    for path in _CGROUP_LIMITS:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and (not physical or int(text) < physical):
+            return int(text)  # "max" or v1's huge "unlimited" value: no cgroup limit
+    return physical
+
+
+def rss_ceiling(configured: int) -> int:
+    """The RSS ceiling for a configured ``max_rss_bytes``: itself when >= 0 (0: none),
+    ``AUTO_SHARE`` of ``memory_available_bytes()`` for ``AUTO``."""
+    if configured >= 0:
+        return configured
+    return int(AUTO_SHARE * memory_available_bytes())
 
 
 def _libc_malloc_trim():
@@ -89,7 +124,8 @@ class AdmissionState:
 
 class HeavyWorkLimiter:
     """``max_concurrent`` slots, a queue of at most ``max_queued`` (None: unbounded),
-    waits bounded from arrival, and an RSS ceiling (``max_rss_bytes``; 0: none)."""
+    waits bounded from arrival, and an RSS ceiling (``max_rss_bytes``; 0: none; ``AUTO``:
+    see ``rss_ceiling``)."""
 
     def __init__(self, max_concurrent: int, queue_timeout_s: float,
                  max_queued: int | None = None, max_rss_bytes: int = 0,
@@ -97,7 +133,7 @@ class HeavyWorkLimiter:
         self.max_concurrent = max_concurrent
         self.queue_timeout_s = queue_timeout_s
         self.max_queued = max_queued
-        self.max_rss_bytes = max_rss_bytes
+        self.max_rss_bytes = rss_ceiling(max_rss_bytes)
         self._cond = threading.Condition()
         self._busy = 0
         self._queued = 0

@@ -72,3 +72,26 @@ def test_no_tokens_means_anonymous_reads_but_no_gallery_writes():
     auth.authorize(anonymous, "/phenolens.v1.PhenoLens/Match")
     with pytest.raises(PermissionDenied, match="auth.tokens"):
         auth.authorize(anonymous, "/phenolens.v1.GalleryAdmin/AddImage")
+
+
+def test_memory_ceiling_defaults_to_a_share_of_the_memory_the_process_may_use(tmp_path,
+                                                                              monkeypatch):
+    from server import limits
+
+    assert load_config(None, env={}).limits.max_rss_bytes == limits.AUTO
+    with pytest.raises(ConfigError, match="max_rss_bytes"):
+        load_config(None, env={}, limits={"max_rss_bytes": -2})
+    physical = limits.memory_available_bytes()
+    assert physical > limits.rss_bytes() > 0  # this process runs in the memory it may use
+    assert limits.rss_ceiling(limits.AUTO) == int(limits.AUTO_SHARE * physical)
+    assert limits.rss_ceiling(0) == 0 and limits.rss_ceiling(123) == 123
+    # A container's cgroup limit below physical RAM wins; "max" (no limit) does not.
+    v2 = tmp_path / "memory.max"
+    monkeypatch.setattr(limits, "_CGROUP_LIMITS", (str(v2),))
+    v2.write_text("max\n")
+    assert limits.memory_available_bytes() == physical
+    v2.write_text(f"{physical // 4}\n")
+    assert limits.memory_available_bytes() == physical // 4
+    assert limits.HeavyWorkLimiter(1, 1.0, trim_memory=False,
+                                   max_rss_bytes=limits.AUTO).max_rss_bytes == \
+        int(limits.AUTO_SHARE * (physical // 4))
