@@ -60,6 +60,26 @@ class FaceEncoder(nn.Module):
         """The network between the contrast layer and the CAM layer (the identity by default)."""
         return fine
 
+    def tail_vjp(self, fine: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+        """Vector-Jacobian products of the tail ``head(fine_to_features(fine))``.
+
+        fine (N, C_f, h_f, w_f): contrast-layer activations of N faces; directions
+        (M, N, D): M embedding-space directions per face. Returns (M, N, C_f, h_f, w_f),
+        ``[m, n] = J_n^T directions[m, n]`` with ``J_n`` the tail's Jacobian at face n.
+        This generic version runs autograd (M directions in one batched backward);
+        encoders with a known piecewise-linear tail override it with the explicit
+        transpose, which needs no autograd graph (SFace).
+        """
+        m = directions.shape[0]
+        with torch.enable_grad():
+            a = fine.detach().requires_grad_(True)
+            out = self.head(self.fine_to_features(a))
+            if m == 1:
+                (grad,) = torch.autograd.grad(out, a, directions[0])
+                return grad[None]
+            (grad,) = torch.autograd.grad(out, a, directions, is_grads_batched=True)
+        return grad
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 

@@ -84,6 +84,33 @@ class ConvBNPReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.prelu(self.bn(self.conv(x)))
 
+    def slopes(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output at x and its local derivative along each output element,
+        BN scale times PReLU slope: ``(output, (N, C, H, W) gain)``."""
+        pre = self.bn(self.conv(x))
+        gain = torch.where(pre > 0, torch.ones_like(pre), self.prelu.weight[:, None, None])
+        return self.prelu(pre), gain * _bn_scale(self.bn)[:, None, None]
+
+    def transpose_conv(self, grad: torch.Tensor, in_size: tuple[int, int]) -> torch.Tensor:
+        """(B, C_out, H, W) gradient after the conv -> (B, C_in, *in_size) before it."""
+        conv = self.conv
+        if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1:
+            b, c, h, w = grad.shape  # a pointwise conv: one matrix product over all cells
+            flat = conv.weight.reshape(conv.out_channels, conv.in_channels)
+            return (grad.permute(0, 2, 3, 1).reshape(-1, c) @ flat).reshape(
+                b, h, w, -1).permute(0, 3, 1, 2)
+        (sh, sw), (ph, pw), (kh, kw) = conv.stride, conv.padding, conv.kernel_size
+        extra = (in_size[0] - ((grad.shape[2] - 1) * sh - 2 * ph + kh),
+                 in_size[1] - ((grad.shape[3] - 1) * sw - 2 * pw + kw))
+        return nn.functional.conv_transpose2d(grad, conv.weight, stride=conv.stride,
+                                              padding=conv.padding, output_padding=extra,
+                                              groups=conv.groups)
+
+
+def _bn_scale(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> torch.Tensor:
+    """The per-channel factor of an eval-mode BatchNorm."""
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
 
 class SFace(FaceEncoder):
     """features: the conv stack up to ``conv_14`` (B, 1024, 7, 7);
@@ -118,6 +145,28 @@ class SFace(FaceEncoder):
     def head(self, feature_map: torch.Tensor) -> torch.Tensor:
         """(B, 1024, 7, 7) -> (B, 128). The graph's dropout is the identity at inference."""
         return self.bn_fc(self.fc(torch.flatten(self.bn1(feature_map), 1)))
+
+    def tail_vjp(self, fine: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+        """``FaceEncoder.tail_vjp`` by the explicit transpose of the tail: one forward of
+        the N faces records each block's gains (BN scale × PReLU slope), then the M·N
+        directions go back through ``fc``, the BN scales and the transposed convolutions
+        as plain matrix products (no autograd graph; the pointwise convs, nearly all
+        of the work, become one GEMM each)."""
+        m, n = directions.shape[:2]
+        blocks = list(self.body[self._contrast_split() :])
+        with torch.no_grad():
+            sizes, gains, h = [], [], fine
+            for block in blocks:
+                sizes.append(tuple(h.shape[-2:]))
+                h, gain = block.slopes(h)
+                gains.append(gain)
+            grad = directions.reshape(m * n, -1) * _bn_scale(self.bn_fc)
+            grad = (grad @ self.fc.weight).reshape(m * n, *h.shape[1:])
+            grad = grad * _bn_scale(self.bn1)[:, None, None]
+            for block, gain, size in zip(blocks[::-1], gains[::-1], sizes[::-1], strict=True):
+                grad = (grad.reshape(m, n, *grad.shape[1:]) * gain).flatten(0, 1)
+                grad = block.transpose_conv(grad, size)
+        return grad.reshape(m, n, *grad.shape[1:])
 
 
 def _expect(node: OnnxNode | None, op: str, where: str) -> OnnxNode:

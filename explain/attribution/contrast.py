@@ -10,34 +10,47 @@ constant, each face's *self-referenced* map is gradient × activation of
 
     t_x(A) = <e(A), ê_y − ê_x> / ‖e_x‖          (y = the other face)
 
-that is ``c_x(p) = Σ_c A_x[c,p] · ∂t_x/∂A[c,p]``: how much cell p of x supports
-the other face *minus* how much it supports a match of x with itself. The map
-returned for the pair — the same map on both faces, which share the aligned
-frame — is their mean,
+that is ``c_q(p) = Σ_c A_q[c,p] · ∂t_q/∂A[c,p]``: how much cell p of the query
+supports the other face *minus* how much it supports a match of the query with
+itself. The gallery face's cells are read through the same linearisation — the
+query's tail Jacobian ``J_q`` at ``A_q``, the one the K backward directions
+already give — so nothing of the hit is run again:
 
-    contrast(p) = ½ (c_q(p) + c_g(p)).
+    c_q(p) = Σ_c A_q[c,p] · (J_qᵀ (ê_g − ê_q))[c,p] / ‖e_q‖
+    c_g(p) = Σ_c A_g[c,p] · (J_qᵀ (ê_q − ê_g))[c,p] / ‖e_g‖
 
-Features present in both faces cancel between the two halves; what is left is
-negative (blue) where the faces differ and positive where a cell of one face
-supports the other more than itself.
+The map returned for the pair — the same map on both faces, which share the
+aligned frame — is their mean,
+
+    contrast(p) = ½ (c_q(p) + c_g(p)) = ½ Σ_c (A_q − (‖e_q‖/‖e_g‖) A_g)[c,p] · G[c,p],
+    G = J_qᵀ (ê_g − ê_q) / ‖e_q‖,
+
+a first-order difference of the two faces' activations along the direction
+that separates them. What the faces share cancels (a face against itself gives
+0 everywhere); what is left is negative (blue) where the faces differ and
+positive where a cell of one face supports the other more than itself. (Each
+face's own Jacobian for its half measured no better on region swaps, at one
+more tail forward and backward per hit; notes of issue 12.)
 
 **Sum rule.** The layers between the contrast layer and the embedding are
 piecewise linear (conv, eval-mode BatchNorm, PReLU/ReLU), so
-``e_x = J_x A_x + c_x`` with ``J_x`` the Jacobian at ``A_x`` and ``c_x`` the
-propagated biases. Hence ``Σ_p c_x(p) = <J_x A_x, ê_y − ê_x>/‖e_x‖ = (s − 1) −
-β_x`` with ``β_x = <c_x, ê_y − ê_x>/‖e_x‖``, and
+``e_q = J_q A_q + b_q`` with ``b_q`` the propagated biases. Hence
 
-    Σ_p contrast(p) = (s − 1) − ½ (β_q + β_g),
+    Σ_p contrast(p) = ½ (<J_q A_q, ê_g − ê_q>/‖e_q‖ + <J_q A_g, ê_q − ê_g>/‖e_g‖)
+                    = (s − 1) − bias_share,
 
-the similarity lost relative to a perfect match, minus a bias share (reported
-as ``bias_share``; for an encoder whose contrast layer is the CAM layer it is
-the affine head's own bias term). Tests check it against ``J_x A_x`` computed
-independently with forward-mode autodiff.
+the similarity lost relative to a perfect match, minus ``bias_share`` = ½
+(<b_q, ê_g − ê_q>/‖e_q‖ + <e_g − J_q A_g, ê_q − ê_g>/‖e_g‖): the biases and
+how far the hit is from the query's linearisation (0 for a face against
+itself). Tests check ``Σ_p c_q`` and ``Σ_p c_g`` against ``J_q A_q`` and
+``J_q A_g`` computed independently with forward-mode autodiff.
 
 **Cost.** For a query and K hits: the query's tail (contrast layer → embedding)
-once with K backward directions in one batched vector-Jacobian product, and the
-K hits' tails in one batched forward and backward. Nothing else is encoded
-again: the contrast-layer activations come with the faces' ``FaceFeatures``.
+once forward and K directions back through it (``FaceEncoder.tail_vjp``; SFace
+runs the transpose of its tail explicitly, a few matrix products, about 0.1
+encodes per direction), then one product with each hit's activations. The hits'
+tails are not run at all: their contrast-layer activations come with their
+``FaceFeatures`` (the server's feature store keeps them).
 """
 
 from __future__ import annotations
@@ -54,18 +67,14 @@ class ContrastMaps:
     """One view's contrast maps for a query and K hits (the view's, possibly flipped, frame).
 
     maps (K, h_f, w_f): the shared map of each pair; self_query, self_hits
-    (K, h_f, w_f): the two self-referenced halves; bias_share (K,): ½(β_q + β_g),
-    so ``maps[k].sum() == cosine[k] - 1 - bias_share[k]``.
+    (K, h_f, w_f): the two halves c_q and c_g; bias_share (K,), so
+    ``maps[k].sum() == cosine[k] - 1 - bias_share[k]``.
     """
 
     maps: torch.Tensor
     self_query: torch.Tensor
     self_hits: torch.Tensor
     bias_share: torch.Tensor
-
-
-def _embed_from_fine(encoder: FaceEncoder, fine: torch.Tensor) -> torch.Tensor:
-    return encoder.head(encoder.fine_to_features(fine))
 
 
 def contrast_maps(
@@ -87,21 +96,8 @@ def contrast_maps(
     nq, ng = eq.norm(), eg.norm(dim=1)
     uq, ug = eq / nq, eg / ng[:, None]
     cos = ug @ uq  # (K,)
-    k = eg.shape[0]
-    with torch.enable_grad():
-        aq = query_fine.detach().requires_grad_(True)
-        out_q = _embed_from_fine(encoder, aq)  # (1, D)
-        directions_q = ((ug - uq[None]) / nq)[:, None, :]  # (K, 1, D)
-        if k > 1:  # K backward directions through the query's tail in one batched VJP
-            (grad_q,) = torch.autograd.grad(out_q, aq, directions_q, is_grads_batched=True)
-        else:
-            (grad_q,) = torch.autograd.grad(out_q, aq, directions_q[0])
-        ag = hits_fine.detach().requires_grad_(True)
-        out_g = _embed_from_fine(encoder, ag)  # (K, D)
-        (grad_g,) = torch.autograd.grad(out_g, ag, (uq[None] - ug) / ng[:, None])
-    grad_q = grad_q.reshape(k, *aq.shape[1:])
-    self_q = (grad_q * aq.detach()).sum(1)  # (K, h_f, w_f)
-    self_g = (grad_g * ag.detach()).sum(1)
-    beta_q = (cos - 1) - self_q.sum((1, 2))
-    beta_g = (cos - 1) - self_g.sum((1, 2))
-    return ContrastMaps(0.5 * (self_q + self_g), self_q, self_g, 0.5 * (beta_q + beta_g))
+    grad = encoder.tail_vjp(query_fine, ((ug - uq[None]) / nq)[:, None, :])[:, 0]  # (K, ...)
+    self_q = (grad * query_fine.detach()).sum(1)  # (K, h_f, w_f)
+    self_g = -(nq / ng)[:, None, None] * (grad * hits_fine.detach()).sum(1)
+    bias = (cos - 1) - 0.5 * (self_q + self_g).sum((1, 2))
+    return ContrastMaps(0.5 * (self_q + self_g), self_q, self_g, bias)

@@ -16,8 +16,10 @@ The measurement (a few seconds on a CPU) is kept in memory and in
 a checksum of its weights, so a new process reads it instead of measuring.
 ``place(maps, placement, crop_size)`` then samples each map bilinearly at
 every crop pixel's position in grid coordinates: cells land on their
-receptive-field centres at their real spacing, and the map fades to zero one
-cell beyond the outermost centres (no cell measures that border).
+receptive-field centres at their real spacing, and beyond the outermost
+centres the border cells' values extend to the crop's edge (their receptive
+fields cover it; fading to zero there left the chin, at the bottom of an
+ArcFace crop, with no map at all).
 """
 
 from __future__ import annotations
@@ -171,5 +173,5 @@ def place(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, int
     gy = 2 * (v + 0.5) / h - 1
     grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)  # (H, W, 2) as (x, y)
     grid = grid[None].expand(k, -1, -1, -1)
-    return nnf.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="zeros",
+    return nnf.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="border",
                            align_corners=False)[:, 0]

@@ -18,8 +18,9 @@ from tests.explain.swaps import chance_lift, swapped_crop
 def test_contrast_sums_to_the_similarity_lost_minus_a_bias_share_computed_forward(
     sface, query_features, hit_features
 ):
-    """Σ_p c_q(p) = <J_q A_q, ê_g − ê_q>/‖e_q‖: the batched backward (K directions at once)
-    must agree with J_q A_q computed independently by forward-mode autodiff."""
+    """Σ_p c_q(p) = <J_q A_q, ê_g − ê_q>/‖e_q‖ and Σ_p c_g(p) = <J_q A_g, ê_q − ê_g>/‖e_g‖:
+    the K backward directions through the query's tail must agree with J_q A_q and J_q A_g
+    computed independently by forward-mode autodiff at the query's activations."""
     fine_q, fine_g = query_features.fine_maps[0], hit_features.fine_maps[0]
     eq, eg = query_features.embeddings[0][0], hit_features.embeddings[0]
     maps = contrast_maps(sface, fine_q, eq, fine_g, eg)
@@ -27,9 +28,11 @@ def test_contrast_sums_to_the_similarity_lost_minus_a_bias_share_computed_forwar
     def embed(fine):
         return sface.head(sface.fine_to_features(fine))
 
+    k = len(eg)
     with torch.no_grad():
         _, ja_q = torch.func.jvp(embed, (fine_q,), (fine_q,))  # (1, D)
-        _, ja_g = torch.func.jvp(embed, (fine_g,), (fine_g,))  # (K, D)
+        _, ja_g = torch.func.jvp(embed, (fine_q.expand(k, -1, -1, -1).clone(),),
+                                   (fine_g,))  # (K, D)
     uq, ug = eq / eq.norm(), eg / eg.norm(dim=1, keepdim=True)
     expected_q = (ug - uq) @ ja_q[0] / eq.norm()
     expected_g = ((uq - ug) * ja_g).sum(1) / eg.norm(dim=1)
@@ -37,7 +40,10 @@ def test_contrast_sums_to_the_similarity_lost_minus_a_bias_share_computed_forwar
     torch.testing.assert_close(maps.self_hits.sum((1, 2)), expected_g, atol=2e-4, rtol=1e-3)
     cos = ug @ uq
     torch.testing.assert_close(maps.maps.sum((1, 2)), cos - 1 - maps.bias_share)
-    assert maps.maps.shape == (len(eg), 14, 14)
+    assert maps.maps.shape == (k, 14, 14)
+    # The bias share is the propagated biases plus the hit's distance from the query's
+    # linearisation: small beside the similarity lost.
+    assert (maps.bias_share.abs() < (1 - cos).abs()).all()
 
 
 def test_a_face_against_itself_has_nothing_that_differs(explainer, query_features):
@@ -76,18 +82,36 @@ def test_the_family_call_equals_the_batched_top_k_maps(explainer, query_features
         assert single.forward_passes == 0
 
 
-def test_top_k_contrast_runs_each_tail_once_not_once_per_hit(sface, explainer, query_features,
+def test_top_k_contrast_runs_the_query_tail_once_and_no_hit_tail(sface, explainer, query_features,
                                                              hit_features, monkeypatch):
     calls = []
-    tail = type(sface).fine_to_features
+    tail_vjp = type(sface).tail_vjp
 
-    def counted(self, fine):
-        calls.append(fine.shape[0])
-        return tail(self, fine)
+    def counted(self, fine, directions):
+        calls.append((fine.shape[0], directions.shape[0]))
+        return tail_vjp(self, fine, directions)
 
-    monkeypatch.setattr(type(sface), "fine_to_features", counted)
+    monkeypatch.setattr(type(sface), "tail_vjp", counted)
     list(explain_matches(explainer, query_features, hit_features, ("contrast",)))
-    assert calls == [1, len(hit_features)]  # the query's tail once, the K hits' tails in one batch
+    assert calls == [(1, len(hit_features))]  # the query's tail once, K directions; no hit tail
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (5, 1), (3, 2)])
+def test_the_explicit_transpose_of_the_sface_tail_equals_autograd(sface, shape):
+    """SFace's tail_vjp (BN scales, PReLU slopes and transposed convs by hand) must give
+    the vector-Jacobian products autograd gives, for M directions of N faces."""
+    from encoder.spec import FaceEncoder
+
+    n, m = shape
+    gen = torch.Generator().manual_seed(n * 10 + m)
+    with torch.no_grad():
+        fine = sface.fine_features(torch.randn(n, 3, 112, 112, generator=gen))
+    directions = torch.randn(m, n, sface.spec.embedding_dim, generator=gen)
+    explicit = sface.tail_vjp(fine, directions)
+    reference = FaceEncoder.tail_vjp(sface, fine, directions)
+    assert explicit.shape == (m, n, *fine.shape[1:])
+    torch.testing.assert_close(explicit, reference, atol=1e-5, rtol=1e-4)
+    assert reference.abs().max() > 1e-3  # not trivially zero
 
 
 @pytest.mark.parametrize("method", list(METHODS))

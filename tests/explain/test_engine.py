@@ -205,3 +205,27 @@ def test_point_correspondence_over_all_cells_sums_to_the_debiased_cosine(
         for c in range(7):
             total += float(explainer.correspondence(q, g, (r * 16 + 8, c * 16 + 8)).map.sum())
     assert abs(total - expected) <= 1e-4
+
+
+def test_cells_are_drawn_over_their_receptive_fields_and_reach_the_crop_edge(sface):
+    """A one-cell map lands on that cell's measured receptive-field centre (inside the
+    crop, closer to the middle than its grid position), the border cells' values reach
+    the crop's edge instead of fading to zero, and the placement is mirror-symmetric."""
+    import torch
+
+    from explain.attribution.placement import place, placement
+
+    where = placement(sface, (14, 14))
+    assert where is not None and 0 < where.step_x < 112 / 14 and where.x0 > 112 / 28
+    cell = torch.zeros(1, 14, 14)
+    cell[0, 3, 10] = 1.0
+    drawn = place(cell, where, (112, 112))[0]
+    y, x = divmod(int(drawn.argmax()), 112)
+    assert abs(x - (where.x0 + 10 * where.step_x)) <= 1
+    assert abs(y - (where.y0 + 3 * where.step_y)) <= 1
+    flat = place(torch.ones(1, 14, 14), where, (112, 112))[0]
+    torch.testing.assert_close(flat, torch.ones(112, 112))  # the edge rows and columns too
+    ramp = torch.arange(14.0).repeat(14, 1)[None]
+    drawn = place(ramp, where, (112, 112))[0]
+    mirrored = place(ramp.flip(-1), where, (112, 112))[0].flip(-1)
+    torch.testing.assert_close(drawn, mirrored, atol=0.06, rtol=0)
