@@ -8,8 +8,9 @@ unless --threads):
 
 - encode: one query encode (preprocess + features + head, one image);
 - contrast cached: ``explain_matches(query crop, cached hit features, ["contrast"])`` —
-  the query encode, its tail once with K backward directions, the K hits' tails in one
-  batch (the server's path when the hits' features are cached);
+  the query encode, then its tail once forward and K directions back through it,
+  products with the hits' cached activations (the server's path: its feature store
+  keeps them); no hit's tail is run;
 - contrast uncached: the same with the K hit crops encoded in one batch first;
 - peers, one pair each through the same family call with their defaults: occlusion
   (pixel, the GestaltMatcher thesis' 10×10 patches), xSSAB (Huber et al. 2024: the
