@@ -2,15 +2,20 @@
 
 A 7×7 CAM cell of a 112×112 crop nominally covers a 16-pixel square, but what
 it measures is its effective receptive field: the pixels its activations
-depend on. With zero padding and receptive fields wider than the crop, the
-border cells' fields are cut by the crop's edge and their centres move inward
-(SFace: the 7×7 cells' centres span x ≈ 30…77 px, not 7.5…103.5). Upsampling a
-map by grid position therefore draws the eye cells' values on the temples.
+depend on most. With zero padding and receptive fields wider than the crop,
+the border cells' fields are cut by the crop's edge and move inward (SFace:
+the 7×7 cells peak at x ≈ 24…91 px, not 7.5…103.5). Upsampling a map by grid
+position therefore draws the eye cells' values on the temples.
 
-``placement(encoder, grid)`` measures it once per encoder and grid: the
-centroid of ``|∂ Σ_c F[c, i, j] / ∂x|`` for the cells of the middle row and
-column, on a fixed noise input (so no face data is involved), fitted by one
-affine map per axis and made mirror-symmetric (flipped views share it).
+``placement(encoder, grid)`` measures it once per encoder and grid: the peak
+of ``|∂ Σ_c F[c, i, j] / ∂x|`` (summed over a few fixed noise inputs, so no
+face data is involved, and smoothed by half the grid's stride) for the cells of
+the middle row and column, fitted by one affine map per axis and made
+mirror-symmetric (flipped views share it). The peak, not the centroid: a
+field's long, edge-truncated tails pull its centroid towards the middle of the
+crop, which drew brows too low and mouths and chins too high (on region swaps
+the most negative pixel of ``contrast`` sat 7–10 px from the swapped region
+with centroids, 0–5 px with peaks; issue 12's notes).
 The measurement (a few seconds on a CPU) is kept in memory and in
 ``data/cache/placement-*.json`` keyed by the encoder's name, version, grid and
 a checksum of its weights, so a new process reads it instead of measuring.
@@ -48,6 +53,8 @@ class Placement:
     y0: float
 
 
+NOISE_INPUTS = 4  # noise images whose receptive-field profiles are summed per cell
+METHOD = "erf-peak-v2"  # part of the cache key: a new way of measuring invalidates old files
 _CACHE: dict[tuple[int, tuple[int, int], tuple[int, int]], Placement] = {}
 _LOCK = threading.Lock()
 
@@ -76,7 +83,7 @@ def _cache_file(encoder: FaceEncoder, grid: tuple[int, int]) -> Path:
     with torch.no_grad():
         checksum = sum(float(p.double().abs().sum()) for p in encoder.parameters())
     spec = encoder.spec
-    key = f"{spec.name}@{spec.version}:{spec.input_size}:{grid}:{checksum:.6e}"
+    key = f"{spec.name}@{spec.version}:{spec.input_size}:{grid}:{checksum:.6e}:{METHOD}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return CACHE_DIR / f"placement-{spec.name}-{grid[0]}x{grid[1]}-{digest}.json"
 
@@ -123,22 +130,17 @@ def _measure(encoder: FaceEncoder, layer, grid: tuple[int, int]) -> Placement:
     rows = sorted({*range(0, h, 2), h - 1})
     cells = [(h // 2, j) for j in cols] + [(i, w // 2) for i in rows]
     gen = torch.Generator().manual_seed(0)
-    x = 0.5 * torch.randn(1, encoder.spec.channels, height, width, generator=gen)
+    x = 0.5 * torch.randn(NOISE_INPUTS, encoder.spec.channels, height, width, generator=gen)
     x = x.to(_device(encoder)).repeat(len(cells), 1, 1, 1).requires_grad_(True)
     with torch.enable_grad():
         fmap = layer(x)
-        at_row = torch.tensor([c[0] for c in cells])
-        at_col = torch.tensor([c[1] for c in cells])
-        picked = fmap[torch.arange(len(cells)), :, at_row, at_col]  # (N, C)
+        at_row = torch.tensor([c[0] for c in cells]).repeat_interleave(NOISE_INPUTS)
+        at_col = torch.tensor([c[1] for c in cells]).repeat_interleave(NOISE_INPUTS)
+        picked = fmap[torch.arange(len(at_row)), :, at_row, at_col]  # (N, C)
         (grad,) = torch.autograd.grad(picked.abs().sum(), x)
-    mass = grad.abs().sum(1)  # (N, H, W)
-    ys = torch.arange(height, dtype=mass.dtype, device=mass.device)[:, None]
-    xs = torch.arange(width, dtype=mass.dtype, device=mass.device)[None, :]
-    total = mass.sum((1, 2))
-    cx = ((mass * xs).sum((1, 2)) / total).cpu()
-    cy = ((mass * ys).sum((1, 2)) / total).cpu()
-    cx_row = cx[: len(cols)].double()
-    cy_col = cy[len(cols) :].double()
+    mass = grad.abs().sum(1).reshape(len(cells), NOISE_INPUTS, height, width).sum(1).cpu()
+    cx_row = _peaks(mass[: len(cols)].sum(1), width / w)  # column profiles of the row's cells
+    cy_col = _peaks(mass[len(cols) :].sum(2), height / h)  # row profiles of the column's cells
     # Mirror symmetry: a flipped view's cell j is the unflipped view's cell w-1-j, so fit
     # the centres together with their mirror images.
     mirrored = torch.tensor([w - 1 - j for j in cols], dtype=torch.float64)
@@ -146,6 +148,17 @@ def _measure(encoder: FaceEncoder, layer, grid: tuple[int, int]) -> Placement:
                       torch.cat([torch.tensor(cols, dtype=torch.float64), mirrored]))
     step_y, y0 = _fit(cy_col, torch.tensor(rows, dtype=torch.float64))
     return Placement((h, w), step_x, x0, step_y, y0)
+
+
+def _peaks(profiles: torch.Tensor, stride: float) -> torch.Tensor:
+    """(N, L) receptive-field profiles -> (N,) positions of their peaks, after a Gaussian
+    smoothing of half the grid's stride (the raw gradient is speckled)."""
+    sigma = max(1.0, stride / 2)
+    taps = torch.arange(-int(3 * sigma), int(3 * sigma) + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    smooth = nnf.conv1d(profiles.double()[:, None], (kernel / kernel.sum())[None, None],
+                        padding=len(taps) // 2)[:, 0]
+    return smooth.argmax(1).double()
 
 
 def _fit(centres: torch.Tensor, index: torch.Tensor) -> tuple[float, float]:
