@@ -408,10 +408,10 @@ in the view's (possibly flipped) frame."""
 
 def _similarity(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
     """S_q,k(p) = <m_q,p, ê_g,k>/‖e_q‖ and S_g,k(p) = <m_g,k,p, ê_q>/‖e_g,k‖."""
-    m_q = v.head.contributions(v.fq[None])[0]  # (P, D)
-    sim_q = (m_q @ v.ug.T).T / v.nq  # (K, P)
-    pull_q = v.head.pullback(v.uq[None])[0]  # W^T ê_q  (C, P)
-    sim_g = (pull_q * v.fg.flatten(2)).sum(1) / v.ng[:, None]
+    # <W_p F_p, u> = <F_p, (W^T u)_p>: one pass over W for the K + 1 directions.
+    pull = v.head.pullback(torch.cat([v.ug, v.uq[None]]))  # (K + 1, C, P)
+    sim_q = (pull[:-1] * v.fq.flatten(1)).sum(1) / v.nq  # (K, P)
+    sim_g = (pull[-1] * v.fg.flatten(2)).sum(1) / v.ng[:, None]
     return sim_q, sim_g
 
 
