@@ -19,13 +19,18 @@ Proportions (in units of ``d``; SFace/ArcFace crops have ``d`` ~ 35 px):
 - background: everything outside ``face``;
 - brows: band 0.22-0.55 above the eye line, 0.65 either side of the eye midpoint
   outwards to 0.85, inside ``face``;
+- nasal_bridge: the nasal root between the eyes, 0.25 either side of the midline,
+  from the brows' lower edge (0.22 above the eye line) down to where ``nose`` starts,
+  outside the eyes (a top match's "differs" mass often peaks here: the cells between
+  the eyes see both);
 - forehead: ``face`` above the brows (more than 0.55 above the eye line);
 - cheeks: ``face`` between the eye line (0.25 below it) and the mouth line, outside
   the eyes, nose, philtrum and mouth, more than 0.3 from the face's midline.
 
 A region summary (``region_summary``) counts each pixel once, in the first of its
-regions in ``SUMMARY_REGIONS`` order (eyes, brows, nose, mouth, chin, cheeks,
-forehead), so the shares of a map's mass add up to at most 1.
+regions in ``SUMMARY_REGIONS`` order (eyes, brows, nasal_bridge, nose, mouth, chin,
+cheeks, forehead), so the shares of a map's mass add up to at most 1. Summaries
+print names with spaces ("nasal bridge").
 """
 
 from __future__ import annotations
@@ -47,13 +52,15 @@ REGION_NAMES: tuple[str, ...] = (
     "face",
     "background",
     "brows",
+    "nasal_bridge",
     "forehead",
     "cheeks",
 )
 # The regions the evaluation protocols report (the issue's eyes, nose, mouth, background).
 EVALUATION_REGIONS: tuple[str, ...] = ("eyes", "nose", "mouth", "background")
 # The regions a match's summary names ("differs most: eyes 48 %, mouth 21 %"); disjoint.
-SUMMARY_REGIONS: tuple[str, ...] = ("eyes", "brows", "nose", "mouth", "chin", "cheeks", "forehead")
+SUMMARY_REGIONS: tuple[str, ...] = ("eyes", "brows", "nasal_bridge", "nose", "mouth", "chin",
+                                    "cheeks", "forehead")
 MIN_MASS_SHARE = 0.05  # a sign with less of the map's absolute mass "differs nowhere"
 
 
@@ -200,6 +207,8 @@ def region_masks(
     face = masks["face"]
     masks["brows"] = face & (down >= -0.55) & (down < -0.22) & (np.abs(across) <= 0.85) \
         & ~masks["eyes"]
+    masks["nasal_bridge"] = face & (down >= -0.22) & (down < 0.3 * nose_depth) \
+        & (np.abs(across) <= 0.25) & ~masks["eyes"]
     masks["forehead"] = face & (down < -0.55)
     masks["cheeks"] = face & (down >= 0.25) & (down <= mouth_down) & (np.abs(across) > 0.3) \
         & ~(masks["eyes"] | masks["nose"] | masks["philtrum"] | masks["mouth"])
@@ -241,7 +250,8 @@ class RegionSummary:
         ranked = self.ranked(sign, top=top)
         if not ranked:
             return f"{head}: nowhere in particular"
-        return f"{head}: " + ", ".join(f"{n} {round(100 * s)} %" for n, s in ranked)
+        return f"{head}: " + ", ".join(f"{n.replace('_', ' ')} {round(100 * s)} %"
+                                       for n, s in ranked)
 
 
 def region_summary(aligned_map: np.ndarray, regions: RegionMasks | None = None,

@@ -233,8 +233,8 @@ wrong syndromes fell in the gallery; a single match's "chance that these two fac
 syndrome" reads one pair's cosine against all pairs, so the two numbers differ.</li>
 <li><b>Maps</b>: red regions pull the two faces together, blue regions are where they
 differ; the colour scale is shared by both faces of a pair, and pale means little effect.
-The words under each figure name the landmark regions (eyes, brows, nose, mouth, chin,
-cheeks, forehead) holding the largest shares of the blue ("differs") and red ("alike")
+The words under each figure name the landmark regions (eyes, brows, nasal bridge, nose,
+mouth, chin, cheeks, forehead) holding the largest shares of the blue ("differs") and red ("alike")
 mass of the map.</li>
 <li>The maps explain the model's similarity score, not a clinical finding.</li>
 </ul>

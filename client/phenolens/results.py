@@ -243,7 +243,7 @@ class ExplanationMap:
     feature: np.ndarray | None = None  # (h', w') at the layer's resolution
     overlay_png: bytes = b""
     photo_overlay_png: bytes = b""
-    regions: tuple[RegionShare, ...] = ()  # eyes, brows, nose, mouth, chin, cheeks, forehead
+    regions: tuple[RegionShare, ...] = ()  # eyes, brows, nasal_bridge, nose, mouth, chin, ...
     pair_figure_png: bytes = b""  # query side, when pair figures were asked for
 
     @classmethod
@@ -278,7 +278,8 @@ class ExplanationMap:
         ranked = self.ranked_regions(sign, top=top)
         if not ranked:
             return f"{head}: nowhere in particular"
-        return f"{head}: " + ", ".join(f"{n} {round(100 * s)} %" for n, s in ranked)
+        return f"{head}: " + ", ".join(f"{n.replace('_', ' ')} {round(100 * s)} %"
+                                       for n, s in ranked)
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,6 +20,17 @@ def test_brows_lie_between_forehead_and_eyes_and_cheeks_between_eyes_and_mouth()
     row = {n: np.nonzero(masks[n])[0].mean() for n in SUMMARY_REGIONS}
     assert row["forehead"] < row["brows"] < row["eyes"] < row["nose"] < row["mouth"] < row["chin"]
     assert row["eyes"] < row["cheeks"] < row["mouth"]
+    assert row["brows"] < row["nasal_bridge"] < row["nose"]
+    col = {n: np.nonzero(masks[n])[1].mean() for n in SUMMARY_REGIONS}
+    assert abs(col["nasal_bridge"] - col["nose"]) < 2  # on the midline, between the eyes
+    assert not (masks["nasal_bridge"] & (masks["eyes"] | masks["brows"] | masks["nose"])).any()
+
+
+def test_the_nasal_bridge_is_named_with_a_space():
+    masks = template_regions((112, 112))
+    m = np.full((112, 112), 0.01)
+    m[masks["nasal_bridge"]] = -1.0
+    assert region_summary(m).describe(top=1).startswith("differs most: nasal bridge ")
 
 
 def test_negative_mass_in_the_eyes_is_reported_as_differing_most_there():
@@ -42,7 +53,8 @@ def test_shares_add_up_to_at_most_one_even_where_masks_overlap():
     s = region_summary(rng.normal(size=(112, 112)))
     assert 0 < sum(s.positive) <= 1 + 1e-9
     assert 0 < sum(s.negative) <= 1 + 1e-9
-    assert s.to_json()["nose"] == {"positive": s.positive[2], "negative": s.negative[2]}
+    nose = SUMMARY_REGIONS.index("nose")
+    assert s.to_json()["nose"] == {"positive": s.positive[nose], "negative": s.negative[nose]}
 
 
 def test_a_feature_resolution_map_is_summarised_in_the_aligned_frame():
