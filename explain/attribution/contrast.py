@@ -6,9 +6,9 @@ that self-reference explicit and symmetric. Let ``A_x`` be the activations of
 face x at the encoder's contrast layer (``spec.contrast_layer``; SFace: the
 last 14×14 block, one stride-2 stage finer than the 7×7 CAM layer), ``e_x``
 its embedding and ``ê_x`` the unit embedding. With norms and directions held
-constant, each face's *self-referenced* map is gradient × activation of
+constant, the query's *self-referenced* map is gradient × activation of
 
-    t_x(A) = <e(A), ê_y − ê_x> / ‖e_x‖          (y = the other face)
+    t_q(A) = <e(A), ê_g − ê_q> / ‖e_q‖          (g = the gallery face)
 
 that is ``c_q(p) = Σ_c A_q[c,p] · ∂t_q/∂A[c,p]``: how much cell p of the query
 supports the other face *minus* how much it supports a match of the query with

@@ -425,7 +425,7 @@ def _gradcam(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _contrast(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared self-referenced map at the contrast layer (``explain.attribution.contrast``)."""
+    """The shared what-differs map at the contrast layer (``explain.attribution.contrast``)."""
     maps = contrast_maps(v.encoder, v.aq, v.eq, v.ag, v.eg).maps
     return maps, maps
 

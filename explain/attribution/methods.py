@@ -165,7 +165,7 @@ class Similarity(CamMethod):
 
 
 class Contrast(Method):
-    """What differs: the shared self-referenced map at the encoder's contrast layer
+    """What differs: the shared first-order difference map at the encoder's contrast layer
     (``explain.attribution.contrast``); the engine computes it for a pair as for K hits."""
 
     name = "contrast"
