@@ -70,14 +70,23 @@ class FaceEncoder(nn.Module):
         encoders with a known piecewise-linear tail override it with the explicit
         transpose, which needs no autograd graph (SFace).
         """
-        m = directions.shape[0]
+        return self._vjp(lambda a: self.head(self.fine_to_features(a)), fine, directions)
+
+    def fine_vjp(self, fine: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """Vector-Jacobian products of ``fine_to_features`` alone: grads (M, N, C, h, w)
+        at the CAM layer (e.g. an affine head's pullback of M directions) -> (M, N, C_f,
+        h_f, w_f) at the contrast layer. Generic autograd version, as ``tail_vjp``."""
+        return self._vjp(self.fine_to_features, fine, grads)
+
+    @staticmethod
+    def _vjp(fn, fine: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             a = fine.detach().requires_grad_(True)
-            out = self.head(self.fine_to_features(a))
-            if m == 1:
-                (grad,) = torch.autograd.grad(out, a, directions[0])
+            out = fn(a)
+            if grads.shape[0] == 1:
+                (grad,) = torch.autograd.grad(out, a, grads[0])
                 return grad[None]
-            (grad,) = torch.autograd.grad(out, a, directions, is_grads_batched=True)
+            (grad,) = torch.autograd.grad(out, a, grads, is_grads_batched=True)
         return grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

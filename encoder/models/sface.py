@@ -147,12 +147,22 @@ class SFace(FaceEncoder):
         return self.bn_fc(self.fc(torch.flatten(self.bn1(feature_map), 1)))
 
     def tail_vjp(self, fine: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-        """``FaceEncoder.tail_vjp`` by the explicit transpose of the tail: one forward of
-        the N faces records each block's gains (BN scale × PReLU slope), then the M·N
-        directions go back through ``fc``, the BN scales and the transposed convolutions
-        as plain matrix products (no autograd graph; the pointwise convs, nearly all
-        of the work, become one GEMM each)."""
+        """``FaceEncoder.tail_vjp``: the head's transpose (``fc`` and the BN scales), then
+        ``fine_vjp``."""
         m, n = directions.shape[:2]
+        with torch.no_grad():
+            grad = directions.reshape(m * n, -1) * _bn_scale(self.bn_fc)
+            grad = (grad @ self.fc.weight).reshape(m, n, *self.spec.feature_shape)
+            grad = grad * _bn_scale(self.bn1)[:, None, None]
+        return self.fine_vjp(fine, grad)
+
+    def fine_vjp(self, fine: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """``FaceEncoder.fine_vjp`` by the explicit transpose of the blocks after the
+        contrast layer: one forward of the N faces records each block's gains (BN scale ×
+        PReLU slope), then the M·N gradients go back through the transposed convolutions
+        as plain matrix products (no autograd graph; each pointwise conv, nearly all of the
+        work, is one GEMM)."""
+        m, n = grads.shape[:2]
         blocks = list(self.body[self._contrast_split() :])
         with torch.no_grad():
             sizes, gains, h = [], [], fine
@@ -160,12 +170,10 @@ class SFace(FaceEncoder):
                 sizes.append(tuple(h.shape[-2:]))
                 h, gain = block.slopes(h)
                 gains.append(gain)
-            grad = directions.reshape(m * n, -1) * _bn_scale(self.bn_fc)
-            grad = (grad @ self.fc.weight).reshape(m * n, *h.shape[1:])
-            grad = grad * _bn_scale(self.bn1)[:, None, None]
+            grad = grads
             for block, gain, size in zip(blocks[::-1], gains[::-1], sizes[::-1], strict=True):
-                grad = (grad.reshape(m, n, *grad.shape[1:]) * gain).flatten(0, 1)
-                grad = block.transpose_conv(grad, size)
+                grad = block.transpose_conv((grad.reshape(m, n, *grad.shape[-3:]) * gain)
+                                            .flatten(0, 1), size)
         return grad.reshape(m, n, *grad.shape[1:])
 
 

@@ -83,20 +83,28 @@ def contrast_maps(
     query_embedding: torch.Tensor,
     hits_fine: torch.Tensor,
     hits_embedding: torch.Tensor,
+    *,
+    cam_grads: torch.Tensor | None = None,
 ) -> ContrastMaps:
     """Contrast maps of one view.
 
     query_fine (1, C_f, h_f, w_f) and hits_fine (K, C_f, h_f, w_f): activations
     at ``encoder.spec.contrast_layer``; query_embedding (D,) or (1, D) and
     hits_embedding (K, D): the embeddings they lead to (norms and directions are
-    taken from them and held constant).
+    taken from them and held constant). cam_grads (K, C, h, w), optional: the
+    gradients at the CAM layer of ``<e, ê_g − ê_q>/‖e_q‖`` (with an affine head,
+    ``Wᵀ(ê_g − ê_q)/‖e_q‖``: the engine has them from the similarity map's pullback),
+    so that only the blocks between the two layers are run back.
     """
     eq = query_embedding.reshape(-1).detach()
     eg = hits_embedding.detach()
     nq, ng = eq.norm(), eg.norm(dim=1)
     uq, ug = eq / nq, eg / ng[:, None]
     cos = ug @ uq  # (K,)
-    grad = encoder.tail_vjp(query_fine, ((ug - uq[None]) / nq)[:, None, :])[:, 0]  # (K, ...)
+    if cam_grads is None:
+        grad = encoder.tail_vjp(query_fine, ((ug - uq[None]) / nq)[:, None, :])[:, 0]
+    else:
+        grad = encoder.fine_vjp(query_fine, cam_grads[:, None])[:, 0]  # (K, C_f, h_f, w_f)
     self_q = (grad * query_fine.detach()).sum(1)  # (K, h_f, w_f)
     self_g = -(nq / ng)[:, None, None] * (grad * hits_fine.detach()).sum(1)
     bias = (cos - 1) - 0.5 * (self_q + self_g).sum((1, 2))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -399,6 +400,13 @@ class ViewPair:
     def ug(self) -> torch.Tensor:
         return self.eg / self.ng[:, None]
 
+    @cached_property
+    def pulled(self) -> torch.Tensor:
+        """(K + 1, C, P): ``Wᵀ ê_g,k`` for the K hits, then ``Wᵀ ê_q`` — the gradients of
+        ``<e, u>`` at the CAM layer, shared by the similarity and contrast maps (one pass
+        over the head's weights)."""
+        return self.head.pullback(torch.cat([self.ug, self.uq[None]]))
+
 
 BatchedMap = Callable[[ViewPair], tuple[torch.Tensor, torch.Tensor]]
 """A map computed for all K hits from features alone: ViewPair -> ((K, P) query side,
@@ -408,8 +416,7 @@ in the view's (possibly flipped) frame."""
 
 def _similarity(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
     """S_q,k(p) = <m_q,p, ê_g,k>/‖e_q‖ and S_g,k(p) = <m_g,k,p, ê_q>/‖e_g,k‖."""
-    # <W_p F_p, u> = <F_p, (W^T u)_p>: one pass over W for the K + 1 directions.
-    pull = v.head.pullback(torch.cat([v.ug, v.uq[None]]))  # (K + 1, C, P)
+    pull = v.pulled  # <W_p F_p, u> = <F_p, (W^T u)_p>
     sim_q = (pull[:-1] * v.fq.flatten(1)).sum(1) / v.nq  # (K, P)
     sim_g = (pull[-1] * v.fg.flatten(2)).sum(1) / v.ng[:, None]
     return sim_q, sim_g
@@ -426,7 +433,8 @@ def _gradcam(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _contrast(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared what-differs map at the contrast layer (``explain.attribution.contrast``)."""
-    maps = contrast_maps(v.encoder, v.aq, v.eq, v.ag, v.eg).maps
+    cam = ((v.pulled[:-1] - v.pulled[-1]) / v.nq).reshape(-1, *v.fq.shape)  # Wᵀ(ê_g − ê_q)/‖e_q‖
+    maps = contrast_maps(v.encoder, v.aq, v.eq, v.ag, v.eg, cam_grads=cam).maps
     return maps, maps
 
 

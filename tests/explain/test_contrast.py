@@ -83,17 +83,31 @@ def test_the_family_call_equals_the_batched_top_k_maps(explainer, query_features
 
 
 def test_top_k_contrast_runs_the_query_tail_once_and_no_hit_tail(sface, explainer, query_features,
-                                                             hit_features, monkeypatch):
+                                                                 hit_features, monkeypatch):
     calls = []
-    tail_vjp = type(sface).tail_vjp
+    fine_vjp = type(sface).fine_vjp
 
-    def counted(self, fine, directions):
-        calls.append((fine.shape[0], directions.shape[0]))
-        return tail_vjp(self, fine, directions)
+    def counted(self, fine, grads):
+        calls.append((fine.shape[0], grads.shape[0]))
+        return fine_vjp(self, fine, grads)
 
-    monkeypatch.setattr(type(sface), "tail_vjp", counted)
+    monkeypatch.setattr(type(sface), "fine_vjp", counted)
     list(explain_matches(explainer, query_features, hit_features, ("contrast",)))
     assert calls == [(1, len(hit_features))]  # the query's tail once, K directions; no hit tail
+
+
+def test_the_engine_starting_from_the_heads_pullback_gives_the_same_maps(
+        sface, explainer, query_features, hit_features):
+    """The engine hands contrast the CAM-layer gradients it has from the similarity map's
+    pullback; the maps must equal those run back from the embedding through the whole tail."""
+    reference = contrast_maps(sface, query_features.fine_maps[0],
+                              query_features.embeddings[0][0], hit_features.fine_maps[0],
+                              hit_features.embeddings[0])
+    pairs = explainer.explain(query_features, hit_features, maps=("contrast",))
+    assert len(pairs) == len(hit_features) > 1
+    for k, pair in enumerate(pairs):
+        np.testing.assert_allclose(pair.query.maps["contrast"], reference.maps[k].numpy(),
+                                   atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(1, 5), (5, 1), (3, 2)])
@@ -112,6 +126,9 @@ def test_the_explicit_transpose_of_the_sface_tail_equals_autograd(sface, shape):
     assert explicit.shape == (m, n, *fine.shape[1:])
     torch.testing.assert_close(explicit, reference, atol=1e-5, rtol=1e-4)
     assert reference.abs().max() > 1e-3  # not trivially zero
+    cam = torch.randn(m, n, *sface.spec.feature_shape, generator=gen)  # from the CAM layer
+    torch.testing.assert_close(sface.fine_vjp(fine, cam), FaceEncoder.fine_vjp(sface, fine, cam),
+                               atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
