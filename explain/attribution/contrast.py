@@ -29,8 +29,9 @@ a first-order difference of the two faces' activations along the direction
 that separates them. What the faces share cancels (a face against itself gives
 0 everywhere); what is left is negative (blue) where the faces differ and
 positive where a cell of one face supports the other more than itself. (Each
-face's own Jacobian for its half measured no better on region swaps, at one
-more tail forward and backward per hit; notes of issue 12.)
+face's own Jacobian for its half measured slightly higher lift and similar
+pointing on region swaps, at one more tail forward and backward per hit, half
+the cost at K = 10; notes of issue 12.)
 
 **Sum rule.** The layers between the contrast layer and the embedding are
 piecewise linear (conv, eval-mode BatchNorm, PReLU/ReLU), so
