@@ -145,3 +145,25 @@ def test_cli_writes_json_markdown_and_examples(photo_paths, tmp_path, monkeypatc
     assert len(data["pairs"]) == 3 and "contrast" in data["summary"]
     assert "| contrast |" in (out / "swap.md").read_text()
     assert (out / "swap_examples.png").stat().st_size > 0
+
+
+def test_the_research_variants_score_the_shipped_map_as_the_protocol_does(sface, pairs, result):
+    """research.contrast_variants must measure the product: its shipped variant and
+    placement give the protocol's own contrast scores, and the other variant a different
+    map."""
+    from research.contrast_variants import score_pairs, table
+
+    scores = score_pairs(sface, pairs, offset=1)
+    shipped = [s for s in scores if (s.variant, s.placement) == ("query-jacobian", "peak")]
+    protocol = [s for s in result[0].scores if s.method == "contrast"]
+    assert len(shipped) == len(protocol) == len(pairs)
+    for mine, theirs in zip(shipped, protocol, strict=True):
+        assert mine.region == theirs.region
+        assert mine.lift == pytest.approx(theirs.lift, rel=1e-4)
+        assert mine.pointing == theirs.pointing
+    own = [s.lift for s in scores if (s.variant, s.placement) == ("own-jacobians", "peak")]
+    assert own != [s.lift for s in shipped]
+    rows = [line for line in table(scores, "test").splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[:2] for r in rows[1:]] == [  # the header, then a row per variant × placement
+        ["| query-jacobian", "peak"], ["| query-jacobian", "grid"],
+        ["| own-jacobians", "peak"], ["| own-jacobians", "grid"]]

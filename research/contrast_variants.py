@@ -1,0 +1,155 @@
+"""Research: variants of the ``contrast`` map on region swaps, for whoever takes up its pointing.
+
+    .venv/bin/python -m research.contrast_variants                  # bundled photos, offsets 3 1 2
+    .venv/bin/python -m research.contrast_variants --photos DIR --offsets 3 --max-pairs 40
+
+Builds the pairs of ``phenolens evaluate swap`` (``explain.evaluation.swap``) once per
+donor offset, and scores the query map of each variant × placement with the protocol's
+own lift, pointing and off-region lift, per region:
+
+- variants: ``query-jacobian`` (shipped: both halves through the query's tail Jacobian,
+  ``explain.attribution.contrast``) and ``own-jacobians`` (each face's half through its
+  own tail Jacobian, one more tail forward and backward per hit);
+- placements: ``peak`` (shipped: cells at the peaks of their effective receptive fields,
+  ``explain.attribution.placement``) and ``grid`` (cells at their grid positions, as a
+  plain bilinear upsampling draws them).
+
+One view (the evaluation's default). Prints one Markdown table per offset and a mean
+over offsets; issue 12's notes hold the numbers it gave on the bundled photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from encoder.spec import FaceEncoder
+from explain.attribution.contrast import contrast_maps
+from explain.attribution.engine import Explainer
+from explain.attribution.placement import Placement, place, placement
+from explain.evaluation import swap
+from explain.regions import region_masks
+
+VARIANTS: tuple[str, ...] = ("query-jacobian", "own-jacobians")
+PLACEMENTS: tuple[str, ...] = ("peak", "grid")
+
+
+@dataclass(frozen=True)
+class VariantScore:
+    """One pair's query map under one variant and placement, scored as the protocol does."""
+
+    offset: int
+    region: str
+    variant: str
+    placement: str
+    lift: float
+    pointing: float
+    off_lift: float
+
+
+def variant_map(encoder: FaceEncoder, explainer: Explainer, query: np.ndarray,
+                gallery: np.ndarray, variant: str) -> torch.Tensor:
+    """(h_f, w_f) contrast-layer map of one (query, gallery) pair of aligned crops."""
+    q, g = explainer.encode(query), explainer.encode(gallery[None])
+    aq, ag = q.fine_maps[0], g.fine_maps[0]
+    eq, eg = q.embeddings[0][0], g.embeddings[0]
+    shipped = contrast_maps(encoder, aq, eq, ag, eg)
+    if variant == "query-jacobian":
+        return shipped.maps[0]
+    if variant != "own-jacobians":
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    nq, ng = eq.norm(), eg.norm(dim=1)
+    direction = (eq / nq - eg / ng[:, None]) / ng[:, None]  # (ê_q − ê_g)/‖e_g‖
+    own = (encoder.tail_vjp(ag, direction[None])[0] * ag).sum(1)
+    return 0.5 * (shipped.self_query[0] + own[0])
+
+
+def grid_placement(encoder: FaceEncoder, grid: tuple[int, int]) -> Placement:
+    """Cells at their grid positions (cell j centred at (j + ½)·W/w − ½)."""
+    (h, w), (height, width) = grid, encoder.spec.input_size
+    return Placement(grid, width / w, (width / w - 1) / 2, height / h, (height / h - 1) / 2)
+
+
+def score_pairs(encoder: FaceEncoder, pairs: Sequence[swap.SwapPair], offset: int,
+                variants: Sequence[str] = VARIANTS,
+                placements: Sequence[str] = PLACEMENTS) -> list[VariantScore]:
+    explainer = Explainer(encoder)
+    scores = []
+    for pair in pairs:
+        size = pair.query.shape[:2]
+        masks = region_masks(pair.query_landmarks, size=size)
+        others = [masks[r] for r in swap.SWAP_REGIONS if r != pair.region]
+        for variant in variants:
+            cells = variant_map(encoder, explainer, pair.query, pair.gallery, variant)
+            grid = tuple(cells.shape)
+            where = {"peak": placement(encoder, grid), "grid": grid_placement(encoder, grid)}
+            for name in placements:
+                drawn = place(cells[None], where[name], size)[0].numpy()
+                scores.append(VariantScore(
+                    offset, pair.region, variant, name,
+                    swap.negative_lift(drawn, pair.truth_query),
+                    swap.negative_pointing(drawn, pair.truth_query),
+                    float(np.mean([swap.negative_lift(drawn, m) for m in others]))))
+    return scores
+
+
+def table(scores: Sequence[VariantScore], title: str) -> str:
+    """Markdown: a row per variant × placement, lift / pointing per region, then the mean
+    lift / pointing and the off-region lift."""
+    regions = [r for r in swap.SWAP_REGIONS if any(s.region == r for s in scores)]
+    lines = [f"### {title}", "",
+             "| variant | placement | " + " | ".join(regions) + " | mean | off-region |",
+             "|---|---|" + "---|" * (len(regions) + 2)]
+    rows = dict.fromkeys((s.variant, s.placement) for s in scores)
+    for variant, where in rows:
+        mine = [s for s in scores if (s.variant, s.placement) == (variant, where)]
+        cells = []
+        for region in regions:
+            r = [s for s in mine if s.region == region]
+            cells.append(f"{np.mean([s.lift for s in r]):.2f} / "
+                         f"{np.mean([s.pointing for s in r]):.2f}")
+        cells.append(f"{np.mean([s.lift for s in mine]):.2f} / "
+                     f"{np.mean([s.pointing for s in mine]):.2f}")
+        cells.append(f"{np.mean([s.off_lift for s in mine]):.2f}")
+        lines.append(f"| {variant} | {where} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m research.contrast_variants",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", type=Path, help="a folder of single-face photos "
+                        "(default: the bundled photos)")
+    parser.add_argument("--offsets", type=int, nargs="+", default=[3, 1, 2],
+                        help="donor offsets, one pair set each")
+    parser.add_argument("--max-pairs", type=int, default=None)
+    args = parser.parse_args(argv)
+    from encoder.assets import PHOTOS, PHOTOS_DIR
+    from encoder.registry import create_encoder
+
+    if args.photos is None:
+        folder, identities = PHOTOS_DIR, {p.name: p.person for p in PHOTOS}
+        exclude = tuple(p.name for p in PHOTOS if p.faces != 1 or p.aligned)
+    else:
+        folder, identities, exclude = args.photos, {}, ()
+    encoder = create_encoder("sface")
+    photos, _ = swap.load_photos(folder, identities=identities, exclude=exclude)
+    everything, count = [], 0
+    for offset in args.offsets:
+        pairs, _ = swap.build_pairs(photos, max_pairs=args.max_pairs, offset=offset)
+        scores = score_pairs(encoder, pairs, offset)
+        everything, count = everything + scores, count + len(pairs)
+        print(table(scores, f"donor offset {offset}: {len(pairs)} pairs"))
+    if len(args.offsets) > 1:
+        print(table(everything, f"all offsets: {count} pairs"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
