@@ -84,7 +84,7 @@ class ConvBNPReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.prelu(self.bn(self.conv(x)))
 
-    def slopes(self, x: torch.Tensor) -> torch.Tensor:
+    def slopes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's output at x and its local derivative along each output element,
         BN scale times PReLU slope: ``(output, (N, C, H, W) gain)``."""
         pre = self.bn(self.conv(x))
