@@ -30,10 +30,9 @@ import torch
 
 from encoder.spec import FaceEncoder
 from explain.attribution.contrast import contrast_maps
-from explain.attribution.engine import Explainer
+from explain.attribution.engine import Explainer, FaceFeatures
 from explain.attribution.placement import Placement, place, placement
 from explain.evaluation import swap
-from explain.regions import region_masks
 
 VARIANTS: tuple[str, ...] = ("query-jacobian", "own-jacobians")
 PLACEMENTS: tuple[str, ...] = ("peak", "grid")
@@ -52,12 +51,11 @@ class VariantScore:
     off_lift: float
 
 
-def variant_map(encoder: FaceEncoder, explainer: Explainer, query: np.ndarray,
-                gallery: np.ndarray, variant: str) -> torch.Tensor:
-    """(h_f, w_f) contrast-layer map of one (query, gallery) pair of aligned crops."""
-    q, g = explainer.encode(query), explainer.encode(gallery[None])
-    aq, ag = q.fine_maps[0], g.fine_maps[0]
-    eq, eg = q.embeddings[0][0], g.embeddings[0]
+def variant_map(encoder: FaceEncoder, query: FaceFeatures, gallery: FaceFeatures,
+                variant: str) -> torch.Tensor:
+    """(h_f, w_f) contrast-layer map of one (query, gallery) pair (single-view features)."""
+    aq, ag = query.fine_maps[0], gallery.fine_maps[0]
+    eq, eg = query.embeddings[0][0], gallery.embeddings[0]
     shipped = contrast_maps(encoder, aq, eq, ag, eg)
     if variant == "query-jacobian":
         return shipped.maps[0]
@@ -79,22 +77,20 @@ def score_pairs(encoder: FaceEncoder, pairs: Sequence[swap.SwapPair], offset: in
                 variants: Sequence[str] = VARIANTS,
                 placements: Sequence[str] = PLACEMENTS) -> list[VariantScore]:
     explainer = Explainer(encoder)
+    regions = tuple(dict.fromkeys(p.region for p in pairs))  # as the protocol's control
     scores = []
     for pair in pairs:
         size = pair.query.shape[:2]
-        masks = region_masks(pair.query_landmarks, size=size)
-        others = [masks[r] for r in swap.SWAP_REGIONS if r != pair.region]
+        others = swap.other_region_masks(pair, regions)
+        query, gallery = explainer.encode(pair.query), explainer.encode(pair.gallery[None])
         for variant in variants:
-            cells = variant_map(encoder, explainer, pair.query, pair.gallery, variant)
+            cells = variant_map(encoder, query, gallery, variant)
             grid = tuple(cells.shape)
             where = {"peak": placement(encoder, grid), "grid": grid_placement(encoder, grid)}
             for name in placements:
                 drawn = place(cells[None], where[name], size)[0].numpy()
-                scores.append(VariantScore(
-                    offset, pair.region, variant, name,
-                    swap.negative_lift(drawn, pair.truth_query),
-                    swap.negative_pointing(drawn, pair.truth_query),
-                    float(np.mean([swap.negative_lift(drawn, m) for m in others]))))
+                scores.append(VariantScore(offset, pair.region, variant, name,
+                                           *swap.map_scores(drawn, pair, others)))
     return scores
 
 

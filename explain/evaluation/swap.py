@@ -288,6 +288,23 @@ def negative_pointing(aligned_map: np.ndarray, truth: np.ndarray) -> float:
     return float(m.flat[index] < 0 and bool(truth.flat[index]))
 
 
+def other_region_masks(pair: SwapPair, regions: Sequence[str]) -> list[np.ndarray]:
+    """Masks, in the swapped face's crop, of the evaluated regions other than the swapped
+    one (the off-region control's ground)."""
+    masks = region_masks(pair.query_landmarks, size=pair.query.shape[:2])
+    return [masks[r] for r in regions if r != pair.region]
+
+
+def map_scores(aligned_map: np.ndarray, pair: SwapPair, others: Sequence[np.ndarray]
+               ) -> tuple[float, float, float]:
+    """(lift, pointing, off-region lift) of one (H, W) query map; the off-region lift is
+    the mean lift on ``others`` (NaN without any)."""
+    off = float(np.mean([negative_lift(aligned_map, m) for m in others])) if others \
+        else float("nan")
+    return (negative_lift(aligned_map, pair.truth_query),
+            negative_pointing(aligned_map, pair.truth_query), off)
+
+
 def restore_curve(
     target: PairTarget,
     swapped: np.ndarray,
@@ -388,8 +405,7 @@ def evaluate_swaps(
     errors: dict[str, str] = {}
     for pair in pairs:
         size = pair.query.shape[:2]
-        masks = region_masks(pair.query_landmarks, size=size)
-        others = [masks[r] for r in regions if r != pair.region]
+        others = other_region_masks(pair, regions)
         query = explainer.encode(pair.query)
         hit = explainer.encode(pair.gallery[None])
         target = PairTarget(model, pair.query, pair.gallery)
@@ -414,10 +430,7 @@ def evaluate_swaps(
             order = M.pixel_order(amap, size, "negative")
             curve = restore_curve(target, pair.query, pair.original_in_query, order, steps)
             scores.append(SwapScore(pair.name, pair.region, method,
-                                    negative_lift(amap, pair.truth_query),
-                                    negative_pointing(amap, pair.truth_query),
-                                    float(np.mean([negative_lift(amap, m) for m in others]))
-                                    if others else float("nan"), curve.auc,
+                                    *map_scores(amap, pair, others), curve.auc,
                                     int(maps.forward_passes), seconds))
             if maps_out is not None:
                 maps_out.setdefault(pair.name, {})[method] = amap

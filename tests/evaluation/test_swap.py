@@ -161,6 +161,7 @@ def test_the_research_variants_score_the_shipped_map_as_the_protocol_does(sface,
         assert mine.region == theirs.region
         assert mine.lift == pytest.approx(theirs.lift, rel=1e-4)
         assert mine.pointing == theirs.pointing
+        assert mine.off_lift == pytest.approx(theirs.off_lift, rel=1e-4)
     own = [s.lift for s in scores if (s.variant, s.placement) == ("own-jacobians", "peak")]
     assert own != [s.lift for s in shipped]
     rows = [line for line in table(scores, "test").splitlines() if line.startswith("| ")]
