@@ -46,6 +46,25 @@ how far the hit is from the query's linearisation (0 for a face against
 itself). Tests check ``Σ_p c_q`` and ``Σ_p c_g`` against ``J_q A_q`` and
 ``J_q A_g`` computed independently with forward-mode autodiff.
 
+**Drawn on the crop: each cell's share goes where the faces differ.** A cell of the
+contrast layer sees a wide patch of the face (SFace: receptive-field profiles with a
+standard deviation of 15–20 px on a 112-px crop), and the cells on the face's midline
+weigh most in the embedding, so an eyes-only change is most negative at the cell
+*between* the eyes, whose field covers both. A pixel that is the same in both aligned
+crops cannot cause any of the difference (the reference-based attributions — DeepLIFT,
+integrated gradients from the other face — give it exactly 0), so ``draw`` divides each
+cell's value among the crop's pixels in proportion to a Gaussian of one grid step around
+the cell's centre times how much the two crops differ there
+(``explain.attribution.placement.spread``; ``change_weights``: per-crop standardised
+colours, blurred by ``CHANGE_BLUR_PX`` against sub-pixel misalignment, the per-pixel
+distance smoothed by ``CHANGE_SMOOTH_PX``). The model decides how much each cell's
+neighbourhood matters and with which sign; the pixels decide where in that
+neighbourhood the change lies. The drawn map's pixels sum to the cell map's sum, so the
+sum rule holds on the crop too. Without both crops (features cached without them) the
+cells are drawn bilinearly at their receptive-field peaks, as the other maps are. On
+region swaps this moved the most negative pixel from the nasal bridge into the swapped
+eyes (issue 12's notes give the table and the kernel widths tried).
+
 **Cost.** For a query and K hits: the query's tail (contrast layer → embedding)
 once forward and K directions back through it (``FaceEncoder.tail_vjp``; SFace
 runs the transpose of its tail explicitly, a few matrix products, about 0.1
@@ -58,9 +77,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 
 from encoder.spec import FaceEncoder
+from explain.attribution.placement import place, placement, spread
+
+CHANGE_BLUR_PX = 1.0  # Gaussian blur of each crop before the difference (sub-pixel misalignment)
+CHANGE_SMOOTH_PX = 2.0  # Gaussian smoothing of the per-pixel difference
 
 
 @dataclass(frozen=True)
@@ -110,3 +135,36 @@ def contrast_maps(
     self_g = -(nq / ng)[:, None, None] * (grad * hits_fine.detach()).sum(1)
     bias = (cos - 1) - 0.5 * (self_q + self_g).sum((1, 2))
     return ContrastMaps(0.5 * (self_q + self_g), self_q, self_g, bias)
+
+
+def change_weights(query_crop: np.ndarray, hit_crops: np.ndarray) -> torch.Tensor:
+    """How much each pixel of the aligned crops differs between the query and each hit.
+
+    query_crop (H, W, 3) and hit_crops (K, H, W, 3), uint8 or float. Each crop's channels
+    are standardised over the crop (a global change of exposure or colour cast is not a
+    difference of the face), blurred by ``CHANGE_BLUR_PX``; the Euclidean distance per
+    pixel is smoothed by ``CHANGE_SMOOTH_PX``. Returns (K, H, W) float32 ≥ 0, exactly 0
+    where the crops are identical.
+    """
+
+    def prepared(crop: np.ndarray) -> np.ndarray:
+        x = np.asarray(crop, dtype=np.float32)
+        x = (x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-3)
+        return cv2.GaussianBlur(x, (0, 0), CHANGE_BLUR_PX)
+
+    q = prepared(query_crop)
+    out = [cv2.GaussianBlur(np.sqrt(((prepared(h) - q) ** 2).sum(2)), (0, 0), CHANGE_SMOOTH_PX)
+           for h in np.asarray(hit_crops)]
+    return torch.from_numpy(np.stack(out))
+
+
+def draw(maps: torch.Tensor, encoder: FaceEncoder, crop_size: tuple[int, int],
+         query_crop: np.ndarray | None = None, hit_crops: np.ndarray | None = None
+         ) -> torch.Tensor:
+    """(K, h_f, w_f) contrast maps (aligned orientation) -> (K, H, W) on the aligned crop:
+    each cell's value divided among the pixels where the crops differ (module docstring),
+    or, without both crops, bilinear at the cells' receptive-field peaks."""
+    where = placement(encoder, tuple(maps.shape[-2:]))
+    if query_crop is None or hit_crops is None:
+        return place(maps, where, crop_size)
+    return spread(maps, where, crop_size, change_weights(query_crop, hit_crops))

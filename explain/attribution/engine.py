@@ -28,6 +28,7 @@ import torch.nn.functional as nnf
 from encoder.spec import FaceEncoder
 from explain.attribution.affine import AffineHead, affine_head
 from explain.attribution.contrast import contrast_maps
+from explain.attribution.contrast import draw as draw_contrast
 from explain.attribution.placement import place, placement
 from explain.attribution.views import ViewInput, ViewSource, as_view_source, view_inputs
 from explain.errors import IncompatibleViews, InvalidOption
@@ -100,8 +101,10 @@ class SideMaps:
     """The maps on one face of a pair, averaged over views, in aligned-crop orientation.
 
     maps[name] (h, w): one map of ``BATCHED_MAPS`` per name asked for, signed;
-    aligned[name] (H, W): the same maps bilinearly upsampled to the aligned crop
-    (per-cell values, not densities). The similarity map (always computed) is the
+    aligned[name] (H, W): the same maps on the aligned crop, bilinear at the cells'
+    receptive-field peaks (per-cell values, not densities), except ``contrast`` when
+    both crops are known: each cell's value divided among the pixels where the two
+    crops differ (pixel shares that sum to the cell map's sum; ``explain.attribution.contrast``). The similarity map (always computed) is the
     signed contribution of each cell to the cosine (HiResCAM of the held-norm
     target); it sums to ``cosine - bias_share - residual``; residual ≈ 0 checks
     the linearisation of the head.
@@ -277,7 +280,8 @@ class Explainer:
                     strict=True,
                 )
             ]
-            return _average_views(per_view, names, q.flipped, q.crop_size, q.encoders[0])
+            return _average_views(per_view, names, q.flipped, q.crop_size, q.encoders[0],
+                                  (q.crops, g.crops))
 
     def _with_fine_maps(self, faces: FaceFeatures, guard: Guard) -> FaceFeatures:
         """Features that carry their contrast-layer activations (re-encoded from their crops
@@ -476,6 +480,7 @@ def _average_views(
     flipped: tuple[bool, ...],
     crop_size: tuple[int, int],
     encoder: FaceEncoder,
+    crops: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
 ) -> list[PairExplanation]:
     def mean(values: list[torch.Tensor], unflip: bool) -> torch.Tensor:
         return torch.stack(
@@ -489,7 +494,12 @@ def _average_views(
         for name in names
         for side in (0, 1)
     }
-    aligned = {key: _upsample(m, crop_size, encoder) for key, m in maps.items()}
+    query_crops, hit_crops = crops
+    aligned = {(name, side): (draw_contrast(m, encoder, crop_size,
+                                            None if query_crops is None else query_crops[0],
+                                            hit_crops)
+                              if name == "contrast" else _upsample(m, crop_size, encoder))
+               for (name, side), m in maps.items()}
     bias_q = mean([v.bias_q for v in per_view], False)
     bias_g = mean([v.bias_g for v in per_view], False)
     res_q = cos - maps["similarity", 0].sum((1, 2)) - bias_q

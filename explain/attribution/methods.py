@@ -40,6 +40,7 @@ from torch import nn
 
 from encoder.spec import FaceEncoder
 from explain.attribution.affine import AffineHead, affine_head
+from explain.attribution.contrast import draw as draw_contrast
 from explain.attribution.engine import Explainer, FaceFeatures, _upsample, check_compatible
 from explain.attribution.views import view_inputs
 from explain.errors import InvalidOption, UnknownMethod
@@ -134,6 +135,12 @@ class Method:
         default): the method works one face and one view at a time (``side_map``)."""
         return None
 
+    def draw(self, mean: torch.Tensor, q: FaceFeatures, g: FaceFeatures) -> torch.Tensor:
+        """A side's view-averaged (h, w) or (H, W) map -> (H, W) on the aligned crop."""
+        if tuple(mean.shape) == tuple(q.crop_size):
+            return mean
+        return _upsample(mean[None], q.crop_size, q.encoders[0])[0]
+
 
 class CamMethod(Method):
     """Σ_c w_c ⊙ F_c with the held-norm gradient; subclasses give the weights only."""
@@ -179,6 +186,11 @@ class Contrast(Method):
         (pair,) = explainer.explain(q, g, maps=("contrast",))
         return (torch.as_tensor(pair.query.maps["contrast"]),
                 torch.as_tensor(pair.gallery.maps["contrast"]))
+
+    def draw(self, mean, q, g):
+        """Where the crops differ, as the engine draws it (``explain.attribution.contrast``)."""
+        return draw_contrast(mean[None], q.encoders[0], q.crop_size,
+                             None if q.crops is None else q.crops[0], g.crops)[0]
 
 
 class HiResCAM(Similarity):
@@ -555,7 +567,6 @@ def attribute(
     guard = Guard(budget, time_limit, cancel)
     q, g = _faces(explainer, query, hit, guard)
     encodes = guard.used  # passes spent encoding crops given as arrays
-    crop_size = q.crop_size
     inputs: list[torch.Tensor | None] = [None] * len(q.encoders)
     if impl.needs_pixels:
         if q.crops is None or g.crops is None:
@@ -608,8 +619,7 @@ def attribute(
             maps[side] = maps[f"{side}_aligned"] = None
             continue
         mean = torch.stack(per_side[side]).mean(0)
-        aligned = mean if mean.shape == crop_size else _upsample(mean[None], crop_size,
-                                                                 q.encoders[0])[0]
+        aligned = impl.draw(mean, q, g)
         maps[side] = _postprocess(mean, relu, absolute, normalise).cpu().numpy()
         maps[f"{side}_aligned"] = _postprocess(aligned, relu, absolute, normalise).cpu().numpy()
     given = {"relu": relu, "absolute": absolute, "normalise": normalise, **opts}

@@ -167,6 +167,47 @@ def _fit(centres: torch.Tensor, index: torch.Tensor) -> tuple[float, float]:
     return float(sol[0]), float(sol[1])
 
 
+def grid_placement(grid: tuple[int, int], crop_size: tuple[int, int]) -> Placement:
+    """Cells at their grid positions (cell j centred at (j + ½)·W/w − ½), as a plain
+    bilinear upsampling draws them."""
+    (h, w), (height, width) = grid, crop_size
+    return Placement(tuple(grid), width / w, (width / w - 1) / 2, height / h,
+                     (height / h - 1) / 2)
+
+
+SPREAD_FLOOR = 0.01  # of the mean weight: a cell whose kernel sees no weight still spreads
+
+
+def spread(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, int],
+           weights: torch.Tensor) -> torch.Tensor:
+    """(K, h, w) cell values -> (K, H, W) shares of them on the crop's pixels.
+
+    Cell p's value is divided among the pixels x in proportion to ``k_p(x)·weights[k, x]``,
+    with ``k_p`` a Gaussian of one grid step around the cell's centre (``where``; grid
+    positions without a placement): each map's pixels sum to its cells' sum, and a pixel
+    of (near-)zero weight gets (almost) nothing. weights (K, H, W) ≥ 0; a small floor
+    (``SPREAD_FLOOR`` of their mean) keeps a cell whose kernel sees no weight from
+    dividing by zero.
+    """
+    k, h, w = maps.shape
+    if where is None or where.grid != (h, w):
+        where = grid_placement((h, w), crop_size)
+    height, width = crop_size
+    dtype, device = torch.float64, maps.device
+
+    def kernel(n: int, size: int, step: float, start: float) -> torch.Tensor:
+        centres = start + step * torch.arange(n, dtype=dtype, device=device)
+        pixels = torch.arange(size, dtype=dtype, device=device)
+        return torch.exp(-0.5 * ((pixels[None] - centres[:, None]) / step) ** 2)  # (n, size)
+
+    ky = kernel(h, height, where.step_y, where.y0)
+    kx = kernel(w, width, where.step_x, where.x0)
+    wts = weights.to(device, dtype)
+    wts = wts + SPREAD_FLOOR * wts.mean((1, 2), keepdim=True) + 1e-12
+    mass = ky @ wts @ kx.T  # (K, h, w): each cell's total kernel weight
+    return (wts * (ky.T @ (maps.to(dtype) / mass) @ kx)).to(maps.dtype)
+
+
 def place(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, int]) -> torch.Tensor:
     """(K, h, w) cell maps -> (K, H, W) on the aligned crop (bilinear in grid coordinates).
 
