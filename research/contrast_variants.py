@@ -10,9 +10,10 @@ own lift, pointing and off-region lift, per region:
 - variants: ``query-jacobian`` (shipped: both halves through the query's tail Jacobian,
   ``explain.attribution.contrast``) and ``own-jacobians`` (each face's half through its
   own tail Jacobian, one more tail forward and backward per hit);
-- placements: ``peak`` (shipped: cells at the peaks of their effective receptive fields,
-  ``explain.attribution.placement``) and ``grid`` (cells at their grid positions, as a
-  plain bilinear upsampling draws them).
+- drawings on the crop: ``changes`` (shipped: each cell's value divided among the pixels
+  where the two crops differ, ``explain.attribution.contrast.draw``), ``peak`` (bilinear,
+  cells at the peaks of their effective receptive fields, ``explain.attribution.placement``)
+  and ``grid`` (bilinear, cells at their grid positions, as a plain upsampling draws them).
 
 One view (the evaluation's default). Prints one Markdown table per offset and a mean
 over offsets; issue 12's notes hold the numbers it gave on the bundled photos.
@@ -29,13 +30,13 @@ import numpy as np
 import torch
 
 from encoder.spec import FaceEncoder
-from explain.attribution.contrast import contrast_maps
+from explain.attribution.contrast import contrast_maps, draw
 from explain.attribution.engine import Explainer, FaceFeatures
-from explain.attribution.placement import Placement, place, placement
+from explain.attribution.placement import grid_placement, place, placement
 from explain.evaluation import swap
 
 VARIANTS: tuple[str, ...] = ("query-jacobian", "own-jacobians")
-PLACEMENTS: tuple[str, ...] = ("peak", "grid")
+PLACEMENTS: tuple[str, ...] = ("changes", "peak", "grid")
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,6 @@ def variant_map(encoder: FaceEncoder, query: FaceFeatures, gallery: FaceFeatures
     return 0.5 * (shipped.self_query[0] + own[0])
 
 
-def grid_placement(encoder: FaceEncoder, grid: tuple[int, int]) -> Placement:
-    """Cells at their grid positions (cell j centred at (j + ½)·W/w − ½)."""
-    (h, w), (height, width) = grid, encoder.spec.input_size
-    return Placement(grid, width / w, (width / w - 1) / 2, height / h, (height / h - 1) / 2)
-
-
 def score_pairs(encoder: FaceEncoder, pairs: Sequence[swap.SwapPair], offset: int,
                 variants: Sequence[str] = VARIANTS,
                 placements: Sequence[str] = PLACEMENTS) -> list[VariantScore]:
@@ -86,9 +81,14 @@ def score_pairs(encoder: FaceEncoder, pairs: Sequence[swap.SwapPair], offset: in
         for variant in variants:
             cells = variant_map(encoder, query, gallery, variant)
             grid = tuple(cells.shape)
-            where = {"peak": placement(encoder, grid), "grid": grid_placement(encoder, grid)}
             for name in placements:
-                drawn = place(cells[None], where[name], size)[0].numpy()
+                if name == "changes":
+                    drawn = draw(cells[None], encoder, size, pair.query, pair.gallery[None])
+                else:
+                    where = (placement(encoder, grid) if name == "peak"
+                             else grid_placement(grid, size))
+                    drawn = place(cells[None], where, size)
+                drawn = drawn[0].numpy()
                 scores.append(VariantScore(offset, pair.region, variant, name,
                                            *swap.map_scores(drawn, pair, others)))
     return scores
@@ -99,7 +99,7 @@ def table(scores: Sequence[VariantScore], title: str) -> str:
     lift / pointing and the off-region lift."""
     regions = [r for r in swap.SWAP_REGIONS if any(s.region == r for s in scores)]
     lines = [f"### {title}", "",
-             "| variant | placement | " + " | ".join(regions) + " | mean | off-region |",
+             "| variant | drawn | " + " | ".join(regions) + " | mean | off-region |",
              "|---|---|" + "---|" * (len(regions) + 2)]
     rows = dict.fromkeys((s.variant, s.placement) for s in scores)
     for variant, where in rows:

@@ -154,7 +154,7 @@ def test_the_research_variants_score_the_shipped_map_as_the_protocol_does(sface,
     from research.contrast_variants import score_pairs, table
 
     scores = score_pairs(sface, pairs, offset=1)
-    shipped = [s for s in scores if (s.variant, s.placement) == ("query-jacobian", "peak")]
+    shipped = [s for s in scores if (s.variant, s.placement) == ("query-jacobian", "changes")]
     protocol = [s for s in result[0].scores if s.method == "contrast"]
     assert len(shipped) == len(protocol) == len(pairs)
     for mine, theirs in zip(shipped, protocol, strict=True):
@@ -162,9 +162,10 @@ def test_the_research_variants_score_the_shipped_map_as_the_protocol_does(sface,
         assert mine.lift == pytest.approx(theirs.lift, rel=1e-4)
         assert mine.pointing == theirs.pointing
         assert mine.off_lift == pytest.approx(theirs.off_lift, rel=1e-4)
-    own = [s.lift for s in scores if (s.variant, s.placement) == ("own-jacobians", "peak")]
+    own = [s.lift for s in scores if (s.variant, s.placement) == ("own-jacobians", "changes")]
     assert own != [s.lift for s in shipped]
     rows = [line for line in table(scores, "test").splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[:2] for r in rows[1:]] == [  # the header, then a row per variant × placement
-        ["| query-jacobian", "peak"], ["| query-jacobian", "grid"],
+    assert [r.split(" | ")[:2] for r in rows[1:]] == [  # the header, then a row per variant × drawing
+        ["| query-jacobian", "changes"], ["| query-jacobian", "peak"],
+        ["| query-jacobian", "grid"], ["| own-jacobians", "changes"],
         ["| own-jacobians", "peak"], ["| own-jacobians", "grid"]]
