@@ -140,22 +140,30 @@ def contrast_maps(
 def change_weights(query_crop: np.ndarray, hit_crops: np.ndarray) -> torch.Tensor:
     """How much each pixel of the aligned crops differs between the query and each hit.
 
-    query_crop (H, W, 3) and hit_crops (K, H, W, 3), uint8 or float. Each crop's channels
-    are standardised over the crop (a global change of exposure or colour cast is not a
-    difference of the face), blurred by ``CHANGE_BLUR_PX``; the Euclidean distance per
-    pixel is smoothed by ``CHANGE_SMOOTH_PX``. Returns (K, H, W) float32 ≥ 0, exactly 0
-    where the crops are identical.
+    query_crop (H, W, 3) and hit_crops (K, H, W, 3) uint8. Each crop is blurred by
+    ``CHANGE_BLUR_PX`` and its channels standardised (mean and standard deviation over
+    the crop: a global change of exposure or colour cast is not a difference of the
+    face); the Euclidean distance per pixel is smoothed by ``CHANGE_SMOOTH_PX``. Returns
+    (K, H, W) float32 ≥ 0, exactly 0 where the crops are identical.
     """
+    q = _standardised(query_crop)
+    out = np.empty((len(hit_crops), *q.shape[:2]), np.float32)
+    for i, hit in enumerate(hit_crops):
+        d = cv2.subtract(_standardised(hit), q)
+        distance = cv2.sqrt(cv2.transform(cv2.multiply(d, d), np.ones((1, 3), np.float32)))
+        out[i] = cv2.GaussianBlur(distance, (0, 0), CHANGE_SMOOTH_PX)
+    return torch.from_numpy(out)
 
-    def prepared(crop: np.ndarray) -> np.ndarray:
-        x = np.asarray(crop, dtype=np.float32)
-        x = (x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-3)
-        return cv2.GaussianBlur(x, (0, 0), CHANGE_BLUR_PX)
 
-    q = prepared(query_crop)
-    out = [cv2.GaussianBlur(np.sqrt(((prepared(h) - q) ** 2).sum(2)), (0, 0), CHANGE_SMOOTH_PX)
-           for h in np.asarray(hit_crops)]
-    return torch.from_numpy(np.stack(out))
+def _standardised(crop: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> blurred, per-channel standardised float32 (cv2 throughout: the
+    drawing runs once per hit and must stay a small part of an encode)."""
+    crop = np.ascontiguousarray(crop, dtype=np.uint8)
+    mean, std = (v[:, 0] for v in cv2.meanStdDev(crop))
+    scale = 1.0 / (std + 1e-3)
+    affine = np.concatenate([np.diag(scale), (-mean * scale)[:, None]], 1).astype(np.float32)
+    blurred = cv2.GaussianBlur(crop, (0, 0), CHANGE_BLUR_PX).astype(np.float32)
+    return cv2.transform(blurred, affine)
 
 
 def draw(maps: torch.Tensor, encoder: FaceEncoder, crop_size: tuple[int, int],

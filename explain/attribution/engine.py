@@ -495,11 +495,15 @@ def _average_views(
         for side in (0, 1)
     }
     query_crops, hit_crops = crops
-    aligned = {(name, side): (draw_contrast(m, encoder, crop_size,
-                                            None if query_crops is None else query_crops[0],
-                                            hit_crops)
-                              if name == "contrast" else _upsample(m, crop_size, encoder))
-               for (name, side), m in maps.items()}
+    aligned = {}
+    for (name, side), m in maps.items():
+        if name != "contrast":
+            aligned[name, side] = _upsample(m, crop_size, encoder)
+        elif side == 1 and torch.equal(m, maps[name, 0]):
+            aligned[name, side] = aligned[name, 0]  # one map on both aligned faces
+        else:
+            aligned[name, side] = draw_contrast(
+                m, encoder, crop_size, None if query_crops is None else query_crops[0], hit_crops)
     bias_q = mean([v.bias_q for v in per_view], False)
     bias_g = mean([v.bias_g for v in per_view], False)
     res_q = cos - maps["similarity", 0].sum((1, 2)) - bias_q

@@ -193,7 +193,7 @@ def spread(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, in
     if where is None or where.grid != (h, w):
         where = grid_placement((h, w), crop_size)
     height, width = crop_size
-    dtype, device = torch.float64, maps.device
+    dtype, device = maps.dtype, maps.device
 
     def kernel(n: int, size: int, step: float, start: float) -> torch.Tensor:
         centres = start + step * torch.arange(n, dtype=dtype, device=device)
@@ -205,7 +205,7 @@ def spread(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, in
     wts = weights.to(device, dtype)
     wts = wts + SPREAD_FLOOR * wts.mean((1, 2), keepdim=True) + 1e-12
     mass = ky @ wts @ kx.T  # (K, h, w): each cell's total kernel weight
-    return (wts * (ky.T @ (maps.to(dtype) / mass) @ kx)).to(maps.dtype)
+    return wts * (ky.T @ (maps / mass) @ kx)
 
 
 def place(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, int]) -> torch.Tensor:
