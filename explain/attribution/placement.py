@@ -19,12 +19,15 @@ with centroids, 0–5 px with peaks; issue 12's notes).
 The measurement (a few seconds on a CPU) is kept in memory and in
 ``data/cache/placement-*.json`` keyed by the encoder's name, version, grid and
 a checksum of its weights, so a new process reads it instead of measuring.
-``place(maps, placement, crop_size)`` then samples each map bilinearly at
+``place(maps, placement, crop_size)`` samples each map bilinearly at
 every crop pixel's position in grid coordinates: cells land on their
 receptive-field centres at their real spacing, and beyond the outermost
 centres the border cells' values extend to the crop's edge (their receptive
 fields cover it; fading to zero there left the chin, at the bottom of an
-ArcFace crop, with no map at all).
+ArcFace crop, with no map at all). ``spread(maps, placement, crop_size, weights)``
+instead divides each cell's value among the crop's pixels in proportion to a Gaussian
+of one grid step around its centre times a per-pixel weight (``contrast`` weighs by
+where the two crops differ); each map's pixels sum to its cells' sum.
 """
 
 from __future__ import annotations
