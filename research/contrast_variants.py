@@ -2,6 +2,7 @@
 
     .venv/bin/python -m research.contrast_variants                  # bundled photos, offsets 3 1 2
     .venv/bin/python -m research.contrast_variants --photos DIR --offsets 3 --max-pairs 40
+    .venv/bin/python -m research.contrast_variants --widths 0.5 1.5 2 3
 
 Builds the pairs of ``phenolens evaluate swap`` (``explain.evaluation.swap``) once per
 donor offset, and scores the query map of each variant × placement with the protocol's
@@ -13,7 +14,9 @@ own lift, pointing and off-region lift, per region:
 - drawings on the crop: ``changes`` (shipped: each cell's value divided among the pixels
   where the two crops differ, ``explain.attribution.contrast.draw``), ``peak`` (bilinear,
   cells at the peaks of their effective receptive fields, ``explain.attribution.placement``)
-  and ``grid`` (bilinear, cells at their grid positions, as a plain upsampling draws them).
+  and ``grid`` (bilinear, cells at their grid positions, as a plain upsampling draws them);
+  with ``--widths``, also ``changes×W``: the shipped drawing with a kernel of W grid steps
+  instead of one (how much the choice of one step matters).
 
 One view (the evaluation's default). Prints one Markdown table per offset and a mean
 over offsets; issue 12's notes hold the numbers it gave on the bundled photos.
@@ -30,9 +33,9 @@ import numpy as np
 import torch
 
 from encoder.spec import FaceEncoder
-from explain.attribution.contrast import contrast_maps, draw
+from explain.attribution.contrast import change_weights, contrast_maps, draw
 from explain.attribution.engine import Explainer, FaceFeatures
-from explain.attribution.placement import grid_placement, place, placement
+from explain.attribution.placement import grid_placement, place, placement, spread
 from explain.evaluation import swap
 
 VARIANTS: tuple[str, ...] = ("query-jacobian", "own-jacobians")
@@ -70,7 +73,8 @@ def variant_map(encoder: FaceEncoder, query: FaceFeatures, gallery: FaceFeatures
 
 def score_pairs(encoder: FaceEncoder, pairs: Sequence[swap.SwapPair], offset: int,
                 variants: Sequence[str] = VARIANTS,
-                placements: Sequence[str] = PLACEMENTS) -> list[VariantScore]:
+                placements: Sequence[str] = PLACEMENTS,
+                widths: Sequence[float] = ()) -> list[VariantScore]:
     explainer = Explainer(encoder)
     regions = tuple(dict.fromkeys(p.region for p in pairs))  # as the protocol's control
     scores = []
@@ -90,6 +94,12 @@ def score_pairs(encoder: FaceEncoder, pairs: Sequence[swap.SwapPair], offset: in
                     drawn = place(cells[None], where, size)
                 drawn = drawn[0].numpy()
                 scores.append(VariantScore(offset, pair.region, variant, name,
+                                           *swap.map_scores(drawn, pair, others)))
+            changes = change_weights(pair.query, pair.gallery[None]) if widths else None
+            for width in widths:
+                drawn = spread(cells[None], placement(encoder, grid), size, changes,
+                               width=width)[0].numpy()
+                scores.append(VariantScore(offset, pair.region, variant, f"changes×{width:g}",
                                            *swap.map_scores(drawn, pair, others)))
     return scores
 
@@ -125,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offsets", type=int, nargs="+", default=[3, 1, 2],
                         help="donor offsets, one pair set each")
     parser.add_argument("--max-pairs", type=int, default=None)
+    parser.add_argument("--widths", type=float, nargs="*", default=[],
+                        help="also draw the shipped map with kernels of these grid steps")
     args = parser.parse_args(argv)
     from encoder.assets import PHOTOS, PHOTOS_DIR
     from encoder.registry import create_encoder
@@ -139,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     everything, count = [], 0
     for offset in args.offsets:
         pairs, _ = swap.build_pairs(photos, max_pairs=args.max_pairs, offset=offset)
-        scores = score_pairs(encoder, pairs, offset)
+        scores = score_pairs(encoder, pairs, offset, widths=args.widths)
         everything, count = everything + scores, count + len(pairs)
         print(table(scores, f"donor offset {offset}: {len(pairs)} pairs"))
     if len(args.offsets) > 1:

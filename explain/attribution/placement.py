@@ -182,11 +182,11 @@ SPREAD_FLOOR = 0.01  # of the mean weight: a cell whose kernel sees no weight st
 
 
 def spread(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, int],
-           weights: torch.Tensor) -> torch.Tensor:
+           weights: torch.Tensor, *, width: float = 1.0) -> torch.Tensor:
     """(K, h, w) cell values -> (K, H, W) shares of them on the crop's pixels.
 
     Cell p's value is divided among the pixels x in proportion to ``k_p(x)·weights[k, x]``,
-    with ``k_p`` a Gaussian of one grid step around the cell's centre (``where``; grid
+    with ``k_p`` a Gaussian of ``width`` grid steps around the cell's centre (``where``; grid
     positions without a placement): each map's pixels sum to its cells' sum, and a pixel
     of (near-)zero weight gets (almost) nothing. weights (K, H, W) ≥ 0; a small floor
     (``SPREAD_FLOOR`` of their mean) keeps a cell whose kernel sees no weight from
@@ -201,7 +201,7 @@ def spread(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, in
     def kernel(n: int, size: int, step: float, start: float) -> torch.Tensor:
         centres = start + step * torch.arange(n, dtype=dtype, device=device)
         pixels = torch.arange(size, dtype=dtype, device=device)
-        return torch.exp(-0.5 * ((pixels[None] - centres[:, None]) / step) ** 2)  # (n, size)
+        return torch.exp(-0.5 * ((pixels[None] - centres[:, None]) / (width * step)) ** 2)
 
     ky = kernel(h, height, where.step_y, where.y0)
     kx = kernel(w, width, where.step_x, where.x0)
