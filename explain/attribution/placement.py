@@ -195,7 +195,7 @@ def spread(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, in
     k, h, w = maps.shape
     if where is None or where.grid != (h, w):
         where = grid_placement((h, w), crop_size)
-    height, width = crop_size
+    height, crop_width = crop_size
     dtype, device = maps.dtype, maps.device
 
     def kernel(n: int, size: int, step: float, start: float) -> torch.Tensor:
@@ -204,7 +204,7 @@ def spread(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, in
         return torch.exp(-0.5 * ((pixels[None] - centres[:, None]) / (width * step)) ** 2)
 
     ky = kernel(h, height, where.step_y, where.y0)
-    kx = kernel(w, width, where.step_x, where.x0)
+    kx = kernel(w, crop_width, where.step_x, where.x0)
     wts = weights.to(device, dtype)
     wts = wts + SPREAD_FLOOR * wts.mean((1, 2), keepdim=True) + 1e-12
     mass = ky @ wts @ kx.T  # (K, h, w): each cell's total kernel weight

@@ -134,6 +134,18 @@ def test_spread_divides_each_cell_among_weighted_pixels_only():
     uniform = spread(maps, where, (112, 112), torch.ones(3, 112, 112, dtype=torch.float64))
     torch.testing.assert_close(uniform.sum((1, 2)), maps.sum((1, 2)))
     assert float(uniform[:, ~inside].abs().sum()) > 0.2 * float(uniform.abs().sum())
+    # under uniform weights one cell stays near its centre: a Gaussian of one grid step
+    # (8 px here) puts ~95 % of it within two steps (the crop's edge cuts little at (6, 6))
+    single = torch.zeros(1, 14, 14, dtype=torch.float64)
+    single[0, 6, 6] = 1.0
+    alone = spread(single, where, (112, 112), torch.ones(1, 112, 112, dtype=torch.float64))[0]
+    centre = 6 * 8 + 3.5
+    near = alone[int(centre - 16):int(centre + 17), int(centre - 16):int(centre + 17)]
+    assert 0.85 < float(near.sum()) < 0.97
+    wide = spread(single, where, (112, 112), torch.ones(1, 112, 112, dtype=torch.float64),
+                  width=2.0)[0]
+    assert float(wide[int(centre - 16):int(centre + 17),
+                      int(centre - 16):int(centre + 17)].sum()) < 0.6
 
 
 def test_the_family_call_equals_the_batched_top_k_maps(explainer, query_features, hit_features):
