@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.bench_contrast                  # K = 1 5 10, peers on one pair
     .venv/bin/python -m bench.bench_contrast --ks 1 10 --reps 5 --json
 
-In one process, interleaved, medians of ``--reps`` (SFace, one view, one torch thread
-unless --threads):
+In one process, medians of ``--reps`` rounds in which the encode and every contrast
+measurement run once each in turn (SFace, one view, one torch thread unless --threads):
 
 - encode: one query encode (preprocess + features + head, one image);
 - contrast cached: ``explain_matches(query crop, cached hit features, ["contrast"])`` —
@@ -47,6 +47,20 @@ def _time(fn, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def _interleaved(runs: dict, reps: int) -> dict[str, float]:
+    """Median ms of each callable, timed round-robin (one of each per round), so that a
+    machine whose speed drifts during the run slows the encode and the maps alike."""
+    for fn in runs.values():
+        fn()  # warm-up (placement, head linearisation)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_contrast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     explainer = Explainer(create_encoder("sface"))
     query, hits = _crops(max(args.ks))
     hit_features = explainer.encode(hits)
-    encode_ms = _time(lambda: explainer.encode(query), args.reps)
-    rows = []
+    runs = {"encode": lambda: explainer.encode(query)}
     for k in args.ks:
         cached = hit_features.select(list(range(k)))
-        ms_cached = _time(lambda c=cached: list(explain_matches(explainer, query, c,
-                                                                ("contrast",))), args.reps)
-        ms_full = _time(lambda k=k: list(explain_matches(explainer, query, hits[:k],
-                                                         ("contrast",))), args.reps)
+        runs[f"cached {k}"] = lambda c=cached: list(explain_matches(explainer, query, c,
+                                                                     ("contrast",)))
+        runs[f"uncached {k}"] = lambda k=k: list(explain_matches(explainer, query, hits[:k],
+                                                                 ("contrast",)))
+    ms = _interleaved(runs, args.reps)
+    encode_ms = ms["encode"]
+    rows = []
+    for k in args.ks:
+        ms_cached, ms_full = ms[f"cached {k}"], ms[f"uncached {k}"]
         rows.append({"k": k, "encode_ms": encode_ms, "contrast_cached_ms": ms_cached,
                      "contrast_uncached_ms": ms_full, "cached_per_encode": ms_cached / encode_ms,
                      "uncached_per_encode": ms_full / encode_ms,
