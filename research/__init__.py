@@ -4,6 +4,8 @@
   faces with a known ground-truth region).
 - ``train``: GestaltMatcher-style fine-tuning of an embedding head on a frozen
   backbone.
+- ``contrast_variants``: variants and drawings of the ``contrast`` map on region swaps;
+  ``photo_variants``: altered copies of photos to run a protocol on.
 
 Depends on ``encoder`` and ``gallery.accuracy``; nothing below it imports it.
 """

@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
@@ -169,3 +170,21 @@ def test_the_research_variants_score_the_shipped_map_as_the_protocol_does(sface,
         ["| query-jacobian", "changes"], ["| query-jacobian", "peak"],
         ["| query-jacobian", "grid"], ["| own-jacobians", "changes"],
         ["| own-jacobians", "peak"], ["| own-jacobians", "grid"]]
+
+
+def test_photo_variants_give_one_folder_per_person_that_the_protocol_reads(tmp_path, photo_paths):
+    from research.photo_variants import ALTERATIONS, write_variants
+
+    chosen = {photo_paths["person_a_1.jpg"]: "person_a", photo_paths["impostor_1.jpg"]: "impostor_1"}
+    written = write_variants(chosen, tmp_path)
+    assert len(written) == 2 * len(ALTERATIONS)
+    photos, skipped = S.load_photos(tmp_path)
+    assert not skipped
+    assert sorted({p.person for p in photos}) == ["impostor_1", "person_a"]
+    original = cv2.imread(str(photo_paths["person_a_1.jpg"]))
+    mirrored = cv2.imread(str(tmp_path / "person_a" / "mirror_person_a_1.jpg"))
+    # a JPEG of the mirror image, not a copy of the original
+    assert np.abs(mirrored.astype(int) - original[:, ::-1].astype(int)).mean() < 3
+    assert np.abs(mirrored.astype(int) - original.astype(int)).mean() > 10
+    with pytest.raises(ValueError, match="cannot read"):
+        write_variants({tmp_path / "person_a" / "missing.jpg": "x"}, tmp_path)
