@@ -60,7 +60,14 @@ class FaceEncoder(nn.Module):
         """The network between the contrast layer and the CAM layer (the identity by default)."""
         return fine
 
-    def tail_vjp(self, fine: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    def tail_forward(self, fine: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """``fine_to_features(fine)`` and what ``fine_vjp`` would otherwise run the tail
+        forward again to record (batch-first tensors, sliceable per face), or None. The
+        generic version records nothing; SFace keeps each block's gain."""
+        return self.fine_to_features(fine), None
+
+    def tail_vjp(self, fine: torch.Tensor, directions: torch.Tensor,
+                 state: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """Vector-Jacobian products of the tail ``head(fine_to_features(fine))``.
 
         fine (N, C_f, h_f, w_f): contrast-layer activations of N faces; directions
@@ -72,10 +79,12 @@ class FaceEncoder(nn.Module):
         """
         return self._vjp(lambda a: self.head(self.fine_to_features(a)), fine, directions)
 
-    def fine_vjp(self, fine: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    def fine_vjp(self, fine: torch.Tensor, grads: torch.Tensor,
+                 state: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """Vector-Jacobian products of ``fine_to_features`` alone: grads (M, N, C, h, w)
         at the CAM layer (e.g. an affine head's pullback of M directions) -> (M, N, C_f,
-        h_f, w_f) at the contrast layer. Generic autograd version, as ``tail_vjp``."""
+        h_f, w_f) at the contrast layer. Generic autograd version, as ``tail_vjp``
+        (``state``, from ``tail_forward``, is for encoders that record one)."""
         return self._vjp(self.fine_to_features, fine, grads)
 
     @staticmethod

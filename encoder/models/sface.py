@@ -146,7 +146,17 @@ class SFace(FaceEncoder):
         """(B, 1024, 7, 7) -> (B, 128). The graph's dropout is the identity at inference."""
         return self.bn_fc(self.fc(torch.flatten(self.bn1(feature_map), 1)))
 
-    def tail_vjp(self, fine: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    def tail_forward(self, fine: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``FaceEncoder.tail_forward``: the blocks after the contrast layer, keeping each
+        block's gain (BN scale × PReLU slope, (N, C, h, w)) for ``fine_vjp``."""
+        gains, h = [], fine
+        for block in self.body[self._contrast_split() :]:
+            h, gain = block.slopes(h)
+            gains.append(gain)
+        return h, tuple(gains)
+
+    def tail_vjp(self, fine: torch.Tensor, directions: torch.Tensor,
+                 state: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``FaceEncoder.tail_vjp``: the head's transpose (``fc`` and the BN scales), then
         ``fine_vjp``."""
         m, n = directions.shape[:2]
@@ -154,22 +164,20 @@ class SFace(FaceEncoder):
             grad = directions.reshape(m * n, -1) * _bn_scale(self.bn_fc)
             grad = (grad @ self.fc.weight).reshape(m, n, *self.spec.feature_shape)
             grad = grad * _bn_scale(self.bn1)[:, None, None]
-        return self.fine_vjp(fine, grad)
+        return self.fine_vjp(fine, grad, state)
 
-    def fine_vjp(self, fine: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    def fine_vjp(self, fine: torch.Tensor, grads: torch.Tensor,
+                 state: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``FaceEncoder.fine_vjp`` by the explicit transpose of the blocks after the
-        contrast layer: one forward of the N faces records each block's gains (BN scale ×
-        PReLU slope), then the M·N gradients go back through the transposed convolutions
-        as plain matrix products (no autograd graph; each pointwise conv, nearly all of the
-        work, is one GEMM)."""
+        contrast layer: each block's gains (BN scale × PReLU slope) from ``state``
+        (``tail_forward`` at the encode) or from one forward of the N faces here, then the
+        M·N gradients go back through the transposed convolutions as plain matrix products
+        (no autograd graph; each pointwise conv, nearly all of the work, is one GEMM)."""
         m, n = grads.shape[:2]
         blocks = list(self.body[self._contrast_split() :])
         with torch.no_grad():
-            sizes, gains, h = [], [], fine
-            for block in blocks:
-                sizes.append(tuple(h.shape[-2:]))
-                h, gain = block.slopes(h)
-                gains.append(gain)
+            gains = state if state is not None else self.tail_forward(fine)[1]
+            sizes = [tuple(fine.shape[-2:])] + [tuple(g.shape[-2:]) for g in gains[:-1]]
             grad = grads
             for block, gain, size in zip(blocks[::-1], gains[::-1], sizes[::-1], strict=True):
                 grad = block.transpose_conv((grad.reshape(m, n, *grad.shape[-3:]) * gain)

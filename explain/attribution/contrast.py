@@ -65,10 +65,11 @@ cells are drawn bilinearly at their receptive-field peaks, as the other maps are
 region swaps this moved the most negative pixel from the nasal bridge into the swapped
 eyes (issue 12's notes give the table and the kernel widths tried).
 
-**Cost.** For a query and K hits: the query's tail (contrast layer → embedding)
-once forward and K directions back through it (``FaceEncoder.tail_vjp``; SFace
-runs the transpose of its tail explicitly, a few matrix products, about 0.1
-encodes per direction), then one product with each hit's activations. The hits'
+**Cost.** For a query and K hits: K directions back through the query's tail
+(contrast layer → embedding; ``FaceEncoder.tail_vjp``; SFace runs the transpose of
+its tail explicitly, a few matrix products, about 0.1 encodes per direction, with
+the PReLU gains its encode recorded, ``FaceEncoder.tail_forward``, else after one
+more forward through the tail), then one product with each hit's activations. The hits'
 tails are not run at all: their contrast-layer activations come with their
 ``FaceFeatures`` (the server's feature store keeps them).
 """
@@ -111,6 +112,7 @@ def contrast_maps(
     hits_embedding: torch.Tensor,
     *,
     cam_grads: torch.Tensor | None = None,
+    tail_state: tuple[torch.Tensor, ...] | None = None,
 ) -> ContrastMaps:
     """Contrast maps of one view.
 
@@ -120,7 +122,9 @@ def contrast_maps(
     taken from them and held constant). cam_grads (K, C, h, w), optional: the
     gradients at the CAM layer of ``<e, ê_g − ê_q>/‖e_q‖`` (with an affine head,
     ``Wᵀ(ê_g − ê_q)/‖e_q‖``: the engine has them from the similarity map's pullback),
-    so that only the blocks between the two layers are run back.
+    so that only the blocks between the two layers are run back. tail_state: the
+    query's ``FaceEncoder.tail_forward`` record from its encode, so that its tail is not
+    run forward again (None: it is).
     """
     eq = query_embedding.reshape(-1).detach()
     eg = hits_embedding.detach()
@@ -128,9 +132,10 @@ def contrast_maps(
     uq, ug = eq / nq, eg / ng[:, None]
     cos = ug @ uq  # (K,)
     if cam_grads is None:
-        grad = encoder.tail_vjp(query_fine, ((ug - uq[None]) / nq)[:, None, :])[:, 0]
+        grad = encoder.tail_vjp(query_fine, ((ug - uq[None]) / nq)[:, None, :],
+                                tail_state)[:, 0]
     else:
-        grad = encoder.fine_vjp(query_fine, cam_grads[:, None])[:, 0]  # (K, C_f, h_f, w_f)
+        grad = encoder.fine_vjp(query_fine, cam_grads[:, None], tail_state)[:, 0]  # (K, C_f, h_f, w_f)
     self_q = (grad * query_fine.detach()).sum(1)  # (K, h_f, w_f)
     self_g = -(nq / ng)[:, None, None] * (grad * hits_fine.detach()).sum(1)
     bias = (cos - 1) - 0.5 * (self_q + self_g).sum((1, 2))

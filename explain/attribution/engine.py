@@ -45,7 +45,10 @@ class FaceFeatures:
     (pixel methods of the family perturb them), or None; fine_maps[v]
     (N, C_f, h_f, w_f) the activations at the encoder's ``contrast_layer`` (the
     ``contrast`` maps read them), or None. Cache these for gallery faces to skip
-    their forward pass.
+    their forward pass. tail_states[v]: what the encode recorded in the network's
+    tail for ``FaceEncoder.fine_vjp`` (``tail_forward``; batch-first tensors), or
+    None: a query's contrast maps then need no second forward through the tail.
+    Caches need not keep them (only a query's are read).
     """
 
     feature_maps: tuple[torch.Tensor, ...]
@@ -55,6 +58,8 @@ class FaceFeatures:
     crop_size: tuple[int, int]
     crops: np.ndarray | None = field(default=None, repr=False)
     fine_maps: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    tail_states: tuple[tuple[torch.Tensor, ...] | None, ...] | None = field(default=None,
+                                                                             repr=False)
 
     def __len__(self) -> int:
         return int(self.feature_maps[0].shape[0])
@@ -70,6 +75,8 @@ class FaceFeatures:
             self.crop_size,
             None if self.crops is None else self.crops[index],
             None if self.fine_maps is None else tuple(f[index] for f in self.fine_maps),
+            None if self.tail_states is None else tuple(
+                None if st is None else tuple(t[index] for t in st) for st in self.tail_states),
         )
 
     @classmethod
@@ -85,6 +92,12 @@ class FaceFeatures:
         fine = None
         if all(f.fine_maps is not None for f in faces):
             fine = tuple(torch.cat([f.fine_maps[v] for f in faces]) for v in views)
+        states = None
+        if all(f.tail_states is not None and all(st is not None for st in f.tail_states)
+               for f in faces):
+            states = tuple(tuple(torch.cat(parts) for parts in
+                                 zip(*(f.tail_states[v] for f in faces), strict=True))
+                           for v in views)
         return cls(
             tuple(torch.cat([f.feature_maps[v] for f in faces]) for v in views),
             tuple(torch.cat([f.embeddings[v] for f in faces]) for v in views),
@@ -93,6 +106,7 @@ class FaceFeatures:
             first.crop_size,
             None if any(c is None for c in crops) else np.concatenate(crops),
             fine,
+            states,
         )
 
 
@@ -198,6 +212,7 @@ class Explainer:
     def _encode_views(self, views: list[ViewInput], crops: np.ndarray, guard: Guard) -> FaceFeatures:
         maps: list[torch.Tensor | None] = [None] * len(views)
         fines: list[torch.Tensor | None] = [None] * len(views)
+        states: list[tuple[torch.Tensor, ...] | None] = [None] * len(views)
         embs: list[torch.Tensor | None] = [None] * len(views)
         groups: dict[int, list[int]] = {}
         for index, view in enumerate(views):  # views of one encoder share one batched forward
@@ -207,13 +222,15 @@ class Explainer:
                 guard.check()
                 encoder = views[indices[0]].encoder
                 fine = encoder.fine_features(torch.cat([views[i].inputs for i in indices]))
-                fmap = encoder.fine_to_features(fine)
+                fmap, state = encoder.tail_forward(fine)
                 emb = encoder.head(fmap)
                 n = views[indices[0]].inputs.shape[0]
                 for j, i in enumerate(indices):
                     maps[i] = fmap[j * n : (j + 1) * n]
                     fines[i] = fine[j * n : (j + 1) * n]
                     embs[i] = emb[j * n : (j + 1) * n]
+                    if state is not None:
+                        states[i] = tuple(t[j * n : (j + 1) * n] for t in state)
         grids = {tuple(m.shape[-2:]) for m in maps}
         if len(grids) > 1:
             raise IncompatibleViews(f"views have different feature grids {sorted(grids)}")
@@ -225,6 +242,7 @@ class Explainer:
             (int(crops.shape[1]), int(crops.shape[2])),
             crops,
             tuple(fines),
+            tuple(states),
         )
 
     def _features(self, faces: np.ndarray | FaceFeatures, guard: Guard) -> FaceFeatures:
@@ -268,8 +286,8 @@ class Explainer:
         with torch.no_grad():
             per_view = [
                 _two_sided(ViewPair(affine_head(enc, fq.device), fq[0], eq[0], fg, eg, enc,
-                                    aq, ag), names)
-                for enc, fq, eq, fg, eg, aq, ag in zip(
+                                    aq, ag, sq), names)
+                for enc, fq, eq, fg, eg, aq, ag, sq in zip(
                     q.encoders,
                     q.feature_maps,
                     q.embeddings,
@@ -277,6 +295,7 @@ class Explainer:
                     g.embeddings,
                     q.fine_maps or no_fine,
                     g.fine_maps or no_fine,
+                    q.tail_states or no_fine,
                     strict=True,
                 )
             ]
@@ -376,7 +395,8 @@ class ViewPair:
     fq (C, h, w), eq (D,) the query; fg (K, C, h, w), eg (K, D) the hits;
     nq () and ng (K,) embedding norms; uq (D,) and ug (K, D) unit embeddings;
     aq (1, C_f, h_f, w_f) and ag (K, C_f, h_f, w_f) the activations at the
-    encoder's contrast layer (None unless a map of ``FINE_MAPS`` is asked for).
+    encoder's contrast layer (None unless a map of ``FINE_MAPS`` is asked for);
+    sq the query's tail state from its encode (``FaceFeatures.tail_states``), or None.
     """
 
     head: AffineHead
@@ -387,6 +407,7 @@ class ViewPair:
     encoder: FaceEncoder | None = None
     aq: torch.Tensor | None = None
     ag: torch.Tensor | None = None
+    sq: tuple[torch.Tensor, ...] | None = None
 
     @property
     def nq(self) -> torch.Tensor:
@@ -438,7 +459,7 @@ def _gradcam(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
 def _contrast(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared what-differs map at the contrast layer (``explain.attribution.contrast``)."""
     cam = ((v.pulled[:-1] - v.pulled[-1]) / v.nq).reshape(-1, *v.fq.shape)  # Wᵀ(ê_g − ê_q)/‖e_q‖
-    maps = contrast_maps(v.encoder, v.aq, v.eq, v.ag, v.eg, cam_grads=cam).maps
+    maps = contrast_maps(v.encoder, v.aq, v.eq, v.ag, v.eg, cam_grads=cam, tail_state=v.sq).maps
     return maps, maps
 
 

@@ -158,18 +158,41 @@ def test_the_family_call_equals_the_batched_top_k_maps(explainer, query_features
         assert single.forward_passes == 0
 
 
-def test_top_k_contrast_runs_the_query_tail_once_and_no_hit_tail(sface, explainer, query_features,
-                                                                 hit_features, monkeypatch):
-    calls = []
-    fine_vjp = type(sface).fine_vjp
+def test_top_k_contrast_runs_the_query_tail_back_once_and_no_tail_forward(
+        sface, explainer, query_features, hit_features, monkeypatch):
+    """K directions back through the query's tail in one call, with the gains its encode
+    recorded: no tail runs forward again, the query's or a hit's."""
+    calls, forwards = [], []
+    fine_vjp, tail_forward = type(sface).fine_vjp, type(sface).tail_forward
 
-    def counted(self, fine, grads):
-        calls.append((fine.shape[0], grads.shape[0]))
-        return fine_vjp(self, fine, grads)
+    def counted(self, fine, grads, state=None):
+        calls.append((fine.shape[0], grads.shape[0], state is not None))
+        return fine_vjp(self, fine, grads, state)
+
+    def forward_counted(self, fine):
+        forwards.append(fine.shape[0])
+        return tail_forward(self, fine)
 
     monkeypatch.setattr(type(sface), "fine_vjp", counted)
+    monkeypatch.setattr(type(sface), "tail_forward", forward_counted)
     list(explain_matches(explainer, query_features, hit_features, ("contrast",)))
-    assert calls == [(1, len(hit_features))]  # the query's tail once, K directions; no hit tail
+    assert calls == [(1, len(hit_features), True)]
+    assert forwards == []
+
+
+def test_the_tail_state_from_the_encode_gives_the_maps_a_fresh_forward_gives(
+        explainer, query_features, hit_features):
+    assert query_features.tail_states is not None and query_features.tail_states[0] is not None
+    bare = dataclasses.replace(query_features, tail_states=None)
+    with_state = explainer.explain(query_features, hit_features, maps=("contrast",))
+    without = explainer.explain(bare, hit_features, maps=("contrast",))
+    for a, b in zip(with_state, without, strict=True):
+        np.testing.assert_allclose(a.query.maps["contrast"], b.query.maps["contrast"],
+                                   rtol=1e-5, atol=1e-8)
+    two = hit_features.select([0, 1])
+    joined = type(two).concat([hit_features.select(0), hit_features.select(1)])
+    for mine, theirs in zip(joined.tail_states[0], two.tail_states[0], strict=True):
+        torch.testing.assert_close(mine, theirs)
 
 
 def test_the_engine_starting_from_the_heads_pullback_gives_the_same_maps(
