@@ -30,6 +30,7 @@ import time
 import torch
 
 from bench.bench_explain import _crops
+from bench.timing import time_interleaved
 from explain.attribution.engine import Explainer
 from explain.attribution.matches import explain_matches
 
@@ -45,20 +46,6 @@ def _time(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
-
-
-def _interleaved(runs: dict, reps: int) -> dict[str, float]:
-    """Median ms of each callable, timed round-robin (one of each per round), so that a
-    machine whose speed drifts during the run slows the encode and the maps alike."""
-    for fn in runs.values():
-        fn()  # warm-up (placement, head linearisation)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(reps):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                      ("contrast",)))
         runs[f"uncached {k}"] = lambda k=k: list(explain_matches(explainer, query, hits[:k],
                                                                  ("contrast",)))
-    ms = _interleaved(runs, args.reps)
+    ms = {name: 1000 * statistics.median(t)
+          for name, t in time_interleaved(runs, args.reps, warmup=1).items()}
     encode_ms = ms["encode"]
     rows = []
     for k in args.ks:

@@ -61,6 +61,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.timing import time_interleaved
+
 QUERY = "person_a_2.jpg"
 ALIGNED = "Tom_Hanks_54745.png"
 BENCH_TOKEN = "bench-admin-token"  # a loopback server of this process only
@@ -84,21 +86,6 @@ def _time(fn: Callable[[], object], calls: int, warmup: int = 3) -> list[float]:
         start = time.perf_counter()
         fn()
         out.append(time.perf_counter() - start)
-    return out
-
-
-def _time_interleaved(fns: dict[str, Callable[[], object]], calls: int,
-                      warmup: int = 3) -> dict[str, list[float]]:
-    """Each round calls every function once, so load drifts hit them all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    out: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(calls):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            out[name].append(time.perf_counter() - start)
     return out
 
 
@@ -197,7 +184,7 @@ def run(calls: int, threads: int | None) -> dict:
                             lambda c=c, k=k, image=image, kwargs=kwargs: \
                             c.explain(image, top_k=k, **kwargs)
             results.update({name: _percentiles(samples) for name, samples
-                            in _time_interleaved(paired, calls).items()})
+                            in time_interleaved(paired, calls).items()})
             info = client.server_info()
             features = backend.feature_store
             store = {"images": len(features),
