@@ -40,7 +40,6 @@ from torch import nn
 
 from encoder.spec import FaceEncoder
 from explain.attribution.affine import AffineHead, affine_head
-from explain.attribution.contrast import draw as draw_contrast
 from explain.attribution.engine import Explainer, FaceFeatures, _upsample, check_compatible
 from explain.attribution.views import view_inputs
 from explain.errors import InvalidOption, UnknownMethod
@@ -130,16 +129,11 @@ class Method:
 
     def pair_maps(
         self, explainer: Explainer, q: FaceFeatures, g: FaceFeatures, opts: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Both faces' maps at once, view-averaged, in aligned orientation; None (the
-        default): the method works one face and one view at a time (``side_map``)."""
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """Both faces' maps at once, view-averaged, in aligned orientation, each as (map,
+        the map drawn on the aligned crop); None (the default): the method works one face
+        and one view at a time (``side_map``)."""
         return None
-
-    def draw(self, mean: torch.Tensor, q: FaceFeatures, g: FaceFeatures) -> torch.Tensor:
-        """A side's view-averaged (h, w) or (H, W) map -> (H, W) on the aligned crop."""
-        if tuple(mean.shape) == tuple(q.crop_size):
-            return mean
-        return _upsample(mean[None], q.crop_size, q.encoders[0])[0]
 
 
 class CamMethod(Method):
@@ -184,13 +178,9 @@ class Contrast(Method):
 
     def pair_maps(self, explainer, q, g, opts):
         (pair,) = explainer.explain(q, g, maps=("contrast",))
-        return (torch.as_tensor(pair.query.maps["contrast"]),
-                torch.as_tensor(pair.gallery.maps["contrast"]))
-
-    def draw(self, mean, q, g):
-        """Where the crops differ, as the engine draws it (``explain.attribution.contrast``)."""
-        return draw_contrast(mean[None], q.encoders[0], q.crop_size,
-                             None if q.crops is None else q.crops[0], g.crops)[0]
+        return tuple((torch.as_tensor(side.maps["contrast"]),
+                      torch.as_tensor(side.aligned["contrast"]))
+                     for side in (pair.query, pair.gallery))
 
 
 class HiResCAM(Similarity):
@@ -575,13 +565,15 @@ def attribute(
         inputs = [v.inputs for v in view_inputs(explainer.source, np.concatenate([q.crops, g.crops]))]
 
     per_side: dict[str, list[torch.Tensor]] = {s: [] for s in sides}
+    drawn: dict[str, torch.Tensor] = {}  # aligned maps a pair method drew itself
     cosines = []
     planned = 0
     both = impl.pair_maps(explainer, q, g, opts)
     if both is not None:
-        for side, m in zip(SIDES, both, strict=True):
+        for side, (m, aligned) in zip(SIDES, both, strict=True):
             if side in sides:
                 per_side[side].append(m)
+                drawn[side] = aligned
     for v, (encoder, flipped) in enumerate(zip(q.encoders, q.flipped, strict=True)):
         if both is not None:
             units = [e[0] / e[0].norm() for e in (q.embeddings[v], g.embeddings[v])]
@@ -619,7 +611,10 @@ def attribute(
             maps[side] = maps[f"{side}_aligned"] = None
             continue
         mean = torch.stack(per_side[side]).mean(0)
-        aligned = impl.draw(mean, q, g)
+        aligned = drawn.get(side)
+        if aligned is None:
+            aligned = mean if mean.shape == q.crop_size else _upsample(mean[None], q.crop_size,
+                                                                       q.encoders[0])[0]
         maps[side] = _postprocess(mean, relu, absolute, normalise).cpu().numpy()
         maps[f"{side}_aligned"] = _postprocess(aligned, relu, absolute, normalise).cpu().numpy()
     given = {"relu": relu, "absolute": absolute, "normalise": normalise, **opts}
