@@ -1,6 +1,6 @@
 """``phenolens explain``: maps on both faces for the top-K gallery matches of a photo (or pairs).
 
-    phenolens explain IMAGE --gallery PATH [--top K] [--methods similarity gradcam ...] --out DIR [--json]
+    phenolens explain IMAGE --gallery PATH [--top K] [--methods contrast similarity ...] --out DIR [--json]
     phenolens explain IMAGE --against OTHER_IMAGE --out DIR
     phenolens explain --pairs PAIRS.csv --out DIR [--methods ...] [--json]
 
@@ -25,6 +25,7 @@ import numpy as np
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from explain.defaults import DEFAULT_METHODS
     from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S
 
     p = subparsers.add_parser(
@@ -41,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="CSV with columns query,gallery: explain every pair, model loaded once")
     p.add_argument("--top", type=int, default=5, help="gallery matches to explain (default 5)")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help="attribution methods (default: similarity gradcam); see "
+                   help=f"attribution methods (default: {' '.join(DEFAULT_METHODS)}); see "
                         "`python -c 'import explain.attribution.matches as m; print(m.METHOD_NAMES)'`")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="one JSON object per match on stdout")
