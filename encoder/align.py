@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from skimage.transform import SimilarityTransform
 
 __all__ = [
     "ARCFACE_TEMPLATE_112",
@@ -126,9 +127,9 @@ def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation, uniform scale, translation) mapping src onto dst.
 
-    Umeyama (1991), without reflection. src, dst: (N, 2) with N >= 2.
-    Returns the (2, 3) float64 matrix M with dst ~ M @ [src, 1]. Raises
-    ValueError for degenerate input (all source points equal).
+    Umeyama (1991), without reflection (``skimage.transform.SimilarityTransform``).
+    src, dst: (N, 2) with N >= 2. Returns the (2, 3) float64 matrix M with
+    dst ~ M @ [src, 1]. Raises ValueError for degenerate input (all source points equal).
     """
     src = np.asarray(src, dtype=np.float64)
     dst = np.asarray(dst, dtype=np.float64)
@@ -136,23 +137,12 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         raise ValueError(f"src and dst must both be (N>=2, 2), got {src.shape} and {dst.shape}")
     if not (np.isfinite(src).all() and np.isfinite(dst).all()):
         raise ValueError("landmarks must be finite")
-    n = src.shape[0]
-    src_mean = src.mean(axis=0)
-    dst_mean = dst.mean(axis=0)
-    src_c = src - src_mean
-    dst_c = dst - dst_mean
-    src_var = (src_c**2).sum() / n
-    if src_var <= 1e-12:
+    if src.var(axis=0).sum() <= 1e-12:
         raise ValueError("landmarks are degenerate (all points coincide)")
-    cov = dst_c.T @ src_c / n
-    u, sigma, vt = np.linalg.svd(cov)
-    d = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[-1] = -1.0
-    rotation = u @ np.diag(d) @ vt
-    scale = float(sigma @ d) / src_var
-    translation = dst_mean - scale * rotation @ src_mean
-    return np.hstack([scale * rotation, translation[:, None]])
+    fitted = SimilarityTransform.from_estimate(src, dst)
+    if not fitted:
+        raise ValueError(f"landmarks are degenerate ({fitted})")
+    return np.array(fitted.params[:2], dtype=np.float64)
 
 
 _BORDERS = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE}
