@@ -707,3 +707,94 @@ def generate_splits(sources: Sequence[SourceFace], plan: SplitPlan) -> dict[str,
                                   strength_range=plan.strength_range,
                                   augment_config=plan.augment_config))
     return out
+
+
+# --------------------------------------------------------------------------- demo cohort
+
+
+@dataclass(frozen=True)
+class SyndromeLabel:
+    """What a gallery record says about a synthetic syndrome: an OMIM-style number and
+    gene symbols that are made up (no real OMIM entry or HGNC symbol has them), and the
+    region of the face its handles act on (``explain.regions.SUMMARY_REGIONS``)."""
+
+    syndrome_id: str
+    name: str
+    omim: str
+    genes: tuple[str, ...]
+    region: str
+
+
+# Genes shared between syndromes (SYNG-ORB1: wide and narrow eyes, SYNG-ORA1: philtrum and
+# chin) exercise the gene ranking, whose best cosine pools several syndromes.
+LABELS: dict[str, SyndromeLabel] = {
+    lab.syndrome_id: lab
+    for lab in (
+        SyndromeLabel("wide_eyes", "synthetic hypertelorism", "SYN-900001", ("SYNG-ORB1",), "eyes"),
+        SyndromeLabel("narrow_eyes", "synthetic hypotelorism", "SYN-900002", ("SYNG-ORB1",),
+                      "eyes"),
+        SyndromeLabel("downslant", "synthetic down-slanting eyes", "SYN-900003", ("SYNG-ORB2",),
+                      "eyes"),
+        SyndromeLabel("broad_nose", "synthetic broad nose", "SYN-900004", ("SYNG-NAS1",), "nose"),
+        SyndromeLabel("long_philtrum", "synthetic long philtrum", "SYN-900005", ("SYNG-ORA1",),
+                      "mouth"),
+        SyndromeLabel("small_chin", "synthetic small chin", "SYN-900006", ("SYNG-MAN1",), "chin"),
+    )
+}
+assert set(LABELS) == set(SYNDROMES)
+
+# Held out of every demo gallery: the demo's query faces are new people.
+DEMO_HELD_OUT = ("grace_hopper", "eileen_collins")
+
+
+def planted_region(label: str) -> str:
+    """The summary region (eyes, nose, mouth, chin) a synthetic syndrome's handles act on."""
+    return LABELS[label].region
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A synthetic-syndrome gallery and subject-disjoint query faces made from the bundled
+    real photos: ``gallery`` and ``queries`` are lists of :class:`SynthSample`."""
+
+    gallery: list[SynthSample]
+    queries: list[SynthSample]
+
+    @property
+    def gallery_subjects(self) -> tuple[str, ...]:
+        return tuple(sorted({s.subject for s in self.gallery}))
+
+    @property
+    def query_subjects(self) -> tuple[str, ...]:
+        return tuple(sorted({s.subject for s in self.queries}))
+
+
+def cohort(sources: Sequence[SourceFace], held_out: Iterable[str] = DEMO_HELD_OUT, *,
+           per_source: int = 2, queries_per_source: int = 1, seed: int = 0,
+           classes: Sequence[str] | None = None) -> Cohort:
+    """Every syndrome on every gallery subject (``per_source`` augmented images per source
+    photo), and ``queries_per_source`` images per syndrome of each held-out subject.
+
+    With every syndrome on every gallery subject, identity is balanced across the
+    syndromes: the nearest face of a syndrome is told apart by its deformation alone.
+    """
+    held = set(held_out)
+    classes = list(classes or SYNDROMES)
+    gallery_src = [s for s in sources if s.subject not in held]
+    query_src = [s for s in sources if s.subject in held]
+    missing = held - {s.subject for s in query_src}
+    if missing:
+        raise ValueError(f"held-out subjects not among the sources: {sorted(missing)}")
+    if not gallery_src:
+        raise ValueError("no gallery subjects left after holding some out")
+    assert_subject_disjoint({"gallery": [s.subject for s in gallery_src],
+                             "queries": [s.subject for s in query_src]})
+    gallery = list(generate(gallery_src, {c: per_source * len(gallery_src) for c in classes},
+                            seed=seed, split="gallery"))
+    queries = list(generate(query_src, {c: queries_per_source * len(query_src) for c in classes},
+                            seed=seed, split="query")) if query_src else []
+    return Cohort(gallery, queries)
+
+
+def gallery_genes(sample: SynthSample) -> tuple[str, ...]:
+    return LABELS[sample.label].genes

@@ -1,15 +1,24 @@
-"""``make demo``: a PhenoLens server on loopback, driven by the Python client.
+"""``make demo``: the syndrome workflow on synthetic syndromes, through a real server.
 
-IDENTITY DEMO, NOT SYNDROMES: the bundled photos are of ordinary people; each
-person is used as a "syndrome" label so that matching and explanations can be
-shown on real faces. Nothing here says anything about genetic syndromes.
+SYNTHETIC SYNDROMES, NOT PATIENTS: the bundled photos are of ordinary adults. Six
+"syndromes" (``research.synth``: wide or narrow eyes, down-slanting eyes, a broad
+nose, a long philtrum, a small chin) are planted on them as smooth local
+deformations, with made-up OMIM-style numbers and gene symbols, so that the
+syndrome and gene rankings, calibrated confidence and region words can be shown
+on real faces whose answer is known.
 
-Steps: start ``phenolens serve`` as a subprocess on a free loopback port with a
-fresh gallery and throwaway tokens; import the bundled photos through the
-client (ImportGallery); match two held-out photos; explain the top 3 with maps
-on both faces; write overlays, ``summary.md``, ``summary.json`` and the match
-report of the first query (``report.html``, ``Client.report``) into
+Steps: make the synthetic cohort (every syndrome on each of 11 gallery people,
+two held-out people as queries); start ``phenolens serve`` as a subprocess on a
+free loopback port with a fresh gallery and throwaway tokens; import the gallery
+through the client (ImportGallery); match every held-out face (top-1 and top-3
+syndrome accuracy, GestaltMatcher's macro rule); explain the top 3 of two
+queries (overlays, pair figures) and write the match report of each
+(``report.html``, ``report-2.html``), ``summary.md`` and ``summary.json`` into
 ``demo-output/``; stop the server with SIGTERM (graceful shutdown).
+
+``python -m server.demo --build-gallery PATH`` writes the same synthetic gallery
+into a gallery file without a server (``make serve`` uses it for its default
+gallery) and ``--queries DIR`` writes the held-out query faces as PNG files.
 """
 
 from __future__ import annotations
@@ -26,16 +35,15 @@ import sys
 import time
 from pathlib import Path
 
-import phenolens
-from phenolens import GalleryRecord, ImportItem
+import numpy as np
 
-from encoder.assets import PHOTOS, REPO_ROOT
-from explain.defaults import DEFAULT_METHODS
+from encoder.assets import REPO_ROOT
 
-QUERIES = ("person_a_2.jpg", "person_b_2.jpg")
-METHODS = DEFAULT_METHODS  # contrast first: what differs; then what pulls together
-DISCLAIMER = ("This is an identity demo, not a syndrome demo: the bundled photos show "
-              "ordinary people, and each person's name stands in for a syndrome label.")
+# The two held-out people the report shows, each with one planted syndrome.
+CASES = (("grace_hopper", "wide_eyes"), ("eileen_collins", "broad_nose"))
+DISCLAIMER = ("The syndromes here are synthetic: smooth deformations planted on photos of "
+              "ordinary adults, with made-up OMIM-style numbers and gene symbols. Nothing "
+              "here says anything about a real syndrome or a real patient.")
 
 
 def _free_port() -> int:
@@ -64,12 +72,82 @@ def _wait_until_serving(address: str, process: subprocess.Popen, timeout: float)
     raise TimeoutError(f"the server did not report SERVING within {timeout:g} s")
 
 
-def run(out: Path) -> dict:
+def make_cohort(seed: int = 0):
+    """The demo's ``research.synth.Cohort`` from the bundled photos (face detection included)."""
+    from research import synth
+
+    return synth.cohort(synth.load_source_faces(), synth.DEMO_HELD_OUT, seed=seed)
+
+
+def record_of(sample) -> dict:
+    """The gallery record of a synthetic sample (GalleryRecord fields)."""
+    from research.synth import LABELS
+
+    label = LABELS[sample.label]
+    return {"image_id": sample.image_id, "subject_id": sample.subject,
+            "syndrome_id": label.syndrome_id, "syndrome_name": label.name,
+            "omim": label.omim, "genes": label.genes,
+            "source": f"synthetic from {sample.source_id}"}
+
+
+def build_gallery(path: Path, seed: int = 0) -> int:
+    """Write the demo's synthetic gallery into ``path`` in-process (no server), with the
+    default encoder and view scheme of ``phenolens serve``; returns the number of images."""
+    from server.backend import Backend
+    from server.config import load_config
+    from server.limits import RequestScope
+
+    cohort = make_cohort(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backend = Backend.from_config(load_config(None, gallery={"path": str(path)}))
+    try:
+        scope = RequestScope()
+        items = [backend.entry_with_features(backend.pipeline.face(s.image, aligned=True),
+                                             record_of(s), scope) for s in cohort.gallery]
+        backend.add_images(items)
+        return len(backend.gallery)
+    finally:
+        backend.close()
+
+
+def write_queries(cohort, folder: Path) -> list[Path]:
+    """Every held-out face as ``<subject>_<syndrome>.png`` (aligned 112x112 crops)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in cohort.queries:
+        path = folder / f"{s.subject}_{s.label}.png"
+        Image.fromarray(s.image).save(path)
+        paths.append(path)
+    return paths
+
+
+def run(out: Path, seed: int = 0) -> dict:
+    import phenolens
+    from phenolens import GalleryRecord, ImportItem
+
+    from research.synth import LABELS, planted_region
+
     if out.exists():
         shutil.rmtree(out)
     (out / "overlays").mkdir(parents=True)
     work = out / "server"
     work.mkdir()
+    t0 = time.monotonic()
+    cohort = make_cohort(seed)
+    query_paths = write_queries(cohort, out / "queries")
+    summary: dict = {"disclaimer": DISCLAIMER, "cohort": {
+        "syndromes": {k: {"name": v.name, "omim": v.omim, "genes": list(v.genes),
+                          "planted_region": v.region} for k, v in LABELS.items()},
+        "gallery_subjects": list(cohort.gallery_subjects),
+        "held_out_subjects": list(cohort.query_subjects),
+        "gallery_images": len(cohort.gallery), "query_images": len(cohort.queries),
+        "make_s": round(time.monotonic() - t0, 2)}}
+    print(f"made {len(cohort.gallery)} synthetic gallery faces of {len(LABELS)} syndromes on "
+          f"{len(cohort.gallery_subjects)} people; {len(cohort.queries)} held-out query faces "
+          f"of {len(cohort.query_subjects)} other people")
+
     port = _free_port()
     address = f"127.0.0.1:{port}"
     admin_token, read_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
@@ -86,32 +164,34 @@ def run(out: Path) -> dict:
         [sys.executable, "-m", "server.cli", "serve", "--config", str(work / "demo.yaml")],
         cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    summary: dict = {"disclaimer": DISCLAIMER, "server": {"address": address}}
+    summary["server"] = {"address": address}
     try:
         summary["server"]["start_to_serving_s"] = round(
             _wait_until_serving(address, process, timeout=180), 2)
         print(f"server SERVING on {address}")
         with phenolens.Client(address, token=admin_token) as admin:
-            gallery = [p for p in PHOTOS if p.faces == 1 and p.name not in QUERIES]
-            items = [ImportItem(GalleryRecord("", image_id=p.name, subject_id=p.person,
-                                              syndrome_id=p.person,
-                                              syndrome_name=p.person.replace("_", " "),
-                                              source=p.source),
-                                image=p.path, aligned=p.aligned) for p in gallery]
+            items = [ImportItem(GalleryRecord("", **record_of(s)), image=s.image, aligned=True)
+                     for s in cohort.gallery]
             t0 = time.monotonic()
             imported = admin.import_gallery(items)
             summary["gallery"] = {"images": imported.added + imported.unchanged,
-                                  "import_s": round(time.monotonic() - t0, 2),
-                                  "labels": sorted({p.person for p in gallery})}
-            print(f"imported {imported.added} photos through ImportGallery")
+                                  "import_s": round(time.monotonic() - t0, 2)}
+            print(f"imported {imported.added} faces through ImportGallery")
         with phenolens.Client(address, token=read_token) as client:
             info = client.server_info()
             summary["server"].update(encoder_id=info.encoder_id, view_scheme=info.view_scheme,
                                      gallery_version=info.gallery_version)
-            summary["queries"] = [_query(client, name, out) for name in QUERIES]
-            query = next(p.path for p in PHOTOS if p.name == QUERIES[0])
-            client.report(query, out / "report.html", top_k=3, title="identity demo")
-            summary["report"] = "report.html"
+            summary["held_out"] = _held_out(client, cohort)
+            print(f"held-out syndrome accuracy (macro, {summary['held_out']['queries']} faces): "
+                  f"top-1 {summary['held_out']['macro_top1']:.2f}, "
+                  f"top-3 {summary['held_out']['macro_top3']:.2f}")
+            summary["cases"] = []
+            for n, (subject, label) in enumerate(CASES, start=1):
+                path = next(p for p in query_paths if p.name == f"{subject}_{label}.png")
+                report = "report.html" if n == 1 else f"report-{n}.html"
+                case = _case(client, path, label, out, report)
+                case["planted_region"] = planted_region(label)
+                summary["cases"].append(case)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -125,73 +205,112 @@ def run(out: Path) -> dict:
     return summary
 
 
-def _query(client: phenolens.Client, name: str, out: Path) -> dict:
-    path = next(p.path for p in PHOTOS if p.name == name)
+def _held_out(client, cohort) -> dict:
+    """Match every held-out face: macro top-1/top-3 of the syndrome ranking (per syndrome
+    the share of its queries ranked there, then the mean over syndromes)."""
+    ranks: dict[str, list[int]] = {}
+    for s in cohort.queries:
+        match = client.match(s.image, aligned=True, top_k=1, top_syndromes=10, top_genes=0)
+        order = [r.syndrome_id for r in match.syndromes]
+        ranks.setdefault(s.label, []).append(order.index(s.label) + 1 if s.label in order
+                                             else len(order) + 1)
+    per = {k: {"top1": float(np.mean([r <= 1 for r in v])),
+               "top3": float(np.mean([r <= 3 for r in v]))} for k, v in sorted(ranks.items())}
+    return {"queries": len(cohort.queries),
+            "macro_top1": float(np.mean([v["top1"] for v in per.values()])),
+            "macro_top3": float(np.mean([v["top3"] for v in per.values()])),
+            "per_syndrome": per}
+
+
+def _words(e, side: str) -> str:
+    describe = getattr(e, "describe", None)
+    if callable(describe):
+        return describe(side)
+    m = e.map(None, side)
+    return f"{m.describe_regions('negative')}; {m.describe_regions('positive')}"
+
+
+def _case(client, path: Path, label: str, out: Path, report: str) -> dict:
+    from research.synth import LABELS
+
     t0 = time.monotonic()
-    match = client.match(path, top_k=5)
-    match_s = time.monotonic() - t0
+    client.report(path, out / report, aligned=True, top_k=3,
+                  title=f"synthetic demo: {path.stem.replace('_', ' ')}")
+    report_s = time.monotonic() - t0
     t0 = time.monotonic()
-    explained = client.explain(path, top_k=3, methods=METHODS, photo_maps=True)
+    explained = client.explain(path, aligned=True, top_k=3, photo_maps=False)
     explain_s = time.monotonic() - t0
-    stem = Path(name).stem
+    match = explained.match
     matches = []
     for e in explained.explanations:
         files = {}
-        for method in METHODS:
-            pair = e.save_overlay(out / "overlays" / f"{stem}_top{e.hit.rank}_{method}.png",
-                                  method, "both")
-            files[method] = str(pair.relative_to(out))
-        photo = e.save_overlay(out / "overlays" / f"{stem}_top{e.hit.rank}_photo.png",
-                               METHODS[0], "query", coords="photo")
-        files["photo"] = str(photo.relative_to(out))
-        matches.append({"rank": e.hit.rank, "image_id": e.hit.record.image_id,
-                        "label": e.hit.syndrome_id, "cosine": round(e.hit.cosine, 4),
-                        "residual": float(f"{e.residual:.2e}"), "overlays": files})
+        for method in e.methods:
+            f = e.save_overlay(out / "overlays" / f"{path.stem}_top{e.hit.rank}_{method}.png",
+                               method, "both")
+            files[method] = str(f.relative_to(out))
+        r = e.hit.record
+        matches.append({"rank": e.hit.rank, "image_id": r.image_id, "subject": r.subject_id,
+                        "syndrome": r.syndrome_id, "cosine": round(e.hit.cosine, 4),
+                        "query_words": _words(e, "query"),
+                        "gallery_words": _words(e, "gallery"), "overlays": files})
+    top = match.syndromes[0] if match.syndromes else None
     return {
-        "query": name,
-        "true_label": next(p.person for p in PHOTOS if p.name == name),
-        "match_s": round(match_s, 3), "explain_top3_s": round(explain_s, 3),
-        "hits": [{"rank": h.rank, "image_id": h.record.image_id, "label": h.syndrome_id,
-                  "cosine": round(h.cosine, 4)} for h in match.hits],
-        "label_ranking": [{"rank": s.rank, "label": s.syndrome_id, "cosine": round(s.cosine, 4)}
-                          for s in match.syndromes],
+        "query": str(path.relative_to(out)), "true_syndrome": label,
+        "true_name": LABELS[label].name, "report": report,
+        "report_s": round(report_s, 2), "explain_top3_s": round(explain_s, 2),
+        "syndromes": [{"rank": s.rank, "syndrome": s.syndrome_id, "name": s.syndrome_name,
+                       "omim": s.omim, "cosine": round(s.cosine, 4),
+                       "confidence": s.confidence.probability} for s in match.syndromes[:6]],
+        "genes": [{"rank": g.rank, "gene": g.gene, "cosine": round(g.cosine, 4),
+                   "confidence": g.confidence.probability} for g in match.genes[:4]],
+        "top_syndrome_confidence": top.confidence.describe() if top else None,
+        "calibration_error": top.confidence.calibration_error if top else None,
         "explained": matches,
     }
 
 
 def _markdown(summary: dict) -> str:
-    s = summary["server"]
+    s, g, h = summary["server"], summary.get("gallery", {}), summary.get("held_out", {})
+    c = summary["cohort"]
     lines = [
-        "# PhenoLens demo", "",
-        f"> **{DISCLAIMER}**", "",
-        f"Server: `{s['address']}`, encoder `{s.get('encoder_id')}`, view scheme "
-        f"`{s.get('view_scheme')}`, SERVING {s.get('start_to_serving_s')} s after start, "
+        "# PhenoLens demo: synthetic syndromes", "",
+        f"> **{summary['disclaimer']}**", "",
+        f"Gallery: {g.get('images')} synthetic faces of {len(c['syndromes'])} syndromes on "
+        f"{len(c['gallery_subjects'])} people, imported through the client in "
+        f"{g.get('import_s')} s. Held out: {', '.join(c['held_out_subjects'])} "
+        f"({c['query_images']} faces, every syndrome once each).", "",
+        f"Held-out syndrome accuracy (GestaltMatcher's macro rule): top-1 "
+        f"{h.get('macro_top1', float('nan')):.2f}, top-3 {h.get('macro_top3', float('nan')):.2f}.",
+        "",
+        f"Server: `{s['address']}` (stopped when the demo ended), encoder "
+        f"`{s.get('encoder_id')}`, SERVING {s.get('start_to_serving_s')} s after start, "
         f"exit code after SIGTERM: {s.get('exit_code')}.", "",
     ]
-    if summary.get("report"):
-        lines += [f"Match report of `{QUERIES[0]}`: [{summary['report']}]({summary['report']}) "
-                  "(one self-contained HTML page; each person is a one-subject \"syndrome\" "
-                  "here, so the page explains why confidence is not calibrated).", ""]
-    g = summary.get("gallery", {})
-    lines += [f"Gallery: {g.get('images')} photos imported through the client in "
-              f"{g.get('import_s')} s; labels: {', '.join(g.get('labels', []))}.", ""]
-    for q in summary.get("queries", []):
-        lines += [f"## Query `{q['query']}` (true label: {q['true_label']})", "",
-                  f"Match {q['match_s']} s, explain of the top 3 {q['explain_top3_s']} s.", "",
-                  "| rank | gallery photo | label | cosine |", "|---|---|---|---|"]
-        lines += [f"| {h['rank']} | {h['image_id']} | {h['label']} | {h['cosine']:+.4f} |"
-                  for h in q["hits"]]
-        lines += ["", "Explained matches (red: regions that make the faces similar, blue: "
-                  "regions that make them differ; query left, gallery right):", ""]
-        for m in q["explained"]:
-            lines.append(f"- top {m['rank']} `{m['image_id']}` cosine {m['cosine']:+.4f}, "
-                         f"sum-rule residual {m['residual']:.1e}: "
+    for case in summary.get("cases", []):
+        lines += [f"## Query `{case['query']}` (planted: {case['true_name']}, "
+                  f"on the {case['planted_region']})", "",
+                  f"Match report: [{case['report']}]({case['report']}).", "",
+                  "| rank | syndrome | OMIM (synthetic) | best cosine | confidence |",
+                  "|---|---|---|---|---|"]
+        for r in case["syndromes"]:
+            conf = "not calibrated" if r["confidence"] is None else f"{100 * r['confidence']:.0f} %"
+            lines.append(f"| {r['rank']} | {r['name']} | {r['omim']} | {r['cosine']:+.3f} "
+                         f"| {conf} |")
+        lines += ["", "Explained matches (figures: query left, gallery right):", ""]
+        for m in case["explained"]:
+            lines.append(f"- top {m['rank']}: {m['syndrome']}, subject {m['subject']}, cosine "
+                         f"{m['cosine']:+.3f}. Query: {m['query_words']}. Gallery: "
+                         f"{m['gallery_words']}. "
                          + ", ".join(f"[{k}]({v})" for k, v in m["overlays"].items()))
         lines.append("")
-    lines += ["Call it from your own script:", "", "```python",
+    lines += ["The demo's server has exited. To call the service from your own script, "
+              "run `make serve` (it serves the same synthetic gallery from "
+              "`data/galleries/default.sqlite` on `127.0.0.1:50051`), then:", "",
+              "```python",
               "from phenolens import Client",
-              "with Client('127.0.0.1:50051', token='...') as pl:",
-              "    result = pl.explain('face.jpg', top_k=3)",
+              "with Client('127.0.0.1:50051') as pl:",
+              "    result = pl.explain('demo-output/queries/grace_hopper_wide_eyes.png', "
+              "aligned=True, top_k=3)",
               "    result.explanations[0].save_overlay('top1.png')", "```", ""]
     return "\n".join(lines)
 
@@ -200,15 +319,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "demo-output")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--build-gallery", type=Path, metavar="PATH",
+                        help="only write the synthetic gallery into PATH (no server)")
+    parser.add_argument("--queries", type=Path, metavar="DIR",
+                        help="only write the held-out query faces into DIR")
     args = parser.parse_args(argv)
+    if args.build_gallery or args.queries:
+        if args.build_gallery:
+            n = build_gallery(args.build_gallery, args.seed)
+            print(f"wrote {n} synthetic gallery faces into {args.build_gallery}")
+        if args.queries:
+            paths = write_queries(make_cohort(args.seed), args.queries)
+            print(f"wrote {len(paths)} held-out query faces into {args.queries}")
+        return 0
     print(DISCLAIMER)
-    summary = run(args.out)
-    for q in summary["queries"]:
-        top = q["hits"][0]
-        print(f"{q['query']}: top match {top['image_id']} ({top['label']}, cosine "
-              f"{top['cosine']:+.3f}); true label {q['true_label']}")
-    print(f"wrote {args.out / 'summary.md'}, {args.out / 'summary.json'} and "
+    started = time.monotonic()
+    summary = run(args.out, args.seed)
+    for case in summary["cases"]:
+        top = case["syndromes"][0]
+        print(f"{case['query']}: top syndrome {top['name']} (confidence "
+              f"{case['top_syndrome_confidence']}); planted: {case['true_name']}")
+    print(f"demo took {time.monotonic() - started:.0f} s; wrote {args.out / 'summary.md'} and "
           f"{len(list((args.out / 'overlays').glob('*.png')))} overlays")
+    print(f"open the match report: {args.out / summary['cases'][0]['report']}")
     return 0 if summary["server"].get("exit_code") == 0 else 1
 
 
