@@ -1,4 +1,4 @@
-"""Calibrated match confidence from the gallery itself (numpy only).
+"""Calibrated match confidence from the gallery itself (numpy and scipy).
 
 A cosine of 0.45 means nothing until one knows how same-syndrome and
 different-syndrome pairs score in *this* gallery. So every gallery image is
@@ -15,7 +15,7 @@ and two monotone maps are fitted:
   carrying it; a query may carry several), from queries with at least one gene
   carried by another subject.
 
-Each map is isotonic (pool-adjacent-violators) or logistic, whichever has the
+Each map is isotonic (scipy's pool-adjacent-violators) or logistic, whichever has the
 lower expected calibration error (ECE) in a 5-fold cross-validation split by
 the query's subject; the ECE reported is that cross-validated one, and the
 sample count is what the map rests on. A calibration belongs to one gallery
@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.optimize import isotonic_regression, minimize
+from scipy.special import expit
 
 from gallery.vectors import search_vector
 
@@ -67,7 +69,7 @@ class Curve:
         if self.kind == "isotonic":
             p = np.interp(x, self.knots_x, self.knots_y)
         else:
-            p = _sigmoid(self.params[0] + self.params[1] * x)
+            p = expit(self.params[0] + self.params[1] * x)
         return np.clip(p, *PROBABILITY_RANGE)
 
 
@@ -140,10 +142,6 @@ class Calibration:
 # -- fitting -------------------------------------------------------------------------------
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
-
-
 def expected_calibration_error(probability: np.ndarray, label: np.ndarray,
                                bins: int = ECE_BINS) -> float:
     """ECE over ``bins`` equal-width probability bins: sum_b n_b/n * |mean p - mean y|."""
@@ -160,50 +158,31 @@ def expected_calibration_error(probability: np.ndarray, label: np.ndarray,
 
 
 def fit_isotonic(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Non-decreasing least-squares fit (pool adjacent violators) -> knots (x, y) for interp."""
+    """Non-decreasing least-squares fit (scipy's pool adjacent violators) -> knots (x, y) for
+    interp: each pooled block's first and last x at the block's mean."""
     order = np.argsort(x, kind="stable")
     xs, ys = np.asarray(x, np.float64)[order], np.asarray(y, np.float64)[order]
-    # Blocks as (sum y, count, first x, last x); merge while the means decrease.
-    sums: list[float] = []
-    counts: list[int] = []
-    lo: list[float] = []
-    hi: list[float] = []
-    for xv, yv in zip(xs, ys, strict=True):
-        sums.append(yv)
-        counts.append(1)
-        lo.append(xv)
-        hi.append(xv)
-        while len(sums) > 1 and sums[-2] * counts[-1] >= sums[-1] * counts[-2]:
-            s, c, h = sums.pop(), counts.pop(), hi.pop()
-            lo.pop()
-            sums[-1] += s
-            counts[-1] += c
-            hi[-1] = h
-    kx: list[float] = []
-    ky: list[float] = []
-    for s, c, a, b in zip(sums, counts, lo, hi, strict=True):
-        mean = s / c
-        for xv in (a, b) if b > a else (a,):
-            if kx and xv <= kx[-1]:
-                continue
-            kx.append(float(xv))
-            ky.append(float(mean))
-    return tuple(kx), tuple(ky)
+    fit = isotonic_regression(ys)
+    first, last = fit.blocks[:-1], fit.blocks[1:] - 1
+    kx = np.column_stack([xs[first], xs[last]]).ravel()
+    ky = np.repeat(fit.x[first], 2)
+    keep = np.concatenate([[True], np.diff(kx) > 0])  # one knot per x, the first block's
+    return tuple(kx[keep].tolist()), tuple(ky[keep].tolist())
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, *, ridge: float = 1e-6) -> tuple[float, float]:
-    """(a, b) of sigmoid(a + b x) by Newton's method on the log-likelihood."""
+    """(a, b) of sigmoid(a + b x): maximum likelihood (scipy's BFGS), ``ridge`` * |(a, b)|^2 / 2
+    added to the negative log-likelihood."""
     X = np.stack([np.ones_like(x, dtype=np.float64), np.asarray(x, np.float64)], axis=1)
     y = np.asarray(y, np.float64)
-    w = np.zeros(2)
-    for _ in range(50):
-        p = _sigmoid(X @ w)
-        grad = X.T @ (p - y) + ridge * w
-        hess = (X * (p * (1 - p))[:, None]).T @ X + ridge * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.max(np.abs(step)) < 1e-9:
-            break
+    n = y.size
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = X @ w
+        nll = np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * ridge * w @ w
+        return nll / n, (X.T @ (expit(z) - y) + ridge * w) / n
+
+    w = minimize(loss, np.zeros(2), jac=True, method="BFGS", options={"gtol": 1e-10}).x
     return float(w[0]), float(w[1])
 
 

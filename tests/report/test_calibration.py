@@ -42,6 +42,13 @@ def test_isotonic_fit_is_monotone_and_pools_violators():
     assert np.interp(0.6, kx, ky) == 1.0
 
 
+def test_isotonic_knots_are_one_per_cosine_even_where_cosines_tie():
+    kx, ky = fit_isotonic(np.array([0.3, 0.2, 0.1, 0.2, 0.3]), np.array([1, 1, 0, 0, 1]))
+    assert kx == (0.1, 0.2, 0.3) and ky == (0.0, 0.5, 1.0)
+    kx, ky = fit_isotonic(np.array([0.5, 0.5, 0.5]), np.array([1, 0, 0]))
+    assert kx == (0.5,) and ky == pytest.approx((1 / 3,))
+
+
 def test_logistic_fit_recovers_the_generating_curve():
     rng = np.random.default_rng(1)
     x = rng.uniform(-1, 1, 20000)
