@@ -8,7 +8,11 @@ writer) owns it. Read replicas serve a snapshot instead:
     Copies the live gallery with SQLite's online backup (consistent while the
     writer keeps writing) into ``SNAPSHOTS/<UTC time>-v<version>/`` together
     with its FAISS sidecar files, then repoints ``SNAPSHOTS/current`` atomically and
-    keeps the newest N snapshots.
+    keeps the newest N snapshots. The older ones it keeps are scrubbed: every record
+    the new snapshot no longer holds as it was (deleted, or replaced by an import) is
+    deleted from them with SQLite's secure_delete, and their FAISS sidecars are
+    removed (a replica rebuilds the index from SQLite). So after the next publication
+    no snapshot holds a deleted face (see deploy/README.md, "Erasure").
 ``restore SNAPSHOTS TARGET``
     Copies ``SNAPSHOTS/current`` to TARGET (the replica's private gallery path)
     and its sidecar beside it. The server rebuilds the FAISS index from SQLite
@@ -82,11 +86,60 @@ def publish(gallery: Path, snapshots: Path, keep: int = 3) -> Path:
     link.unlink(missing_ok=True)
     link.symlink_to(final.name)
     link.replace(snapshots / CURRENT)
-    published = sorted(p for p in snapshots.iterdir() if p.is_dir() and not p.name.startswith("."))
+    published = sorted(p for p in snapshots.iterdir()
+                       if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
     for old in published[: max(len(published) - keep, 0)]:
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
+    for old in published[max(len(published) - keep, 0):]:
+        if old != final:
+            scrub(old / DB_NAME, final / DB_NAME)
     return final
+
+
+def _remove(folder: Path) -> None:
+    """Delete an old snapshot, its files overwritten with zeros first."""
+    for item in folder.iterdir():
+        if item.is_file() and not item.is_symlink():
+            _zero(item)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _zero(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        for at in range(0, size, 1 << 20):
+            fh.write(bytes(min(1 << 20, size - at)))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def scrub(old: Path, newest: Path) -> int:
+    """Delete from the snapshot ``old`` every record that ``newest`` does not hold with
+    the same content (secure_delete: the freed bytes are zeroed) and drop its FAISS
+    sidecars when any was deleted; returns how many records were deleted."""
+    if not old.is_file():
+        return 0
+    conn = sqlite3.connect(f"file:{old}", uri=True)
+    try:
+        conn.execute("PRAGMA secure_delete=ON")
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("ATTACH DATABASE ? AS newest", (f"file:{newest}?mode=ro",))
+        with conn:
+            gone = conn.execute(
+                "DELETE FROM main.records WHERE NOT EXISTS (SELECT 1 FROM newest.records n"
+                " WHERE n.gallery_id = main.records.gallery_id"
+                " AND n.content_hash IS main.records.content_hash)").rowcount
+        conn.execute("DETACH DATABASE newest")
+        if gone:
+            conn.execute("VACUUM")
+    finally:
+        conn.close()
+    if gone:
+        for sidecar in _sidecars(old):
+            _zero(sidecar)
+            sidecar.unlink()
+    return gone
 
 
 def restore(snapshots: Path, target: Path) -> Path:

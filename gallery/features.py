@@ -14,23 +14,35 @@ still matches; entries of deleted or changed records are dropped when the galler
 version moves, and a store built for another encoder, view scheme or layout is
 reported as all missing and replaced by the next ``put``.
 
+Erasure: a record's features never outlive it. ``discard`` (and ``purge``, which finds the
+entries of records deleted or replaced since) takes the entries out of the manifest and
+then overwrites their slots with zeros (fsynced), and ``purge`` zeroes every slot the
+manifest does not reference (a writer killed between the two steps, entries dropped in
+memory by a reader); free slots are reused by later ``put``s and a file that is mostly
+free is compacted into a new generation. ``erase_deleted(gallery_path)`` does this for
+whatever store lies beside a gallery (``gallery.store.Gallery`` calls it after every
+delete and replacing import, whichever process made them).
+
 Crash safety: the manifest is the only thing a reader trusts, and it is replaced
 atomically (temp file, fsync, rename) only after the slots it references were written
 and fsynced. A writer never overwrites a slot the current manifest references, so a
-killed writer leaves the old manifest describing intact data. Not for several writer
-processes at once (the server is the one writer; readers in other processes reload
-when the manifest changes).
+killed writer leaves the old manifest describing intact data. Writers take a lock per
+store, in the process and across processes (``flock`` on ``PATH.features.lock``), so
+the server and a CLI deleting records may both write; readers in other processes
+reload when the manifest changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +55,7 @@ from gallery.index import fsync_dir
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+COMPACT_SHARE = 0.5  # a data file with more free slots than this share is rewritten
 _ENTRY = np.dtype([("gallery_id", "<i8"), ("slot", "<i8"), ("content", "<u8")])
 
 
@@ -114,7 +127,7 @@ class FeatureStore:
         self.encoder_id = encoder_id
         self.view_scheme = view_scheme
         self.stale_reason: str | None = None
-        self._write = threading.Lock()
+        self._write = _writer_lock(self.path)
         self._swap = threading.Lock()
         self._sql = threading.Lock()
         self._db: sqlite3.Connection | None = None
@@ -187,7 +200,7 @@ class FeatureStore:
         layout = FeatureLayout.of(maps, embeddings)
         if any(len(a) != len(ids) for a in (*maps, *embeddings)):
             raise DimensionMismatch("every view needs one map and one embedding per gallery id")
-        with self._write:
+        with self._writing():
             snap = self._current()
             if snap.layout is not None and snap.layout != layout:
                 raise DimensionMismatch(f"feature layout {layout} differs from the store's {snap.layout}")
@@ -217,28 +230,101 @@ class FeatureStore:
             return stored
 
     def discard(self, gallery_ids: Iterable[int]) -> int:
-        """Forget the features of ``gallery_ids`` (deleted images); returns how many there were."""
-        with self._write:
+        """Erase the features of ``gallery_ids`` (deleted or replaced images): out of the
+        manifest, then their slots zeroed on disk. Returns how many there were."""
+        with self._writing():
             snap = self._current()
             gone = {int(g) for g in gallery_ids} & set(snap.slots)
             if gone:
                 table = {g: v for g, v in snap.slots.items() if g not in gone}
                 self._commit(snap.layout, snap.data_name, table, snap.gallery_version)
+                self._zero_free()
             return len(gone)
+
+    def purge(self) -> int:
+        """Erase what the store holds of records deleted or replaced since it was written
+        (checked against SQLite), zero every slot the manifest does not reference, and
+        compact a mostly free data file. Returns how many entries were erased."""
+        with self._writing():
+            snap = self._load()
+            with self._swap:
+                self._snap = snap
+            if snap.layout is None or snap.data_name is None:
+                self._drop_unreferenced_data(snap.data_name)
+                return 0
+            now = self._content_hashes(list(snap.slots)) if snap.slots else {}
+            table = {g: v for g, v in snap.slots.items() if now.get(g) == v[1]}
+            erased = len(snap.slots) - len(table)
+            if erased:
+                self._commit(snap.layout, snap.data_name, table, self._gallery_version())
+            self._zero_free()
+            return erased
 
     def compact(self) -> None:
         """Rewrite the data file without the slots of discarded entries (a new generation)."""
-        with self._write:
-            snap = self._current()
-            if snap.layout is None or snap.data_name is None:
-                return
-            ids = sorted(snap.slots)
-            rows = np.asarray(snap.data[[snap.slots[g][0] for g in ids]]) if ids else None
-            name = self._data_name(_generation(snap.data_name) + 1)
-            slots = list(range(len(ids)))
-            self._write_rows(name, slots, rows, snap.layout)
-            table = {g: (s, snap.slots[g][1]) for g, s in zip(ids, slots, strict=True)}
-            self._commit(snap.layout, name, table, snap.gallery_version)
+        with self._writing():
+            self._compact()
+
+    def _compact(self) -> None:
+        snap = self._current()
+        if snap.layout is None or snap.data_name is None:
+            return
+        ids = sorted(snap.slots)
+        rows = np.asarray(snap.data[[snap.slots[g][0] for g in ids]]) if ids else None
+        name = self._data_name(_generation(snap.data_name) + 1)
+        slots = list(range(len(ids)))
+        self._write_rows(name, slots, rows, snap.layout)
+        table = {g: (s, snap.slots[g][1]) for g, s in zip(ids, slots, strict=True)}
+        self._commit(snap.layout, name, table, snap.gallery_version)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """This store's writer lock: the process's, then the file lock other processes take."""
+        with self._write, open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _zero_free(self) -> None:
+        """Overwrite with zeros every slot of the data file the manifest does not reference
+        (the features of discarded entries), cut free slots off its end, and compact it
+        when most of it is free. Called with the writer lock held, after a commit."""
+        snap = self._snap
+        if snap.layout is None or snap.data_name is None:
+            return
+        path = self.path.with_name(snap.data_name)
+        size = snap.layout.bytes_per_image
+        used = {slot for slot, _ in snap.slots.values()}
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            capacity = os.fstat(fd).st_size // size
+            end = max(used, default=-1) + 1
+            zeros = bytes(size)
+            for slot in range(end):
+                if slot not in used:
+                    os.pwrite(fd, zeros, slot * size)
+            for slot in range(end, capacity):  # zeroed before the cut: freed blocks hold no data
+                os.pwrite(fd, zeros, slot * size)
+            os.fsync(fd)
+            if capacity > end:
+                os.ftruncate(fd, end * size)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if end and (end - len(used)) > COMPACT_SHARE * end:
+            self._compact()
+
+    def _drop_unreferenced_data(self, keep: str | None) -> None:
+        """Unlink data files the manifest does not name (an empty, stale or torn store)."""
+        for other in self.path.parent.glob(f"{self.path.name}.*.f16"):
+            if other.name != keep or not self._snap.slots:
+                _zero_file(other)
+                other.unlink(missing_ok=True)
 
     # -- internals ------------------------------------------------------------------
 
@@ -294,6 +380,7 @@ class FeatureStore:
             self._snap = self._load()
         for other in self.path.parent.glob(f"{self.path.name}.*.f16"):  # older generations
             if other.name != data_name:
+                _zero_file(other)
                 other.unlink(missing_ok=True)
 
     def _load(self) -> _Snapshot:
@@ -390,6 +477,51 @@ class FeatureStore:
                 (json.dumps(ids),),
             ).fetchall()
         return {int(g): _hash_key(h) for g, h in rows}
+
+
+_WRITERS: dict[str, threading.Lock] = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+def _writer_lock(manifest: Path) -> threading.Lock:
+    """One lock per store in this process, shared by every FeatureStore opened on it."""
+    key = str(manifest.resolve())
+    with _WRITERS_LOCK:
+        return _WRITERS.setdefault(key, threading.Lock())
+
+
+def _zero_file(path: Path) -> None:
+    """Overwrite a data file with zeros (fsynced) before it is unlinked, so the blocks the
+    filesystem frees hold no features (on filesystems that write in place)."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        return
+    try:
+        length = os.fstat(fd).st_size
+        chunk = bytes(min(length, 1 << 20))
+        for at in range(0, length, len(chunk) or 1):
+            os.pwrite(fd, chunk[: length - at], at)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def erase_deleted(gallery_path: str | Path) -> int:
+    """Erase from the feature store beside ``gallery_path`` (whatever encoder built it)
+    the features of records deleted or replaced since; returns how many were erased
+    (0 when there is no store)."""
+    gallery_path = Path(gallery_path)
+    manifest = gallery_path.with_name(gallery_path.name + ".features")
+    if not manifest.exists() and not any(manifest.parent.glob(f"{manifest.name}.*.f16")):
+        return 0
+    try:
+        header = json.loads(manifest.read_bytes().partition(b"\n")[0])
+        encoder_id, view_scheme = str(header["encoder_id"]), str(header["view_scheme"])
+    except (OSError, ValueError, KeyError, TypeError):
+        encoder_id = view_scheme = ""  # absent or torn: nothing in it is trusted, all erased
+    with FeatureStore(gallery_path, encoder_id, view_scheme) as store:
+        return store.purge()
 
 
 def _hash_key(content_hash: str) -> int:

@@ -10,6 +10,15 @@ committed write survives a power cut, not only a killed process (NORMAL would
 keep the database consistent but may lose the last commits on power loss). Imports
 commit in batches, so the fsync costs little per record.
 
+Erasure: deleting a record (``delete``, ``delete_images``) or replacing it (``add_many``
+with ``update``) erases every copy this gallery keeps of its face data before the call
+returns: SQLite runs with ``secure_delete`` on (freed cells and pages are overwritten
+with zeros) and the WAL is checkpointed and truncated, the FAISS index drops the vector
+in memory and is saved again, and the feature store zeroes the record's maps
+(``gallery.features.erase_deleted``). Published snapshots are scrubbed by the next
+publication (deploy/gallery_snapshot.py); exports and an operator's backups are not
+(deploy/README.md, "Erasure").
+
 Concurrency: searches share a readers-writer lock; a writer holds it exclusively
 only while it mutates the in-memory index (after its SQLite commit). Writers are
 serialised by one mutex. Every thread gets its own SQLite connection. Index
@@ -31,6 +40,7 @@ import numpy as np
 from gallery import schema
 from gallery._rwlock import ReadWriteLock
 from gallery.errors import DuplicateId, SchemeMismatch, UnknownId
+from gallery.features import erase_deleted
 from gallery.index import AUTO, StaleIndex, VectorIndex
 from gallery.records import (
     AddReport,
@@ -144,6 +154,8 @@ class Gallery(Ranking):
             conn.execute("PRAGMA page_size=16384")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            # a deleted or replaced record's bytes are overwritten, not only unlinked
+            conn.execute("PRAGMA secure_delete=ON")
             self._local.conn = conn
             with self._conn_lock:
                 self._connections.append(conn)
@@ -432,6 +444,8 @@ class Gallery(Ranking):
                 self._add_to_index(fresh, dims, version)
             if self._index is not None and self._index.needs_training_rebuild(self._index.ntotal):
                 self.rebuild_index(save=False)
+            if updated:
+                self._erase_copies()
             return AddReport(tuple(added), tuple(updated), tuple(unchanged))
 
     @staticmethod
@@ -516,7 +530,34 @@ class Gallery(Ranking):
                 self._index_version = -1
                 raise
             self._forget_labels()
+            self._erase_copies()
             return len(found)
+
+    def _erase_copies(self) -> None:
+        """After records were deleted or replaced: no file beside the gallery keeps their
+        old face data. The index file is saved again without their vectors, the feature
+        store zeroes their maps, and the WAL (which holds the pages as they were written)
+        is checkpointed into the secure-deleted database and truncated."""
+        self.flush()
+        try:
+            erase_deleted(self.path)
+        except OSError as exc:
+            log.warning("feature store erasure failed (%s): deleted faces' maps may remain "
+                        "until the next delete", type(exc).__name__)
+        self.checkpoint()
+
+    def checkpoint(self, attempts: int = 50) -> bool:
+        """Copy the WAL into the database and truncate it to zero bytes; retried while a
+        reader holds an old snapshot (True when the WAL was emptied)."""
+        conn = self._conn()
+        for _ in range(attempts):
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return True
+            time.sleep(0.02)
+        log.warning("the gallery's WAL could not be truncated (a reader held it): deleted "
+                    "records' pages remain in it until the next checkpoint")
+        return False
 
     # -- reads --------------------------------------------------------------------
 

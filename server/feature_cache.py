@@ -6,8 +6,9 @@ pixels and the model, so an entry is stored under the record's gallery id with
 a fingerprint of exactly those: the sha256 of the stored crop PNG, the encoder
 id and the view scheme. A lookup whose fingerprint differs from the stored one
 (the record's crop was replaced) drops the old entry and misses, so an updated
-record never gets stale features; a deleted record is never looked up (the
-gallery refuses its id) and ages out. Label-only updates keep the crop and so
+record never gets stale features. Deleting or replacing a record drops its entry at
+once (``discard``, called by the server's gallery writes), and a replica that swaps
+in a snapshot drops the faces the snapshot no longer holds as they were (``retain``). Label-only updates keep the crop and so
 keep valid features.
 
 The cache holds torch tensors of features and embeddings only: no image bytes,
@@ -190,6 +191,15 @@ class FeatureCache:
             for gid in gallery_ids:
                 if gid in self._entries:
                     self._drop(gid)
+
+    def retain(self, keep: Callable[[int, Fingerprint], bool]) -> int:
+        """Forget every face for which ``keep(gallery_id, fingerprint)`` is False (e.g. a
+        replica's new gallery no longer holds it as it was); returns how many were dropped."""
+        with self._lock:
+            held = [(gid, entry[0]) for gid, entry in self._entries.items()]
+        gone = [gid for gid, fingerprint in held if not keep(gid, fingerprint)]
+        self.discard(gone)
+        return len(gone)
 
     def clear(self) -> None:
         with self._lock:

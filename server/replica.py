@@ -6,17 +6,22 @@ atomically. With ``gallery.follow_snapshots`` set, the server checks ``current``
 every ``gallery.follow_interval_s``; when it names a new snapshot, the snapshot is
 copied beside the configured gallery path (``<path>.<snapshot name>``), opened, and
 swapped into the backend. Calls in flight finish on the gallery they started with,
-which is closed a grace period later, with its private copy.
+which is closed a grace period later (``RETIRE_AFTER_S``), and its private copy (the
+SQLite file, index and feature store) is overwritten with zeros and deleted. The
+feature cache forgets at once the faces the new snapshot no longer holds as they were,
+so a record deleted on the writer leaves a replica by the next snapshot it loads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
 
-from gallery import Gallery
+from gallery import Gallery, UnknownId
 from server.logs import SERVER_LOGGER, log_event
 
 log = logging.getLogger(SERVER_LOGGER)
@@ -70,6 +75,9 @@ class SnapshotFollower:
                                **({"index": config.index} if config.index else {}))
         old, self.backend.gallery = self.backend.gallery, gallery
         self.loaded = source.name
+        cache = getattr(self.backend, "feature_cache", None)
+        if cache is not None:
+            cache.retain(lambda gid, fingerprint: _holds(gallery, gid, fingerprint))
         log_event(log, "gallery snapshot loaded", snapshot=source.name,
                   gallery_version=gallery.version)
         timer = threading.Timer(RETIRE_AFTER_S, _retire, args=(old, old.path != config.path))
@@ -78,9 +86,31 @@ class SnapshotFollower:
         return True
 
 
+def _holds(gallery: Gallery, gallery_id: int, fingerprint) -> bool:
+    """True when ``gallery`` holds the record with the crop ``fingerprint`` was taken of."""
+    try:
+        crop = gallery.get(gallery_id).crop_png
+    except UnknownId:
+        return False
+    return crop is not None and hashlib.sha256(crop).hexdigest() == fingerprint.crop_sha256
+
+
 def _retire(gallery: Gallery, delete_copy: bool) -> None:
-    """Close a replaced gallery; delete its files when they are a follower's copy."""
+    """Close a replaced gallery; when its files are a follower's copy, overwrite them
+    with zeros and delete them."""
     gallery.close(save_index=False)
     if delete_copy:
         for stale in gallery.path.parent.glob(gallery.path.name + "*"):
+            _zero(stale)
             stale.unlink(missing_ok=True)
+
+
+def _zero(path: Path) -> None:
+    try:
+        with open(path, "r+b") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            for at in range(0, size, 1 << 20):
+                fh.write(bytes(min(1 << 20, size - at)))
+            os.fsync(fh.fileno())
+    except OSError:
+        pass
