@@ -19,12 +19,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any, ClassVar, get_args, get_type_hints
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, ValidationError, create_model
+from pydantic.dataclasses import dataclass
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 from explain.defaults import DEFAULT_METHODS
 
@@ -38,7 +49,41 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used (says which key and why)."""
 
 
-@dataclass(frozen=True)
+# While load_config runs: the environment and the file it reads (their folder resolves
+# relative paths). Outside it, e.g. in dataclasses.replace, paths are taken as given.
+_LOADING: ContextVar[tuple[Mapping[str, str], Path | None]] = ContextVar("phenolens_config")
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, not a boolean")
+    return value
+
+
+def _names(value: Any) -> Any:
+    """A list, or one string of comma-separated names."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+def _path(value: Any) -> Any:
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    loading = _LOADING.get(None)
+    if loading is not None and loading[1] is not None and not path.is_absolute():
+        return loading[1].resolve().parent / path
+    return path
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Names = Annotated[tuple[str, ...], BeforeValidator(_names)]
+ConfigPath = Annotated[Path, BeforeValidator(_path)]
+SECTION = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+@dataclass(frozen=True, config=SECTION)
 class TokenConfig:
     """One bearer token: its sha256 (hex) as stored, the scopes it grants, and a name for logs.
 
@@ -46,25 +91,25 @@ class TokenConfig:
     """
 
     name: str
-    scopes: tuple[str, ...] = ("read",)
+    scopes: Names = ("read",)
     sha256: str = ""
-    token: str = field(default="", repr=False)
+    token: str = dataclasses.field(default="", repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class AuthConfig:
     """No tokens: every call is allowed (loopback development). Health and reflection are open."""
 
     tokens: tuple[TokenConfig, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class TLSConfig:
     """Server certificate and key (PEM files); ``client_ca`` turns on mutual TLS."""
 
-    cert: Path | None = None
-    key: Path | None = None
-    client_ca: Path | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+    client_ca: ConfigPath | None = None
     require_client_cert: bool = True  # with client_ca
 
     @property
@@ -72,10 +117,10 @@ class TLSConfig:
         return self.cert is not None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class EncoderConfig:
     name: str = "sface"
-    weights: Path | None = None
+    weights: ConfigPath | None = None
     flip: bool = True
     gray: bool = False
     view_scheme: str = ""  # e.g. "sface:orig,sface:flip"; overrides name/flip/gray when set
@@ -92,44 +137,44 @@ class EncoderConfig:
         return ",".join(views)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class RuntimeConfig:
     device: str = "cpu"
-    torch_threads: int | None = None
+    torch_threads: Int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class GalleryConfig:
-    path: Path = DEFAULT_GALLERY
+    path: ConfigPath = DEFAULT_GALLERY
     index: str = ""  # FAISS factory string; empty: the gallery's default (exact inner product)
     # Read replicas: a folder of published snapshots (deploy/gallery_snapshot.py); the
     # server loads ``current`` at start and each newer one within follow_interval_s.
-    follow_snapshots: Path | None = None
+    follow_snapshots: ConfigPath | None = None
     follow_interval_s: float = 10.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ExplainConfig:
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: Names = DEFAULT_METHODS
     time_limit_s: float = 30.0
-    budget: int = 1024  # forward passes per method call
+    budget: Int = 1024  # forward passes per method call
     # Explain keeps the model's features of this many recently explained gallery
     # faces in memory (LRU, keyed by gallery id and checked against the sha256 of
     # the stored crop, so an updated crop is recomputed) in front of the feature store
     # beside the gallery file. SFace with flip, CAM and contrast-layer maps: about
     # 1.24 MB per face, so the default holds ~160 MB. 0 disables.
-    feature_cache_size: int = 128
+    feature_cache_size: Int = 128
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class LimitsConfig:
-    max_message_bytes: int = 32 * 1024 * 1024
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_top_k: int = 50
-    max_explain_methods: int = 4
-    max_page_size: int = 1000
-    max_photo_map_side: int = 512  # photo maps are downscaled to this longer side
+    max_message_bytes: Int = 32 * 1024 * 1024
+    max_image_bytes: Int = 20 * 1024 * 1024
+    max_image_pixels: Int = 40_000_000
+    max_top_k: Int = 50
+    max_explain_methods: Int = 4
+    max_page_size: Int = 1000
+    max_photo_map_side: Int = 512  # photo maps are downscaled to this longer side
     # Heavy calls (Encode, Match, Explain, AddImage, ImportGallery) hold one of
     # max_concurrent slots. At most max_queued wait for one; a call that cannot get
     # one within queue_timeout_s of its arrival, finds the queue full, or arrives
@@ -137,23 +182,23 @@ class LimitsConfig:
     # and a retry hint (trailing metadata retry-after-ms). max_rss_bytes -1 (the
     # default): 85 % of the memory the process may use (its cgroup's limit, else
     # physical RAM); 0: no limit.
-    max_concurrent: int = 2
-    max_queued: int = 14
+    max_concurrent: Int = 2
+    max_queued: Int = 14
     queue_timeout_s: float = 2.0
-    max_rss_bytes: int = -1
-    workers: int = 24  # gRPC handler threads; > max_concurrent + max_queued
+    max_rss_bytes: Int = -1
+    workers: Int = 24  # gRPC handler threads; > max_concurrent + max_queued
     # Calls in handlers at once (health and reflection not counted); beyond it the
     # interceptor answers RESOURCE_EXHAUSTED (with an access-log line).
-    max_pending_rpcs: int = 64
+    max_pending_rpcs: Int = 64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class LogConfig:
     level: str = "INFO"
     json: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ServiceConfig:
     listen: str = DEFAULT_LISTEN
     shutdown_grace_s: float = 10.0
@@ -167,112 +212,81 @@ class ServiceConfig:
     log: LogConfig = LogConfig()
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    text = path.read_text()
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: "
-                          f"{exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return data
+def _section_fields(cls: Any, keys: Iterator[str]) -> dict[str, Any] | None:
+    """The fields (name -> type) of the section that ``keys`` lead to from ``cls``."""
+    for key in keys:
+        cls = get_type_hints(cls).get(key) if dataclasses.is_dataclass(cls) else None
+        cls = next(iter(get_args(cls)), cls)  # tuple[TokenConfig, ...]: its items
+    return get_type_hints(cls) if dataclasses.is_dataclass(cls) else None
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
+class _Environment(EnvSettingsSource):
+    """The PHENOLENS_<SECTION>__<KEY> variables that name a key (others are left alone),
+    their values read as YAML."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        known = {}
+        for name, raw in env.items():
+            *sections, key = name[len(ENV_PREFIX):].lower().split("__")
+            if not name.startswith(ENV_PREFIX) or \
+                    key not in (_section_fields(ServiceConfig, iter(sections)) or ()):
+                continue
+            try:
+                known[name.lower()] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{name}: not a YAML value: {exc}") from None
+        self.env_vars = known
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        return value  # already read as YAML
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """Nested dict of the PHENOLENS_* variables that name a known key."""
-    out: dict[str, Any] = {}
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = name[len(ENV_PREFIX):].lower().split("__")
-        cls: Any = ServiceConfig
-        for part in path[:-1]:
-            hint = _field_types(cls).get(part) if dataclasses.is_dataclass(cls) else None
-            cls = hint if dataclasses.is_dataclass(hint) else None
-            if cls is None:
-                break
-        if cls is None or path[-1] not in _field_types(cls):
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{name}: not a YAML value: {exc}") from None
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return out
+class _Sources(BaseSettings):
+    """pydantic-settings' reading of ServiceConfig: keyword overrides, then the environment,
+    then the file, merged key by key."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+                                      extra="forbid", coerce_numbers_to_str=True)
+    FILES: ClassVar[dict[str, type[PydanticBaseSettingsSource]]] = {
+        ".toml": TomlConfigSettingsSource}
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   **_: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        env, path = _LOADING.get()
+        sources = [init_settings, _Environment(settings_cls, env)]
+        if path is not None:
+            kind = "TOML" if path.suffix == ".toml" else "YAML"
+            try:
+                source = cls.FILES.get(path.suffix, YamlConfigSettingsSource)(settings_cls, path)
+            except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+                raise ConfigError(f"{path}: not valid {kind}: {exc}") from None
+            except (AttributeError, TypeError, ValueError):  # a list or scalar at the top
+                raise ConfigError(f"{path}: the top level must be a mapping") from None
+            sources.append(source)
+        return tuple(sources)
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(dict(merged[key]), value)
+def _describe(error: ValidationError) -> str:
+    """Each problem with the key it concerns (``limits.max_concurrent: ...``); a secret's
+    value (anything under auth) is never repeated."""
+    problems = []
+    for e in error.errors():
+        loc = [str(k) for k in e["loc"]]
+        where = "".join(f"[{k}]" if k.isdigit() else f".{k}" for k in loc).lstrip(".")
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            parent = [k for k in loc[:-1] if not k.isdigit()]
+            known = sorted(_section_fields(ServiceConfig, iter(parent)) or ())
+            at = where.rpartition(".")[0] if "." in where else "config"
+            problems.append(f"{at}: unknown key(s) {[loc[-1]]}; known: {known}")
         else:
-            merged[key] = value
-    return merged
-
-
-def _convert(hint: Any, value: Any, where: str, base_dir: Path | None) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where, base_dir)
-    text = str(hint)
-    if value is None:
-        if "None" in text:
-            return None
-        raise ConfigError(f"{where}: must not be empty")
-    if "Path" in text:
-        path = Path(str(value)).expanduser()
-        return base_dir / path if base_dir is not None and not path.is_absolute() else path
-    if "tuple" in text:
-        items = value if isinstance(value, list | tuple) else [
-            v.strip() for v in str(value).split(",") if v.strip()
-        ]
-        if "TokenConfig" in text:
-            return tuple(_build(TokenConfig, item, f"{where}[{i}]", base_dir)
-                         for i, item in enumerate(items))
-        return tuple(str(v) for v in items)
-    try:
-        if text.startswith("int") or hint is int:
-            if isinstance(value, bool):
-                raise ValueError
-            return int(value)
-        if hint is float or text == "float":
-            return float(value)
-        if hint is bool or text == "bool":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected {hint if isinstance(hint, type) else text}, "
-                          f"got {value!r}") from None
-    return str(value)
-
-
-def _build(cls: type, data: Any, where: str, base_dir: Path | None) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    hints = _field_types(cls)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; known: {sorted(hints)}")
-    kwargs = {key: _convert(hints[key], value, f"{where}.{key}".lstrip("."), base_dir)
-              for key, value in data.items()}
-    return cls(**kwargs)
+            got = "" if loc[:1] == ["auth"] else f", got {e['input']!r}"
+            why = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
+            problems.append(f"{where or 'config'}: {why}{got}")
+    return "; ".join(problems)
 
 
 def _validate(config: ServiceConfig) -> ServiceConfig:
@@ -316,15 +330,26 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                 **overrides: Any) -> ServiceConfig:
     """The configuration from ``path`` (YAML or TOML; None: defaults), then the environment,
     then keyword ``overrides`` (nested dicts, e.g. ``limits={"max_concurrent": 1}``)."""
-    env = os.environ if env is None else env
-    data: dict[str, Any] = {}
-    base_dir = None
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"configuration file {path} does not exist")
-        data = _read_file(path)
-        base_dir = path.resolve().parent
-    data = _merge(data, _env_overrides(env))
-    data = _merge(data, overrides)
-    return _validate(_build(ServiceConfig, data, "", base_dir))
+    loading = _LOADING.set((os.environ if env is None else env, path))
+    try:
+        settings = _Settings(**overrides)
+        config = ServiceConfig(**{f.name: getattr(settings, f.name)
+                                  for f in dataclasses.fields(ServiceConfig)})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:
+        if isinstance(exc.__cause__, ConfigError):
+            raise exc.__cause__ from None
+        raise ConfigError(str(exc)) from None
+    finally:
+        _LOADING.reset(loading)
+    return _validate(config)
+
+
+_Settings = create_model("ServiceSettings", __base__=_Sources, **{
+    f.name: (get_type_hints(ServiceConfig)[f.name], f.default)
+    for f in dataclasses.fields(ServiceConfig)})

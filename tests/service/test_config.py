@@ -41,6 +41,33 @@ def test_bad_value_names_the_key():
         load_config(env={"PHENOLENS_LIMITS__MAX_CONCURRENT": "many"})
 
 
+def test_environment_values_are_yaml_and_variables_naming_no_key_are_left_alone():
+    config = load_config(env={"PHENOLENS_RUNTIME__TORCH_THREADS": "null",
+                              "PHENOLENS_TLS__REQUIRE_CLIENT_CERT": "no",
+                              "PHENOLENS_EXPLAIN__METHODS": "[occlusion, similarity]",
+                              "PHENOLENS_LIMITS__MAX_TOPK": "3",  # no such key: ignored
+                              "PHENOLENS_NOSECTION__KEY": "x"})
+    assert config.runtime.torch_threads is None and config.tls.require_client_cert is False
+    assert config.explain.methods == ("occlusion", "similarity")
+    assert config.limits.max_top_k == load_config(env={}).limits.max_top_k
+    with pytest.raises(ConfigError, match="PHENOLENS_AUTH__TOKENS: not a YAML value"):
+        load_config(env={"PHENOLENS_AUTH__TOKENS": "[{name: a"})
+
+
+def test_errors_name_the_key_and_never_repeat_a_token(tmp_path):
+    with pytest.raises(ConfigError, match=r"limits.max_top_k: .*not a boolean"):
+        load_config(env={}, limits={"max_top_k": True})
+    with pytest.raises(ConfigError, match=r"auth.tokens\[0\]: unknown key.*'tokn'.*'token'"):
+        load_config(env={"PHENOLENS_AUTH__TOKENS": "[{name: a, tokn: sekrit}]"})
+    with pytest.raises(ConfigError, match="auth.tokens") as bad:
+        load_config(env={"PHENOLENS_AUTH__TOKENS": "{name: a, token: sekrit}"})
+    assert "sekrit" not in str(bad.value)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- listen\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listed, env={})
+
+
 def test_mutual_tls_without_server_certificate_is_refused():
     with pytest.raises(ConfigError, match="client_ca"):
         load_config(env={"PHENOLENS_TLS__CLIENT_CA": "/tmp/ca.pem"})
