@@ -259,6 +259,9 @@ class Backend:
 
         batched = [m for m in self.config.explain.methods if m in BATCHED_MAPS]
         self.explainer.explain(features, features, maps=batched)
+        from explain.attribution.methods import warm_up
+
+        warm_up(self.explainer, features)  # every method's first call obeys its deadline too
 
     def close(self) -> None:
         if self._feature_store is not None:

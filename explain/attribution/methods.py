@@ -46,10 +46,12 @@ from explain.errors import InvalidOption, UnknownMethod
 from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal, Guard
 
 SIDES = ("query", "gallery")
-# Default batch sizes: a batch is the unit of work between two guard polls, so it bounds
-# how long a cancelled or late call keeps running and the memory one call holds. On a
-# shared 2-core CPU (SFace, 112x112) 4 forward-only images or 2 images forward and
-# backward take about 0.2 s.
+# Largest batch sizes (the ``batch_size`` options): a batch is the unit of work between
+# two guard polls, so it bounds how long a cancelled or late call keeps running and the
+# memory one call holds. Within these, each batch is sized by the time it takes
+# (``Guard.batches``: about ``explain.limits.BATCH_TARGET_S`` per batch at the measured
+# rate, never more than the time left); on a shared 2-core CPU (SFace, 112x112) that is
+# a few forward-only images or one or two forward and backward.
 NO_GRAD_BATCH = 4
 GRAD_BATCH = 2
 
@@ -104,8 +106,23 @@ class SideProblem:
         self.guard.spend(int(x.shape[0]))
         return _checked_backward(self.encoder(x) @ self.direction / self.norm, self.guard)
 
+    def kind(self, backward: bool) -> str:
+        """The guard's name for one image of this problem through the encoder (forward
+        only, or forward and backward), whose time it measures to size batches."""
+        spec = self.encoder.spec
+        return f"{spec.name}/{'x'.join(map(str, spec.input_size))}/" + \
+            ("backward" if backward else "forward")
+
     def batched_target(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-        return torch.cat([self.target(chunk) for chunk in torch.split(x, batch_size)])
+        """``target`` of (B, C, H, W) in batches of at most ``batch_size``, each sized
+        by the time it takes (``Guard.batches``)."""
+        return torch.cat([self.target(x[part]) for part in
+                          self.guard.batches(int(x.shape[0]), self.kind(False), batch_size)])
+
+    def batch_size(self, most: int, backward: bool) -> int:
+        """A batch size for work run elsewhere in batches (captum): sized by the time an
+        image takes, at most ``most``."""
+        return self.guard.batch_size(self.kind(backward), most)
 
     def gradient(self) -> torch.Tensor:
         """(C', P): ∂t/∂F, constant for an affine head."""
@@ -267,13 +284,20 @@ class OcclusionMethod(Method):
 
     def side_map(self, p, opts):
         c = p.x.shape[1]
+        size = p.batch_size(opts["batch_size"], backward=False)
+        kind = p.kind(False)
+
+        def timed_target(x: torch.Tensor) -> torch.Tensor:
+            with p.guard.timed(kind, int(x.shape[0])):
+                return p.target(x)
+
         with torch.no_grad():
-            attr = Occlusion(p.target).attribute(
+            attr = Occlusion(timed_target).attribute(
                 p.x,
                 sliding_window_shapes=(c, opts["patch"], opts["patch"]),
                 strides=(c, opts["stride"], opts["stride"]),
                 baselines=p.baseline,
-                perturbations_per_eval=opts["batch_size"],
+                perturbations_per_eval=size,
             )
         return attr[0].sum(0)
 
@@ -323,12 +347,13 @@ class IntegratedGradientsMethod(Method):
         return opts["steps"]
 
     def side_map(self, p, opts):
-        attr = IntegratedGradients(p.target).attribute(
-            p.x,
-            baselines=p.baseline,
-            n_steps=opts["steps"],
-            internal_batch_size=opts["batch_size"],
-        )
+        with p.guard.timed(p.kind(True), opts["steps"]):
+            attr = IntegratedGradients(p.target).attribute(
+                p.x,
+                baselines=p.baseline,
+                n_steps=opts["steps"],
+                internal_batch_size=p.batch_size(opts["batch_size"], backward=True),
+            )
         return attr[0].sum(0)
 
 
@@ -358,8 +383,8 @@ class SmoothGrad(Method):
         sigma = opts["sigma"] * float(p.x.max() - p.x.min())
         noise = torch.randn((opts["samples"], *p.x.shape[1:]), generator=gen).to(p.x.device)
         total = torch.zeros_like(p.x[0])
-        for chunk in torch.split(noise, opts["batch_size"]):
-            noisy = (p.x + sigma * chunk).requires_grad_(True)
+        for part in p.guard.batches(len(noise), p.kind(True), opts["batch_size"]):
+            noisy = (p.x + sigma * noise[part]).requires_grad_(True)
             with torch.enable_grad():
                 (grad,) = torch.autograd.grad(p.target(noisy).sum(), noisy)
             total += grad.sum(0)
@@ -466,6 +491,32 @@ METHODS: dict[str, Method] = {
     )
 }
 # explain.attribution.verification adds xSSAB and CorrRISE (the catalogue, matches.py, imports it).
+
+
+# The cheapest options of each method with a cost that grows with an option: what
+# ``warm_up`` runs so that a method's first real call starts warm.
+WARM_UP_OPTIONS: dict[str, dict[str, Any]] = {
+    "scorecam": {"channels": 1},
+    "occlusion": {"patch": 112, "stride": 112},
+    "rise": {"masks": 2},
+    "integrated_gradients": {"steps": 2},
+    "smoothgrad": {"samples": 2},
+    "corrrise": {"masks": 3},
+}
+
+
+def warm_up(explainer: Explainer, features: FaceFeatures, methods: tuple[str, ...] = ()) -> None:
+    """Run every method of the family (or ``methods``) once on ``features`` (N = 1, with
+    its crop) with cheap options: the first real call then finds captum's and torch's
+    lazy set-up done and the time per image of forward and backward passes measured, so
+    its first batch is sized to its time limit too (``Guard.batches``)."""
+    from explain.attribution import verification  # noqa: F401  (registers xssab, corrrise)
+
+    for name in methods or tuple(METHODS):
+        options = {k: v for k, v in WARM_UP_OPTIONS.get(name, {}).items()
+                   if k in METHODS[name].defaults}
+        attribute(name, explainer, features, features, budget=None, time_limit=None,
+                  sides=("query",), **options)
 
 
 def list_methods() -> list[str]:

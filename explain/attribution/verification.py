@@ -140,8 +140,9 @@ class CorrRISE(Method):
     side and view instead of 500: with the server's two views (orig + flip)
     that is the paper's 500 masks per face, and a pair costs 4 + 4 × 250 = 1004
     forward passes, inside the default budget of 1024 (a single view: 502).
-    ``cost`` = ``masks`` images per side and view, in batches of ``batch_size``
-    (≤ 32) with the Guard checked before each batch.
+    ``cost`` = ``masks`` images per side and view, in batches of at most ``batch_size``
+    (≤ 32), each sized by the time it takes (``Guard.batches``) with the Guard checked
+    before each batch.
     """
 
     name = "corrrise"
@@ -173,8 +174,8 @@ class CorrRISE(Method):
         keep = keep.to(p.x.device)
         scores = []
         with torch.no_grad():
-            for chunk in torch.split(keep, _batch_size(opts, self.name)):
-                masked = p.baseline + chunk[:, None] * (p.x - p.baseline)
+            for part in p.guard.batches(len(keep), p.kind(False), _batch_size(opts, self.name)):
+                masked = p.baseline + keep[part][:, None] * (p.x - p.baseline)
                 scores.append(_scores(p, masked, opts["held_norm"]))
         similarity = torch.cat(scores)
         if opts["rank"]:

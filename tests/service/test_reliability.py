@@ -1,6 +1,6 @@
 """Reliability under load and faults (issue 14), against real servers on loopback.
 
-Deadlines stop every heavy method and free its slot; health answers at once while
+Health answers at once while
 80 clients push heavy work; admission refuses with the real wait and a retry hint,
 and the client's retries ride it out within the deadline; memory admission; every
 refusal and unknown method gets an access-log line.
@@ -22,13 +22,6 @@ from tests.service.conftest import READ_TOKEN, start_server
 
 NO_RETRY = phenolens.Retry(attempts=1)
 METADATA = (("authorization", f"Bearer {READ_TOKEN}"),)
-
-# The methods that run the encoder per call (CAM methods cost no forward pass).
-HEAVY_METHODS = ("occlusion", "integrated_gradients", "smoothgrad", "scorecam", "rise",
-                 "deeplift", "guided_backprop", "saliency")
-# 0.25 s of polling granularity plus one model batch; a batch is ~0.2 s on an idle
-# 2-core box but up to ~1 s when seven engineers share it, hence the margin.
-OVERRUN_LIMIT_S = 2.0
 
 # Holds a heavy slot for minutes (see test_errors.SLOW).
 SLOW = {"methods": ["occlusion"], "top_k": 1, "photo_maps": False,
@@ -55,36 +48,6 @@ def _hold_slot(client: phenolens.Client, crop, running) -> object:
 def _health(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
-
-
-def test_deadline_stops_every_heavy_method_and_a_match_follows_at_once(
-        backend, tmp_path, aligned_crop, gallery_ids):
-    # One slot, a short queue timeout and no client retries: a slot still held by
-    # abandoned work would make the Match fail with RESOURCE_EXHAUSTED.
-    running = start_server(backend, tmp_path, limits={"max_concurrent": 1,
-                                                      "queue_timeout_s": 0.5})
-    overruns = {}
-    try:
-        with phenolens.Client(running.address, token=READ_TOKEN, retry=NO_RETRY) as c:
-            for method in HEAVY_METHODS:
-                started = time.monotonic()
-                try:
-                    c.explain(aligned_crop, aligned=True, top_k=1, methods=[method],
-                              photo_maps=False, timeout=1.0)
-                    finished_in_time = True
-                except phenolens.DeadlineExceeded:
-                    finished_in_time = False
-                assert backend.activity.wait_idle(timeout=30.0)
-                assert _wait_for(lambda: running.limiter.busy == 0, 5.0)
-                overruns[method] = time.monotonic() - started - 1.0
-                if not finished_in_time:
-                    assert overruns[method] < OVERRUN_LIMIT_S, (method, overruns)
-                match = c.match(aligned_crop, aligned=True, top_k=1, timeout=30)
-                assert match.hits, method
-    finally:
-        running.stop(grace_s=1.0)
-    print("deadline overrun per method (s):",
-          {m: round(v, 2) for m, v in overruns.items()})
 
 
 def test_health_answers_fast_while_80_clients_push_heavy_work(
