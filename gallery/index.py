@@ -1,15 +1,17 @@
 """The search index derived from the SQLite records, named by a factory string.
 
 ``"auto"`` (the default) picks by gallery size: the exact index below
-``AUTO_EXACT_LIMIT`` records, ``IVF<nlist>,Flat`` with a tuned ``nprobe`` above
-(bench/bench_gallery.py measures both). ``"Flat"`` is exact inner product, kept
-as one contiguous float32 matrix and searched with a numpy matrix product, so
-it is as fast as brute force and returns numpy's top-k exactly. Other factory
-strings (``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF4096,PQ64"``) are FAISS
-approximate indexes mapped to gallery ids through ``IndexIDMap2``, so ids
-survive rebuilds. An index is saved atomically with a sidecar that records
-the gallery version it reflects, its record count and a checksum; anything that
-does not match on load makes the caller rebuild from SQLite.
+``AUTO_EXACT_LIMIT`` records, ``PQ64x4fs,RFlat`` above (a flat scan of 4-bit
+product-quantised codes in SIMD registers, then the best ``k_factor · k`` re-ranked
+exactly on the stored float32 vectors; bench/bench_gallery.py measures it beside
+HNSW and IVF). ``"Flat"`` is exact inner product, kept as one contiguous float32
+matrix and searched with a numpy matrix product without a lock, so it is as fast
+as brute force and returns numpy's top-k exactly. Other factory strings
+(``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF4096,PQ64"``) are FAISS approximate
+indexes mapped to gallery ids through ``IndexIDMap2``, so ids survive rebuilds.
+An index is saved atomically with a sidecar that records the gallery version it
+reflects, its record count and a checksum; anything that does not match on load
+makes the caller rebuild from SQLite.
 """
 
 from __future__ import annotations
@@ -35,29 +37,36 @@ faiss.cvar.distance_compute_blas_threshold = 1
 EXACT = "Flat"
 AUTO = "auto"
 # "auto": exact below this many records (the numpy scan of 128-d float32 stays a few ms per
-# query up to here), HNSW above; both measured in bench/bench_gallery.py.
+# query up to here), AUTO_APPROXIMATE above; both measured in bench/bench_gallery.py.
 AUTO_EXACT_LIMIT = 200_000
 # FAISS's own defaults (nprobe 1, efSearch 16) trade too much recall away for a clinical ranking.
 DEFAULT_NPROBE = 16
 DEFAULT_EF_SEARCH = 64
-# efSearch of the HNSW that "auto" builds, on face-like synthetic data (bench/bench_gallery.py,
-# one query, shared 2-core machine): 100k records recall@10 0.984 at 3.7 ms; 1M records 0.84
-# at 7.5 ms (efSearch 512: 0.92 at 12 ms; pass ef_search= to trade latency for recall). IVF
-# was measured too and left out: the true top 10 beyond a subject's own images are impostors
-# from the far tail, spread over many lists (IVF1024 at 1M: recall@10 0.85 at nprobe 96, 26 ms).
+# The approximate index "auto" builds past AUTO_EXACT_LIMIT, chosen on face-like synthetic data
+# at 1M records (bench/bench_gallery.py --ann 1000000, one query, shared 2-core machine):
+# - PQ64x4fs,RFlat (this): recall@10 0.97 at k_factor 16, 0.99 at 32, ~1.5 ms, built in seconds.
+# - HNSW32 (efConstruction 40): 0.84 at efSearch 256 (7.5 ms), 0.92 at 512 (12 ms), and a build
+#   of many minutes on two cores.
+# - IVF1024 (Flat, SQ8 or PQ fast scan with re-ranking): ≤ 0.87 even at nprobe 128: the true
+#   top 10 beyond a subject's own images are impostors from the far tail, spread over many lists.
+# - SQ8 scan: 0.99 but 33 ms per query.
+# Neither HNSW nor this index can remove vectors: a delete or in-place update rebuilds it
+# (seconds for this one at 1M records).
+AUTO_APPROXIMATE = "PQ64x4fs,RFlat"  # for 128 dimensions: one 4-bit code per 2 dimensions
+DEFAULT_K_FACTOR = 32
 AUTO_EF_SEARCH = 256
 _IVF = re.compile(r"IVF(\d+)")
 _PQ = re.compile(r"PQ(\d+)(?:x(\d+))?")
 _HNSW = re.compile(r"HNSW(\d+)")
 
 
-def auto_factory(count: int) -> str:
-    """The factory ``"auto"`` resolves to for ``count`` records: exact, or ``HNSW32``.
-
-    HNSW cannot remove vectors: a delete or in-place update rebuilds the index (minutes
-    at 1M records on two cores), which a gallery of that size does rarely.
-    """
-    return EXACT if count < AUTO_EXACT_LIMIT else "HNSW32"
+def auto_factory(count: int, dim: int = 128) -> str:
+    """The factory ``"auto"`` resolves to for ``count`` records of ``dim`` dimensions: exact,
+    or ``AUTO_APPROXIMATE`` (its code, one sub-quantiser per 2 dimensions, scaled to ``dim``;
+    ``HNSW32`` for an odd ``dim``, which product quantisation cannot split)."""
+    if count < AUTO_EXACT_LIMIT:
+        return EXACT
+    return f"PQ{dim // 2}x4fs,RFlat" if dim % 2 == 0 else "HNSW32"
 
 
 def ivf_factory(count: int) -> str:
@@ -66,11 +75,11 @@ def ivf_factory(count: int) -> str:
     return f"IVF{min(8192, 2 ** round(math.log2(math.sqrt(max(count, 1)))))},Flat"
 
 
-def resolve_factory(factory: str, count: int) -> str:
+def resolve_factory(factory: str, count: int, dim: int = 128) -> str:
     """The factory to build for ``count`` records: ``auto`` by size, an untrainable
     approximate factory falls back to exact."""
     if factory == AUTO:
-        return auto_factory(count)
+        return auto_factory(count, dim)
     if factory != EXACT and count < min_training_vectors(factory):
         return EXACT
     return factory
@@ -113,6 +122,33 @@ class Sidecar:
     faiss_version: str
 
 
+class _Rows:
+    """One published state of an ``ExactMatrix``: (n, dim) vectors and their (n,) ids.
+
+    Writers never change the rows a published state covers: an add writes past its end
+    and publishes a longer state, a remove publishes copies. So a search works on the
+    state it picked up, without a lock, whatever writers do meanwhile.
+    """
+
+    __slots__ = ("x", "ids", "_sorted")
+
+    def __init__(self, x: np.ndarray, ids: np.ndarray) -> None:
+        self.x, self.ids = x, ids
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (ids sorted, their rows)
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Rows holding ``ids`` (absent ids left out)."""
+        known = self._sorted
+        if known is None:  # two threads may both compute it: the same value either way
+            order = np.argsort(self.ids, kind="stable")
+            known = self._sorted = (self.ids[order], order)
+        keys, order = known
+        ids = np.asarray(ids, dtype=np.int64)
+        at = np.minimum(np.searchsorted(keys, ids), max(len(keys) - 1, 0))
+        found = keys[at] == ids if len(keys) else np.zeros(len(ids), dtype=bool)
+        return order[at[found]]
+
+
 class ExactMatrix:
     """Exact inner-product search over one contiguous float32 matrix (N, dim) in memory.
 
@@ -120,75 +156,79 @@ class ExactMatrix:
     ``q @ X.T`` + ``argpartition``; the scan runs in row chunks that keep the score
     block in cache, and each chunk's top-k comes from block maxima rather than a
     full ``argpartition`` over every score.
+
+    Reads need no lock (see ``_Rows``); writes must not run concurrently with each
+    other (the gallery serialises them).
     """
 
     _BLOCK = 32  # rows per block whose maximum stands for them in the first top-k pass
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self._x = np.empty((0, dim), dtype=np.float32)
+        self._x = np.empty((0, dim), dtype=np.float32)  # capacity; rows past the state are free
         self._ids = np.empty(0, dtype=np.int64)
-        self._n = 0
-        self._sorted: tuple[np.ndarray, np.ndarray] | None = None  # (ids sorted, their rows)
+        self._rows = _Rows(self._x, self._ids)
 
     @classmethod
     def of(cls, ids: np.ndarray, vectors: np.ndarray) -> ExactMatrix:
         """An index holding ``vectors`` (N, dim) float32 C-contiguous under ``ids`` (N,),
         adopted without a copy (a 1M-record gallery would otherwise hold two)."""
         self = cls(vectors.shape[1])
-        self._x, self._ids, self._n = vectors, ids, len(ids)
+        self._x, self._ids = vectors, ids
+        self._rows = _Rows(vectors, ids)
         return self
 
     @property
     def ntotal(self) -> int:
-        return self._n
+        return len(self._rows.ids)
 
     @property
     def vectors(self) -> np.ndarray:
         """(N, dim) the stored vectors (a view; do not modify)."""
-        return self._x[: self._n]
+        return self._rows.x
 
     @property
     def ids(self) -> np.ndarray:
         """(N,) gallery ids of the rows of ``vectors`` (a view)."""
-        return self._ids[: self._n]
+        return self._rows.ids
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        m = len(ids)
-        if self._n + m > len(self._x):
-            capacity = max(self._n + m, 2 * len(self._x), 1024)
+        n, m = self.ntotal, len(ids)
+        if n + m > len(self._x):
+            capacity = max(n + m, 2 * len(self._x), 1024)
             x = np.empty((capacity, self.dim), dtype=np.float32)
-            x[: self._n] = self._x[: self._n]
+            x[:n] = self._x[:n]
             new_ids = np.empty(capacity, dtype=np.int64)
-            new_ids[: self._n] = self._ids[: self._n]
+            new_ids[:n] = self._ids[:n]
             self._x, self._ids = x, new_ids
-        self._x[self._n : self._n + m] = vectors
-        self._ids[self._n : self._n + m] = ids
-        self._n += m
-        self._sorted = None
+        self._x[n : n + m] = vectors  # past the published state: no reader sees these rows yet
+        self._ids[n : n + m] = ids
+        self._rows = _Rows(self._x[: n + m], self._ids[: n + m])
 
     def remove(self, ids: np.ndarray) -> None:
-        rows = self.rows_of(ids)
+        """Remove ``ids`` into fresh arrays (searches in flight keep the old ones), then
+        zero the removed rows of the old arrays: no copy of a deleted vector stays behind."""
+        old = self._rows
+        rows = old.rows_of(ids)
         if not len(rows):
             return
-        keep = np.ones(self._n, dtype=bool)
+        keep = np.ones(len(old.ids), dtype=bool)
         keep[rows] = False
-        left = int(keep.sum())
-        self._x[:left] = self._x[: self._n][keep]
-        self._ids[:left] = self._ids[: self._n][keep]
-        self._n = left
-        self._sorted = None
+        left = len(old.ids) - len(rows)
+        x = np.empty((max(left, 1024), self.dim), dtype=np.float32)
+        new_ids = np.empty(len(x), dtype=np.int64)
+        np.compress(keep, old.x, axis=0, out=x[:left])
+        np.compress(keep, old.ids, out=new_ids[:left])
+        old_x = self._x
+        self._x, self._ids = x, new_ids
+        self._rows = _Rows(x[:left], new_ids[:left])
+        # A search still on the old state scores these rows 0; the gallery drops hits
+        # whose record is gone.
+        old_x[rows] = 0.0
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Rows holding ``ids`` (absent ids left out)."""
-        if self._sorted is None:
-            order = np.argsort(self._ids[: self._n], kind="stable")
-            self._sorted = (self._ids[: self._n][order], order)
-        keys, order = self._sorted
-        ids = np.asarray(ids, dtype=np.int64)
-        at = np.minimum(np.searchsorted(keys, ids), max(len(keys) - 1, 0))
-        found = keys[at] == ids if len(keys) else np.zeros(len(ids), dtype=bool)
-        return order[at[found]]
+        return self._rows.rows_of(ids)
 
     def search(
         self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
@@ -196,16 +236,19 @@ class ExactMatrix:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores (N, k), gallery ids (N, k)) best first over the rows that pass the
         filters (``allowed``/``excluded`` ids, scores ≤ ``max_score``); id -1 where fewer pass."""
-        x, ids = self.vectors, self.ids
+        state = self._rows
+        x, ids = state.x, state.ids
+        nq = len(queries)
+        if nq == 1 and allowed is None and excluded is None and max_score is None and len(ids) > k:
+            return _search_one(x, ids, queries[0], k, self._BLOCK)
         if allowed is not None:
-            rows = np.sort(self.rows_of(allowed))
+            rows = np.sort(state.rows_of(allowed))
             x, ids = x[rows], ids[rows]
         masked = None
         if excluded is not None and len(excluded):
             masked = np.zeros(len(ids), dtype=bool)
-            sub = ExactMatrix._rows_in(ids, excluded) if allowed is not None else self.rows_of(excluded)
+            sub = ExactMatrix._rows_in(ids, excluded) if allowed is not None else state.rows_of(excluded)
             masked[sub] = True
-        nq = len(queries)
         if not len(ids):
             return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
         # About 4 MiB of scores per chunk: one query scans the whole matrix in one product.
@@ -238,6 +281,31 @@ class ExactMatrix:
     @staticmethod
     def _rows_in(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
         return np.flatnonzero(np.isin(ids, wanted))
+
+
+def _search_one(
+    x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int, block: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``ExactMatrix.search`` of one query (D,) without filters over more than ``k`` rows:
+    the same result as the general path, with a fraction of its fixed cost (one
+    product, one partition, one small sort)."""
+    scores = x @ q
+    m = len(scores)
+    if m <= _PLAIN_TOP_K:
+        # The k-th best score, then every row at or above it in row order: more than k
+        # rows only on a tie at the k-th score, which the stable sort gives to the earlier rows.
+        cols = np.flatnonzero(scores >= np.partition(scores, m - k)[m - k])
+        top = scores[cols]
+    else:
+        top, cols = _top_k(scores[None, :], k, block)
+        top, cols = top[0], cols[0]
+        if np.count_nonzero(scores >= top.min()) > k:  # a tie at the k-th score: earliest rows win
+            cols = np.argsort(-scores, kind="stable")[:k]
+            top = scores[cols]
+        order = np.argsort(cols)
+        cols, top = cols[order], top[order]
+    order = np.argsort(-top, kind="stable")[:k]  # ties: the earlier row (older record) first
+    return top[order][None, :], ids[cols[order]][None, :]
 
 
 def _prefer_earlier_ties(scores: np.ndarray, top_s: np.ndarray, top_c: np.ndarray) -> None:
@@ -299,7 +367,7 @@ class VectorIndex:
         self.dim = dim
         self.nprobe = nprobe
         self.ef_search = ef_search
-        self.effective_factory = resolve_factory(factory, 0)
+        self.effective_factory = resolve_factory(factory, 0, dim)
         self._exact: ExactMatrix | None = ExactMatrix(dim)
         self._index: faiss.IndexIDMap2 | None = None
 
@@ -317,7 +385,7 @@ class VectorIndex:
 
     def build(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Replace the contents with ``vectors`` (N, dim) under ``ids`` (N,), training if needed."""
-        self.effective_factory = resolve_factory(self.factory, len(ids))
+        self.effective_factory = resolve_factory(self.factory, len(ids), self.dim)
         if self.effective_factory != self.factory and self.factory != AUTO:
             log.info(
                 "index %s needs %d vectors to train, gallery has %d: using exact Flat until then",
@@ -342,7 +410,7 @@ class VectorIndex:
     def needs_training_rebuild(self, count: int) -> bool:
         """True when ``count`` records call for another index than the one built: an
         exact fallback that can now train, or ``auto`` grown past its size limit."""
-        want = resolve_factory(self.factory, count)
+        want = resolve_factory(self.factory, count, self.dim)
         if want == self.effective_factory:
             return False
         return self.factory == AUTO or self.effective_factory == EXACT
@@ -354,6 +422,8 @@ class VectorIndex:
             ivf.nprobe = self.nprobe or DEFAULT_NPROBE
         if hasattr(inner, "hnsw"):
             inner.hnsw.efSearch = self.ef_search or (AUTO_EF_SEARCH if self.factory == AUTO else DEFAULT_EF_SEARCH)
+        if isinstance(inner, faiss.IndexRefine):
+            inner.k_factor = DEFAULT_K_FACTOR
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -389,14 +459,27 @@ class VectorIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self._exact is not None:
             return self._exact.search(queries, k, allowed=allowed, excluded=excluded, max_score=max_score)
-        selector, _keep = _selector(allowed, excluded)
-        if selector is None:
+        if not self.filters_inside and (allowed is not None or excluded is not None):
             scores, ids = self._index.search(queries, k)
+            scores, ids = _keep_only(scores, ids, allowed, excluded)
         else:
-            scores, ids = self._index.search(queries, k, params=self._params(selector))
+            selector, _keep = _selector(allowed, excluded)
+            if selector is None:
+                scores, ids = self._index.search(queries, k)
+            else:
+                scores, ids = self._index.search(queries, k, params=self._params(selector))
         if max_score is not None:
             ids = np.where(scores > max_score, -1, ids)
         return scores, ids
+
+    @property
+    def filters_inside(self) -> bool:
+        """Whether ``allowed``/``excluded`` restrict the search itself (exact, IVF, HNSW);
+        else (a PQ fast scan) they filter its results, which may then come back short."""
+        if self._index is None:
+            return True
+        inner = faiss.downcast_index(self._index.index)
+        return not isinstance(inner, (faiss.IndexRefine, faiss.IndexFastScan))
 
     def _params(self, selector: faiss.IDSelector) -> faiss.SearchParameters:
         inner = faiss.downcast_index(self._index.index)
@@ -506,6 +589,21 @@ def _selector(allowed: np.ndarray | None, excluded: np.ndarray | None) -> tuple[
         selector = faiss.IDSelectorNot(inner)
         return selector, [selector, inner, ids]
     return None, []
+
+
+def _keep_only(
+    scores: np.ndarray, ids: np.ndarray, allowed: np.ndarray | None, excluded: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) with the results the filters reject moved out: each row keeps its order,
+    padded with -inf / -1."""
+    keep = ids >= 0
+    if allowed is not None:
+        keep &= np.isin(ids, allowed)
+    if excluded is not None and len(excluded):
+        keep &= ~np.isin(ids, excluded)
+    order = np.argsort(~keep, axis=1, kind="stable")
+    scores, ids, keep = (np.take_along_axis(a, order, axis=1) for a in (scores, ids, keep))
+    return np.where(keep, scores, -np.inf).astype(np.float32), np.where(keep, ids, -1)
 
 
 class StaleIndex(Exception):

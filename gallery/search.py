@@ -9,6 +9,7 @@ reads the store only through ``_rw`` (the readers-writer lock), ``_index``,
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -113,6 +114,9 @@ class Ranking:
         view_scheme: str | None = None, **filters: object,
     ) -> list[Hit]:
         """The ``k`` nearest gallery images to one query (V views, (V, D) or a sequence of (D_v,))."""
+        if isinstance(query_views, np.ndarray) and query_views.ndim in (1, 2):  # a batch of one, no copy
+            batch = query_views[None, None] if query_views.ndim == 1 else query_views[None]
+            return self.search_batch(batch, k, filter, view_scheme=view_scheme, **filters)[0]
         return self.search_batch([query_views], k, filter, view_scheme=view_scheme, **filters)[0]
 
     def search_batch(
@@ -121,26 +125,25 @@ class Ranking:
     ) -> list[list[Hit]]:
         """``search`` for N queries: an (N, V, D) array or a sequence of per-query views."""
         chosen = SearchFilter.of(filter, **filters)
+        index = self._index
+        if index is not None and index.exact:
+            # No lock: the exact index searches a state no writer changes (gallery.index._Rows).
+            # A record deleted after that state was taken has no labels any more; then the
+            # search is redone under the lock, so it never comes back short.
+            if chosen is _NO_FILTER and 0 < k < index.ntotal and len(queries):  # the common case, lean
+                q = self._query_matrix(queries, view_scheme)
+                scores, ids = index.search(q, k)
+                ranked = list(zip(ids.tolist(), scores.tolist(), strict=True))
+            else:
+                ranked = [(i.tolist(), s.tolist()) for i, s in self._ranked(queries, k, chosen, view_scheme, index)]
+            wanted = [gid for ids, _ in ranked for gid in ids] if len(ranked) > 1 else ranked[0][0] if ranked else []
+            labels = self._labels(wanted)
+            if len(labels) == len(wanted) or all(gid in labels for gid in wanted):
+                return _hits(ranked, labels)
         with self._rw.read():  # ids and their rows read under one lock: deletes cannot slip between
             ranked = [(ids.tolist(), scores.tolist()) for ids, scores in self._ranked(queries, k, chosen, view_scheme)]
             labels = self._labels([gid for ids, _ in ranked for gid in ids])
-        new = object.__new__
-        out = []
-        for ids, scores in ranked:
-            hits = []
-            for gid, score in zip(ids, scores, strict=True):
-                found = labels.get(gid)
-                if found is None:  # deleted between the index read and this lookup
-                    continue
-                # Hit's own fields, set as its frozen __init__ would, without its per-field
-                # calls: thousands of hits per batch made them cost more than the search.
-                hit = new(Hit)
-                fields = hit.__dict__
-                fields.update(found[1])
-                fields["score"] = score
-                hits.append(hit)
-            out.append(hits)
-        return out
+        return _hits(ranked, labels)
 
     def _labels(self, ids: list[int]) -> dict[int, tuple[RecordInfo, dict]]:
         """gallery id -> (RecordInfo, its Hit fields) for those of ``ids`` still in the gallery."""
@@ -211,21 +214,37 @@ class Ranking:
             raise SchemeMismatch(f"query view scheme {view_scheme!r} differs from the gallery's {scheme!r}")
         if not dims:
             return None
+        if len(dims) == 1 and isinstance(queries, np.ndarray) and queries.dtype == np.float32 and (
+            (queries.ndim == 3 and queries.shape[1] == 1) or queries.ndim == 2
+        ) and queries.shape[-1] == dims[0] and len(queries):
+            # One view, a float32 array: what ``query_matrix`` computes (to the last bit or
+            # so: one query's norm is a dot product), without its general checks' fixed cost.
+            flat = queries.reshape(len(queries), dims[0])
+            if len(flat) == 1:
+                square = float(np.dot(flat[0], flat[0]))
+                if 0.0 < square < math.inf:  # else query_matrix raises the error that says why
+                    return flat / np.float32(math.sqrt(square))
+            else:
+                norms = np.sqrt(np.einsum("nd,nd->n", flat, flat))
+                if norms.min() > 0 and norms.max() < np.inf:
+                    return flat / norms[:, None]
         return query_matrix(queries, dims)
 
     def _ranked(
         self, queries, k: int, chosen: SearchFilter, view_scheme: str | None,
+        index: VectorIndex | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query (gallery ids, scores) best first, at most ``k``, filters applied.
 
-        The caller holds the read lock.
+        The caller holds the read lock, or passes the exact ``index`` it read (which needs none).
         """
         q = self._query_matrix(queries, view_scheme)
         if q is None:
             return [_EMPTY] * len(queries)
         if k <= 0:
             raise ValueError("k must be positive")
-        index = self._index
+        if index is None:
+            index = self._index
         if index is None or index.ntotal == 0:
             return [_EMPTY] * len(q)
         allowed, excluded = (None, None) if chosen is _NO_FILTER else chosen.eligible(self._conn())
@@ -234,19 +253,24 @@ class Ranking:
         max_score = chosen.max_score
         if index.exact:  # every filter applied inside the scan: one pass
             scores, ids = index.search(q, k, allowed=allowed, excluded=excluded, max_score=max_score)
-            if ids[:, -1].min() >= 0:  # every row full: no per-row masks
+            if (ids[0, -1] >= 0 if len(ids) == 1 else ids[:, -1].min() >= 0):  # every row full: no masks
                 return list(zip(ids, scores, strict=True))
             return [(row_ids[row_ids >= 0], row_scores[row_ids >= 0])
                     for row_ids, row_scores in zip(ids, scores, strict=True)]
+        if allowed is not None and not index.filters_inside and len(allowed) <= _EXACT_FALLBACK_LIMIT:
+            # The index can only filter its results, and a few allowed records may lie far down them.
+            return self._exact_scan(q, allowed, k, max_score)
         total = index.ntotal if allowed is None else min(index.ntotal, len(allowed))
         fetch = min(total, k if max_score is None else k + _SAME_PATIENT_SLACK)
+        inside = index.filters_inside
         while True:
             scores, ids = index.search(q, fetch, allowed=allowed, excluded=excluded)
             results = []
             short = False
             for row_ids, row_scores in zip(ids, scores, strict=True):
                 keep = row_ids >= 0
-                exhausted = keep.sum() < fetch
+                # a short row: nothing else passes, unless the index filtered its results after the scan
+                exhausted = keep.sum() < fetch if inside else fetch >= total
                 if max_score is not None:
                     keep &= row_scores <= max_score
                 results.append((row_ids[keep][:k], row_scores[keep][:k]))
@@ -309,6 +333,28 @@ class Ranking:
                 break
             fetch = min(total, fetch * 4)
         yield from found
+
+
+def _hits(ranked: list[tuple[list[int], list[float]]], labels: dict[int, tuple[RecordInfo, dict]]) -> list[list[Hit]]:
+    """``Hit`` lists from per-query (gallery ids, scores); ids without labels (deleted
+    meanwhile) left out."""
+    new = object.__new__
+    out = []
+    for ids, scores in ranked:
+        hits = []
+        for gid, score in zip(ids, scores, strict=True):
+            found = labels.get(gid)
+            if found is None:  # deleted between the index read and this lookup
+                continue
+            # Hit's own fields, set as its frozen __init__ would, without its per-field
+            # calls: thousands of hits per batch made them cost more than the search.
+            hit = new(Hit)
+            fields = hit.__dict__
+            fields.update(found[1])
+            fields["score"] = score
+            hits.append(hit)
+        out.append(hits)
+    return out
 
 
 _NO_FILTER = SearchFilter()

@@ -104,9 +104,10 @@ def test_filter_object_and_keywords_are_the_same_filter(gallery_path):
         assert g.search_batch([q, q], 8, rule) == g.search_batch([q, q], 8, **keywords)
 
 
-def test_auto_is_exact_for_small_galleries_and_hnsw_past_the_limit(gallery_path, monkeypatch):
+def test_auto_is_exact_for_small_galleries_and_pq_fast_scan_past_the_limit(gallery_path, monkeypatch):
     assert auto_factory(1_000) == auto_factory(index_module.AUTO_EXACT_LIMIT - 1) == "Flat"
-    assert auto_factory(1_000_000) == "HNSW32"
+    assert auto_factory(1_000_000) == index_module.AUTO_APPROXIMATE == "PQ64x4fs,RFlat"
+    assert auto_factory(1_000_000, 16) == "PQ8x4fs,RFlat" and auto_factory(1_000_000, 15) == "HNSW32"
     monkeypatch.setattr(index_module, "AUTO_EXACT_LIMIT", 300)
     entries = make_entries(400, seed=12)
     with Gallery.open(gallery_path) as g:
@@ -114,7 +115,7 @@ def test_auto_is_exact_for_small_galleries_and_hnsw_past_the_limit(gallery_path,
         g.add_many(entries[:250])
         assert g.index_effective_factory == "Flat"
         g.add_many(entries[250:])
-        assert g.index_effective_factory == "HNSW32"
+        assert g.index_effective_factory == "PQ8x4fs,RFlat"
         assert g.search(entries[7].views, 1)[0].image_id == "img7"
 
 
@@ -127,3 +128,102 @@ def test_saved_exact_index_is_loaded_not_rebuilt(gallery_path, caplog):
         with Gallery.open(gallery_path) as g:
             assert g.search(entries[3].views, 5) == before
     assert not [r for r in caplog.records if "rebuilding" in r.getMessage()]
+
+
+@pytest.mark.parametrize("n", [11, 1_000, 16_384, 16_385, 40_000])
+def test_one_query_path_equals_numpy_and_gives_ties_to_the_older_row(n):
+    """The lean one-query path (partition up to 16,384 rows, block maxima above) against a
+    stable brute force, with duplicated rows so the k-th score is tied beyond the top k."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+    q = rng.normal(size=(1, 16)).astype(np.float32)
+    best = np.argsort(-(x @ q[0]), kind="stable")
+    x[best[: min(n, 14)]] = x[best[5]]  # rows tied at the 6th best score, 14 of them
+    index = ExactMatrix(16)
+    index.add(np.arange(n) + 7, x)
+    scores, ids = index.search(q, 10)
+    rows, want = numpy_top_k(x, q, 10)
+    np.testing.assert_array_equal(ids, rows + 7)
+    np.testing.assert_array_equal(scores, want)
+
+
+@pytest.mark.parametrize("n", [300, 5_000])
+def test_gallery_one_query_search_equals_numpy(gallery_path, n):
+    entries = make_entries(n, dim=12, seed=n)
+    with Gallery.open(gallery_path) as g:
+        ids = g.add_many(entries).added
+        x = search_matrix(np.stack([e.views[0] for e in entries]), (12,))
+        for query in make_entries(8, dim=12, seed=n + 1):
+            q = search_matrix(query.views[0][None, :], (12,))
+            rows, scores = numpy_top_k(x, q, 10)
+            for form in (query.views, query.views[0], [query.views[0]]):
+                hits = g.search(form, 10)
+                assert [h.gallery_id for h in hits] == [ids[r] for r in rows[0]]
+                np.testing.assert_allclose([h.score for h in hits], scores[0], atol=1e-6)
+
+
+def test_removed_rows_are_zeroed_in_the_arrays_a_search_may_still_hold():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 16)).astype(np.float32)
+    index = ExactMatrix(16)
+    index.add(np.arange(50), x)
+    held = index.vectors  # what a search in flight would be scanning
+    index.remove(np.array([4, 9]))
+    assert not held[[4, 9]].any()
+    np.testing.assert_array_equal(held[[0, 5, 49]], x[[0, 5, 49]])  # the rest untouched
+    assert index.ntotal == 48 and not np.isin([4, 9], index.ids).any()
+    np.testing.assert_array_equal(index.vectors, np.delete(x, [4, 9], axis=0))
+    index.add(np.array([100]), x[:1])  # adds after a remove go to the new arrays
+    assert index.ids[-1] == 100 and not held[[4, 9]].any()
+
+
+def test_searches_without_the_lock_stay_full_and_never_return_a_record_deleted_before(gallery_path):
+    """Readers take no lock on the exact index: while records are deleted and added, every
+    search still returns k hits, and none deleted before the search began."""
+    import threading
+
+    entries = make_entries(400, seed=21)
+    with Gallery.open(gallery_path) as g:
+        ids = g.add_many(entries).added
+        deleted: set[int] = set()
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def search() -> None:
+            rng = np.random.default_rng(threading.get_ident() % 1000)
+            while not stop.is_set():
+                gone = set(deleted)
+                hits = g.search(rng.normal(size=16).astype(np.float32), 10)
+                if len(hits) != 10:
+                    failures.append(f"{len(hits)} hits")
+                if gone & {h.gallery_id for h in hits}:
+                    failures.append("a deleted record")
+
+        readers = [threading.Thread(target=search) for _ in range(2)]
+        for t in readers:
+            t.start()
+        try:
+            for i, gid in enumerate(ids[:150]):
+                g.delete([gid])
+                deleted.add(gid)
+                if i % 10 == 0:
+                    g.add_many(make_entries(3, seed=100 + i, prefix=f"new{i}_"))
+        finally:
+            stop.set()
+            for t in readers:
+                t.join()
+        assert not failures, failures[:5]
+
+
+def test_pq_fast_scan_index_filters_its_results(gallery_path):
+    """The fast-scan index cannot filter inside its scan: excluded subjects are dropped from
+    its results (widening until k pass), an allowed syndrome list is scanned exactly."""
+    entries = make_entries(1_000, syndromes=6, per_subject=4, seed=5)
+    query = entries[1].views[0]
+    with Gallery.open(gallery_path, index="PQ8x4fs,RFlat") as g:
+        g.add_many(entries)
+        assert g.index_effective_factory == "PQ8x4fs,RFlat"
+        excluded = g.search(query, 12, exclude_subjects=("subj0", "subj1"))
+        assert len(excluded) == 12 and not {h.subject_id for h in excluded} & {"subj0", "subj1"}
+        rule = SearchFilter(syndromes=("SYN1", "SYN4"))
+        assert [h.image_id for h in g.search(query, 12, rule)] == brute_force(entries, query, 12, rule)
