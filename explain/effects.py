@@ -1,0 +1,443 @@
+"""Region effects: what editing one facial region does to a match's cosine — the model's own
+answer to "which region matters", in the unit the user sees.
+
+For a pair (q, g) and a region R of the aligned crop (``EFFECT_REGIONS``):
+
+- *differs* on the query side = ``cos(q with g's R, g) − cos(q, g)``: "if the query had the
+  match's eyes, the similarity would rise by 0.12" (positive: the faces differ there);
+- *alike* on the query side = ``cos(q with a neutral R, g) − cos(q, g)``: "without its nose the
+  match would drop by 0.05" (negative: the match leans on the region);
+- the gallery side is the same with the roles swapped (g with q's R; g with a neutral R).
+
+Every view of the ensemble is edited and the view cosines averaged, as the cosine itself is.
+The neutral face is the pixel-wise mean of aligned faces (``mean_face``; the server uses the
+bundled photos' mean, so a pair's words do not change when unrelated gallery records do).
+
+Two ways to make the edit, one contract:
+
+- ``pixels``: the region is pasted into the aligned crop (colour-matched to the target inside
+  the region, feathered edge; ``paste_region``) and the edited crops go through the whole
+  encoder in batches. This *is* the question the words answer; it costs one full forward per
+  edited crop and view.
+- ``features`` (the served default): the same edit made on the encoder's ``contrast_layer``
+  activations (SFace: the last 14×14 block) with the region's feathered mask averaged over
+  each cell, followed by the network's tail only — about 1/20 of a forward per edit on SFace.
+  ``phenolens evaluate effects`` measures how well it agrees with ``pixels``.
+
+No gradients and no hooks: every edit is a plain batched forward under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+
+from explain.limits import Guard
+from explain.regions import SUMMARY_REGIONS, template_regions
+
+# Summary regions, then everything outside the face (hair, background): a match that leans
+# on it is one a clinician must be warned about.
+OUTSIDE_FACE = "outside_face"
+EFFECT_REGIONS: tuple[str, ...] = (*SUMMARY_REGIONS, OUTSIDE_FACE)
+NOISE = 0.01  # |Δ cosine| below this is not named in words
+EFFECT_MODES = ("features", "pixels")
+EffectKind = Literal["differs", "alike"]
+
+COLOUR_GROW = 0.25  # colour statistics are taken in the region grown by this (× eye distance)
+FEATHER_GROW = 0.10  # the paste mask is grown by this before blurring
+FEATHER_SIGMA = 0.06  # Gaussian sigma of the alpha's blur
+PIXEL_BATCH = 32  # edited crops per forward batch in ``pixels`` mode
+FEATURE_BATCH = 96  # edited activations per tail batch in ``features`` mode
+
+
+def region_label(name: str) -> str:
+    """``nasal_bridge`` -> ``nasal bridge``; ``outside_face`` -> ``hair/background``."""
+    return "hair/background" if name == OUTSIDE_FACE else name.replace("_", " ")
+
+
+@dataclass(frozen=True)
+class SideEffects:
+    """Per region (``regions``), the cosine change of two edits of one face of a pair.
+
+    differs[i]: this face's region i replaced by the other face's (positive: they differ
+    there); alike[i]: this face's region i replaced by the neutral face's (negative: the
+    match leans on it). Both in cosine units, view-averaged.
+    """
+
+    regions: tuple[str, ...]
+    differs: tuple[float, ...]
+    alike: tuple[float, ...]
+
+    def ranked(self, kind: EffectKind = "differs", *, top: int = 2, noise: float = NOISE,
+               face_only: bool = True) -> tuple[tuple[str, float], ...]:
+        """The ``top`` regions by effect: differs, largest gain first; alike, largest loss
+        first. Regions whose effect is within ``noise`` are left out, and ``outside_face``
+        unless ``face_only`` is False (it is worded apart: ``leans_on_outside``)."""
+        values = self.differs if kind == "differs" else self.alike
+        sign = 1.0 if kind == "differs" else -1.0
+        pairs = [(r, v) for r, v in zip(self.regions, values, strict=True)
+                 if sign * v >= noise and not (face_only and r == OUTSIDE_FACE)]
+        pairs.sort(key=lambda p: -sign * p[1])
+        return tuple(pairs[:top])
+
+    def outside(self, kind: EffectKind = "alike") -> float | None:
+        """The ``outside_face`` effect, when measured."""
+        values = self.differs if kind == "differs" else self.alike
+        return dict(zip(self.regions, values, strict=True)).get(OUTSIDE_FACE)
+
+    def leans_on_outside(self, *, top: int = 2) -> bool:
+        """Hair or background is among the ``top`` regions the match leans on."""
+        return any(r == OUTSIDE_FACE for r, _ in self.ranked("alike", top=top, face_only=False))
+
+    def describe(self, *, top: int = 2) -> str:
+        """``"differs most: eyes (+0.12), mouth (+0.04) · alike most: nose (−0.05)"``, and a
+        warning when the match leans on hair or background."""
+        outside = self.outside("alike") if self.leans_on_outside() else None
+        return describe_effects(self.ranked("differs", top=top), self.ranked("alike", top=top),
+                                outside)
+
+    def to_json(self) -> dict[str, dict[str, float]]:
+        """``{"eyes": {"differs": 0.12, "alike": -0.03}, ...}`` (the CLI's ``"effects"``)."""
+        return {r: {"differs": d, "alike": a}
+                for r, d, a in zip(self.regions, self.differs, self.alike, strict=True)}
+
+
+def describe_effects(differs: Sequence[tuple[str, float]], alike: Sequence[tuple[str, float]],
+                     outside: float | None = None) -> str:
+    """Words for ranked effects (the client's ``FaceEffects.describe`` says the same)."""
+    def words(items: Sequence[tuple[str, float]]) -> str:
+        return ", ".join(f"{region_label(r)} ({signed(v)})" for r, v in items)
+
+    none = f"no facial region moves the match by {NOISE:.2f} or more"
+    text = (f"differs most: {words(differs)}" if differs else f"differs: {none}") + " · " + \
+        (f"alike most: {words(alike)}" if alike else f"alike: {none}")
+    if outside is not None:
+        text += f" · leans on hair/background ({signed(outside)})"
+    return text
+
+
+def signed(value: float) -> str:
+    """``+0.12`` / ``−0.05`` (a true minus sign)."""
+    return f"{value:+.2f}".replace("-", "\u2212")
+
+
+@dataclass(frozen=True)
+class PairEffects:
+    """Region effects on both faces of one (query, hit) pair; ``cosine`` the pair's own."""
+
+    cosine: float
+    query: SideEffects
+    gallery: SideEffects
+    mode: str  # "features" or "pixels"
+
+    def side(self, name: str) -> SideEffects:
+        return self.query if name == "query" else self.gallery
+
+
+# ---- edits in the aligned crop ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EditMasks:
+    """Per region of ``regions``: alpha (H, W) float32 in 0..1 (the feathered paste mask) and
+    colour (H, W) bool (where colour statistics are matched)."""
+
+    regions: tuple[str, ...]
+    alpha: np.ndarray  # (R, H, W)
+    colour: np.ndarray  # (R, H, W)
+
+    def cells(self, grid: tuple[int, int]) -> np.ndarray:
+        """(R, h, w) float32: the mean alpha over each cell of a feature grid."""
+        return _cell_masks(self, grid)
+
+
+@functools.lru_cache(maxsize=8)
+def edit_masks(size: tuple[int, int] = (112, 112),
+               regions: tuple[str, ...] = EFFECT_REGIONS) -> EditMasks:
+    """Feathered paste masks of ``regions`` on the ArcFace template at ``size`` (aligned crops
+    are warped onto it). Regions are disjoint before feathering (a pixel belongs to the first
+    summary region that holds it; ``outside_face`` is everything outside the face ellipse)."""
+    masks = template_regions(size)
+    stack = np.stack([masks["background"] if r == OUTSIDE_FACE else masks[r] for r in regions])
+    stack &= ~(np.cumsum(stack, axis=0) - stack).astype(bool)
+    template = template_regions((112, 112))
+    left, right = np.argwhere(template["left_eye"]).mean(0), np.argwhere(template["right_eye"]).mean(0)
+    d = float(np.linalg.norm(right - left)) * size[1] / 112.0
+
+    def kernel(fraction: float) -> np.ndarray:
+        k = max(3, int(fraction * d) | 1)
+        return np.ones((k, k), np.uint8)
+
+    alphas, colours = [], []
+    for m in stack.astype(np.float32):
+        colours.append(cv2.dilate(m, kernel(COLOUR_GROW)) > 0)
+        a = cv2.GaussianBlur(cv2.dilate(m, kernel(FEATHER_GROW)), (0, 0),
+                             max(1.0, FEATHER_SIGMA * d))
+        alphas.append(np.clip(a, 0.0, 1.0))
+    alpha, colour = np.stack(alphas), np.stack(colours)
+    alpha.flags.writeable = colour.flags.writeable = False
+    return EditMasks(tuple(regions), alpha, colour)
+
+
+def _cell_masks(masks: EditMasks, grid: tuple[int, int]) -> np.ndarray:
+    return np.stack([cv2.resize(a, (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+                     for a in masks.alpha]).astype(np.float32)
+
+
+def paste_region(target: np.ndarray, donor: np.ndarray, alpha: np.ndarray,
+                 colour: np.ndarray) -> np.ndarray:
+    """``target`` with ``donor`` pasted where ``alpha`` > 0: the donor matched per channel
+    (mean/std) to the target inside ``colour``, blended with the feathered ``alpha``.
+
+    target, donor (H, W, 3) uint8 in one frame (aligned crops); alpha (H, W) in 0..1;
+    colour (H, W) bool. Returns (H, W, 3) uint8.
+    """
+    t = target.astype(np.float32)
+    d = donor.astype(np.float32)
+    src, dst = d[colour], t[colour]
+    scale = (dst.std(0) + 1e-6) / (src.std(0) + 1e-6)
+    matched = (d - src.mean(0)) * scale + dst.mean(0)
+    out = alpha[..., None] * matched + (1 - alpha[..., None]) * t
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def edited_crops(target: np.ndarray, donor: np.ndarray, masks: EditMasks) -> np.ndarray:
+    """(R, H, W, 3) uint8: ``target`` with each region of ``masks`` pasted from ``donor``."""
+    return np.stack([paste_region(target, donor, a, c)
+                     for a, c in zip(masks.alpha, masks.colour, strict=True)])
+
+
+def mean_face(crops: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: the pixel-wise mean of (N, H, W, 3) aligned crops (the neutral face)."""
+    crops = np.asarray(crops)
+    if crops.ndim != 4 or len(crops) == 0:
+        raise ValueError(f"mean_face needs (N, H, W, 3) crops, got shape {crops.shape}")
+    return np.clip(np.rint(crops.astype(np.float64).mean(0)), 0, 255).astype(np.uint8)
+
+
+# ---- the neutral face -------------------------------------------------------------------
+
+class NeutralFace:
+    """The neutral face (H, W, 3) uint8 and, per explainer, its contrast-layer activations
+    (encoded once; thread-safe, so a server keeps one for its lifetime)."""
+
+    def __init__(self, crop: np.ndarray) -> None:
+        self.crop = np.ascontiguousarray(crop, dtype=np.uint8)
+        self._fine: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._lock = threading.Lock()
+
+    def fine_maps(self, explainer) -> tuple[torch.Tensor, ...]:
+        """One (1, C_f, h, w) tensor per view of ``explainer``."""
+        key = id(explainer)
+        with self._lock:
+            if key not in self._fine:
+                self._fine = {key: explainer.encode(self.crop).fine_maps}
+            return self._fine[key]
+
+
+def as_neutral(neutral: np.ndarray | NeutralFace) -> NeutralFace:
+    return neutral if isinstance(neutral, NeutralFace) else NeutralFace(neutral)
+
+
+_BUNDLED: dict[str, NeutralFace] = {}
+_BUNDLED_LOCK = threading.Lock()
+
+
+def bundled_neutral(pipeline=None) -> NeutralFace:
+    """The mean aligned face of the bundled photos (``encoder.assets.PHOTOS``: every face of
+    every photo, 15 for the ArcFace template), computed once per template size and kept in
+    ``data/cache``. A fixed reference, so a pair's effects do not change when unrelated
+    gallery records do."""
+    from encoder.align import get_template
+    from encoder.assets import CACHE_DIR, PHOTOS
+    from encoder.pipeline import FacePipeline
+
+    pipeline = pipeline or FacePipeline()
+    template = pipeline.template
+    with _BUNDLED_LOCK:
+        if template in _BUNDLED:
+            return _BUNDLED[template]
+        path = CACHE_DIR / f"neutral-face-{template}.npy"
+        crop = None
+        if path.is_file():
+            crop = np.load(path)
+        else:
+            crops = []
+            for photo in PHOTOS:
+                if not photo.path.exists():
+                    continue
+                if photo.aligned:
+                    crops.append(pipeline.face(photo.path, aligned=True).crop)
+                else:
+                    crops.extend(face.crop for face in pipeline.faces(photo.path))
+            crop = mean_face(np.stack(crops))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, crop)
+            tmp.replace(path)
+        if crop.shape[:2] != get_template(template).size:
+            raise ValueError(f"{path} does not hold a {template} crop: delete it")
+        _BUNDLED[template] = NeutralFace(crop)
+        return _BUNDLED[template]
+
+
+# ---- the effects ---------------------------------------------------------------------------
+
+class RegionEffects:
+    """Region effects of one query against its hits (request-scoped; not thread-safe).
+
+    explainer: an ``explain.attribution.engine.Explainer``; query: FaceFeatures of one face
+    with its crop (``Explainer.encode`` keeps it); neutral: the neutral face (``mean_face``
+    of some aligned faces, or ``bundled_neutral()``); mode: "pixels" (edited crops through
+    the whole encoder, the served default) or "features" (edits of the contrast layer + the
+    network tail). ``guard`` is polled between batches and charged one forward pass per
+    edited crop and view (a tail pass as ``1/TAIL_PASSES_PER_FORWARD`` of one). The query's
+    neutral edits are made once and shared by every hit.
+    """
+
+    def __init__(self, explainer, query, *, neutral: np.ndarray | NeutralFace,
+                 mode: str = "pixels", regions: tuple[str, ...] = EFFECT_REGIONS,
+                 guard: Guard | None = None) -> None:
+        from explain.errors import InvalidOption
+
+        if mode not in EFFECT_MODES:
+            raise InvalidOption(f"unknown effects mode {mode!r}; known: {list(EFFECT_MODES)}")
+        if query.crops is None:
+            raise InvalidOption("region effects need the faces' aligned crops")
+        self.explainer, self.query, self.mode = explainer, query, mode
+        self.neutral = as_neutral(neutral)
+        self.regions = tuple(regions)
+        self.masks = edit_masks(tuple(query.crop_size), self.regions)
+        self.guard = guard or Guard()
+        self._query_alike: list[torch.Tensor] | None = None  # per view (R, D), unit
+
+    def of(self, hits) -> list[PairEffects]:
+        """PairEffects of the query with each of ``hits`` (FaceFeatures with crops), in order."""
+        from explain.errors import InvalidOption
+
+        if hits.crops is None:
+            raise InvalidOption("region effects need the faces' aligned crops")
+        edit = self._pixel_edits if self.mode == "pixels" else self._feature_edits
+        q_diff, g_diff, g_alike, q_alike = edit(hits)  # per view (K, R, D) / (R, D), unit
+        q_units = [_unit(e[0:1])[0] for e in self.query.embeddings]
+        g_units = [_unit(e) for e in hits.embeddings]
+        views = range(len(q_units))
+
+        def mean(values) -> np.ndarray:
+            return np.mean([v.double().numpy() for v in values], axis=0)
+
+        base = mean([g_units[v] @ q_units[v] for v in views])  # (K,)
+        qd = mean([(q_diff[v] * g_units[v][:, None]).sum(-1) for v in views]) - base[:, None]
+        gd = mean([g_diff[v] @ q_units[v] for v in views]) - base[:, None]
+        ga = mean([g_alike[v] @ q_units[v] for v in views]) - base[:, None]
+        qa = mean([g_units[v] @ q_alike[v].T for v in views]) - base[:, None]
+        return [PairEffects(float(base[k]),
+                            SideEffects(self.regions, _floats(qd[k]), _floats(qa[k])),
+                            SideEffects(self.regions, _floats(gd[k]), _floats(ga[k])),
+                            self.mode)
+                for k in range(len(base))]
+
+    # -- pixels: edited crops through the whole encoder ------------------------------------
+    def _pixel_edits(self, hits):
+        q_crop, neutral = self.query.crops[0], self.neutral.crop
+        parts = []
+        for k in range(len(hits)):
+            g_crop = hits.crops[k]
+            parts += [edited_crops(q_crop, g_crop, self.masks),
+                      edited_crops(g_crop, q_crop, self.masks),
+                      edited_crops(g_crop, neutral, self.masks)]
+        if self._query_alike is None:
+            parts.append(edited_crops(q_crop, neutral, self.masks))
+        embs = self._encode(np.concatenate(parts))
+        k_count, r_count = len(hits), len(self.regions)
+        per_hit = [e[:3 * k_count * r_count].view(k_count, 3, r_count, -1) for e in embs]
+        if self._query_alike is None:
+            self._query_alike = [e[3 * k_count * r_count:] for e in embs]
+        return ([e[:, 0] for e in per_hit], [e[:, 1] for e in per_hit],
+                [e[:, 2] for e in per_hit], self._query_alike)
+
+    def _encode(self, crops: np.ndarray) -> list[torch.Tensor]:
+        """(N, H, W, 3) crops -> per view (N, D) unit embeddings, in guarded batches."""
+        views = len(self.query.embeddings)
+        out: list[list[torch.Tensor]] = [[] for _ in range(views)]
+        for start in range(0, len(crops), PIXEL_BATCH):
+            chunk = crops[start:start + PIXEL_BATCH]
+            self.guard.spend(len(chunk) * views)
+            feats = self.explainer.encode(chunk, cancel=self.guard.cancel)
+            for v in range(views):
+                out[v].append(feats.embeddings[v])
+        return [_unit(torch.cat(e)) for e in out]
+
+    # -- features: edits of the contrast layer, then the network's tail --------------------
+    def _feature_edits(self, hits):
+        query = self.query
+        if query.fine_maps is None:
+            query = self.query = self.explainer.encode(query.crops, cancel=self.guard.cancel)
+        if hits.fine_maps is None:
+            hits = self.explainer.encode(hits.crops, cancel=self.guard.cancel)
+        n_fine = self.neutral.fine_maps(self.explainer)
+        k_count, r_count = len(hits), len(self.regions)
+        q_diff, g_diff, g_alike, q_alike = [], [], [], []
+        with torch.no_grad():
+            for v, (encoder, flipped) in enumerate(zip(query.encoders, query.flipped,
+                                                       strict=True)):
+                fq, fg, fn = query.fine_maps[v], hits.fine_maps[v], n_fine[v]
+                m = _view_cells(self.masks.cells(tuple(fq.shape[-2:])), flipped, fq.dtype)
+                edits = [(fq[None] + m[None] * (fg[:, None] - fq[None])).flatten(0, 1),
+                         (fg[:, None] + m[None] * (fq[None] - fg[:, None])).flatten(0, 1),
+                         (fg[:, None] + m[None] * (fn[None] - fg[:, None])).flatten(0, 1)]
+                if self._query_alike is None:
+                    edits.append(fq + m * (fn - fq))
+                embs = _unit(_tail_embeddings(encoder, torch.cat(edits), self.guard))
+                n = k_count * r_count
+                q_diff.append(embs[:n].view(k_count, r_count, -1))
+                g_diff.append(embs[n:2 * n].view(k_count, r_count, -1))
+                g_alike.append(embs[2 * n:3 * n].view(k_count, r_count, -1))
+                q_alike.append(embs[3 * n:])
+        if self._query_alike is None:
+            self._query_alike = q_alike
+        return q_diff, g_diff, g_alike, self._query_alike
+
+
+def region_effects(explainer, query, hits, *, neutral: np.ndarray | NeutralFace,
+                   mode: str = "pixels", regions: tuple[str, ...] = EFFECT_REGIONS,
+                   guard: Guard | None = None) -> list[PairEffects]:
+    """Region effects on both faces of (query, hit_k), k = 1..K (``RegionEffects`` for one
+    query and all of ``hits`` at once). Returns K PairEffects in the order of ``hits``."""
+    return RegionEffects(explainer, query, neutral=neutral, mode=mode, regions=regions,
+                         guard=guard).of(hits)
+
+
+def _floats(values: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
+def _unit(e: torch.Tensor) -> torch.Tensor:
+    return e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _view_cells(cells: np.ndarray, flipped: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(R, h, w) -> (R, 1, h, w) tensor, mirrored for a flipped view."""
+    t = torch.from_numpy(np.array(cells))
+    return (torch.flip(t, dims=[-1]) if flipped else t)[:, None].to(dtype)
+
+
+# A tail pass through SFace's last 14x14 block and the 7x7 blocks costs about 1/20 of a full
+# forward; the guard is charged in whole forwards.
+TAIL_PASSES_PER_FORWARD = 20
+
+
+def _tail_embeddings(encoder, fine: torch.Tensor, guard: Guard) -> torch.Tensor:
+    """(N, C_f, h, w) contrast-layer activations -> (N, D) embeddings, in guarded batches."""
+    out = []
+    for start in range(0, len(fine), FEATURE_BATCH):
+        chunk = fine[start:start + FEATURE_BATCH]
+        guard.spend(max(1, -(-len(chunk) // TAIL_PASSES_PER_FORWARD)))
+        out.append(encoder.head(encoder.fine_to_features(chunk)))
+    return torch.cat(out)
