@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROTOCOLS = ("faithfulness", "sanity", "localization", "cost", "accuracy", "swap", "all")
+PROTOCOLS = ("faithfulness", "sanity", "localization", "cost", "accuracy", "swap", "planted", "all")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -103,7 +103,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     acc.add_argument("--gallery-split", type=Path, help="GM split CSV of the gallery images")
     acc.add_argument("--test-split", type=Path, help="GM split CSV of the test images")
     acc.add_argument("--ks", default="1,5,10,30")
+
+    planted = parser.add_argument_group(
+        "planted (synthetic syndromes: is the planted region found? explain.evaluation.planted)")
+    planted.add_argument("--folds", type=int, default=5, help="subject-disjoint folds")
+    planted.add_argument("--planted-encoders", default="frozen,finetuned",
+                         help="frozen (SFace as is) and/or finetuned (a head trained per fold)")
+    planted.add_argument("--effects-mode", default="features", help="features or pixels")
     parser.set_defaults(func=run)
+
+
+def _run_planted(args: argparse.Namespace) -> int:
+    """``phenolens evaluate planted``: the table in planted.md, every row in planted.json."""
+    from explain.evaluation.planted import PlantedConfig, markdown, run_planted
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = PlantedConfig(folds=args.folds, seed=args.seed, mode=args.effects_mode,
+                           encoders=tuple(e.strip() for e in args.planted_encoders.split(",")))
+    result = run_planted(config, log=lambda line: print(line, file=sys.stderr))
+    table = markdown(result)
+    (args.out / "planted.md").write_text("# Planted-feature protocol\n\n" + table)
+    (args.out / "planted.json").write_text(json.dumps(result, indent=1))
+    summary = {k: {kk: vv for kk, vv in v.items() if kk != "rows"}
+               for k, v in result["encoders"].items()}
+    print(json.dumps(summary) if args.json else table)
+    return 0
 
 
 # ------------------------------------------------------------------------ helpers
@@ -405,6 +429,8 @@ def run(args: argparse.Namespace) -> int:
 
     from explain.evaluation import report as R
 
+    if args.protocol == "planted":
+        return _run_planted(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
