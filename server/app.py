@@ -141,6 +141,11 @@ def start(config: ServiceConfig, backend: Backend | None = None) -> Server:
     if not auth.enabled:
         log_event(log, "authentication is OFF: no tokens configured; every caller may read, "
                   "and gallery writes are refused", logging.WARNING)
+    if len(backend.gallery) == 0:
+        log_event(log, "the gallery is empty: Match and Explain return no faces until faces "
+                  "are imported (phenolens gallery import DIR --server ADDRESS --token ADMIN; "
+                  "make serve fills data/galleries/default.sqlite with the demo's synthetic "
+                  "syndromes)", logging.WARNING, gallery=str(backend.gallery.path))
     limiter = HeavyWorkLimiter(limits.max_concurrent, limits.queue_timeout_s,
                                max_queued=limits.max_queued, max_rss_bytes=limits.max_rss_bytes)
     pool = futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="rpc")

@@ -77,6 +77,8 @@ class HitExplanation:
     bias_share: float
     gallery_crop: np.ndarray  # (H, W, 3) uint8
     gallery_crop_png: bytes  # as stored in the gallery
+    effects: Any = None  # explain.effects.PairEffects, for the hits effects were asked for
+    contrast_share: float | None = None  # share of cosine - 1 the contrast map accounts for
 
 
 @dataclass
@@ -262,6 +264,7 @@ class Backend:
         from explain.attribution.methods import warm_up
 
         warm_up(self.explainer, features)  # every method's first call obeys its deadline too
+        self.neutral.fine_maps(self.explainer)  # region effects' neutral face, encoded once
 
     def close(self) -> None:
         if self._feature_store is not None:
@@ -312,9 +315,12 @@ class Backend:
     def match(self, query: Query, *, top_k: int, top_syndromes: int, top_genes: int,
               filters: SearchFilter, scope: RequestScope) -> MatchOutcome:
         scope.check()
+        self.gallery.refresh()  # another process may have written the gallery file
         scheme = self.view_scheme
         version = self.gallery.version
         hits = self.gallery.search(query.views, top_k, filters, view_scheme=scheme)
+        if top_k > 0 and not hits and len(self.gallery) == 0:
+            log.warning("match on an empty gallery: no faces to return (import some first)")
         syndromes = self.gallery.rank_syndromes(query.views, top_syndromes, filters,
                                                 view_scheme=scheme) if top_syndromes else []
         genes = self.gallery.rank_genes(query.views, top_genes, filters,
@@ -337,12 +343,14 @@ class Backend:
     # -- explanations ------------------------------------------------------------------
     def explain(self, query: Query, hits: Sequence[Hit], *, methods: Sequence[str],
                 options: Mapping[str, Mapping[str, float]], photo_maps: bool,
-                feature_maps: bool, scope: RequestScope) -> Iterator[HitExplanation]:
+                feature_maps: bool, scope: RequestScope, effects: int = 0
+                ) -> Iterator[HitExplanation]:
         """Per hit, in order, maps of every method on both faces, each yielded once ready.
 
         Through ``explain_matches``: the batched engine maps for all hits in one
         pass, every other method per pair on the same (cached) features, with the
-        configured budget and a time limit that ends at the caller's deadline.
+        configured budget and a time limit that ends at the caller's deadline; region
+        effects for the first ``effects`` hits, against the bundled photos' mean face.
         Raises explain's Cancelled or TimeLimitExceeded when the call is abandoned.
         """
         from explain.attribution.matches import explain_matches, typed_options
@@ -367,7 +375,8 @@ class Backend:
                 self.explainer, query.features,
                 self._hit_features(hits, pngs, crops, query.features, scope),
                 methods, options={m: typed_options(m, o) for m, o in options.items()},
-                budget=self.config.explain.budget, time_limit=time_left, cancel=scope.cancelled)
+                budget=self.config.explain.budget, time_limit=time_left, cancel=scope.cancelled,
+                effects=effects, neutral=self.neutral if effects else None)
             warp = None  # the photo maps' sampling, shared by every map of every hit
             if photo_maps and query.face.alignment is not None:
                 warp = PhotoWarp.of(query.face.alignment, self.config.limits.max_photo_map_side)
@@ -379,13 +388,20 @@ class Backend:
                                              feature_maps)
                              for j, m in enumerate(match.maps))
                 yield HitExplanation(i, hits[i], maps, match.residual, match.bias_share,
-                                     crops[i], pngs[i])
+                                     crops[i], pngs[i], match.effects, match.contrast_share)
             completed = True
         except ExplainCancelled:
             scope.check()  # past the caller's deadline: say so (DEADLINE_EXCEEDED)
             raise
         finally:
             self.activity.end(completed)
+
+    @property
+    def neutral(self) -> Any:
+        """The neutral face of region effects: the bundled photos' mean aligned face."""
+        from explain.effects import bundled_neutral
+
+        return bundled_neutral(self.pipeline)
 
     def _hit_features(self, hits: Sequence[Hit], pngs: Sequence[bytes], crops: np.ndarray,
                       like: FaceFeatures, scope: RequestScope) -> FaceFeatures:
