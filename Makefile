@@ -56,7 +56,10 @@ $(TOOLS_STAMP):
 demo: setup
 	$(PY) -m server.demo
 
+# The default gallery starts with the demo's synthetic syndromes (built once, when it is
+# missing or empty), so the README's snippet finds faces.
 serve: setup
+	$(PY) -m server.demo --build-gallery data/galleries/default.sqlite --if-empty
 	$(VENV)/bin/phenolens serve
 
 bench: setup

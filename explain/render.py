@@ -30,8 +30,7 @@ from gallery.png import encode_png  # noqa: E402
 
 DIVERGING_CMAP = "RdBu_r"
 MAX_ALPHA = 0.75
-LEGENDS = {"contrast": "← differs from the other face      0      shared with it →"}
-DEFAULT_LEGEND = "← pushes apart      0      pulls together →"
+FADE_FLOOR = 0.05  # |value| under this share of the colour limit is drawn transparent
 
 
 def symmetric_limit(*maps: np.ndarray) -> float:
@@ -54,8 +53,15 @@ def colorize(signed_map: np.ndarray, limit: float | None = None) -> np.ndarray:
     limit = symmetric_limit(signed_map) if limit is None else float(limit)
     scaled = np.clip(np.asarray(signed_map, dtype=np.float64) / limit, -1.0, 1.0)
     rgba = colormaps[DIVERGING_CMAP]((scaled + 1.0) / 2.0)
-    rgba[..., 3] = MAX_ALPHA * np.sqrt(np.abs(scaled))
+    rgba[..., 3] = MAX_ALPHA * np.sqrt(faded(np.abs(scaled)))
     return rgba
+
+
+def faded(magnitude: np.ndarray, floor: float = FADE_FLOOR) -> np.ndarray:
+    """|value| / limit in 0..1 -> opacity weight in 0..1 that is exactly 0 below ``floor``:
+    a map's near-zero tail (the bilinear spread of a crop's map) leaves the face untouched,
+    so no tinted rectangle marks where the aligned crop lies on a photo."""
+    return np.clip((magnitude - floor) / (1.0 - floor), 0.0, 1.0)
 
 
 def _resize_map(signed_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -118,6 +124,69 @@ def photo_overlay_png(
     return overlay_png(photo_rgb, photo_map(aligned_map, alignment), path, limit=limit)
 
 
+# What each method's map shows, and what its two colours mean, in words for a clinician.
+METHOD_TITLES = {
+    "contrast": "contrast map: where the two faces differ",
+    "similarity": "similarity map: what pulls the two faces together",
+}
+SIGN_WORDS = {
+    "contrast": ("blue: differs from the other face", "red: shared with it"),
+}
+DEFAULT_SIGN_WORDS = ("blue: pushes the faces apart", "red: pulls them together")
+OUTSIDE_WARNING_SHARE = 0.25  # of a map's positive mass outside the face: say so
+
+
+def present_signs(*maps: np.ndarray, limit: float | None = None, floor: float = 0.2
+                  ) -> tuple[bool, bool]:
+    """(has blue, has red): whether a visible patch of the maps (0.5 % of their pixels) is
+    negative (positive) beyond ``floor`` of the shared colour limit, i.e. whether that
+    colour can be seen on the figure."""
+    limit = symmetric_limit(*maps) if limit is None else limit
+    values = [np.asarray(m, np.float64).ravel() for m in maps if m is not None and m.size]
+    if not values:
+        return False, False
+    v = np.concatenate(values)
+    return (float(np.percentile(v, 0.5)) < -floor * limit,
+            float(np.percentile(v, 99.5)) > floor * limit)
+
+
+def legend_words(method: str, *maps: np.ndarray) -> str:
+    """The legend in words, naming only the colours the maps can show."""
+    blue, red = SIGN_WORDS.get(method, DEFAULT_SIGN_WORDS)
+    has_blue, has_red = present_signs(*maps)
+    words = [w for w, shown in ((blue, has_blue), (red, has_red)) if shown]
+    return " · ".join(words + ["pale: little effect"]) if words else "the map is empty"
+
+
+def outside_face_share(signed_map: np.ndarray) -> float:
+    """Share (0..1) of a map's positive ("pulls together") mass outside the face ellipse
+    (hair, ears, background)."""
+    from explain.regions import template_regions
+
+    m = np.asarray(signed_map, dtype=np.float64)
+    pos = np.maximum(m, 0.0)
+    total = float(pos.sum())
+    if total <= 0:
+        return 0.0
+    return float(pos[template_regions(m.shape)["background"]].sum() / total)
+
+
+def map_words(query_map: np.ndarray, gallery_map: np.ndarray) -> tuple[str, str]:
+    """Region words of both faces' maps; one line for both when they say the same."""
+    from explain.regions import region_summary
+
+    def words(m: np.ndarray) -> str:
+        s = region_summary(m)
+        parts = [s.describe("negative")]
+        if s.ranked("positive"):
+            parts.append(s.describe("positive"))
+        return "; ".join(parts)
+
+    q, g = words(query_map), words(gallery_map)
+    return (f"both faces (one map drawn on both): {q}", "") if q == g else \
+        (f"query: {q}", f"match: {g}")
+
+
 def pair_figure(
     query_rgb: np.ndarray,
     gallery_rgb: np.ndarray,
@@ -129,33 +198,66 @@ def pair_figure(
     method: str = "similarity",
     path: str | Path | None = None,
     dpi: int = 110,
+    gallery_name: str = "",
+    words: tuple[str, str] | None = None,
+    warning: str | None = None,
 ) -> bytes:
-    """PNG of a pair: both aligned faces (top), both overlays on one ±max|map| scale
-    (bottom), a colorbar, the cosine and the gallery label in the title."""
+    """PNG of a pair that explains itself: a title (query → match, cosine, the method in
+    words), both aligned faces named (top), both overlays on one scale (bottom), a colour
+    bar in cosine per 10×10 pixels whose words name only the colours the maps show, the
+    region words of each face (``words``: query's and match's lines; default from the
+    maps) and, in red, a ``warning`` (default: when a quarter or more of either map's
+    "pulls together" mass lies outside the face, that the match leans on hair/background).
+
+    ``label`` is the match's syndrome; ``gallery_name`` how the gallery names the face
+    (e.g. its subject and image id)."""
     limit = symmetric_limit(query_map, gallery_map)
-    fig = Figure(figsize=(5.2, 5.9), dpi=dpi)
+    fig = Figure(figsize=(5.6, 7.0), dpi=dpi)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2)
+    axes = fig.subplots(2, 2, gridspec_kw={"hspace": 0.22, "wspace": 0.06})
+    fig.subplots_adjust(top=0.86, bottom=0.25, left=0.04, right=0.96)
+    match_name = label or "gallery face"
     panels = (
-        (query_rgb, None, "query"),
-        (gallery_rgb, None, label or "gallery"),
+        (query_rgb, None, "query face"),
+        (gallery_rgb, None, f"match: {gallery_name}" if gallery_name else "match"),
         (query_rgb, query_map, f"query · {method}"),
-        (gallery_rgb, gallery_map, f"gallery · {method}"),
+        (gallery_rgb, gallery_map, f"match · {method}"),
     )
     for ax, (rgb, signed, name) in zip(axes.ravel(), panels, strict=True):
         ax.imshow(rgb if signed is None else overlay(rgb, signed, limit=limit))
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name, fontsize=8.5)
         ax.set_axis_off()
-    mappable = matplotlib.cm.ScalarMappable(Normalize(-limit, limit), colormaps[DIVERGING_CMAP])
-    bar = fig.colorbar(
-        mappable, ax=axes.ravel().tolist(), orientation="horizontal", fraction=0.05, pad=0.04
-    )
-    bar.set_label(LEGENDS.get(method, DEFAULT_LEGEND), fontsize=8)
+    fig.suptitle(f"query → {match_name} · cosine {cosine:.3f}", fontsize=11, y=0.975)
+    fig.text(0.5, 0.905, METHOD_TITLES.get(method, f"{method} map"), ha="center",
+             fontsize=9, color="#333")
+    has_blue, has_red = present_signs(query_map, gallery_map, limit=limit)
+    cmap = colormaps[DIVERGING_CMAP]
+    lo, hi = (-limit if has_blue or not has_red else 0.0), (limit if has_red else 0.0)
+    per_100px = 100.0 * query_map.size / max(1, query_rgb.shape[0] * query_rgb.shape[1])
+    mappable = matplotlib.cm.ScalarMappable(Normalize(-limit, limit), cmap)
+    cax = fig.add_axes((0.2, 0.175, 0.6, 0.022))
+    bar = fig.colorbar(mappable, cax=cax, orientation="horizontal")
+    bar.ax.set_xlim(lo, hi)
+    ticks = [v for v in (lo, lo / 2, 0.0, hi / 2, hi) if lo <= v <= hi]
+    bar.set_ticks(sorted(set(ticks)))
+    bar.set_ticklabels([f"{v * per_100px:+.3f}".replace("+0.000", "0").replace("-", "−")
+                        for v in sorted(set(ticks))])
     bar.ax.tick_params(labelsize=7)
-    title = f"cosine {cosine:.3f}"
-    fig.suptitle(f"{label} · {title}" if label else title, fontsize=11)
-    from explain.regions import region_summary
-
-    fig.text(0.5, 0.008, f"query {region_summary(query_map).describe()} · gallery "
-             f"{region_summary(gallery_map).describe()}", ha="center", va="bottom", fontsize=7)
+    bar.set_label("colour: cosine gained (+) or lost (−) per 10×10 pixels of the face",
+                  fontsize=7.5)
+    fig.text(0.5, 0.205, legend_words(method, query_map, gallery_map), ha="center",
+             fontsize=8)
+    lines = [w for w in (words if words is not None else map_words(query_map, gallery_map)) if w]
+    if warning is None:
+        share = max(outside_face_share(query_map), outside_face_share(gallery_map))
+        warning = (f"this match leans on hair/background: {100 * share:.0f} % of what pulls the "
+                   "faces together lies outside the face") if share >= OUTSIDE_WARNING_SHARE \
+            else ""
+    y = 0.075
+    for line in lines:
+        fig.text(0.5, y, line, ha="center", va="bottom", fontsize=7, wrap=True)
+        y -= 0.03
+    if warning:
+        fig.text(0.5, 0.012, warning, ha="center", va="bottom", fontsize=7.5, color="#b00020",
+                 wrap=True)
     return figure_png(fig, path)

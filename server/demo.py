@@ -110,6 +110,15 @@ def build_gallery(path: Path, seed: int = 0) -> int:
         backend.close()
 
 
+def _has_faces(path: Path) -> bool:
+    if not path.exists():
+        return False
+    from gallery import Gallery
+
+    with Gallery.open(path, create=False) as gallery:
+        return len(gallery) > 0
+
+
 def write_queries(cohort, folder: Path) -> list[Path]:
     """Every held-out face as ``<subject>_<syndrome>.png`` (aligned 112x112 crops)."""
     from PIL import Image
@@ -322,11 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--build-gallery", type=Path, metavar="PATH",
                         help="only write the synthetic gallery into PATH (no server)")
+    parser.add_argument("--if-empty", action="store_true",
+                        help="with --build-gallery: leave a gallery that has faces as it is")
     parser.add_argument("--queries", type=Path, metavar="DIR",
                         help="only write the held-out query faces into DIR")
     args = parser.parse_args(argv)
     if args.build_gallery or args.queries:
-        if args.build_gallery:
+        if args.build_gallery and args.if_empty and _has_faces(args.build_gallery):
+            print(f"{args.build_gallery} already has faces: left as it is")
+        elif args.build_gallery:
             n = build_gallery(args.build_gallery, args.seed)
             print(f"wrote {n} synthetic gallery faces into {args.build_gallery}")
         if args.queries:

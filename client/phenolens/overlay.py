@@ -27,6 +27,9 @@ _DIVERGING = np.array(
 )
 
 
+FADE_FLOOR = 0.05  # |value| under this share of the peak is drawn transparent
+
+
 def diverging_colors(values: np.ndarray) -> np.ndarray:
     """(...,) values in [-1, 1] -> (..., 3) float32 RGB in 0..255, by linear interpolation."""
     t = (np.clip(values, -1.0, 1.0) + 1.0) / 2.0 * (len(_DIVERGING) - 1)
@@ -55,7 +58,9 @@ def render_overlay(base_rgb: np.ndarray, signed_map: np.ndarray, *, alpha: float
     m = resize_map(signed_map, base.shape[:2])
     scale = robust_peak(m)
     v = np.clip(m / scale, -1.0, 1.0)
-    weight = (alpha * np.sqrt(np.abs(v)))[..., None]
+    # exactly transparent under FADE_FLOOR of the peak: no tinted rectangle around a crop
+    magnitude = np.clip((np.abs(v) - FADE_FLOOR) / (1.0 - FADE_FLOOR), 0.0, 1.0)
+    weight = (alpha * np.sqrt(magnitude))[..., None]
     out = base * (1.0 - weight) + diverging_colors(v) * weight
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
@@ -67,23 +72,33 @@ def robust_peak(signed_map: np.ndarray) -> float:
     return float(np.percentile(nonzero, 99)) if nonzero.size else 1.0
 
 
+# The colours each method's map can show, in words (contrast keeps what differs: blue only).
 LEGENDS = {
-    "contrast": ("blue: differs from the other face", "red: shared with it"),
+    "contrast": ("blue: differs from the other face",),
 }
 DEFAULT_LEGEND = ("blue: pushes the faces apart", "red: pulls them together")
+LEGEND_HEIGHT = 46
 
 
-def legend_strip(width: int, method: str | None) -> np.ndarray:
-    """(28, width, 3) uint8: a small colour bar and what blue and red mean for ``method``."""
+def legend_strip(width: int, method: str | None, *,
+                 faces: str = "left: query face · right: gallery match") -> np.ndarray:
+    """(46, width, 3) uint8 under a figure: a colour bar, which face is which, what the
+    colours mean for ``method`` and how strong they are."""
     Image = require_pillow()
     from PIL import ImageDraw
 
-    strip = np.full((28, width, 3), 255, dtype=np.uint8)
-    bar = diverging_colors(np.linspace(-1.0, 1.0, min(96, width // 3)))
-    strip[4:12, 4 : 4 + bar.shape[0]] = bar[None].astype(np.uint8)
+    strip = np.full((LEGEND_HEIGHT, width, 3), 255, dtype=np.uint8)
+    words = LEGENDS.get(method or "", DEFAULT_LEGEND)
+    lo = -1.0
+    hi = 0.0 if len(words) == 1 else 1.0
+    bar = diverging_colors(np.linspace(lo, hi, min(96, max(8, width // 3))))
+    strip[4:11, 4 : 4 + bar.shape[0]] = bar[None].astype(np.uint8)
     image = Image.fromarray(strip)
-    blue, red = LEGENDS.get(method or "", DEFAULT_LEGEND)
-    ImageDraw.Draw(image).text((4, 14), f"{blue} · {red}", fill=(40, 40, 40))
+    draw = ImageDraw.Draw(image)
+    draw.text((bar.shape[0] + 10, 1), f"{method or 'map'} · {faces}", fill=(40, 40, 40))
+    draw.text((4, 14), " · ".join((*words, "pale: weak")), fill=(40, 40, 40))
+    draw.text((4, 28), "strength relative to the strongest spot on each face",
+              fill=(90, 90, 90))
     return np.asarray(image)
 
 

@@ -7,8 +7,8 @@ method sent (the server's default unless the caller chose), the region summary
 in words and the cosine; a short "how to read this page". Images are inlined as
 ``data:`` URIs, the styles are inline, there is no script and no link to fetch,
 so the file reads the same offline and in ten years. It shows nothing about the
-patient beyond the photo and the ``title`` the caller passes: gallery images are
-named by their opaque gallery id and syndrome only. Needs Pillow.
+patient beyond the photo and the ``title`` the caller passes: gallery faces are
+named by the gallery's own labels (syndrome, subject and image id). Needs Pillow.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums;
 .match .words{font-size:.95rem;flex:1 1 280px;min-width:0}
 figure.pair{flex:0 1 600px}
 .muted{color:#777}
+.warn{color:#b00020}
 """
 
 
@@ -113,8 +114,87 @@ def _pair_figure(e: ExplainedMatch, method: str) -> bytes | np.ndarray:
     m = e.map(method, "query")
     if m.pair_figure_png:
         return m.pair_figure_png
-    return side_by_side([e.overlay(method, "query", scale=2),
-                         e.overlay(method, "gallery", scale=2)])
+    from .overlay import legend_strip
+
+    row = side_by_side([e.overlay(method, "query", scale=2), e.overlay(method, "gallery", scale=2)])
+    return np.concatenate([row, legend_strip(row.shape[1], method)])
+
+
+def gallery_name(e: ExplainedMatch) -> str:
+    """How the gallery names the matched face: subject and image id (the gallery's own
+    labels), never the opaque row id alone."""
+    r = e.hit.record
+    parts = [f"subject {r.subject_id}" if r.subject_id else "",
+             f"image {r.image_id}" if r.image_id else ""]
+    named = ", ".join(p for p in parts if p)
+    return named or f"gallery record {e.hit.gallery_id}"
+
+
+def _effects(e: ExplainedMatch, side: str):
+    """The region effects of one side (``FaceEffects``), when the server sent them."""
+    effects_of = getattr(e, "effects_of", None)
+    return effects_of(side) if callable(effects_of) else None
+
+
+def side_words(e: ExplainedMatch, method: str) -> list[tuple[str, str]]:
+    """(who, words) lines for a match: per face from the region effects when the server sent
+    them; else from the maps, naming one line for both faces where the map is the same on
+    both (contrast) and per face what pulls them together (the similarity map)."""
+    lines = []
+    for side, who in (("query", "Query face"), ("gallery", "Gallery face")):
+        fx = _effects(e, side)
+        if fx is not None:
+            lines.append((who, fx.describe()))
+    if lines:
+        return lines
+    q, g = e.map(method, "query"), e.map(method, "gallery")
+    if q.regions or g.regions:
+        qd, gd = q.describe_regions("negative"), g.describe_regions("negative")
+        if qd == gd:
+            lines.append(("Both faces (one map, drawn on both)", qd))
+        else:
+            lines += [("Query face", qd), ("Gallery face", gd)]
+    alike = "similarity" if "similarity" in e.methods else method
+    for side, who in (("query", "Query face"), ("gallery", "Gallery face")):
+        m = e.map(alike, side)
+        if m.regions and m.ranked_regions("positive"):
+            lines.append((who, m.describe_regions("positive")))
+    return lines
+
+
+OUTSIDE_SHARE = 0.5  # of the similarity's "pulls together" mass outside the named regions
+
+
+def leans_on_outside(e: ExplainedMatch) -> str:
+    """A sentence when the match leans on hair or background, else ""."""
+    flagged = []
+    for side in ("query", "gallery"):
+        fx = _effects(e, side)
+        if fx is not None and fx.leans_on_outside():
+            flagged.append(side)
+    if any(_effects(e, side) is not None for side in ("query", "gallery")):
+        if not flagged:
+            return ""
+        return ("This match leans on hair or background (replacing what lies outside the "
+                f"{' and '.join(f'{s} face' for s in flagged)} with an average face's changes "
+                "the similarity most): read it with care, it may not be about the face.")
+    if "similarity" not in e.methods:
+        return ""
+    outside = [1.0 - sum(r.positive for r in e.map("similarity", side).regions)
+               for side in ("query", "gallery") if e.map("similarity", side).regions]
+    if outside and max(outside) >= OUTSIDE_SHARE:
+        return (f"{100 * max(outside):.0f} % of what pulls these faces together lies outside "
+                "the named facial regions (hair, background or the face's edge): read this "
+                "match with care, it may not be about the face.")
+    return ""
+
+
+def is_synthetic(match) -> bool:
+    """The gallery's labels say its syndromes are synthetic (``research.synth``: names that
+    start with "synthetic", OMIM-style numbers that start with "SYN-", or a synthetic source)."""
+    return any(s.syndrome_name.lower().startswith("synthetic") or s.omim.startswith("SYN-")
+               for s in match.syndromes) or any(h.record.source.startswith("synthetic")
+                                                 for h in match.hits)
 
 
 def _match_section(e: ExplainedMatch, method: str) -> str:
@@ -122,25 +202,26 @@ def _match_section(e: ExplainedMatch, method: str) -> str:
     name = h.record.syndrome_name or h.syndrome_id
     figure = _pair_figure(e, method)
     src = _png_uri(figure) if isinstance(figure, bytes) else _data_uri(figure)
-    q, g = e.map(method, "query"), e.map(method, "gallery")
-    words = []
-    if q.regions:
-        words.append(f"<li>Query face: {html.escape(q.describe_regions('negative'))}; "
-                     f"{html.escape(q.describe_regions('positive'))}.</li>")
-    if g.regions:
-        words.append(f"<li>Gallery face: {html.escape(g.describe_regions('negative'))}; "
-                     f"{html.escape(g.describe_regions('positive'))}.</li>")
+    words = "".join(f"<li><b>{html.escape(who)}:</b> {html.escape(text)}.</li>"
+                    for who, text in side_words(e, method))
+    warning = leans_on_outside(e)
+    if warning:
+        words += f'<li class="warn">{html.escape(warning)}</li>'
+    first_order = getattr(e, "first_order", None)
+    if first_order is not None:
+        words += (f'<li class="muted">The {html.escape(method)} map accounts for '
+                  f"{100 * first_order:.0f} % of the similarity lost against a perfect "
+                  "match.</li>")
     return f"""
 <section class="match" id="match-{h.rank}">
-<h3>Match {h.rank}: {html.escape(name)}</h3>
+<h3>Match {h.rank}: {html.escape(name)} <span class="muted">({html.escape(gallery_name(e))})</span></h3>
 <p>Cosine similarity <b>{h.cosine:+.3f}</b> · chance that these two faces share a
-syndrome: <b>{_confidence_cell(h.confidence)}</b> · gallery image {html.escape(h.gallery_id)}
-· explanation: {html.escape(method)}</p>
+syndrome: <b>{_confidence_cell(h.confidence)}</b> · explanation: {html.escape(method)}</p>
 <div class="row"><figure class="pair"><img src="{src}" alt="pair figure of match {h.rank}:
-query and gallery faces with their {html.escape(method)} maps"><figcaption>Top: the two aligned
-faces. Bottom: the same faces with the map; red pulls the faces together, blue marks where they
-differ.</figcaption></figure>
-<ul class="words">{''.join(words)}</ul></div>
+query and gallery faces with their {html.escape(method)} maps"><figcaption>Top: the query
+face and the matched gallery face. Bottom: the same faces with the {html.escape(method)} map;
+the legend under the figure says what its colours mean.</figcaption></figure>
+<ul class="words">{words}</ul></div>
 </section>"""
 
 
@@ -167,6 +248,11 @@ def render_report(result: ExplainResult, query_photo: np.ndarray | None = None, 
              "compares with the faces in one gallery. Syndromes that are absent from the "
              "gallery cannot appear.</p>"]
 
+    if is_synthetic(match):
+        parts.append('<p class="note" id="synthetic">The syndromes in this gallery are '
+                     "synthetic: smooth deformations planted on photos of ordinary adults, "
+                     "with made-up OMIM-style numbers and gene symbols. Nothing here is about "
+                     "a real syndrome or a real patient.</p>")
     faces = []
     if query_photo is not None and (match.alignment is None or match.alignment.detected):
         faces.append(f'<figure><img id="query-photo" src="'
@@ -182,12 +268,15 @@ def render_report(result: ExplainResult, query_photo: np.ndarray | None = None, 
 
     parts.append("<h2>Syndromes</h2>")
     parts.append(f"<p>{_reliability(result)}</p>")
+    shown = match.syndromes[:top_syndromes]
+    omim = any(s.omim for s in shown)  # an empty column is left out
     rows = "".join(
         f"<tr><td class=num>{s.rank}</td><td>{html.escape(s.syndrome_name or s.syndrome_id)}"
-        f"</td><td>{html.escape(s.omim)}</td><td class=num>{s.cosine:+.3f}</td>"
-        f"<td class=num>{_confidence_cell(s.confidence)}</td></tr>"
-        for s in match.syndromes[:top_syndromes])
-    parts.append("<table id=syndromes><tr><th>rank</th><th>syndrome</th><th>OMIM</th>"
+        f"</td>{f'<td>{html.escape(s.omim)}</td>' if omim else ''}"
+        f"<td class=num>{s.cosine:+.3f}</td>"
+        f"<td class=num>{_confidence_cell(s.confidence)}</td></tr>" for s in shown)
+    parts.append("<table id=syndromes><tr><th>rank</th><th>syndrome</th>"
+                 f"{'<th>OMIM</th>' if omim else ''}"
                  "<th>best cosine</th><th>confidence</th></tr>" + rows + "</table>")
     refused = {s.confidence.reason for s in match.syndromes[:top_syndromes]
                if s.confidence.probability is None and s.confidence.reason}
@@ -231,11 +320,16 @@ probability that the query carries it, read from its nearest carrier's cosine.</
 confidence reads that nearest cosine against how the best cosine of the right and of the
 wrong syndromes fell in the gallery; a single match's "chance that these two faces share a
 syndrome" reads one pair's cosine against all pairs, so the two numbers differ.</li>
-<li><b>Maps</b>: red regions pull the two faces together, blue regions are where they
-differ; the colour scale is shared by both faces of a pair, and pale means little effect.
-The words under each figure name the landmark regions (eyes, brows, nasal bridge, nose,
-mouth, chin, cheeks, forehead) holding the largest shares of the blue ("differs") and red ("alike")
-mass of the map.</li>
+<li><b>Maps</b>: the <i>contrast</i> map (blue) marks where the two faces differ; the
+<i>similarity</i> map is red where a region pulls the faces together and blue where it pushes
+them apart. One colour scale serves both faces of a pair; pale means little effect. The legend
+under each figure names only the colours the figure can show.</li>
+<li><b>Words</b>: with region effects, "differs most: eyes (+0.12)" means the similarity
+would rise by 0.12 if this face had the other face's eyes, and "alike most: nose (−0.05)"
+that it would drop by 0.05 if this face's nose were an average face's: the match leans on
+it. Without them the words name the landmark regions (eyes, brows, nasal bridge, nose,
+mouth, chin, cheeks, forehead) holding the largest shares of the map. A match that leans
+on hair or background is flagged in red.</li>
 <li>The maps explain the model's similarity score, not a clinical finding.</li>
 </ul>
 """
