@@ -72,6 +72,9 @@ class Retry:
 
     Waits grow exponentially (base, 2*base, ... up to cap) with jitter, are never
     shorter than the server's retry hint, and never go past the caller's deadline.
+    (gRPC's own retry policy in the channel's service config cannot keep this promise:
+    it caps maxAttempts at 5, reads no ``retry-after-ms`` hint and cannot tell a busy
+    server's RESOURCE_EXHAUSTED from a message too large.)
     """
 
     attempts: int = 6
@@ -105,6 +108,30 @@ class Deadline:
         return None if self.at is None else max(0.0, self.at - time.monotonic())
 
 
+class Tries:
+    """The tries of one call, shared by the blocking and the asyncio client: the timeout
+    of each try (``remaining()``) and the wait before the next (``wait_after``)."""
+
+    def __init__(self, retry: Retry | None, timeout: float | None,
+                 to_error: Callable[[grpc.RpcError], PhenoLensError]) -> None:
+        self.retry = retry
+        self.deadline = Deadline(timeout)
+        self.to_error = to_error
+        self.attempt = 0
+
+    def remaining(self) -> float | None:
+        return self.deadline.remaining()
+
+    def wait_after(self, error: grpc.RpcError, retryable: bool = True) -> float:
+        """Seconds to sleep before the next try; raises the typed error when there is none."""
+        delay = self.retry.delay(error, self.attempt, self.remaining()) \
+            if retryable and self.retry is not None else None
+        if delay is None:
+            raise self.to_error(error) from None
+        self.attempt += 1
+        return delay
+
+
 def channel_options(tls: TLS | bool | None, max_message_bytes: int) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -121,12 +148,28 @@ def channel_credentials(tls: TLS | bool | None) -> grpc.ChannelCredentials | Non
     return TLS().credentials() if tls is True else tls.credentials()
 
 
-class Client(SyndromeMixin):
-    """A PhenoLens connection. Thread-safe; close it (or use ``with``) when done.
+class ExplainEvents:
+    """ExplainStream events -> the MatchResult, then each ExplainedMatch (carrying the
+    query crop that the first event brought)."""
 
-    ``timeout`` is the default deadline of each call in seconds (None: no deadline).
-    Every failed call raises a ``phenolens.errors.PhenoLensError`` subclass.
-    """
+    def __init__(self, photo: np.ndarray | None) -> None:
+        self.photo = photo
+        self.crop = b""
+
+    def __call__(self, event: phenolens_pb2.ExplainEvent) -> MatchResult | ExplainedMatch:
+        self.crop = self.crop or event.query_crop_png
+        if event.HasField("match"):
+            return MatchResult.from_proto(event.match)
+        return ExplainedMatch.from_proto(event.explanation, query_crop_png=self.crop,
+                                         query_photo=self.photo)
+
+
+class Calls:
+    """Every PhenoLens call, written once for ``Client`` and ``AsyncClient``: each builds
+    its request and reads its response here; the subclass's ``_call`` (blocking, or
+    returning an awaitable) and ``_stream`` (an iterator, or an async one) run it."""
+
+    _grpc: Any = grpc  # the module that makes channels: grpc, or grpc.aio
 
     def __init__(
         self,
@@ -144,8 +187,8 @@ class Client(SyndromeMixin):
         options=[("grpc.lb_policy_name", "round_robin")])``."""
         options = [*channel_options(tls, max_message_bytes), *options]
         creds = channel_credentials(tls)
-        self._channel = (grpc.secure_channel(target, creds, options=options) if creds
-                         else grpc.insecure_channel(target, options=options))
+        self._channel = (self._grpc.secure_channel(target, creds, options=options) if creds
+                         else self._grpc.insecure_channel(target, options=options))
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
         self._retry = retry or Retry()
@@ -153,43 +196,32 @@ class Client(SyndromeMixin):
         self._lens = phenolens_pb2_grpc.PhenoLensStub(self._channel)
         self._gallery = gallery_pb2_grpc.GalleryAdminStub(self._channel)
 
-    # -- plumbing ---------------------------------------------------------------------------
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
-        deadline = Deadline(self._timeout if timeout is None else timeout)
-        attempt = 0
-        while True:
-            try:
-                return method(request, timeout=deadline.remaining(), metadata=self._metadata)
-            except grpc.RpcError as error:
-                delay = self._retry.delay(error, attempt, deadline.remaining())
-                if delay is None:
-                    raise self._error(error) from None
-                time.sleep(delay)
-                attempt += 1
-
     def _error(self, error: grpc.RpcError) -> PhenoLensError:
         return from_rpc_error(error, without_client_cert=self._no_client_cert)
 
+    def _tries(self, timeout: float | None, retry: bool = True) -> Tries:
+        return Tries(self._retry if retry else None,
+                     self._timeout if timeout is None else timeout, self._error)
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None,
+              read: Callable[[Any], T] | None = None, *, retry: bool = True) -> Any:
+        raise NotImplementedError
+
+    def _stream(self, start: Callable[[], tuple[Any, ExplainEvents]], timeout: float | None
+                ) -> Any:
+        raise NotImplementedError
+
     # -- matching ---------------------------------------------------------------------------
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
-        return ServerInfo.from_proto(
-            self._call(self._lens.GetServerInfo, phenolens_pb2.ServerInfoRequest(), timeout))
+        return self._call(self._lens.GetServerInfo, phenolens_pb2.ServerInfoRequest(), timeout,
+                          ServerInfo.from_proto)
 
     def encode(self, image: ImageLike, *, aligned: bool = False, return_crop: bool = False,
                timeout: float | None = None) -> Encoding:
         """Detect, align and embed one face; ``aligned=True`` skips detection for a crop."""
         request = phenolens_pb2.EncodeRequest(image=to_image(image, aligned=aligned),
                                               return_aligned_crop=return_crop)
-        return Encoding.from_proto(self._call(self._lens.Encode, request, timeout))
+        return self._call(self._lens.Encode, request, timeout, Encoding.from_proto)
 
     def match(self, image: ImageLike | None = None, *, aligned: bool = False,
               embedding: np.ndarray | None = None, view_scheme: str = "", top_k: int = 10,
@@ -200,7 +232,7 @@ class Client(SyndromeMixin):
                                    view_scheme=view_scheme, top_k=top_k,
                                    top_syndromes=top_syndromes, top_genes=top_genes,
                                    filters=filters, exclude_subjects=exclude_subjects)
-        return MatchResult.from_proto(self._call(self._lens.Match, request, timeout))
+        return self._call(self._lens.Match, request, timeout, MatchResult.from_proto)
 
     def explain(self, image: ImageLike, *, aligned: bool = False, top_k: int = 3,
                 methods: Sequence[str] = (), photo_maps: bool = True, overlays: bool = False,
@@ -216,14 +248,18 @@ class Client(SyndromeMixin):
                                      gallery_ids=gallery_ids, filters=filters,
                                      exclude_subjects=exclude_subjects,
                                      method_options=method_options)
-        response = self._call(self._lens.Explain, request, timeout)
-        photo = to_rgb(image) if photo_maps else None
-        return ExplainResult(
-            MatchResult.from_proto(response.match),
-            tuple(ExplainedMatch.from_proto(e, query_crop_png=response.query_crop_png,
-                                            query_photo=photo) for e in response.explanations),
-            response.query_crop_png,
-        )
+
+        def read(response: phenolens_pb2.ExplainResponse) -> ExplainResult:
+            photo = to_rgb(image) if photo_maps else None
+            return ExplainResult(
+                MatchResult.from_proto(response.match),
+                tuple(ExplainedMatch.from_proto(e, query_crop_png=response.query_crop_png,
+                                                query_photo=photo)
+                      for e in response.explanations),
+                response.query_crop_png,
+            )
+
+        return self._call(self._lens.Explain, request, timeout, read)
 
     def report(self, image: ImageLike, out: str | Path | None = None, *, aligned: bool = False,
                top_k: int = 3, title: str = "", methods: Sequence[str] = (),
@@ -235,11 +271,14 @@ class Client(SyndromeMixin):
         request = rq.explain_request(image, aligned=aligned, top_k=top_k, methods=methods,
                                      photo_maps=False, filters=filters)
         request.pair_figures = True
-        result = ExplainResult.from_proto(self._call(self._lens.Explain, request, timeout))
-        page = render_report(result, to_rgb(image), title=title)
-        if out is not None:
-            Path(out).write_text(page, encoding="utf-8")
-        return page
+
+        def read(response: phenolens_pb2.ExplainResponse) -> str:
+            page = render_report(ExplainResult.from_proto(response), to_rgb(image), title=title)
+            if out is not None:
+                Path(out).write_text(page, encoding="utf-8")
+            return page
+
+        return self._call(self._lens.Explain, request, timeout, read)
 
     def explain_stream(self, image: ImageLike, *, aligned: bool = False, top_k: int = 3,
                        methods: Sequence[str] = (), photo_maps: bool = True,
@@ -251,41 +290,20 @@ class Client(SyndromeMixin):
                        ) -> Iterator[MatchResult | ExplainedMatch]:
         """Yields the MatchResult first, then each ExplainedMatch as the server finishes it.
 
-        Closing the iterator early (``break``) cancels the call on the server.
+        Closing the iterator early (``break``) cancels the call on the server. The blocking
+        client retries (as ``Retry`` says) until the first event arrives; the asyncio
+        client does not retry it.
         """
-        request = rq.explain_request(image, aligned=aligned, top_k=top_k, methods=methods,
-                                     photo_maps=photo_maps, overlays=overlays,
-                                     gallery_crops=gallery_crops, feature_maps=feature_maps,
-                                     gallery_ids=gallery_ids, filters=filters,
-                                     exclude_subjects=exclude_subjects,
-                                     method_options=method_options)
-        photo = to_rgb(image) if photo_maps else None
-        deadline = Deadline(self._timeout if timeout is None else timeout)
-        attempt = 0
-        while True:
-            call = self._lens.ExplainStream(request, timeout=deadline.remaining(),
-                                            metadata=self._metadata)
-            received = 0
-            crop = b""
-            try:
-                for event in call:
-                    received += 1
-                    crop = crop or event.query_crop_png
-                    if event.HasField("match"):
-                        yield MatchResult.from_proto(event.match)
-                    else:
-                        yield ExplainedMatch.from_proto(event.explanation, query_crop_png=crop,
-                                                        query_photo=photo)
-                return
-            except grpc.RpcError as error:
-                delay = self._retry.delay(error, attempt, deadline.remaining()) \
-                    if received == 0 else None
-                if delay is None:
-                    raise self._error(error) from None
-                time.sleep(delay)
-                attempt += 1
-            finally:
-                call.cancel()
+
+        def start() -> tuple[phenolens_pb2.ExplainRequest, ExplainEvents]:
+            request = rq.explain_request(
+                image, aligned=aligned, top_k=top_k, methods=methods, photo_maps=photo_maps,
+                overlays=overlays, gallery_crops=gallery_crops, feature_maps=feature_maps,
+                gallery_ids=gallery_ids, filters=filters, exclude_subjects=exclude_subjects,
+                method_options=method_options)
+            return request, ExplainEvents(to_rgb(image) if photo_maps else None)
+
+        return self._stream(start, timeout)
 
     # -- gallery ----------------------------------------------------------------------------
     def add_image(self, image: ImageLike, record: GalleryRecord | None = None, *,
@@ -298,42 +316,86 @@ class Client(SyndromeMixin):
         if record is None:
             fields["genes"] = tuple(fields.get("genes", ()))
             record = GalleryRecord(gallery_id="", **fields)
-        response = self._call(self._gallery.AddImage,
-                              rq.add_image_request(image, record, aligned=aligned, face_index=face_index), timeout)
-        return GalleryRecord.from_proto(response.record)
+        request = rq.add_image_request(image, record, aligned=aligned, face_index=face_index)
+        return self._call(self._gallery.AddImage, request, timeout,
+                          lambda r: GalleryRecord.from_proto(r.record))
 
     def import_gallery(self, items: Iterable[rq.ImportItem], *, timeout: float | None = None
                        ) -> ImportSummary:
         """Stream records to the server (admin scope); not retried, since items are consumed."""
-        timeout = self._timeout if timeout is None else timeout
-        try:
-            s = self._gallery.ImportGallery(rq.import_records(items), timeout=timeout,
-                                            metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        return ImportSummary(s.received, s.added, s.unchanged, s.gallery_version)
+        return self._call(self._gallery.ImportGallery, rq.import_records(items), timeout,
+                          lambda s: ImportSummary(s.received, s.added, s.unchanged,
+                                                  s.gallery_version), retry=False)
 
     def delete_images(self, gallery_ids: Sequence[str] = (), *, image_ids: Sequence[str] = (),
-                      missing_ok: bool = False,
-                      timeout: float | None = None) -> int:
+                      missing_ok: bool = False, timeout: float | None = None) -> int:
         request = gallery_pb2.DeleteImagesRequest(gallery_ids=list(gallery_ids),
                                                   image_ids=list(image_ids),
                                                   missing_ok=missing_ok)
-        return self._call(self._gallery.DeleteImages, request, timeout).deleted
+        return self._call(self._gallery.DeleteImages, request, timeout, lambda r: r.deleted)
 
     def get_image(self, gallery_id: str, *, include_crop: bool = False,
                   include_embedding: bool = False, timeout: float | None = None) -> GalleryImage:
         request = gallery_pb2.GetImageRequest(gallery_id=gallery_id, include_crop=include_crop,
                                               include_embedding=include_embedding)
-        return GalleryImage.from_proto(self._call(self._gallery.GetImage, request, timeout))
+        return self._call(self._gallery.GetImage, request, timeout, GalleryImage.from_proto)
 
     def list_images(self, *, page_size: int = 100, page_token: str = "", syndrome_id: str = "",
                     subject_id: str = "", timeout: float | None = None) -> Page:
         request = gallery_pb2.ListImagesRequest(page_size=page_size, page_token=page_token,
                                                 syndrome_id=syndrome_id, subject_id=subject_id)
-        r = self._call(self._gallery.ListImages, request, timeout)
-        return Page(tuple(GalleryRecord.from_proto(x) for x in r.records), r.next_page_token,
-                    r.total)
+        return self._call(self._gallery.ListImages, request, timeout, lambda r: Page(
+            tuple(GalleryRecord.from_proto(x) for x in r.records), r.next_page_token, r.total))
+
+    def gallery_stats(self, *, timeout: float | None = None) -> GalleryStats:
+        return self._call(self._gallery.GalleryStats, gallery_pb2.GalleryStatsRequest(), timeout,
+                          GalleryStats.from_proto)
+
+
+class Client(SyndromeMixin, Calls):
+    """A PhenoLens connection. Thread-safe; close it (or use ``with``) when done.
+
+    ``timeout`` is the default deadline of each call in seconds (None: no deadline).
+    Every failed call raises a ``phenolens.errors.PhenoLensError`` subclass.
+    """
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None,
+              read: Callable[[Any], T] | None = None, *, retry: bool = True) -> Any:
+        tries = self._tries(timeout, retry)
+        while True:
+            try:
+                response = method(request, timeout=tries.remaining(), metadata=self._metadata)
+            except grpc.RpcError as error:
+                time.sleep(tries.wait_after(error))
+                continue
+            return response if read is None else read(response)
+
+    def _stream(self, start: Callable[[], tuple[Any, ExplainEvents]], timeout: float | None
+                ) -> Iterator[MatchResult | ExplainedMatch]:
+        request, events = start()
+        tries = self._tries(timeout)
+        while True:
+            call = self._lens.ExplainStream(request, timeout=tries.remaining(),
+                                            metadata=self._metadata)
+            received = 0
+            try:
+                for event in call:
+                    received += 1
+                    yield events(event)
+                return
+            except grpc.RpcError as error:
+                time.sleep(tries.wait_after(error, retryable=received == 0))
+            finally:
+                call.cancel()
 
     def iter_images(self, *, page_size: int = 100, syndrome_id: str = "", subject_id: str = ""
                     ) -> Iterator[GalleryRecord]:
@@ -346,10 +408,6 @@ class Client(SyndromeMixin):
             token = page.next_page_token
             if not token:
                 return
-
-    def gallery_stats(self, *, timeout: float | None = None) -> GalleryStats:
-        return GalleryStats.from_proto(
-            self._call(self._gallery.GalleryStats, gallery_pb2.GalleryStatsRequest(), timeout))
 
 
 __all__ = ["Client", "TLS", "Retry", "Deadline", "PhenoLensError"]
