@@ -12,6 +12,11 @@ Variables that name no key here are left alone (``PHENOLENS_DEVICE`` and
 ``PHENOLENS_TORCH_THREADS`` belong to ``encoder.runtime``, which reads them
 itself). Unknown keys in the file are an error, so a typo never goes unnoticed.
 Relative paths in a file are resolved against the file's folder.
+
+pydantic-settings reads and merges the sources (keyword overrides, then the
+environment, then the file); the sections are frozen pydantic dataclasses, so
+values are checked and converted by type, and ``dataclasses.replace`` and
+``dataclasses.asdict`` work on them as on any dataclass.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, get_args, get_type_hints
+from typing import Annotated, Any, get_args, get_type_hints
 
 import yaml
 from pydantic import BeforeValidator, ConfigDict, ValidationError, create_model
@@ -248,8 +253,6 @@ class _Sources(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
                                       extra="forbid", coerce_numbers_to_str=True)
-    FILES: ClassVar[dict[str, type[PydanticBaseSettingsSource]]] = {
-        ".toml": TomlConfigSettingsSource}
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -259,11 +262,12 @@ class _Sources(BaseSettings):
         env, path = _LOADING.get()
         sources = [init_settings, _Environment(settings_cls, env)]
         if path is not None:
-            kind = "TOML" if path.suffix == ".toml" else "YAML"
+            toml = path.suffix == ".toml"
             try:
-                source = cls.FILES.get(path.suffix, YamlConfigSettingsSource)(settings_cls, path)
+                source = (TomlConfigSettingsSource if toml else YamlConfigSettingsSource)(
+                    settings_cls, path)
             except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-                raise ConfigError(f"{path}: not valid {kind}: {exc}") from None
+                raise ConfigError(f"{path}: not valid {'TOML' if toml else 'YAML'}: {exc}") from None
             except (AttributeError, TypeError, ValueError):  # a list or scalar at the top
                 raise ConfigError(f"{path}: the top level must be a mapping") from None
             sources.append(source)
