@@ -207,7 +207,18 @@ def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_schem
         index=e.index, hit=hit(e.hit, rank, encoder_id, view_scheme, calibration), maps=maps,
         residual=e.residual, bias_share=e.bias_share,
         gallery_crop_png=e.gallery_crop_png if gallery_crops else b"",
+        effects=face_effects(e.effects), contrast_share=e.contrast_share,
     )
+
+
+def face_effects(effects: Any) -> list[phenolens_pb2.FaceEffects]:
+    """An ``explain.effects.PairEffects`` (or None) -> one FaceEffects per side."""
+    if effects is None:
+        return []
+    return [phenolens_pb2.FaceEffects(side=side, regions=[
+        phenolens_pb2.RegionEffect(region=r, differs=d, alike=a)
+        for r, d, a in zip(s.regions, s.differs, s.alike, strict=True)])
+        for side, s in ((SIDE_QUERY, effects.query), (SIDE_GALLERY, effects.gallery))]
 
 
 def stats_response(s: Any) -> gallery_pb2.GalleryStatsResponse:

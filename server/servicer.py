@@ -113,7 +113,8 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
             photo = _downscale_rgb(outcome.query.photo, self.config.limits.max_photo_map_side)
         for explained in b.explain(outcome.query, hits, methods=methods, options=options,
                                    photo_maps=request.photo_maps,
-                                   feature_maps=request.feature_maps, scope=scope):
+                                   feature_maps=request.feature_maps, scope=scope,
+                                   effects=min(request.effects, len(hits))):
             scope.check()
             yield phenolens_pb2.ExplainEvent(explanation=convert.explained_match(
                 explained, rank=explained.index + 1, encoder_id=b.encoder_id,

@@ -100,9 +100,11 @@ def explain_request(
     filters: Filters | None = None,
     exclude_subjects: Sequence[str] = (),
     method_options: Mapping[str, Mapping[str, float]] | None = None,
+    effects: int = 0,
 ) -> phenolens_pb2.ExplainRequest:
     """``method_options``: per method name, its numeric options, e.g.
-    ``{"occlusion": {"patch": 10, "stride": 5}}``."""
+    ``{"occlusion": {"patch": 10, "stride": 5}}``; ``effects``: region effects for the
+    first that many hits (``ExplainedMatch.effects``)."""
     return phenolens_pb2.ExplainRequest(
         match=match_request(image, aligned=aligned, top_k=top_k, filters=filters,
                             exclude_subjects=exclude_subjects),
@@ -110,6 +112,7 @@ def explain_request(
         gallery_crops=gallery_crops, feature_maps=feature_maps, gallery_ids=list(gallery_ids),
         method_options={name: phenolens_pb2.MethodOptions(values=dict(values))
                         for name, values in (method_options or {}).items()},
+        effects=effects,
     )
 
 

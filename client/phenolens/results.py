@@ -282,6 +282,85 @@ class ExplanationMap:
                                        for n, s in ranked)
 
 
+OUTSIDE_FACE = "outside_face"
+EFFECT_NOISE = 0.01  # |Δ cosine| below this is not named in words
+
+
+@dataclass(frozen=True)
+class RegionEffect:
+    """What editing one region of one face does to the match's cosine (cosine units).
+
+    differs: the cosine change when this face's region is replaced by the other face's
+    (positive: the faces differ there); alike: the change when it is replaced by a neutral
+    (average) face's (negative: the match leans on it). ``region`` is a summary region or
+    ``outside_face`` (hair and background).
+    """
+
+    region: str
+    differs: float
+    alike: float
+
+
+@dataclass(frozen=True)
+class FaceEffects:
+    """Region effects of one face of a pair, the words a clinician reads come from them."""
+
+    side: Side
+    regions: tuple[RegionEffect, ...]
+
+    @classmethod
+    def from_proto(cls, m: phenolens_pb2.FaceEffects) -> FaceEffects:
+        return cls(_SIDES.get(m.side, "query"),
+                   tuple(RegionEffect(r.region, r.differs, r.alike) for r in m.regions))
+
+    def ranked(self, kind: Literal["differs", "alike"] = "differs", *, top: int = 2,
+               noise: float = EFFECT_NOISE, face_only: bool = True
+               ) -> tuple[tuple[str, float], ...]:
+        """The ``top`` regions by effect (differs: largest gain first; alike: largest loss
+        first), leaving out those within ``noise`` and, unless ``face_only`` is False,
+        ``outside_face`` (worded apart by ``leans_on_outside``)."""
+        sign = 1.0 if kind == "differs" else -1.0
+        pairs = [(r.region, getattr(r, kind)) for r in self.regions
+                 if sign * getattr(r, kind) >= noise
+                 and not (face_only and r.region == OUTSIDE_FACE)]
+        pairs.sort(key=lambda p: -sign * p[1])
+        return tuple(pairs[:top])
+
+    def leans_on_outside(self, *, top: int = 2) -> bool:
+        """Hair or background is among the ``top`` regions the match leans on."""
+        return any(r == OUTSIDE_FACE for r, _ in self.ranked("alike", top=top, face_only=False))
+
+    def describe(self, *, top: int = 2) -> str:
+        """``"differs most: eyes (+0.12), mouth (+0.04) · alike most: nose (−0.05)"``, and a
+        warning when the match leans on hair or background (as the server's
+        ``explain.effects.SideEffects.describe``)."""
+        def words(items: tuple[tuple[str, float], ...]) -> str:
+            return ", ".join(f"{region_label(r)} ({signed(v)})" for r, v in items)
+
+        none = f"no facial region moves the match by {EFFECT_NOISE:.2f} or more"
+        differs, alike = self.ranked("differs", top=top), self.ranked("alike", top=top)
+        text = (f"differs most: {words(differs)}" if differs else f"differs: {none}") + \
+            " · " + (f"alike most: {words(alike)}" if alike else f"alike: {none}")
+        if self.leans_on_outside():
+            outside = next(r.alike for r in self.regions if r.region == OUTSIDE_FACE)
+            text += f" · leans on hair/background ({signed(outside)})"
+        return text
+
+    def to_json(self) -> dict[str, dict[str, float]]:
+        """``{"eyes": {"differs": 0.12, "alike": -0.03}, ...}`` (the CLI's ``"effects"``)."""
+        return {r.region: {"differs": r.differs, "alike": r.alike} for r in self.regions}
+
+
+def region_label(name: str) -> str:
+    """``nasal_bridge`` -> ``nasal bridge``; ``outside_face`` -> ``hair/background``."""
+    return "hair/background" if name == OUTSIDE_FACE else name.replace("_", " ")
+
+
+def signed(value: float) -> str:
+    """``+0.12`` / ``−0.05`` (a true minus sign)."""
+    return f"{value:+.2f}".replace("-", "\u2212")
+
+
 @dataclass(frozen=True, eq=False)
 class ExplainedMatch:
     """The explanation of one hit: maps on both faces, and the faces to draw them on."""
@@ -294,13 +373,32 @@ class ExplainedMatch:
     gallery_crop_png: bytes = b""
     query_crop_png: bytes = b""
     query_photo: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8
+    effects: tuple[FaceEffects, ...] = ()  # query and gallery side, when asked for
+    # The share of cosine − 1 the contrast map's sum accounts for (a first-order estimate).
+    contrast_share: float | None = None
 
     @classmethod
     def from_proto(cls, m: phenolens_pb2.ExplainedMatch, *, query_crop_png: bytes = b"",
                    query_photo: np.ndarray | None = None) -> ExplainedMatch:
         return cls(m.index, Hit.from_proto(m.hit),
                    tuple(ExplanationMap.from_proto(x) for x in m.maps), m.residual,
-                   m.bias_share, m.gallery_crop_png, query_crop_png, query_photo)
+                   m.bias_share, m.gallery_crop_png, query_crop_png, query_photo,
+                   tuple(FaceEffects.from_proto(e) for e in m.effects),
+                   m.contrast_share if m.HasField("contrast_share") else None)
+
+    def effects_of(self, side: Side = "query") -> FaceEffects | None:
+        """The region effects of one face, or None when they were not asked for."""
+        return next((e for e in self.effects if e.side == side), None)
+
+    def describe(self, side: Side = "query", method: str | None = None) -> str:
+        """What a clinician reads about one face: the region effects' words when they were
+        measured, else the words of ``method``'s map (shares of its mass)."""
+        effects = self.effects_of(side)
+        if effects is not None:
+            return effects.describe()
+        m = self.map(method, side)
+        return f"{m.describe_regions('negative')} · {m.describe_regions('positive')} " \
+            "(shares of the map's mass; region effects not measured)"
 
     @property
     def methods(self) -> tuple[str, ...]:

@@ -26,8 +26,9 @@ from explain.attribution import verification  # noqa: F401  (registers xssab, co
 from explain.attribution.engine import BATCHED_MAPS, Explainer, FaceFeatures
 from explain.attribution.methods import METHODS, SIDES, attribute
 from explain.defaults import DEFAULT_METHODS
+from explain.effects import NeutralFace, PairEffects, RegionEffects, bundled_neutral
 from explain.errors import UnknownMethod
-from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal
+from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal, Guard
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 BATCHED: tuple[str, ...] = tuple(BATCHED_MAPS)
@@ -96,9 +97,19 @@ class MatchMaps:
     gallery_residual: float
     gallery_bias_share: float
     maps: tuple[MethodMaps, ...]
+    effects: PairEffects | None = None  # region effects, for the first ``effects`` hits
 
     def __getitem__(self, method: str) -> MethodMaps:
         return next(m for m in self.maps if m.method == method)
+
+    @property
+    def contrast_share(self) -> float | None:
+        """The share of ``cosine − 1`` the contrast map's sum accounts for (its first-order
+        estimate of the similarity lost against a perfect match), when contrast was drawn."""
+        maps = next((m for m in self.maps if m.method == "contrast"), None)
+        if maps is None or maps.query is None or abs(self.cosine - 1.0) < 1e-6:
+            return None
+        return float(np.sum(maps.query)) / (self.cosine - 1.0)
 
 
 def explain_matches(
@@ -112,6 +123,9 @@ def explain_matches(
     time_limit: TimeLimit = DEFAULT_TIME_LIMIT_S,
     cancel: CancelSignal = None,
     sides: tuple[str, ...] = SIDES,
+    effects: int = 0,
+    neutral: np.ndarray | NeutralFace | None = None,
+    effects_mode: str = "pixels",
 ) -> Iterator[MatchMaps]:
     """Maps of every method in ``methods`` on both faces of (query, hit_k), k = 1..K,
     one MatchMaps per hit, in order, each as soon as it is ready (``list(...)`` for all).
@@ -122,22 +136,27 @@ def explain_matches(
     ``options[method]``) runs per pair through the family on the same features,
     with ``budget`` forward passes and ``time_limit`` seconds each (a callable
     is asked before each map, e.g. for the time left to a request's deadline).
-    ``sides`` limits family methods to one face. Raises UnknownMethod (before
-    any work), and the family's InvalidOption, BudgetExceeded,
-    TimeLimitExceeded, Cancelled.
+    ``sides`` limits family methods to one face. ``effects``: region effects
+    (``explain.effects``) for the first that many hits, against ``neutral`` (default the
+    bundled photos' mean face), by ``effects_mode`` edits, under the same budget, time
+    limit and cancellation. Raises UnknownMethod (before any work), and the family's
+    InvalidOption, BudgetExceeded, TimeLimitExceeded, Cancelled.
     """
     methods = check_methods(methods)
     return _matches(explainer, query, hits, methods,
                     {m: dict(v) for m, v in (options or {}).items() if v},
-                    budget, time_limit, cancel, sides)
+                    budget, time_limit, cancel, sides,
+                    _Effects(effects, neutral, effects_mode))
 
 
 def _matches(explainer: Explainer, query: np.ndarray | FaceFeatures,
              hits: np.ndarray | FaceFeatures, methods: tuple[str, ...],
              options: dict[str, dict[str, Any]], budget: int | None, time_limit: TimeLimit,
-             cancel: CancelSignal, sides: tuple[str, ...]) -> Iterator[MatchMaps]:
+             cancel: CancelSignal, sides: tuple[str, ...], effects: _Effects
+             ) -> Iterator[MatchMaps]:
     q = query if isinstance(query, FaceFeatures) else explainer.encode(query, cancel=cancel)
     g = hits if isinstance(hits, FaceFeatures) else explainer.encode(hits, cancel=cancel)
+    region_effects = None
     batched = [m for m in methods if m in BATCHED_MAPS and m not in options]
     pairs = explainer.explain(q, g, maps=batched, cancel=cancel)
     for index, pair in enumerate(pairs):
@@ -155,6 +174,23 @@ def _matches(explainer: Explainer, query: np.ndarray | FaceFeatures,
             maps.append(MethodMaps(method, result.resolution, result.query, result.gallery,
                                    result.query_aligned, result.gallery_aligned,
                                    result.forward_passes, result.seconds))
+        pair_effects = None
+        if index < effects.count:
+            limit = time_limit() if callable(time_limit) else time_limit
+            guard = Guard(budget, limit, cancel)
+            if region_effects is None:
+                region_effects = RegionEffects(
+                    explainer, q, neutral=bundled_neutral() if effects.neutral is None else effects.neutral,
+                    mode=effects.mode, guard=guard)
+            region_effects.guard = guard
+            pair_effects = region_effects.of(g.select(index))[0]
         yield MatchMaps(index, pair.cosine, pair.view_cosines, pair.query.residual,
                         pair.query.bias_share, pair.gallery.residual, pair.gallery.bias_share,
-                        tuple(maps))
+                        tuple(maps), pair_effects)
+
+
+@dataclass(frozen=True)
+class _Effects:
+    count: int
+    neutral: np.ndarray | NeutralFace | None
+    mode: str

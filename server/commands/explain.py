@@ -50,6 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"forward passes per pair and method (default {DEFAULT_BUDGET})")
     p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S,
                    help=f"seconds per pair and method (default {DEFAULT_TIME_LIMIT_S:g})")
+    p.add_argument("--effects", type=int, default=3, metavar="N",
+                   help="region effects (what editing each region of either face does to the "
+                        "cosine; the words come from them) for the first N matches; every "
+                        "pair with --against/--pairs unless 0 (default 3)")
     p.add_argument("--config", type=Path, help="PhenoLens configuration file (YAML or TOML)")
     p.add_argument("--index", help="FAISS factory string for the gallery")
     group = p.add_argument_group("encoder")
@@ -169,6 +173,7 @@ def run_explain(args: argparse.Namespace) -> int:
         other, _ = _photo(embed, args.against)
         matches = [_Match(1, args.against.stem, other.crop, {"image": args.against.name},
                           other.photo, other.alignment)]
+        args.effects = min(args.effects, 1)
     _explain(args, explainer, query, matches, None)
     return 0
 
@@ -182,13 +187,22 @@ def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_
 
     if not matches:
         return
+    effects = args.effects if prefix is None or args.effects == 0 else len(matches)
     explained = explain_matches(explainer, query.crop, np.stack([m.crop for m in matches]),
-                             args.methods, budget=args.budget, time_limit=args.time_limit)
+                                args.methods, budget=args.budget, time_limit=args.time_limit,
+                                effects=effects)
     for match, maps in zip(matches, explained, strict=True):
         doc = {"rank": match.rank, **match.info, "cosine": maps.cosine,
                "residual": maps.residual, "gallery_residual": maps.gallery_residual,
                "bias_share": maps.bias_share, "gallery_bias_share": maps.gallery_bias_share,
-               "view_cosines": list(maps.view_cosines), "methods": {}}
+               "view_cosines": list(maps.view_cosines),
+               "contrast_share": maps.contrast_share, "methods": {}}
+        words = None
+        if maps.effects is not None:
+            doc["effects"] = {"query": maps.effects.query.to_json(),
+                              "gallery": maps.effects.gallery.to_json()}
+            words = (maps.effects.query.describe(), maps.effects.gallery.describe())
+            doc["words"] = {"query": words[0], "gallery": words[1]}
         name = prefix or f"match{match.rank:02d}"
         for m in maps.maps:
             entry = {"query_sum": float(m.query.sum()), "gallery_sum": float(m.gallery.sum())}
@@ -204,7 +218,8 @@ def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_
                 "gallery_map": args.out / f"{stem}_gallery.npy",
             }
             pair_figure(query.crop, match.crop, m.query_aligned, m.gallery_aligned,
-                        cosine=maps.cosine, label=match.label, method=m.method, path=out["pair"])
+                        cosine=maps.cosine, label=match.label, method=m.method, path=out["pair"],
+                        words=words)
             photo_overlay_png(query.photo, m.query_aligned, query.alignment, out["query_photo"],
                               limit=limit)
             if match.photo is not None:
@@ -225,3 +240,5 @@ def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_
             print(f"#{match.rank}  cosine {maps.cosine:+.4f}  confidence "
                   f"{'–' if p is None else f'{100 * p:.0f}%'}  residual {maps.residual:+.1e}  "
                   f"{match.label}  -> {args.out}/{name}_*")
+            if words is not None:
+                print(f"    query:   {words[0]}\n    gallery: {words[1]}")

@@ -177,7 +177,7 @@ class Map(_message.Message):
     def __init__(self, method: _Optional[str] = ..., side: _Optional[_Union[Side, str]] = ..., aligned: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., photo: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., feature: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., photo_overlay_png: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[RegionShare, _Mapping]]] = ..., pair_figure_png: _Optional[bytes] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("match", "methods", "photo_maps", "overlays", "gallery_crops", "feature_maps", "gallery_ids", "method_options", "pair_figures")
+    __slots__ = ("match", "methods", "photo_maps", "overlays", "gallery_crops", "feature_maps", "gallery_ids", "method_options", "pair_figures", "effects")
     class MethodOptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class ExplainRequest(_message.Message):
     GALLERY_IDS_FIELD_NUMBER: _ClassVar[int]
     METHOD_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     PAIR_FIGURES_FIELD_NUMBER: _ClassVar[int]
+    EFFECTS_FIELD_NUMBER: _ClassVar[int]
     match: MatchRequest
     methods: _containers.RepeatedScalarFieldContainer[str]
     photo_maps: bool
@@ -203,7 +204,26 @@ class ExplainRequest(_message.Message):
     gallery_ids: _containers.RepeatedScalarFieldContainer[str]
     method_options: _containers.MessageMap[str, MethodOptions]
     pair_figures: bool
-    def __init__(self, match: _Optional[_Union[MatchRequest, _Mapping]] = ..., methods: _Optional[_Iterable[str]] = ..., photo_maps: _Optional[bool] = ..., overlays: _Optional[bool] = ..., gallery_crops: _Optional[bool] = ..., feature_maps: _Optional[bool] = ..., gallery_ids: _Optional[_Iterable[str]] = ..., method_options: _Optional[_Mapping[str, MethodOptions]] = ..., pair_figures: _Optional[bool] = ...) -> None: ...
+    effects: int
+    def __init__(self, match: _Optional[_Union[MatchRequest, _Mapping]] = ..., methods: _Optional[_Iterable[str]] = ..., photo_maps: _Optional[bool] = ..., overlays: _Optional[bool] = ..., gallery_crops: _Optional[bool] = ..., feature_maps: _Optional[bool] = ..., gallery_ids: _Optional[_Iterable[str]] = ..., method_options: _Optional[_Mapping[str, MethodOptions]] = ..., pair_figures: _Optional[bool] = ..., effects: _Optional[int] = ...) -> None: ...
+
+class RegionEffect(_message.Message):
+    __slots__ = ("region", "differs", "alike")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    DIFFERS_FIELD_NUMBER: _ClassVar[int]
+    ALIKE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    differs: float
+    alike: float
+    def __init__(self, region: _Optional[str] = ..., differs: _Optional[float] = ..., alike: _Optional[float] = ...) -> None: ...
+
+class FaceEffects(_message.Message):
+    __slots__ = ("side", "regions")
+    SIDE_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    side: Side
+    regions: _containers.RepeatedCompositeFieldContainer[RegionEffect]
+    def __init__(self, side: _Optional[_Union[Side, str]] = ..., regions: _Optional[_Iterable[_Union[RegionEffect, _Mapping]]] = ...) -> None: ...
 
 class MethodOptions(_message.Message):
     __slots__ = ("values",)
@@ -219,20 +239,24 @@ class MethodOptions(_message.Message):
     def __init__(self, values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ExplainedMatch(_message.Message):
-    __slots__ = ("index", "hit", "maps", "residual", "bias_share", "gallery_crop_png")
+    __slots__ = ("index", "hit", "maps", "residual", "bias_share", "gallery_crop_png", "effects", "contrast_share")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     HIT_FIELD_NUMBER: _ClassVar[int]
     MAPS_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_FIELD_NUMBER: _ClassVar[int]
     BIAS_SHARE_FIELD_NUMBER: _ClassVar[int]
     GALLERY_CROP_PNG_FIELD_NUMBER: _ClassVar[int]
+    EFFECTS_FIELD_NUMBER: _ClassVar[int]
+    CONTRAST_SHARE_FIELD_NUMBER: _ClassVar[int]
     index: int
     hit: _types_pb2.Hit
     maps: _containers.RepeatedCompositeFieldContainer[Map]
     residual: float
     bias_share: float
     gallery_crop_png: bytes
-    def __init__(self, index: _Optional[int] = ..., hit: _Optional[_Union[_types_pb2.Hit, _Mapping]] = ..., maps: _Optional[_Iterable[_Union[Map, _Mapping]]] = ..., residual: _Optional[float] = ..., bias_share: _Optional[float] = ..., gallery_crop_png: _Optional[bytes] = ...) -> None: ...
+    effects: _containers.RepeatedCompositeFieldContainer[FaceEffects]
+    contrast_share: float
+    def __init__(self, index: _Optional[int] = ..., hit: _Optional[_Union[_types_pb2.Hit, _Mapping]] = ..., maps: _Optional[_Iterable[_Union[Map, _Mapping]]] = ..., residual: _Optional[float] = ..., bias_share: _Optional[float] = ..., gallery_crop_png: _Optional[bytes] = ..., effects: _Optional[_Iterable[_Union[FaceEffects, _Mapping]]] = ..., contrast_share: _Optional[float] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("match", "explanations", "query_crop_png")

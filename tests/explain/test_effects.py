@@ -1,0 +1,154 @@
+"""Region effects (explain.effects) on real SFace and real aligned faces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from explain.attribution.matches import explain_matches
+from explain.effects import (
+    EFFECT_REGIONS,
+    OUTSIDE_FACE,
+    RegionEffects,
+    SideEffects,
+    edit_masks,
+    edited_crops,
+    mean_face,
+    paste_region,
+    region_effects,
+)
+from explain.errors import BudgetExceeded
+
+
+@pytest.fixture(scope="module")
+def neutral(crops) -> np.ndarray:
+    return mean_face(np.stack(list(crops.values())))
+
+
+def test_words_name_regions_by_effect_and_skip_the_noise():
+    side = SideEffects(EFFECT_REGIONS,
+                       differs=(0.12, 0.004, 0, 0, 0.04, 0, 0, 0, 0.3),
+                       alike=(-0.02, 0, 0, -0.05, 0.003, 0, -0.009, 0, -0.01))
+    assert side.ranked("differs") == (("eyes", 0.12), ("mouth", 0.04))
+    assert side.ranked("alike") == (("nose", -0.05), ("eyes", -0.02))
+    assert side.describe() == ("differs most: eyes (+0.12), mouth (+0.04) · "
+                               "alike most: nose (\u22120.05), eyes (\u22120.02)")
+    assert not side.leans_on_outside()
+    leaning = SideEffects(EFFECT_REGIONS, (0,) * 9, (-0.02,) + (0,) * 7 + (-0.2,))
+    assert leaning.leans_on_outside()
+    assert leaning.describe().endswith("leans on hair/background (\u22120.20)")
+    quiet = SideEffects(EFFECT_REGIONS, (0.005,) * 9, (-0.005,) * 9)
+    assert quiet.describe().startswith("differs: no facial region moves the match by 0.01")
+
+
+def test_client_words_are_the_servers():
+    from phenolens.results import FaceEffects, RegionEffect
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        d, a = rng.normal(0, 0.05, 9), rng.normal(0, 0.05, 9)
+        server = SideEffects(EFFECT_REGIONS, tuple(d), tuple(a))
+        client = FaceEffects("query", tuple(RegionEffect(r, float(x), float(y))
+                                            for r, x, y in zip(EFFECT_REGIONS, d, a, strict=True)))
+        assert client.describe() == server.describe()
+        assert client.leans_on_outside() == server.leans_on_outside()
+
+
+def test_edit_masks_are_disjoint_before_feathering_and_cover_the_crop():
+    masks = edit_masks((112, 112))
+    assert masks.regions == EFFECT_REGIONS
+    hard = masks.colour.sum(0)  # grown masks overlap; the feathered alphas stay in 0..1
+    assert hard.max() >= 2 and masks.alpha.min() >= 0 and masks.alpha.max() <= 1
+    cells = masks.cells((14, 14))
+    assert cells.shape == (len(EFFECT_REGIONS), 14, 14)
+    eyes = EFFECT_REGIONS.index("eyes")
+    assert cells[eyes, 5:8].sum() > 0.9 * cells[eyes].sum()  # the eye line, rows 5-7
+
+
+def test_pasting_a_face_into_itself_changes_nothing(crops):
+    crop = crops["person_a_1.jpg"]
+    masks = edit_masks((112, 112))
+    same = edited_crops(crop, crop, masks)
+    assert np.abs(same.astype(int) - crop[None].astype(int)).max() <= 1
+
+
+def test_a_face_against_itself_has_no_differs_effect(explainer, crops, neutral):
+    features = explainer.encode(crops["person_b_1.jpg"])
+    (pair,) = region_effects(explainer, features, features, neutral=neutral)
+    assert pair.cosine == pytest.approx(1.0, abs=1e-5)
+    assert max(abs(v) for v in pair.query.differs + pair.gallery.differs) < 0.01
+    assert min(pair.query.alike) < -0.02  # a neutral region does lower a perfect match
+
+
+@pytest.mark.parametrize("region", ["eyes", "mouth"])
+def test_the_region_that_was_swapped_differs_most(flip_explainer, crops, neutral, region):
+    """The gallery face is the query with one region of another person pasted in: giving
+    the query that region back must gain the most, close to all of 1 − cosine."""
+    query = crops["person_b_1.jpg"]
+    masks = edit_masks((112, 112))
+    i = masks.regions.index(region)
+    swapped = paste_region(query, crops["impostor_1.jpg"], masks.alpha[i], masks.colour[i])
+    q, g = flip_explainer.encode(query), flip_explainer.encode(swapped)
+    (pair,) = region_effects(flip_explainer, q, g, neutral=neutral)
+    assert pair.query.ranked("differs", top=1)[0][0] == region
+    assert pair.gallery.ranked("differs", top=1)[0][0] == region
+    assert pair.query.differs[i] > 0.8 * (1 - pair.cosine)
+
+
+def test_pixel_effects_average_the_views_like_the_cosine(flip_explainer, crops, neutral):
+    q = flip_explainer.encode(crops["person_a_1.jpg"])
+    g = flip_explainer.encode(np.stack([crops["person_a_2.jpg"], crops["impostor_1.jpg"]]))
+    pairs = region_effects(flip_explainer, q, g, neutral=neutral)
+    engine = flip_explainer.explain(q, g)
+    for pair, exp in zip(pairs, engine, strict=True):
+        assert pair.cosine == pytest.approx(exp.cosine, abs=1e-5)
+        assert len(pair.query.differs) == len(EFFECT_REGIONS)
+    # the same person leans on the face more than an impostor does
+    assert min(pairs[0].query.alike) < min(pairs[1].query.alike)
+
+
+def test_the_query_neutral_edits_are_made_once_for_all_hits(explainer, crops, neutral):
+    from explain.limits import Guard
+
+    q = explainer.encode(crops["person_a_1.jpg"])
+    g = explainer.encode(np.stack([crops["person_a_2.jpg"], crops["impostor_1.jpg"]]))
+    guard = Guard()
+    effects = RegionEffects(explainer, q, neutral=neutral, guard=guard)
+    first = effects.of(g.select(0))
+    used = guard.used
+    second = effects.of(g.select(1))
+    regions = len(EFFECT_REGIONS)
+    assert used == 4 * regions and guard.used - used == 3 * regions
+    together = region_effects(explainer, q, g, neutral=neutral)
+    np.testing.assert_allclose(together[0].query.alike, first[0].query.alike, atol=1e-5)
+    np.testing.assert_allclose(together[1].gallery.differs, second[0].gallery.differs, atol=1e-5)
+
+
+def test_feature_mode_gives_the_same_shape_of_answer(explainer, crops, neutral):
+    q = explainer.encode(crops["person_a_1.jpg"])
+    g = explainer.encode(crops["person_a_2.jpg"])
+    (pixels,) = region_effects(explainer, q, g, neutral=neutral, mode="pixels")
+    (features,) = region_effects(explainer, q, g, neutral=neutral, mode="features")
+    assert features.mode == "features" and pixels.mode == "pixels"
+    assert features.cosine == pytest.approx(pixels.cosine)
+    assert features.query.regions == pixels.query.regions
+    outside = EFFECT_REGIONS.index(OUTSIDE_FACE)
+    assert features.query.alike[outside] < 0 and pixels.query.alike[outside] < 0
+
+
+def test_effects_obey_the_budget(explainer, crops, neutral):
+    q = explainer.encode(crops["person_a_1.jpg"])
+    with pytest.raises(BudgetExceeded):
+        list(explain_matches(explainer, q, explainer.encode(crops["person_a_2.jpg"]),
+                             ["similarity"], effects=1, neutral=neutral, budget=10))
+
+
+def test_explain_matches_measures_effects_for_the_first_hits_only(explainer, crops, neutral):
+    q = crops["person_a_1.jpg"]
+    hits = np.stack([crops["person_a_2.jpg"], crops["impostor_1.jpg"]])
+    matches = list(explain_matches(explainer, q, hits, ["contrast"], effects=1,
+                                   neutral=neutral))
+    assert matches[0].effects is not None and matches[1].effects is None
+    assert matches[0].effects.cosine == pytest.approx(matches[0].cosine, abs=1e-5)
+    share = matches[0].contrast_share
+    assert share is not None and 0.2 < share < 2.0  # a first-order estimate, stated as one
