@@ -180,6 +180,8 @@ def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_schem
     from explain.render import overlay_png, pair_figure
 
     maps = []
+    words = None if e.effects is None else (e.effects.query.describe(),
+                                            e.effects.gallery.describe())
     for m in e.maps:
         q = phenolens_pb2.Map(method=m.method, side=SIDE_QUERY,
                               aligned=to_float_array(m.query_aligned),
@@ -191,7 +193,7 @@ def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_schem
             q.pair_figure_png = pair_figure(
                 query_crop, e.gallery_crop, m.query_aligned, m.gallery_aligned,
                 cosine=e.hit.score, label=e.hit.syndrome_name or e.hit.syndrome_id,
-                method=m.method)
+                method=m.method, gallery_name=_face_name(e.hit), words=words)
         if m.query_photo is not None:
             q.photo.CopyFrom(to_float_array(m.query_photo))
         if m.query_feature is not None:
@@ -209,6 +211,12 @@ def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_schem
         gallery_crop_png=e.gallery_crop_png if gallery_crops else b"",
         effects=face_effects(e.effects), contrast_share=e.contrast_share,
     )
+
+
+def _face_name(h: Hit) -> str:
+    """How the gallery names a face: subject and image id (never a bare row id)."""
+    return " · ".join(p for p in (h.subject_id and f"subject {h.subject_id}",
+                                  h.image_id and f"image {h.image_id}") if p)
 
 
 def face_effects(effects: Any) -> list[phenolens_pb2.FaceEffects]:

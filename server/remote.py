@@ -90,6 +90,7 @@ def explained_json(e: ExplainedMatch) -> dict[str, Any]:
         "image_id": e.hit.record.image_id, "syndrome_id": e.hit.syndrome_id,
         "cosine": e.hit.cosine, "confidence": e.hit.confidence.to_json(),
         "residual": e.residual, "bias_share": e.bias_share, "methods": list(e.methods),
+        "contrast_share": e.contrast_share,
     }
 
 
@@ -173,9 +174,13 @@ def remote_explain(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         result = client.explain(args.image, aligned=bool(getattr(args, "aligned", False)),
                                 top_k=getattr(args, "top", None) or 5, methods=methods,
-                                feature_maps=True, filters=_filters(args))
+                                feature_maps=True, filters=_filters(args),
+                                effects=getattr(args, "effects", 0) or 0)
     for e in result.explanations:
         doc = explained_json(e)
+        if e.effects:
+            doc["effects"] = {fe.side: fe.to_json() for fe in e.effects}
+            doc["words"] = {side: e.describe(side) for side in ("query", "gallery")}
         doc["methods"] = {}
         for method in e.methods:
             q, g = e.map(method, "query"), e.map(method, "gallery")
@@ -206,9 +211,7 @@ def remote_explain(args: argparse.Namespace) -> int:
             print(f"#{e.hit.rank}  cosine {e.hit.cosine:+.4f}  confidence "
                   f"{e.hit.confidence.describe()}  residual {e.residual:+.1e}  "
                   f"{e.hit.syndrome_id}  -> {out}/match{e.hit.rank:02d}_*")
-            first = e.methods[0]
-            print(f"    query {e.map(first, 'query').describe_regions()} · gallery "
-                  f"{e.map(first, 'gallery').describe_regions()}  ({first})")
+            print(f"    query:   {e.describe('query')}\n    gallery: {e.describe('gallery')}")
     return 0
 
 

@@ -240,14 +240,17 @@ class Calls:
                 gallery_ids: Sequence[str] = (), filters: rq.Filters | None = None,
                 exclude_subjects: Sequence[str] = (),
                 method_options: Mapping[str, Mapping[str, float]] | None = None,
-                timeout: float | None = None) -> ExplainResult:
-        """Match, then maps on both faces of every hit (see ExplainedMatch.save_overlay)."""
+                effects: int = 0, timeout: float | None = None) -> ExplainResult:
+        """Match, then maps on both faces of every hit (see ExplainedMatch.save_overlay);
+        ``effects``: region effects (``ExplainedMatch.effects``, the words of
+        ``ExplainedMatch.describe``) for the first that many hits — about 70 forward passes a
+        hit on the server, so not by default."""
         request = rq.explain_request(image, aligned=aligned, top_k=top_k, methods=methods,
                                      photo_maps=photo_maps, overlays=overlays,
                                      gallery_crops=gallery_crops, feature_maps=feature_maps,
                                      gallery_ids=gallery_ids, filters=filters,
                                      exclude_subjects=exclude_subjects,
-                                     method_options=method_options)
+                                     method_options=method_options, effects=effects)
 
         def read(response: phenolens_pb2.ExplainResponse) -> ExplainResult:
             photo = to_rgb(image) if photo_maps else None
@@ -269,7 +272,7 @@ class Calls:
         from .report import render_report
 
         request = rq.explain_request(image, aligned=aligned, top_k=top_k, methods=methods,
-                                     photo_maps=False, filters=filters)
+                                     photo_maps=False, filters=filters, effects=top_k)
         request.pair_figures = True
 
         def read(response: phenolens_pb2.ExplainResponse) -> str:
@@ -286,7 +289,7 @@ class Calls:
                        feature_maps: bool = False, gallery_ids: Sequence[str] = (),
                        filters: rq.Filters | None = None, exclude_subjects: Sequence[str] = (),
                        method_options: Mapping[str, Mapping[str, float]] | None = None,
-                       timeout: float | None = None
+                       effects: int = 0, timeout: float | None = None
                        ) -> Iterator[MatchResult | ExplainedMatch]:
         """Yields the MatchResult first, then each ExplainedMatch as the server finishes it.
 
@@ -300,7 +303,7 @@ class Calls:
                 image, aligned=aligned, top_k=top_k, methods=methods, photo_maps=photo_maps,
                 overlays=overlays, gallery_crops=gallery_crops, feature_maps=feature_maps,
                 gallery_ids=gallery_ids, filters=filters, exclude_subjects=exclude_subjects,
-                method_options=method_options)
+                method_options=method_options, effects=effects)
             return request, ExplainEvents(to_rgb(image) if photo_maps else None)
 
         return self._stream(start, timeout)

@@ -88,7 +88,8 @@ def local_explain_result(args: argparse.Namespace) -> tuple[Any, Any]:
                                          detected=not args.aligned),
             query_crop_png=encode_png(face.crop))
         for e in b.explain(query, outcome.hits, methods=config.explain.methods, options={},
-                           photo_maps=False, feature_maps=False, scope=scope):
+                           photo_maps=False, feature_maps=False, scope=scope,
+                           effects=len(outcome.hits)):
             response.explanations.append(convert.explained_match(
                 e, rank=e.index + 1, encoder_id=b.encoder_id, view_scheme=b.view_scheme,
                 query_crop=face.crop, overlays=False, gallery_crops=True, pair_figures=True,

@@ -301,3 +301,18 @@ def test_cli_explain_goes_through_the_server_and_writes_maps(server, photo_paths
     assert np.load(files["query_map"]).shape == (7, 7)
     for key in ("pair", "gallery_overlay", "query_photo"):
         assert files[key].endswith(".png") and (tmp_path / files[key].split("/")[-1]).exists()
+
+
+def test_explain_sends_region_effects_for_the_hits_asked(reader, photo_paths, gallery_ids):
+    result = reader.explain(photo_paths["person_a_2.jpg"], top_k=2, effects=1,
+                            methods=["contrast"], photo_maps=False)
+    top, second = result.explanations
+    assert second.effects == () and second.effects_of("query") is None
+    query, gallery = top.effects_of("query"), top.effects_of("gallery")
+    assert [r.region for r in query.regions][-1] == "outside_face" and len(query.regions) == 9
+    assert query.regions != gallery.regions  # each face edited on its own side
+    assert top.describe("query") == query.describe() and "alike" in top.describe("gallery")
+    # the same person: taking away the face's regions lowers the match
+    assert min(r.alike for r in query.regions) < -0.02
+    assert top.contrast_share is not None and 0.2 < top.contrast_share < 2.0
+    assert "region effects not measured" in second.describe("query")
