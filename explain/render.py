@@ -13,6 +13,7 @@ visible and cells at a fifth of the peak are still plainly coloured.
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -219,7 +220,8 @@ def pair_figure(
     match_name = label or "gallery face"
     panels = (
         (query_rgb, None, "query face"),
-        (gallery_rgb, None, f"match: {gallery_name}" if gallery_name else "match"),
+        (gallery_rgb, None, "\n".join(textwrap.wrap(f"match: {gallery_name}", 30))
+         if gallery_name else "match"),
         (query_rgb, query_map, f"query · {method}"),
         (gallery_rgb, gallery_map, f"match · {method}"),
     )
@@ -243,10 +245,14 @@ def pair_figure(
     bar.set_ticklabels([f"{v * per_100px:+.3f}".replace("+0.000", "0").replace("-", "−")
                         for v in sorted(set(ticks))])
     bar.ax.tick_params(labelsize=7)
-    bar.set_label("colour: cosine gained (+) or lost (−) per 10×10 pixels of the face",
-                  fontsize=7.5)
+    change = ("gained (+) or lost (−)" if has_blue and has_red else
+              "gained" if has_red else "lost")
+    bar.set_label(f"colour: cosine {change} per 10×10 pixels of the face", fontsize=7.5)
     fig.text(0.5, 0.205, legend_words(method, query_map, gallery_map), ha="center",
              fontsize=8)
+    if words is not None:  # e.g. region effects' words, per face
+        words = tuple(w if not w or w.startswith(("query", "match", "both")) else f"{who}: {w}"
+                      for who, w in zip(("query", "match"), words, strict=False))
     lines = [w for w in (words if words is not None else map_words(query_map, gallery_map)) if w]
     if warning is None:
         share = max(outside_face_share(query_map), outside_face_share(gallery_map))

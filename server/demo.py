@@ -39,8 +39,9 @@ import numpy as np
 
 from encoder.assets import REPO_ROOT
 
-# The two held-out people the report shows, each with one planted syndrome.
-CASES = (("grace_hopper", "wide_eyes"), ("eileen_collins", "broad_nose"))
+# The two held-out people the reports show, each with one planted syndrome: the two
+# syndromes ``phenolens evaluate planted`` finds best with frozen SFace (README).
+CASES = (("grace_hopper", "downslant"), ("eileen_collins", "wide_eyes"))
 DISCLAIMER = ("The syndromes here are synthetic: smooth deformations planted on photos of "
               "ordinary adults, with made-up OMIM-style numbers and gene symbols. Nothing "
               "here says anything about a real syndrome or a real patient.")
@@ -231,12 +232,21 @@ def _held_out(client, cohort) -> dict:
             "per_syndrome": per}
 
 
-def _words(e, side: str) -> str:
-    describe = getattr(e, "describe", None)
-    if callable(describe):
-        return describe(side)
-    m = e.map(None, side)
-    return f"{m.describe_regions('negative')}; {m.describe_regions('positive')}"
+def _words(e) -> str:
+    """The report's words of a match (region effects per face when sent, else the maps')."""
+    from phenolens.report import leans_on_outside, side_words
+
+    words = "; ".join(f"{who}: {text}" for who, text in side_words(e, e.methods[0]))
+    warning = leans_on_outside(e)
+    return f"{words}. {warning}" if warning else words
+
+
+def _explain(client, path: Path):
+    """Explain the top 3 with region effects where the client and server have them."""
+    try:
+        return client.explain(path, aligned=True, top_k=3, photo_maps=False, effects=3)
+    except TypeError:  # a client without region effects
+        return client.explain(path, aligned=True, top_k=3, photo_maps=False)
 
 
 def _case(client, path: Path, label: str, out: Path, report: str) -> dict:
@@ -247,7 +257,7 @@ def _case(client, path: Path, label: str, out: Path, report: str) -> dict:
                   title=f"synthetic demo: {path.stem.replace('_', ' ')}")
     report_s = time.monotonic() - t0
     t0 = time.monotonic()
-    explained = client.explain(path, aligned=True, top_k=3, photo_maps=False)
+    explained = _explain(client, path)
     explain_s = time.monotonic() - t0
     match = explained.match
     matches = []
@@ -260,10 +270,16 @@ def _case(client, path: Path, label: str, out: Path, report: str) -> dict:
         r = e.hit.record
         matches.append({"rank": e.hit.rank, "image_id": r.image_id, "subject": r.subject_id,
                         "syndrome": r.syndrome_id, "cosine": round(e.hit.cosine, 4),
-                        "query_words": _words(e, "query"),
-                        "gallery_words": _words(e, "gallery"), "overlays": files})
+                        "words": _words(e), "overlays": files})
     top = match.syndromes[0] if match.syndromes else None
+    leans = None
+    if explained.explanations:
+        effects_of = getattr(explained.explanations[0], "effects_of", None)
+        fx = effects_of("query") if callable(effects_of) else None
+        ranked = fx.ranked("alike", top=1) if fx is not None else ()
+        leans = ranked[0][0] if ranked else None
     return {
+        "top_match_leans_on": leans,
         "query": str(path.relative_to(out)), "true_syndrome": label,
         "true_name": LABELS[label].name, "report": report,
         "report_s": round(report_s, 2), "explain_top3_s": round(explain_s, 2),
@@ -308,8 +324,7 @@ def _markdown(summary: dict) -> str:
         lines += ["", "Explained matches (figures: query left, gallery right):", ""]
         for m in case["explained"]:
             lines.append(f"- top {m['rank']}: {m['syndrome']}, subject {m['subject']}, cosine "
-                         f"{m['cosine']:+.3f}. Query: {m['query_words']}. Gallery: "
-                         f"{m['gallery_words']}. "
+                         f"{m['cosine']:+.3f}. {m['words']}. "
                          + ", ".join(f"[{k}]({v})" for k, v in m["overlays"].items()))
         lines.append("")
     lines += ["The demo's server has exited. To call the service from your own script, "
@@ -351,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(args.out, args.seed)
     for case in summary["cases"]:
         top = case["syndromes"][0]
+        leans = case["top_match_leans_on"] or "not measured"
         print(f"{case['query']}: top syndrome {top['name']} (confidence "
-              f"{case['top_syndrome_confidence']}); planted: {case['true_name']}")
+              f"{case['top_syndrome_confidence']}); top match leans most on: {leans}; "
+              f"planted: {case['true_name']} on the {case['planted_region']}")
     print(f"demo took {time.monotonic() - started:.0f} s; wrote {args.out / 'summary.md'} and "
           f"{len(list((args.out / 'overlays').glob('*.png')))} overlays")
     print(f"open the match report: {args.out / summary['cases'][0]['report']}")
