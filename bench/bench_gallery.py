@@ -1,9 +1,10 @@
 """Gallery benchmark: search through the gallery against numpy brute force, the ``auto``
-index choice, and recall/latency of the approximate index, per gallery size.
+index choice, and recall/latency of approximate indexes, per gallery size.
 
-    .venv/bin/python -m bench.bench_gallery                       # 1k, 10k, 100k
-    .venv/bin/python -m bench.bench_gallery --sizes 1000000       # once: slow to build
-    .venv/bin/python -m bench.bench_gallery --hnsw-only 1000000   # the 1M HNSW sweep alone
+    .venv/bin/python -m bench.bench_gallery                          # 1k, 10k, 100k
+    .venv/bin/python -m bench.bench_gallery --sizes 1000000          # 1M through the gallery (minutes)
+    .venv/bin/python -m bench.bench_gallery --ann 1000000            # approximate indexes at 1M, no SQLite
+    .venv/bin/python -m bench.bench_gallery --ann 1000000 --hnsw     # ... and HNSW32 (a long build)
 
 Synthetic set (face-like neighbourhoods, 128-d like SFace): identities with unequal
 image counts (lognormal, median 3, 1 to 50 images); identity centres drawn from an
@@ -13,12 +14,15 @@ norm U(0.55, 1.0), normalised. Same-identity cosines then fall at about 0.5–0.
 impostor cosines at about −0.1–0.25 (5th–95th percentiles, printed per run), like
 real face embeddings. Queries are 64 new images of random gallery identities.
 
-Each size runs in its own process. "Gallery" times are end to end (``search_batch``:
-query normalisation, index search, hit labels, ``Hit`` objects), medians of
-interleaved runs against a plain numpy brute force (``q @ X.T`` + ``argpartition``)
-over the same normalised float32 matrix in the same process: "× numpy" ≥ 1 means the
-gallery is at least as fast (the target). One-query timings cycle through the 64
-queries. Recall@10 of the approximate index is against the exact top 10.
+Each size runs in its own process, with ``--threads`` BLAS/OpenMP threads (default 1:
+on a shared two-core machine a second thread waits for a core, and one call then takes
+a scheduler tick, for numpy and the gallery alike). "Gallery" times are end to end
+(``search_batch``: query normalisation, index search, hit labels, ``Hit`` objects),
+medians of interleaved runs against a plain numpy brute force (``q @ X.T`` +
+``argpartition``) over the same normalised float32 matrix in the same process:
+"× numpy" ≥ 1 means the gallery is at least as fast (the target). One-query timings
+cycle through the 64 queries. Recall@10 of an approximate index is against the exact
+top 10; its target is ≥ 0.95 under 10 ms for one query at 1M records.
 """
 
 from __future__ import annotations
@@ -38,10 +42,15 @@ K = 10
 TARGET_RATIO = 1.0
 TARGET_APPROX_MS = 10.0
 TARGET_RECALL = 0.95
-# (factory, knob, values) of the approximate indexes swept from 10k records up; "IVF" is
-# IVF with about √N lists.
-APPROXIMATE = (("HNSW32", "efSearch", (64, 128, 256, 512)), ("IVF", "nprobe", (16, 48, 96)))
-skip_ivf_above_100k = True  # IVF at 1M: recall@10 0.85 at nprobe 96 and > 10 ms (see index.py)
+# (factory, knob, values) of the approximate indexes swept by --ann; "IVF" is IVF with
+# about √N lists, "auto" the factory the gallery builds past its exact limit.
+ANN = (
+    ("auto", "k_factor", (8, 16, 32, 64)),
+    ("PQ32x4fs,RFlat", "k_factor", (32, 100, 200)),
+    ("IVF", "nprobe", (16, 64, 128)),
+    ("SQ8", None, (None,)),
+)
+HNSW = ("HNSW32", "efSearch", (128, 256, 512))  # efConstruction 40, as the gallery builds it
 
 
 def face_like(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,8 +102,12 @@ def numpy_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(top, order, axis=1)
 
 
-def _interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable (called with the repeat number), run alternately."""
+def _interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict:
+    """Median seconds of each callable (called with the repeat number), run alternately
+    after ``warmup`` untimed rounds, so load drifts hit them all alike."""
+    for r in range(warmup):
+        for fn in fns.values():
+            fn(r)
     times: dict = {name: [] for name in fns}
     for r in range(repeats):
         for name, fn in fns.items():
@@ -106,6 +119,10 @@ def _interleaved(fns: dict, repeats: int) -> dict:
 
 def _stage(n: int, what: str, since: float) -> None:
     print(f"#   {n:,}: {what} ({time.perf_counter() - since:.0f} s)", file=sys.stderr, flush=True)
+
+
+def _recall(found: list, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(t.tolist()) & set(f)) / K for t, f in zip(truth, found, strict=True)]))
 
 
 def run_one(n: int, dim: int, workdir: Path) -> dict:
@@ -131,11 +148,13 @@ def run_one(n: int, dim: int, workdir: Path) -> dict:
 
     q1 = [queries[i : i + 1, None, :] for i in range(64)]
     q64 = queries[:, None, :]
-    repeats = 31 if n <= 100_000 else 7
+    repeats = 301 if n <= 10_000 else 61 if n <= 100_000 else 15
     # gallery ids are 1 + row index (fresh gallery, AUTOINCREMENT from 1)
-    exact = [np.array([h.gallery_id - 1 for h in hits]) for hits in gallery.search_batch(q64, K)]
     truth = numpy_topk(x, queries, K)
-    result["exact_equals_numpy"] = float(np.mean([np.array_equal(a, b) for a, b in zip(exact, truth, strict=True)]))
+    one = [[h.gallery_id - 1 for h in gallery.search_batch(q, K)[0]] for q in q1]
+    batch = [[h.gallery_id - 1 for h in hits] for hits in gallery.search_batch(q64, K)]
+    result["exact_equals_numpy"] = float(np.mean([f == t.tolist() for f, t in zip(one + batch, [*truth, *truth],
+                                                                                     strict=True)]))
     t1 = _interleaved({
         "gallery": lambda r: gallery.search_batch(q1[r % 64], K),
         "numpy": lambda r: numpy_topk(x, queries[r % 64 : r % 64 + 1], K),
@@ -145,7 +164,7 @@ def run_one(n: int, dim: int, workdir: Path) -> dict:
         "gallery": lambda r: gallery.search_batch(q64, K),
         "numpy": lambda r: numpy_topk(x, queries, K),
         "index": lambda r: gallery._index.search(queries, K),
-    }, repeats)
+    }, max(5, repeats // 3))
     for name in ("gallery", "numpy", "index"):
         result[f"{name}_1_ms"] = 1e3 * t1[name]
         result[f"{name}_64_ms"] = 1e3 * t64[name]
@@ -157,111 +176,95 @@ def run_one(n: int, dim: int, workdir: Path) -> dict:
     result["auto_open_s"] = time.perf_counter() - t
     result["auto"] = auto.index_effective_factory
     found = auto.search_batch(q64, K)
-    result["auto_recall10"] = float(np.mean(
-        [len(set(tr.tolist()) & {h.gallery_id - 1 for h in f}) / K for tr, f in zip(truth, found, strict=True)]))
+    result["auto_recall10"] = _recall([[h.gallery_id - 1 for h in f] for f in found], truth)
     result["auto_1_ms"] = 1e3 * _interleaved({"1": lambda r: auto.search_batch(q1[r % 64], K)}, 3 * repeats)["1"]
-    result["auto_64_ms"] = 1e3 * _interleaved({"64": lambda r: auto.search_batch(q64, K)}, repeats)["64"]
+    result["auto_64_ms"] = 1e3 * _interleaved({"64": lambda r: auto.search_batch(q64, K)}, max(5, repeats // 3))["64"]
     auto.close(save_index=False)
     _stage(n, f"auto ({result['auto']}) timed", began)
-
-    if n >= 10_000:
-        result["approx_sweeps"] = [
-            _sweep(path, factory, knob, values, truth, q1, q64, n, began)
-            for factory, knob, values in APPROXIMATE
-            if not (factory.startswith("IVF") and n > 100_000 and skip_ivf_above_100k)
-        ]
     result["db_mib"] = path.stat().st_size / 2**20
     for p in workdir.glob(f"bench_{n}.db*"):
         p.unlink()
     return result
 
 
-def _sweep(path: Path, factory: str, knob: str, values: tuple, truth: np.ndarray, q1: list, q64: np.ndarray,
-           n: int, began: float) -> dict:
-    """Build ``factory`` through the gallery, then recall@10 and one-query ms per ``knob`` value."""
+def ann(n: int, dim: int, with_hnsw: bool) -> dict:
+    """Recall@10 and one-query / 64-query ms of FAISS approximate indexes over ``n`` face-like
+    vectors, built as the gallery builds them (``VectorIndex``: training sample, knobs) but
+    without SQLite, which at 1M records takes longer to fill than the indexes to build. The
+    gallery adds its label lookup and ``Hit`` objects (tens of µs) on top."""
     import faiss
 
-    from gallery import Gallery
-    from gallery.index import ivf_factory
-
-    factory = ivf_factory(n) if factory == "IVF" else factory
-    t = time.perf_counter()
-    gallery = Gallery.open(path, index=factory)
-    out: dict = {"factory": gallery.index_effective_factory, "knob": knob, "build_s": time.perf_counter() - t}
-    inner = faiss.downcast_index(gallery._index._index.index)
-    points = []
-    for value in values:
-        if knob == "efSearch":
-            inner.hnsw.efSearch = value
-        else:
-            faiss.extract_index_ivf(inner).nprobe = value
-        found = gallery.search_batch(q64, K)
-        recall = float(np.mean([len(set(tr.tolist()) & {h.gallery_id - 1 for h in f}) / K
-                                for tr, f in zip(truth, found, strict=True)]))
-        ms = 1e3 * _interleaved({"1": lambda r: gallery.search_batch(q1[r % 64], K)}, 64)["1"]
-        points.append({"value": value, "recall10": recall, "ms_1q": ms})
-    out["points"] = points
-    gallery.close(save_index=False)
-    _stage(n, f"{factory} swept", began)
-    return out
-
-
-def hnsw_only(n: int, dim: int, values: tuple = (128, 192, 256, 384, 512)) -> dict:
-    """The auto index above its limit (FAISS HNSW32, efConstruction 40, as the gallery builds
-    it) straight over the same face-like vectors, without SQLite: what the 1M row reports,
-    since adding 1M records through the gallery and building HNSW there took too long to
-    repeat. The gallery adds its label lookup and Hit objects (tens of µs) on top."""
-    import faiss
+    from gallery.index import VectorIndex, auto_factory, ivf_factory
 
     x, _identity, queries = face_like(n, dim, seed=n)
     truth = numpy_topk(x, queries, K)
-    t = time.perf_counter()
-    index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = 40
-    index.add(x)
-    out: dict = {"n": n, "build_s": time.perf_counter() - t, "points": []}
-    for value in values:
-        index.hnsw.efSearch = value
-        _, found = index.search(queries, K)
-        recall = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(found, truth, strict=True)]))
-        ms = 1e3 * _interleaved({"1": lambda r: index.search(queries[r % 64 : r % 64 + 1], K)}, 64)["1"]
-        out["points"].append({"value": value, "recall10": recall, "ms_1q": ms})
-        print(f"# efSearch {value}: recall@10 {recall:.3f}, {ms:.2f} ms per query", file=sys.stderr, flush=True)
+    ids = np.arange(n, dtype=np.int64)
+    out: dict = {"n": n, "threads": faiss.omp_get_max_threads(), "indexes": []}
+    for factory, knob, values in ANN + ((HNSW,) if with_hnsw else ()):
+        factory = auto_factory(n, dim) if factory == "auto" else ivf_factory(n) if factory == "IVF" else factory
+        t = time.perf_counter()
+        index = VectorIndex(factory, dim)
+        index.build(ids, x)
+        row: dict = {"factory": index.effective_factory, "knob": knob, "build_s": time.perf_counter() - t,
+                     "points": []}
+        inner = faiss.downcast_index(index._index.index)
+        for value in values:
+            if knob == "efSearch":
+                inner.hnsw.efSearch = value
+            elif knob == "nprobe":
+                faiss.extract_index_ivf(inner).nprobe = value
+            elif knob == "k_factor":
+                inner.k_factor = value
+            _, found = index.search(queries, K)
+            recall = _recall([f.tolist() for f in found], truth)
+            ms = _interleaved({"1": lambda r, ix=index: ix.search(queries[r % 64 : r % 64 + 1], K)}, 128)
+            point = {"value": value, "recall10": recall, "ms_1q": 1e3 * ms["1"]}
+            row["points"].append(point)
+            print(f"# {row['factory']} {knob} {value}: recall@10 {recall:.3f}, {point['ms_1q']:.2f} ms per query",
+                  file=sys.stderr, flush=True)
+        out["indexes"].append(row)
+        del index, inner
     return out
 
 
-def table(rows: list[dict]) -> str:
-    from gallery.index import AUTO_EF_SEARCH
+def ann_table(doc: dict) -> str:
+    lines = [f"Approximate indexes over {doc['n']:,} face-like vectors ({doc['threads']} thread(s)); "
+             f"target recall@10 ≥ {TARGET_RECALL} under {TARGET_APPROX_MS:g} ms for one query:", "",
+             "| index | build (s) | knob | recall@10 | ms per query | meets |", "|---|---:|---|---:|---:|---|"]
+    for row in doc["indexes"]:
+        for p in row["points"]:
+            ok = p["recall10"] >= TARGET_RECALL and p["ms_1q"] < TARGET_APPROX_MS
+            knob = f"{row['knob']} {p['value']}" if row["knob"] else "–"
+            lines.append(f"| {row['factory']} | {row['build_s']:.0f} | {knob} | {p['recall10']:.3f} "
+                         f"| {p['ms_1q']:.2f} | {'yes' if ok else 'no'} |")
+    return "\n".join(lines)
 
+
+def table(rows: list[dict]) -> str:
     head = (
         "| records | add (s) | gallery 1q (ms) | numpy 1q (ms) | × numpy 1q (≥ 1) | gallery 64q (ms) "
         "| numpy 64q (ms) | × numpy 64q (≥ 1) | index only × numpy 1q / 64q | exact = numpy "
-        "| auto choice | auto 1q (ms) | auto recall@10 | HNSW32 recall@10 / ms per query at "
-        f"efSearch {AUTO_EF_SEARCH} (≥ {TARGET_RECALL} / < {TARGET_APPROX_MS:g}) |"
+        "| auto choice | auto 1q (ms) | auto 64q (ms) | auto recall@10 |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        hnsw = next((s for s in r.get("approx_sweeps", []) if s["knob"] == "efSearch"), None)
-        at = next((p for p in hnsw["points"] if p["value"] == AUTO_EF_SEARCH), None) if hnsw else None
-        approx = f"{at['recall10']:.3f} / {at['ms_1q']:.2f}" if at else "–"
         lines.append(
             f"| {r['n']:,} | {r['add_s']:.0f} | {r['gallery_1_ms']:.3f} | {r['numpy_1_ms']:.3f} "
             f"| {r['numpy_1_ms'] / r['gallery_1_ms']:.2f} | {r['gallery_64_ms']:.2f} | {r['numpy_64_ms']:.2f} "
             f"| {r['numpy_64_ms'] / r['gallery_64_ms']:.2f} "
             f"| {r['numpy_1_ms'] / r['index_1_ms']:.2f} / {r['numpy_64_ms'] / r['index_64_ms']:.2f} "
-            f"| {r['exact_equals_numpy']:.0%} | {r['auto']} | {r['auto_1_ms']:.3f} | {r['auto_recall10']:.3f} "
-            f"| {approx} |"
+            f"| {r['exact_equals_numpy']:.0%} | {r['auto']} | {r['auto_1_ms']:.3f} | {r['auto_64_ms']:.2f} "
+            f"| {r['auto_recall10']:.3f} |"
         )
-    sweeps = [(r["n"], s) for r in rows for s in r.get("approx_sweeps", [])]
-    if sweeps:
-        lines += ["", "Approximate indexes (recall@10 / ms per one-query search, per knob value):", ""]
-        lines += ["| records | index (build s) | points |", "|---|---|---|"]
-        for n, s in sweeps:
-            cells = ", ".join(f"{s['knob']} {p['value']}: {p['recall10']:.3f} / {p['ms_1q']:.2f}" for p in s["points"])
-            lines.append(f"| {n:,} | {s['factory']} ({s['build_s']:.0f}) | {cells} |")
     lines += ["", "Cosine spread (5th / 50th / 95th percentile), same identity vs impostor:", ""]
     lines += [f"- {r['n']:,}: same {r['cosines']['same']}, impostor {r['cosines']['impostor']}" for r in rows]
     return "\n".join(lines)
+
+
+def _child_env(threads: int) -> dict:
+    # Passive OpenMP waits: spinning FAISS threads collapse on a shared, busy CPU.
+    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(threads),
+            "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,14 +272,30 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,10000,100000", help="comma-separated record counts")
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1, help="BLAS / OpenMP threads of each size's process")
     parser.add_argument("--workdir", type=Path, default=None, help="where the SQLite files go")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    parser.add_argument("--hnsw-only", type=int, metavar="N",
-                        help="only the HNSW32 efSearch sweep over N face-like vectors (no SQLite)")
+    parser.add_argument("--ann", type=int, metavar="N",
+                        help="only the approximate indexes over N face-like vectors (no SQLite)")
+    parser.add_argument("--hnsw", action="store_true", help="with --ann: HNSW32 too (minutes to build at 1M)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ann-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.hnsw_only:
-        print(json.dumps(hnsw_only(args.hnsw_only, args.dim)))
+    root = Path(__file__).resolve().parents[1]
+    if args.ann and args.ann_child:
+        print(json.dumps(ann(args.ann, args.dim, args.hnsw)))
+        return 0
+    if args.ann:
+        cmd = [sys.executable, "-m", "bench.bench_gallery", "--ann", str(args.ann), "--ann-child",
+               "--dim", str(args.dim)] + (["--hnsw"] if args.hnsw else [])
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=_child_env(args.threads), cwd=root)
+        if out.returncode != 0:
+            return 1
+        doc = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"# ann done: {json.dumps(doc)}", file=sys.stderr, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(doc, indent=1))
+        print(ann_table(doc))
         return 0
     workdir = args.workdir or Path(tempfile.gettempdir())
     workdir.mkdir(parents=True, exist_ok=True)
@@ -289,10 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.bench_gallery", "--one", str(n), "--dim", str(args.dim),
                "--workdir", str(workdir)]
         t = time.perf_counter()
-        # Passive OpenMP waits: spinning FAISS threads collapse on a shared, busy CPU.
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env,
-                             cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=_child_env(args.threads), cwd=root)
         if out.returncode != 0:
             break
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -301,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(f"Gallery benchmark ({args.dim}-d face-like synthetic records, k={K}, {os.cpu_count()} CPU cores, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-          f"load average {os.getloadavg()[0]:.1f})\n")
+          f"{args.threads} BLAS/OpenMP thread(s) per size, load average {os.getloadavg()[0]:.1f})\n")
     print(table(rows))
     return 0 if len(rows) == len(sizes) else 1
 

@@ -136,18 +136,28 @@ class Ranking:
                 ranked = list(zip(ids.tolist(), scores.tolist(), strict=True))
             else:
                 ranked = [(i.tolist(), s.tolist()) for i, s in self._ranked(queries, k, chosen, view_scheme, index)]
-            wanted = [gid for ids, _ in ranked for gid in ids] if len(ranked) > 1 else ranked[0][0] if ranked else []
-            labels = self._labels(wanted)
-            if len(labels) == len(wanted) or all(gid in labels for gid in wanted):
-                return _hits(ranked, labels)
+            labels = self._labels([gid for ids, _ in ranked for gid in ids], own=False)
+            hits, complete = _hits(ranked, labels)
+            if complete:
+                return hits
         with self._rw.read():  # ids and their rows read under one lock: deletes cannot slip between
             ranked = [(ids.tolist(), scores.tolist()) for ids, scores in self._ranked(queries, k, chosen, view_scheme)]
             labels = self._labels([gid for ids, _ in ranked for gid in ids])
-        return _hits(ranked, labels)
+        return _hits(ranked, labels)[0]
 
-    def _labels(self, ids: list[int]) -> dict[int, tuple[RecordInfo, dict]]:
-        """gallery id -> (RecordInfo, its Hit fields) for those of ``ids`` still in the gallery."""
+    def _labels(self, ids: list[int], *, own: bool = True) -> dict[int, tuple[RecordInfo, dict]]:
+        """gallery id -> (RecordInfo, its Hit fields) for those of ``ids`` still in the gallery.
+
+        ``own=False``: when every id is cached, the cache itself (no copy); a search racing a
+        cache overflow may then miss labels, and says so (``_hits``) to be redone with ``own``.
+        """
         cache = self._label_cache
+        if not own:
+            for gid in ids:
+                if gid not in cache:
+                    break
+            else:
+                return cache
         out = {}
         missing = []
         for gid in ids:
@@ -335,16 +345,21 @@ class Ranking:
         yield from found
 
 
-def _hits(ranked: list[tuple[list[int], list[float]]], labels: dict[int, tuple[RecordInfo, dict]]) -> list[list[Hit]]:
-    """``Hit`` lists from per-query (gallery ids, scores); ids without labels (deleted
-    meanwhile) left out."""
+def _hits(
+    ranked: list[tuple[list[int], list[float]]], labels: dict[int, tuple[RecordInfo, dict]],
+) -> tuple[list[list[Hit]], bool]:
+    """(``Hit`` lists from per-query (gallery ids, scores), whether every id had labels);
+    ids without labels (deleted meanwhile) are left out."""
     new = object.__new__
+    get = labels.get
     out = []
+    complete = True
     for ids, scores in ranked:
         hits = []
         for gid, score in zip(ids, scores, strict=True):
-            found = labels.get(gid)
+            found = get(gid)
             if found is None:  # deleted between the index read and this lookup
+                complete = False
                 continue
             # Hit's own fields, set as its frozen __init__ would, without its per-field
             # calls: thousands of hits per batch made them cost more than the search.
@@ -354,7 +369,7 @@ def _hits(ranked: list[tuple[list[int], list[float]]], labels: dict[int, tuple[R
             fields["score"] = score
             hits.append(hit)
         out.append(hits)
-    return out
+    return out, complete
 
 
 _NO_FILTER = SearchFilter()
