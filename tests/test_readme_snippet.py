@@ -91,6 +91,8 @@ def test_the_snippet_runs_on_an_empty_gallery_then_on_one_another_process_fills(
     proc = run_snippet(running.address, empty)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", "nothing matched, nothing printed"
+    assert "EmptyResultWarning: no gallery face matched" in proc.stderr, \
+        "the client warns instead of returning a silent empty list"
     assert not (empty / "top1.png").exists()
     assert any("empty gallery" in r.getMessage() for r in caplog_module), \
         "the server says a match found an empty gallery"

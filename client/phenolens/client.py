@@ -38,6 +38,22 @@ from .results import (
 from .syndrome import SyndromeMixin
 
 T = TypeVar("T")
+
+
+class EmptyResultWarning(UserWarning):
+    """A match asked for gallery faces and got none: the server's gallery is empty, or the
+    filters excluded every face."""
+
+
+def warn_if_empty(result: MatchResult, top_k: int) -> MatchResult:
+    """Say so (a warning, not a silent empty list) when a match asked for faces and got none."""
+    if top_k > 0 and not result.hits:
+        import warnings
+
+        warnings.warn(f"no gallery face matched (gallery version {result.gallery_version}): "
+                      "the server's gallery is empty, or the filters excluded every face",
+                      EmptyResultWarning, stacklevel=2)
+    return result
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -232,7 +248,8 @@ class Calls:
                                    view_scheme=view_scheme, top_k=top_k,
                                    top_syndromes=top_syndromes, top_genes=top_genes,
                                    filters=filters, exclude_subjects=exclude_subjects)
-        return self._call(self._lens.Match, request, timeout, MatchResult.from_proto)
+        return self._call(self._lens.Match, request, timeout,
+                          lambda m: warn_if_empty(MatchResult.from_proto(m), top_k))
 
     def explain(self, image: ImageLike, *, aligned: bool = False, top_k: int = 3,
                 methods: Sequence[str] = (), photo_maps: bool = True, overlays: bool = False,
@@ -255,7 +272,8 @@ class Calls:
         def read(response: phenolens_pb2.ExplainResponse) -> ExplainResult:
             photo = to_rgb(image) if photo_maps else None
             return ExplainResult(
-                MatchResult.from_proto(response.match),
+                warn_if_empty(MatchResult.from_proto(response.match),
+                              0 if gallery_ids else top_k),
                 tuple(ExplainedMatch.from_proto(e, query_crop_png=response.query_crop_png,
                                                 query_photo=photo)
                       for e in response.explanations),
