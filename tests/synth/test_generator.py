@@ -171,3 +171,16 @@ def test_dataset_folder_round_trips_through_the_manifest(sources, tmp_path):
         assert np.array_equal(image, sample.image) and np.array_equal(mask, sample.mask)
         assert row.subject == sample.subject and row.label == sample.label
         np.testing.assert_allclose(row.landmarks, sample.landmarks, atol=0.01)
+
+
+def test_the_demo_cohort_puts_every_syndrome_on_every_gallery_subject_and_holds_people_out(
+        sources):
+    held = (sources[0].subject,)
+    c = synth.cohort(sources, held, per_source=1, queries_per_source=1, seed=0)
+    assert held[0] not in c.gallery_subjects and c.query_subjects == held
+    per_label = {lab: {s.subject for s in c.gallery if s.label == lab} for lab in synth.SYNDROMES}
+    assert all(subjects == set(c.gallery_subjects) for subjects in per_label.values())
+    assert len(c.gallery) == len(synth.SYNDROMES) * sum(1 for s in sources
+                                                       if s.subject not in held)
+    assert {s.label for s in c.queries} == set(synth.SYNDROMES)
+    assert all(synth.gallery_genes(s) == synth.LABELS[s.label].genes for s in c.gallery)
