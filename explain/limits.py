@@ -3,9 +3,10 @@ the time they take.
 
 A call stops at the first poll after its time limit passes or it is cancelled, so how
 late it stops is the length of one batch of work between two polls. ``Guard.batches``
-sizes each batch from the measured seconds per item (remembered per kind of work across
-calls, so a call's first batch is sized too, once the server's warm-up or an earlier call
-measured it) to take at most ``BATCH_TARGET_S`` and never more than the time left.
+sizes each batch of a cancellable call from the measured seconds per item (remembered per
+kind of work across calls, so a call's first batch is sized too, once the server's
+warm-up or an earlier call measured it) to take at most ``BATCH_TARGET_S`` and never more
+than the time left.
 """
 
 from __future__ import annotations
@@ -82,16 +83,23 @@ class Guard:
         return None if self.time_limit is None else self.time_limit - self.elapsed
 
     def batch_size(self, kind: str, most: int) -> int:
-        """How many items of ``kind`` (e.g. "sface/forward") fit in one batch: as many as
-        take ``BATCH_TARGET_S`` (and the time left) at the measured rate, 1..``most``;
-        1 until the rate is measured."""
+        """How many items of ``kind`` (e.g. "sface/112x112/forward") go in the next batch,
+        1..``most``. A call that can be cancelled (a server's) gets as many as take
+        ``BATCH_TARGET_S`` and fit in the time left at the measured rate (1 until it is
+        measured). A call that cannot be cancelled gets ``most`` unless a batch that size
+        would outlast its time limit: fixed batches, so the same call gives bit-identical
+        maps (batch composition changes float32 sums in the last digits)."""
         per_item = _SECONDS_PER_ITEM.get(kind)
-        if per_item is None or most <= 1:
-            return 1
-        span = BATCH_TARGET_S
         left = self.time_left
-        if left is not None:
-            span = min(span, max(left, 0.0))
+        if most <= 1:
+            return 1
+        if self.cancel is None:
+            if per_item is None or left is None or most * per_item <= left:
+                return most
+            return max(1, min(most, math.floor(max(left, 0.0) / max(per_item, 1e-6))))
+        if per_item is None:
+            return 1
+        span = BATCH_TARGET_S if left is None else min(BATCH_TARGET_S, max(left, 0.0))
         return max(1, min(most, math.floor(span / max(per_item, 1e-6))))
 
     def batches(self, total: int, kind: str, most: int) -> Iterator[slice]:

@@ -247,3 +247,23 @@ def test_feature_cache_size_is_configurable_and_zero_disables_it(tmp_path):
     assert load_config(None, env=env).explain.feature_cache_size == 0
     with pytest.raises(ConfigError, match="feature_cache_size"):
         load_config(None, env={}, explain={"feature_cache_size": -1})
+
+
+def test_a_replica_drops_the_faces_its_new_snapshot_no_longer_holds(backend, own_gallery):
+    from encoder.image import decode_image
+    from server.feature_cache import FeatureCache, Fingerprint
+    from server.replica import _holds
+
+    records = list(own_gallery.iter_records())[:3]
+    keys = [(r.info.gallery_id, Fingerprint.of(r.crop_png, backend.encoder_id,
+                                               backend.view_scheme)) for r in records]
+    one = backend.explainer.encode(decode_image(records[0].crop_png))
+    cache = FeatureCache(8)
+    for gid, fingerprint in keys:
+        cache.put(gid, fingerprint, one)
+    cache.put(keys[2][0], Fingerprint.of(b"the crop before a replacing import",
+                                         backend.encoder_id, backend.view_scheme), one)
+    cache.put(10**9, keys[0][1], one)  # a record the gallery no longer holds
+    assert cache.retain(lambda gid, fingerprint: _holds(own_gallery, gid, fingerprint)) == 2
+    assert len(cache) == 2
+    assert cache.get(*keys[0]) is not None and cache.get(*keys[1]) is not None
