@@ -93,15 +93,38 @@ def figure_png(fig: Figure, path: str | Path | None = None) -> bytes:
     return data
 
 
+def with_legend(rgb: np.ndarray, lines: list[str] | tuple[str, ...]) -> np.ndarray:
+    """(H, W, 3) uint8 image with a white strip below holding ``lines`` of text (the legend
+    in words of a single overlay: which face, what the colours mean)."""
+    from PIL import Image, ImageDraw
+
+    image = np.asarray(rgb, dtype=np.uint8)
+    row = 13
+    strip = Image.new("RGB", (image.shape[1], 4 + row * len(lines)), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + row * i), line, fill=(40, 40, 40))
+    return np.concatenate([image[..., :3], np.asarray(strip)], axis=0)
+
+
+def overlay_legend(method: str, face: str, *maps: np.ndarray) -> tuple[str, str]:
+    """Two legend lines for a single overlay of ``face`` ("query face", "match"): the method
+    and face, then the colours the maps show in words."""
+    return f"{face} · {METHOD_TITLES.get(method, f'{method} map')}", legend_words(method, *maps)
+
+
 def overlay_png(
     rgb: np.ndarray,
     signed_map: np.ndarray,
     path: str | Path | None = None,
     *,
     limit: float | None = None,
+    legend: tuple[str, ...] | None = None,
 ) -> bytes:
-    """PNG bytes of :func:`overlay` (also written to ``path`` when given)."""
-    data = encode_png(overlay(rgb, signed_map, limit=limit))
+    """PNG bytes of :func:`overlay` (also written to ``path`` when given); ``legend``: lines
+    of words drawn in a strip below (e.g. :func:`overlay_legend`)."""
+    drawn = overlay(rgb, signed_map, limit=limit)
+    data = encode_png(with_legend(drawn, legend) if legend else drawn)
     if path is not None:
         Path(path).write_bytes(data)
     return data
@@ -119,10 +142,13 @@ def photo_overlay_png(
     path: str | Path | None = None,
     *,
     limit: float | None = None,
+    legend: tuple[str, ...] | None = None,
 ) -> bytes:
-    """The aligned-crop map drawn on the original photo through the inverse alignment."""
+    """The aligned-crop map drawn on the original photo through the inverse alignment
+    (``legend`` as in :func:`overlay_png`)."""
     limit = symmetric_limit(aligned_map) if limit is None else limit
-    return overlay_png(photo_rgb, photo_map(aligned_map, alignment), path, limit=limit)
+    return overlay_png(photo_rgb, photo_map(aligned_map, alignment), path, limit=limit,
+                       legend=legend)
 
 
 # What each method's map shows, and what its two colours mean, in words for a clinician.
