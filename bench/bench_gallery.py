@@ -187,7 +187,7 @@ def run_one(n: int, dim: int, workdir: Path) -> dict:
     return result
 
 
-def ann(n: int, dim: int, with_hnsw: bool) -> dict:
+def ann(n: int, dim: int, with_hnsw: bool, auto_only: bool = False) -> dict:
     """Recall@10 and one-query / 64-query ms of FAISS approximate indexes over ``n`` face-like
     vectors, built as the gallery builds them (``VectorIndex``: training sample, knobs) but
     without SQLite, which at 1M records takes longer to fill than the indexes to build. The
@@ -200,7 +200,7 @@ def ann(n: int, dim: int, with_hnsw: bool) -> dict:
     truth = numpy_topk(x, queries, K)
     ids = np.arange(n, dtype=np.int64)
     out: dict = {"n": n, "threads": faiss.omp_get_max_threads(), "indexes": []}
-    for factory, knob, values in ANN + ((HNSW,) if with_hnsw else ()):
+    for factory, knob, values in ANN[:1] if auto_only else ANN + ((HNSW,) if with_hnsw else ()):
         factory = auto_factory(n, dim) if factory == "auto" else ivf_factory(n) if factory == "IVF" else factory
         t = time.perf_counter()
         index = VectorIndex(factory, dim)
@@ -278,16 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ann", type=int, metavar="N",
                         help="only the approximate indexes over N face-like vectors (no SQLite)")
     parser.add_argument("--hnsw", action="store_true", help="with --ann: HNSW32 too (minutes to build at 1M)")
+    parser.add_argument("--auto-only", action="store_true", help="with --ann: only the index auto builds")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ann-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     root = Path(__file__).resolve().parents[1]
     if args.ann and args.ann_child:
-        print(json.dumps(ann(args.ann, args.dim, args.hnsw)))
+        print(json.dumps(ann(args.ann, args.dim, args.hnsw, args.auto_only)))
         return 0
     if args.ann:
         cmd = [sys.executable, "-m", "bench.bench_gallery", "--ann", str(args.ann), "--ann-child",
-               "--dim", str(args.dim)] + (["--hnsw"] if args.hnsw else [])
+               "--dim", str(args.dim)] + (["--hnsw"] if args.hnsw else []) + (["--auto-only"] if args.auto_only else [])
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=_child_env(args.threads), cwd=root)
         if out.returncode != 0:
             return 1
