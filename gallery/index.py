@@ -281,6 +281,17 @@ class ExactMatrix:
             best_r[~np.isfinite(best_s)] = -1
         return best_s, best_r
 
+    def search_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (k,), gallery ids (k,)) of one query (D,) float32 without filters, best
+        first; ``k`` below ``ntotal`` of the state it reads, else rows -1 padded (the
+        general path)."""
+        state = self._rows
+        if len(state.ids) > k:
+            s, i = _search_one(state.x, state.ids, query, k, self._BLOCK)
+        else:
+            s, i = self.search(query[None, :], k)
+        return s[0], i[0]
+
     @staticmethod
     def _rows_in(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
         return np.flatnonzero(np.isin(ids, wanted))
@@ -308,7 +319,7 @@ def _search_one(
         order = np.argsort(cols)
         cols, top = cols[order], top[order]
     order = np.argsort(-top, kind="stable")[:k]  # ties: the earlier row (older record) first
-    return top[order][None, :], ids[cols[order]][None, :]
+    return top[order][None], ids[cols[order]][None]
 
 
 def _prefer_earlier_ties(scores: np.ndarray, top_s: np.ndarray, top_c: np.ndarray) -> None:
@@ -500,6 +511,14 @@ class VectorIndex:
             return True
         inner = faiss.downcast_index(self._index.index)
         return not isinstance(inner, (faiss.IndexRefine, faiss.IndexFastScan))
+
+    def search_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (k,), gallery ids (k,)) of one query (D,) float32 C-contiguous, no filters,
+        0 < k; the exact index without its batch wrappers (what one search costs is mostly them)."""
+        if self._exact is not None:
+            return self._exact.search_one(query, k)
+        s, i = self.search(query[None, :], k)
+        return s[0], i[0]
 
     def _params(self, selector: faiss.IDSelector) -> faiss.SearchParameters:
         inner = faiss.downcast_index(self._index.index)

@@ -132,8 +132,25 @@ class Ranking:
             # search is redone under the lock, so it never comes back short.
             if chosen is _NO_FILTER and 0 < k < index.ntotal and len(queries):  # the common case, lean
                 q = self._query_matrix(queries, view_scheme)
-                scores, ids = index.search(q, k)
-                ranked = list(zip(ids.tolist(), scores.tolist(), strict=True))
+                if len(q) == 1:  # one query: its hits built right here from the cached labels
+                    scores, ids = index.search_one(q[0], k)
+                    cache, new = self._label_cache, object.__new__
+                    hits = []
+                    for gid, score in zip(ids.tolist(), scores.tolist(), strict=True):
+                        found = cache.get(gid)
+                        if found is None:  # not cached, or deleted: the general path below
+                            break
+                        hit = new(Hit)
+                        fields = hit.__dict__
+                        fields.update(found[1])
+                        fields["score"] = score
+                        hits.append(hit)
+                    else:
+                        return [hits]
+                    ranked = [(ids.tolist(), scores.tolist())]
+                else:
+                    scores, ids = index.search(q, k)
+                    ranked = list(zip(ids.tolist(), scores.tolist(), strict=True))
             else:
                 ranked = [(i.tolist(), s.tolist()) for i, s in self._ranked(queries, k, chosen, view_scheme, index)]
             labels = self._labels([gid for ids, _ in ranked for gid in ids], own=False)
