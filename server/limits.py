@@ -18,8 +18,9 @@ ways, each refusal a ``Saturated`` (RESOURCE_EXHAUSTED) with a retry hint:
   gets 3.4 GiB. A gallery of a million records adds about 1 GiB of index: raise
   ``max_rss_bytes`` with the pod's memory for such a gallery.
 
-When the last heavy call ends, freed heap is handed back to the system
-(glibc ``malloc_trim``) on a background thread, so RSS settles near idle.
+When the last heavy call ends, a background thread collects reference cycles (those
+of calls stopped by their deadline hold tensors) and hands freed heap back to the
+system (glibc ``malloc_trim``), so RSS settles near idle.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import ctypes.util
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -219,6 +221,9 @@ class HeavyWorkLimiter:
         while True:
             self._trim.wait()
             self._trim.clear()
+            # calls stopped by a deadline leave reference cycles (exception, traceback,
+            # frames holding tensors) that only the cycle collector frees
+            gc.collect()
             release_free_memory()
 
 
