@@ -153,8 +153,10 @@ class Ranking:
                     ranked = list(zip(ids.tolist(), scores.tolist(), strict=True))
             else:
                 ranked = [(i.tolist(), s.tolist()) for i, s in self._ranked(queries, k, chosen, view_scheme, index)]
-            labels = self._labels([gid for ids, _ in ranked for gid in ids], own=False)
-            hits, complete = _hits(ranked, labels)
+            hits, complete = _hits(ranked, self._label_cache)  # every label cached: done
+            if complete:
+                return hits
+            hits, complete = _hits(ranked, self._labels([gid for ids, _ in ranked for gid in ids]))
             if complete:
                 return hits
         with self._rw.read():  # ids and their rows read under one lock: deletes cannot slip between
@@ -162,19 +164,9 @@ class Ranking:
             labels = self._labels([gid for ids, _ in ranked for gid in ids])
         return _hits(ranked, labels)[0]
 
-    def _labels(self, ids: list[int], *, own: bool = True) -> dict[int, tuple[RecordInfo, dict]]:
-        """gallery id -> (RecordInfo, its Hit fields) for those of ``ids`` still in the gallery.
-
-        ``own=False``: when every id is cached, the cache itself (no copy); a search racing a
-        cache overflow may then miss labels, and says so (``_hits``) to be redone with ``own``.
-        """
+    def _labels(self, ids: list[int]) -> dict[int, tuple[RecordInfo, dict]]:
+        """gallery id -> (RecordInfo, its Hit fields) for those of ``ids`` still in the gallery."""
         cache = self._label_cache
-        if not own:
-            for gid in ids:
-                if gid not in cache:
-                    break
-            else:
-                return cache
         out = {}
         missing = []
         for gid in ids:
