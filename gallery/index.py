@@ -43,15 +43,17 @@ AUTO_EXACT_LIMIT = 200_000
 DEFAULT_NPROBE = 16
 DEFAULT_EF_SEARCH = 64
 # The approximate index "auto" builds past AUTO_EXACT_LIMIT, chosen on face-like synthetic data
-# at 1M records (bench/bench_gallery.py --ann 1000000, one query, shared 2-core machine):
-# - PQ64x4fs,RFlat (this): recall@10 0.97 at k_factor 16, 0.99 at 32, ~1.5 ms, built in seconds.
-# - HNSW32 (efConstruction 40): 0.84 at efSearch 256 (7.5 ms), 0.92 at 512 (12 ms), and a build
-#   of many minutes on two cores.
-# - IVF1024 (Flat, SQ8 or PQ fast scan with re-ranking): ≤ 0.87 even at nprobe 128: the true
+# at 1M records (bench/bench_gallery.py --ann 1000000: one thread, one query, CPU time per
+# query; the wall time on the shared 2-core machine is higher and moves with its load):
+# - PQ64x4fs,RFlat (this): recall@10 0.945 at k_factor 8, 0.986 at 16, 1.000 at 32, all about
+#   2.5-3.5 ms; built in ~20 s (train on 16k vectors, encode 1M).
+# - PQ32x4fs,RFlat: 0.81 at k_factor 32, 0.947 at 200 (2.2 ms): half the code, too coarse.
+# - IVF1024,Flat: 0.55 / 0.80 / 0.90 at nprobe 16 / 64 / 128 (1.4 / 4.4 / 8.2 ms): the true
 #   top 10 beyond a subject's own images are impostors from the far tail, spread over many lists.
-# - SQ8 scan: 0.99 but 33 ms per query.
+# - SQ8 scan: 0.992 at 35 ms. HNSW32 (efConstruction 40): 0.84 at efSearch 256 (7.5 ms), 0.92 at
+#   512 (12 ms), and a build of many minutes on two cores (issue 22's figures; --hnsw repeats it).
 # Neither HNSW nor this index can remove vectors: a delete or in-place update rebuilds it
-# (seconds for this one at 1M records).
+# (seconds for this one at 1M records, beside reading the records from SQLite).
 AUTO_APPROXIMATE = "PQ64x4fs,RFlat"  # for 128 dimensions: one 4-bit code per 2 dimensions
 DEFAULT_K_FACTOR = 32
 AUTO_EF_SEARCH = 256
