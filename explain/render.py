@@ -233,8 +233,9 @@ def pair_figure(
     words), both aligned faces named (top), both overlays on one scale (bottom), a colour
     bar in cosine per 10×10 pixels whose words name only the colours the maps show, the
     region words of each face (``words``: query's and match's lines; default from the
-    maps) and, in red, a ``warning`` (default: when a quarter or more of either map's
-    "pulls together" mass lies outside the face, that the match leans on hair/background).
+    maps) and, in red, a ``warning`` (default, without ``words`` and on a map with visible
+    red: when a quarter or more of either map's "pulls together" mass lies outside the
+    face, that the match leans on hair/background).
 
     ``label`` is the match's syndrome; ``gallery_name`` how the gallery names the face
     (e.g. its subject and image id)."""
@@ -242,11 +243,11 @@ def pair_figure(
     fig = Figure(figsize=(5.6, 7.0), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2, gridspec_kw={"hspace": 0.22, "wspace": 0.06})
-    fig.subplots_adjust(top=0.86, bottom=0.25, left=0.04, right=0.96)
+    fig.subplots_adjust(top=0.83, bottom=0.28, left=0.04, right=0.96)
     match_name = label or "gallery face"
     panels = (
         (query_rgb, None, "query face"),
-        (gallery_rgb, None, "\n".join(textwrap.wrap(f"match: {gallery_name}", 30))
+        (gallery_rgb, None, "\n".join(textwrap.wrap(f"match: {gallery_name}", 40)[:2])
          if gallery_name else "match"),
         (query_rgb, query_map, f"query · {method}"),
         (gallery_rgb, gallery_map, f"match · {method}"),
@@ -256,40 +257,38 @@ def pair_figure(
         ax.set_title(name, fontsize=8.5)
         ax.set_axis_off()
     fig.suptitle(f"query → {match_name} · cosine {cosine:.3f}", fontsize=11, y=0.975)
-    fig.text(0.5, 0.905, METHOD_TITLES.get(method, f"{method} map"), ha="center",
+    fig.text(0.5, 0.925, METHOD_TITLES.get(method, f"{method} map"), ha="center",
              fontsize=9, color="#333")
     has_blue, has_red = present_signs(query_map, gallery_map, limit=limit)
     cmap = colormaps[DIVERGING_CMAP]
     lo, hi = (-limit if has_blue or not has_red else 0.0), (limit if has_red else 0.0)
     per_100px = 100.0 * query_map.size / max(1, query_rgb.shape[0] * query_rgb.shape[1])
     mappable = matplotlib.cm.ScalarMappable(Normalize(-limit, limit), cmap)
-    cax = fig.add_axes((0.2, 0.175, 0.6, 0.022))
+    cax = fig.add_axes((0.2, 0.205, 0.6, 0.022))
     bar = fig.colorbar(mappable, cax=cax, orientation="horizontal")
     bar.ax.set_xlim(lo, hi)
     ticks = [v for v in (lo, lo / 2, 0.0, hi / 2, hi) if lo <= v <= hi]
     bar.set_ticks(sorted(set(ticks)))
-    bar.set_ticklabels([f"{v * per_100px:+.3f}".replace("+0.000", "0").replace("-", "−")
+    bar.set_ticklabels([("0" if v == 0 else f"{v * per_100px:+.2g}").replace("-", "−")
                         for v in sorted(set(ticks))])
     bar.ax.tick_params(labelsize=7)
     change = ("gained (+) or lost (−)" if has_blue and has_red else
               "gained" if has_red else "lost")
     bar.set_label(f"colour: cosine {change} per 10×10 pixels of the face", fontsize=7.5)
-    fig.text(0.5, 0.205, legend_words(method, query_map, gallery_map), ha="center",
+    fig.text(0.5, 0.235, legend_words(method, query_map, gallery_map), ha="center",
              fontsize=8)
     if words is not None:  # e.g. region effects' words, per face
         words = tuple(w if not w or w.startswith(("query", "match", "both")) else f"{who}: {w}"
                       for who, w in zip(("query", "match"), words, strict=False))
     lines = [w for w in (words if words is not None else map_words(query_map, gallery_map)) if w]
-    if warning is None:
+    if warning is None and words is None and has_red:  # region effects' words say it
         share = max(outside_face_share(query_map), outside_face_share(gallery_map))
         warning = (f"this match leans on hair/background: {100 * share:.0f} % of what pulls the "
                    "faces together lies outside the face") if share >= OUTSIDE_WARNING_SHARE \
             else ""
-    y = 0.075
-    for line in lines:
-        fig.text(0.5, y, line, ha="center", va="bottom", fontsize=7, wrap=True)
-        y -= 0.03
-    if warning:
-        fig.text(0.5, 0.012, warning, ha="center", va="bottom", fontsize=7.5, color="#b00020",
-                 wrap=True)
+    rows = [(part, "#222") for line in lines for part in textwrap.wrap(line, 100)]
+    rows += [(part, "#b00020") for part in textwrap.wrap(warning or "", 95)]
+    for i, (text, colour) in enumerate(rows[:5]):  # top down below the colour bar's label
+        fig.text(0.5, 0.112 - 0.025 * i, text, ha="center", va="bottom", fontsize=7,
+                 color=colour)
     return figure_png(fig, path)

@@ -175,9 +175,10 @@ def leans_on_outside(e: ExplainedMatch) -> str:
     if any(_effects(e, side) is not None for side in ("query", "gallery")):
         if not flagged:
             return ""
-        return ("This match leans on hair or background (replacing what lies outside the "
-                f"{' and '.join(f'{s} face' for s in flagged)} with an average face's changes "
-                "the similarity most): read it with care, it may not be about the face.")
+        return ("This match leans on hair or background: replacing what lies outside the "
+                f"{' and '.join(f'{s} face' for s in flagged)} with an average face's is among "
+                "the two edits that cost the similarity most. Read it with care, it may not "
+                "be about the face.")
     if "similarity" not in e.methods:
         return ""
     outside = [1.0 - sum(r.positive for r in e.map("similarity", side).regions)
