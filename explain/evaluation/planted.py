@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FOLDS = 5
+OUTSIDE = "outside_face"  # explain.effects.OUTSIDE_FACE: hair, ears, background
 ENCODERS = ("frozen", "finetuned")
 
 
@@ -148,6 +149,8 @@ def _fold(explainer, gallery, queries, classes, mode: str) -> list[dict]:
                                  mode=mode)[0]
         lean_q = effects.query.ranked("alike", top=1)
         lean_g = effects.gallery.ranked("alike", top=1)
+        on_face = [r for r, _ in effects.query.ranked("alike", top=len(effects.query.regions))
+                   if r != OUTSIDE]
         pull = syndrome_explainer.query_pull(fq.select([i]), directions[s.label])
         y, x = np.unravel_index(int(np.argmax(pull.map_aligned)), pull.map_aligned.shape)
         planted = planted_region(s.label)
@@ -157,6 +160,8 @@ def _fold(explainer, gallery, queries, classes, mode: str) -> list[dict]:
             "match_subject": gallery[j].subject, "cosine": float(sim[i, j]),
             "leans_on_query": lean_q[0][0] if lean_q else None,
             "leans_on_gallery": lean_g[0][0] if lean_g else None,
+            "leans_on_query_face": on_face[0] if on_face else None,
+            "alike_query": effects.query.to_json(),
             "map_peak": region_of_pixel(int(y), int(x), pull.map_aligned.shape),
             "best": best[i].tolist(), "best_label": [k == s.label for k in names],
             "probability": None if probability is None else probability[i].tolist(),
@@ -177,12 +182,15 @@ def summarise(rows: list[dict]) -> dict:
                                                for r in mine])),
             "gallery_leans_on_planted": float(np.mean([r["leans_on_gallery"] == r["planted"]
                                                        for r in mine])),
+            "face_leans_on_planted": float(np.mean([r.get("leans_on_query_face") == r["planted"]
+                                                    for r in mine])),
             "map_peaks_in_planted": float(np.mean([r["map_peak"] == r["planted"]
                                                    for r in mine])),
             "top1": float(np.mean([r["rank"] <= 1 for r in mine])),
             "top5": float(np.mean([r["rank"] <= 5 for r in mine])),
         }
-    keys = ("leans_on_planted", "gallery_leans_on_planted", "map_peaks_in_planted", "top1", "top5")
+    keys = ("leans_on_planted", "gallery_leans_on_planted", "face_leans_on_planted",
+            "map_peaks_in_planted", "top1", "top5")
     macro = {k: float(np.mean([v[k] for v in per.values()])) for k in keys}
     calibrated = [r for r in rows if r["probability"] is not None]
     if calibrated:
@@ -230,18 +238,22 @@ def run_planted(config: PlantedConfig | None = None, sources=None, log=print) ->
 def markdown(result: dict) -> str:
     """The protocol's table: per encoder and syndrome, the shares and the accuracy."""
     lines = ["| encoder | syndrome | planted | queries | leans on planted (query) | "
-             "(gallery) | syndrome map peaks there | top-1 | top-5 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(gallery) | (query, hair/background set aside) | syndrome map peaks there | "
+             "top-1 | top-5 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in result["encoders"].items():
         for label, v in s["per_syndrome"].items():
             lines.append(f"| {name} | {label} | {v['planted']} | {v['queries']} | "
                          f"{v['leans_on_planted']:.2f} | {v['gallery_leans_on_planted']:.2f} | "
+                         f"{v['face_leans_on_planted']:.2f} | "
                          f"{v['map_peaks_in_planted']:.2f} | {v['top1']:.2f} | {v['top5']:.2f} |")
         m = s["macro"]
         ece = "n/a" if m["held_out_ece"] is None else f"{m['held_out_ece']:.3f}"
         lines.append(f"| **{name}** | **macro** | | {s['queries']} | "
                      f"**{m['leans_on_planted']:.2f}** | {m['gallery_leans_on_planted']:.2f} | "
+                     f"{m['face_leans_on_planted']:.2f} | "
                      f"**{m['map_peaks_in_planted']:.2f}** | **{m['top1']:.2f}** | "
                      f"{m['top5']:.2f} |")
-        lines.append(f"| {name} | held-out ECE of the syndrome confidence | | | {ece} | | | | |")
+        lines.append(f"| {name} | held-out ECE of the syndrome confidence | | | {ece} "
+                     "| | | | | |")
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ def test_landmark_pixels_fall_in_their_regions_and_corners_outside_the_face():
 
 def _row(label, leans, peak, rank, p, y):
     return {"syndrome": label, "planted": planted_region(label), "leans_on_query": leans,
+            "leans_on_query_face": "eyes" if leans == "outside_face" else leans,
             "leans_on_gallery": None, "map_peak": peak, "rank": rank, "probability": p,
             "best_label": y}
 
@@ -38,6 +39,7 @@ def test_summary_is_a_macro_over_syndromes_with_the_pooled_calibration_error():
     assert s["per_syndrome"]["wide_eyes"]["leans_on_planted"] == 0.5
     assert s["per_syndrome"]["broad_nose"]["leans_on_planted"] == 1.0
     assert s["macro"]["leans_on_planted"] == 0.75  # each syndrome counts once
+    assert s["per_syndrome"]["wide_eyes"]["face_leans_on_planted"] == 1.0
     assert s["macro"]["top1"] == 0.75 and s["macro"]["map_peaks_in_planted"] == 0.75
     # bins: 0.1, 0.2 (y 0) | 0.4 (y 1) | 0.6 (y 0) | 0.8, 0.9 (y 1)
     expected = (0.1 + 0.2 + 0.6 + 0.6 + 0.2 + 0.1) / 6
