@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROTOCOLS = ("faithfulness", "sanity", "localization", "cost", "accuracy", "swap", "planted", "all")
+PROTOCOLS = ("faithfulness", "sanity", "localization", "cost", "accuracy", "swap", "planted",
+             "effects", "all")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,6 +98,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     swap.add_argument("--budget", type=int, help="forward passes per map (default the family's)")
     swap.add_argument("--time-limit", type=float, help="seconds per map (default the family's)")
 
+    eff = parser.add_argument_group(
+        "effects (maps against the model's own region effects; --photos, --same-person, "
+        "--max-pairs and --methods as above, default methods: the served defaults)")
+    eff.add_argument("--no-variants", action="store_true",
+                     help="no altered copies of each photo as extra same-person pairs")
+    eff.add_argument("--trap-pairs", type=int, default=12,
+                     help="region swaps with a nuisance change for the trap (default 12)")
+
     acc = parser.add_argument_group("accuracy")
     acc.add_argument("--gallery", type=Path, help="gallery file holding both splits' embeddings")
     acc.add_argument("--embeddings", type=Path, help="or an .npz with image_ids and embeddings")
@@ -127,6 +136,48 @@ def _run_planted(args: argparse.Namespace) -> int:
     summary = {k: {kk: vv for kk, vv in v.items() if kk != "rows"}
                for k, v in result["encoders"].items()}
     print(json.dumps(summary) if args.json else table)
+    return 0
+
+
+def _run_effects(args: argparse.Namespace) -> int:
+    """``phenolens evaluate effects``: effects.md, effects.json, effects_examples.png."""
+    from encoder.assets import PHOTOS, PHOTOS_DIR
+    from encoder.pipeline import FacePipeline
+    from explain.attribution.engine import Explainer
+    from explain.defaults import DEFAULT_METHODS
+    from explain.effects import bundled_neutral
+    from explain.evaluation import effects as E
+    from explain.evaluation import swap
+
+    pipeline = FacePipeline()
+    if args.photos is None:  # the bundled photos, every face of the group photo too
+        photos, _ = swap.load_photos(PHOTOS_DIR, pipeline, {p.name: p.person for p in PHOTOS},
+                                     exclude=tuple(p.name for p in PHOTOS
+                                                   if p.faces != 1 or p.aligned))
+        faces = [E.Face(p.name, p.person, p.face.crop) for p in photos]
+        for p in PHOTOS:
+            if p.faces > 1 and p.path.exists():
+                faces += [E.Face(f"{p.name}#{k}", f"{p.person}#{k}", f.crop)
+                          for k, f in enumerate(pipeline.faces(p.path))]
+    else:
+        identities = swap.read_identities(args.same_person) if args.same_person else {}
+        photos, skipped = swap.load_photos(args.photos, pipeline, identities)
+        faces = [E.Face(p.name, p.person, p.face.crop) for p in photos]
+        for name, why in skipped.items():
+            print(f"effects: skipped {name}: {why}", file=sys.stderr)
+    if len(faces) < 3:
+        raise ValueError(f"need at least 3 usable single-face photos, found {len(faces)}")
+    encoder, model = _model(args)
+    methods = tuple(m.strip() for m in ",".join(args.methods).split(",") if m.strip()) \
+        if args.methods else DEFAULT_METHODS
+    result = E.evaluate_effects(Explainer(model), faces, methods,
+                                neutral=bundled_neutral(pipeline),
+                                max_pairs=args.max_pairs or 30, variants=not args.no_variants,
+                                trap_pairs=args.trap_pairs,
+                                log_line=lambda line: print(line, file=sys.stderr))
+    E.write(result, args.out)
+    print(json.dumps(result.to_json()) if args.json else E.markdown(result))
+    print(f"wrote {args.out / 'effects.md'}, effects.json, effects_examples.png", file=sys.stderr)
     return 0
 
 
@@ -431,6 +482,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.protocol == "planted":
         return _run_planted(args)
+    if args.protocol == "effects":
+        return _run_effects(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
