@@ -1,0 +1,90 @@
+"""Region effects: what measuring them costs per hit, in query encodes, beside contrast.
+
+    .venv/bin/python -m bench.bench_effects                  # K = 3 hits, both views
+    .venv/bin/python -m bench.bench_effects --ks 1 3 10 --reps 3 --json
+
+In one process (SFace with its mirrored view, as the server explains; one torch thread
+unless --threads), medians of ``--reps`` rounds in which every measurement runs once in
+turn (``bench.timing.time_interleaved``):
+
+- encode: one query encode (both views of one crop) — the unit of the targets;
+- effects, pixels (served): ``region_effects(query, K cached hits, mode="pixels")`` — per
+  hit 27 edited crops (query with the hit's region, hit with the query's, hit with the
+  neutral face's; 9 regions) and, once per query, 9 (query with the neutral face's);
+- effects, features: the same edits made on the contrast layer, then the network's tail;
+- contrast cached: ``explain_matches(..., ["contrast"])`` for the same K hits.
+
+Target (issue 20): effects ≤ 3× one encode per hit (never more than 10×).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from bench.bench_explain import _crops
+from bench.timing import time_interleaved
+from explain.attribution.engine import Explainer
+from explain.attribution.matches import explain_matches
+from explain.attribution.views import SingleEncoderViews
+from explain.effects import bundled_neutral, region_effects
+
+TARGET = 3.0
+CAP = 10.0
+
+
+def measure(reps: int = 3, k: int = 3, threads: int = 1) -> dict:
+    """{"ms_per_hit", "encode_ms", "ratio", "features_ratio", "contrast_ratio", "k"}: the
+    served (pixel) effects' milliseconds per hit and its ratio to one query encode."""
+    from encoder.registry import create_encoder
+
+    torch.set_num_threads(threads)
+    explainer = Explainer(SingleEncoderViews(create_encoder("sface"), flip=True))
+    query, hits = _crops(k)
+    neutral = bundled_neutral()
+    q, g = explainer.encode(query), explainer.encode(hits)
+    times = time_interleaved({
+        "encode": lambda: explainer.encode(query),
+        "pixels": lambda: region_effects(explainer, q, g, neutral=neutral, mode="pixels"),
+        "features": lambda: region_effects(explainer, q, g, neutral=neutral, mode="features"),
+        "contrast": lambda: list(explain_matches(explainer, query, g, ["contrast"])),
+    }, reps, warmup=1)
+    ms = {name: 1000 * statistics.median(v) for name, v in times.items()}
+    encode = ms["encode"]
+    return {"k": k, "encode_ms": encode, "ms_per_hit": ms["pixels"] / k,
+            "ratio": ms["pixels"] / k / encode,
+            "features_ms_per_hit": ms["features"] / k,
+            "features_ratio": ms["features"] / k / encode,
+            "contrast_ms": ms["contrast"], "contrast_ratio": ms["contrast"] / encode}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_effects", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ks", type=int, nargs="+", default=[3])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    rows = [measure(args.reps, k, args.threads) for k in args.ks]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print("| K | encode | effects (pixels, served) per hit | × encode | target ≤ 3× (cap 10×) "
+          "| features per hit | × encode | contrast (all K) | × encode |")
+    print("|---:|---:|---:|---:|:---|---:|---:|---:|---:|")
+    for r in rows:
+        status = "met" if r["ratio"] <= TARGET else (
+            "not met (under the cap)" if r["ratio"] <= CAP else "not met (over the cap)")
+        print(f"| {r['k']} | {r['encode_ms']:.1f} ms | {r['ms_per_hit']:.0f} ms | "
+              f"{r['ratio']:.1f} | {status} | {r['features_ms_per_hit']:.0f} ms | "
+              f"{r['features_ratio']:.1f} | {r['contrast_ms']:.0f} ms | "
+              f"{r['contrast_ratio']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
