@@ -6,23 +6,25 @@ confidence, and per explained match the pair figure of the first explanation
 method sent (the server's default unless the caller chose), the region summary
 in words and the cosine; a short "how to read this page". Images are inlined as
 ``data:`` URIs, the styles are inline, there is no script and no link to fetch,
-so the file reads the same offline and in ten years. It shows nothing about the
-patient beyond the photo and the ``title`` the caller passes: gallery faces are
-named by the gallery's own labels (syndrome, subject and image id). Needs Pillow.
+so the file reads the same offline and in ten years. The page is a Jinja2 template
+with HTML autoescaping (``PAGE``): nothing a gallery or a caller sends becomes
+markup. It shows nothing about the patient beyond the photo and the ``title`` the
+caller passes: gallery faces are named by the gallery's own labels (syndrome,
+subject and image id). Needs Pillow and Jinja2 (``phenolens[images]``).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html
+import functools
 import io
 
 import numpy as np
 
 from .arrays import require_pillow
 from .overlay import side_by_side
-from .results import Confidence, ExplainedMatch, ExplainResult, FaceAlignment
+from .results import ExplainedMatch, ExplainResult, FaceAlignment
 
 PHOTO_MAX_SIDE = 560
 
@@ -88,12 +90,6 @@ def photo_with_face(photo: np.ndarray, alignment: FaceAlignment | None,
     return np.asarray(im)
 
 
-def _confidence_cell(c: Confidence) -> str:
-    if c.probability is None:
-        return f'<span class="muted" title="{html.escape(c.reason)}">not calibrated</span>'
-    return c.describe()
-
-
 def _reliability(result: ExplainResult) -> str:
     """One sentence on the calibration behind the confidences (the first calibrated one)."""
     for c in [s.confidence for s in result.match.syndromes] + [h.confidence for h in
@@ -105,7 +101,7 @@ def _reliability(result: ExplainResult) -> str:
                     f"expected calibration error is {100 * c.calibration_error:.1f} percentage "
                     "points.")
     reasons = {c.reason for c in [s.confidence for s in result.match.syndromes] if c.reason}
-    return ("No confidence could be calibrated: " + html.escape("; ".join(sorted(reasons))[:400])
+    return ("No confidence could be calibrated: " + "; ".join(sorted(reasons))[:400]
             + "." if reasons else "The server sent no calibrated confidence.")
 
 
@@ -198,32 +194,14 @@ def is_synthetic(match) -> bool:
                                                  for h in match.hits)
 
 
-def _match_section(e: ExplainedMatch, method: str) -> str:
+def _match_context(e: ExplainedMatch, method: str) -> dict:
     h = e.hit
-    name = h.record.syndrome_name or h.syndrome_id
     figure = _pair_figure(e, method)
-    src = _png_uri(figure) if isinstance(figure, bytes) else _data_uri(figure)
-    words = "".join(f"<li><b>{html.escape(who)}:</b> {html.escape(text)}.</li>"
-                    for who, text in side_words(e, method))
-    warning = leans_on_outside(e)
-    if warning:
-        words += f'<li class="warn">{html.escape(warning)}</li>'
-    first_order = getattr(e, "first_order", None)
-    if first_order is not None:
-        words += (f'<li class="muted">The {html.escape(method)} map accounts for '
-                  f"{100 * first_order:.0f} % of the similarity lost against a perfect "
-                  "match.</li>")
-    return f"""
-<section class="match" id="match-{h.rank}">
-<h3>Match {h.rank}: {html.escape(name)} <span class="muted">({html.escape(gallery_name(e))})</span></h3>
-<p>Cosine similarity <b>{h.cosine:+.3f}</b> · chance that these two faces share a
-syndrome: <b>{_confidence_cell(h.confidence)}</b> · explanation: {html.escape(method)}</p>
-<div class="row"><figure class="pair"><img src="{src}" alt="pair figure of match {h.rank}:
-query and gallery faces with their {html.escape(method)} maps"><figcaption>Top: the query
-face and the matched gallery face. Bottom: the same faces with the {html.escape(method)} map;
-the legend under the figure says what its colours mean.</figcaption></figure>
-<ul class="words">{words}</ul></div>
-</section>"""
+    return {"rank": h.rank, "name": h.record.syndrome_name or h.syndrome_id,
+            "gallery_name": gallery_name(e), "cosine": h.cosine, "confidence": h.confidence,
+            "src": _png_uri(figure) if isinstance(figure, bytes) else _data_uri(figure),
+            "words": side_words(e, method), "warning": leans_on_outside(e),
+            "first_order": getattr(e, "first_order", None)}
 
 
 def render_report(result: ExplainResult, query_photo: np.ndarray | None = None, *,
@@ -241,68 +219,37 @@ def render_report(result: ExplainResult, query_photo: np.ndarray | None = None, 
     """
     match = result.match
     generated = generated or _dt.datetime.now(_dt.timezone.utc)  # noqa: UP017 - 3.10
-    parts = [f"<h1>PhenoLens match report{': ' + html.escape(title) if title else ''}</h1>",
-             f'<p class="meta">Generated {generated:%Y-%m-%d %H:%M} UTC · encoder '
-             f"{html.escape(match.encoder_id)} · views {html.escape(match.view_scheme)} · "
-             f"gallery version {match.gallery_version}</p>",
-             '<p class="note">Decision support, not a diagnosis: the page says how this face '
-             "compares with the faces in one gallery. Syndromes that are absent from the "
-             "gallery cannot appear.</p>"]
-
-    if is_synthetic(match):
-        parts.append('<p class="note" id="synthetic">The syndromes in this gallery are '
-                     "synthetic: smooth deformations planted on photos of ordinary adults, "
-                     "with made-up OMIM-style numbers and gene symbols. Nothing here is about "
-                     "a real syndrome or a real patient.</p>")
-    faces = []
-    if query_photo is not None and (match.alignment is None or match.alignment.detected):
-        faces.append(f'<figure><img id="query-photo" src="'
-                     f'{_data_uri(photo_with_face(query_photo, match.alignment), "JPEG")}" '
-                     'alt="query photo with the detected face"><figcaption>Query photo; the '
-                     "box and dots mark the face and landmarks used.</figcaption></figure>")
-    if result.query_crop_png:
-        faces.append(f'<figure><img class="crop" src="{_png_uri(result.query_crop_png)}" '
-                     'alt="aligned query face"><figcaption>The aligned face the model compares'
-                     "</figcaption></figure>")
-    if faces:
-        parts += ["<h2>Query</h2>", f'<div class="row">{"".join(faces)}</div>']
-
-    parts.append("<h2>Syndromes</h2>")
-    parts.append(f"<p>{_reliability(result)}</p>")
     shown = match.syndromes[:top_syndromes]
-    omim = any(s.omim for s in shown)  # an empty column is left out
-    rows = "".join(
-        f"<tr><td class=num>{s.rank}</td><td>{html.escape(s.syndrome_name or s.syndrome_id)}"
-        f"</td>{f'<td>{html.escape(s.omim)}</td>' if omim else ''}"
-        f"<td class=num>{s.cosine:+.3f}</td>"
-        f"<td class=num>{_confidence_cell(s.confidence)}</td></tr>" for s in shown)
-    parts.append("<table id=syndromes><tr><th>rank</th><th>syndrome</th>"
-                 f"{'<th>OMIM</th>' if omim else ''}"
-                 "<th>best cosine</th><th>confidence</th></tr>" + rows + "</table>")
-    refused = {s.confidence.reason for s in match.syndromes[:top_syndromes]
+    refused = {s.confidence.reason for s in shown
                if s.confidence.probability is None and s.confidence.reason}
-    if refused and any(s.confidence.calibrated for s in match.syndromes):
-        parts.append('<p class="muted">Not calibrated: '
-                     + html.escape("; ".join(sorted(refused))[:600]) + ".</p>")
-    if match.genes:
-        parts.append("<h2>Genes</h2>")
-        parts.append("<table id=genes><tr><th>rank</th><th>gene</th><th>best cosine</th>"
-                     "<th>confidence</th></tr>" + "".join(
-                         f"<tr><td class=num>{g.rank}</td><td>{html.escape(g.gene)}</td>"
-                         f"<td class=num>{g.cosine:+.3f}</td>"
-                         f"<td class=num>{_confidence_cell(g.confidence)}</td></tr>"
-                         for g in match.genes[:top_genes]) + "</table>")
-    if result.explanations:
-        method = method or result.explanations[0].methods[0]
-        parts.append("<h2>Top matches, explained</h2>")
-        parts += [_match_section(e, method) for e in result.explanations]
-    parts.append(HOW_TO_READ)
-    body = "\n".join(parts).replace(" %", "\u00a0%")  # "48 %" never breaks
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>PhenoLens match report{' - ' + html.escape(title) if title else ''}</title>"
-            f"<style>{_STYLE}</style></head><body><main>\n{body}\n</main></body></html>\n")
+    photo = None
+    if query_photo is not None and (match.alignment is None or match.alignment.detected):
+        photo = _data_uri(photo_with_face(query_photo, match.alignment), "JPEG")
+    method = (method or result.explanations[0].methods[0]) if result.explanations else None
+    page = _template().render(
+        title=title, generated=generated, match=match, synthetic=is_synthetic(match),
+        photo=photo, crop=_png_uri(result.query_crop_png) if result.query_crop_png else None,
+        reliability=_reliability(result), syndromes=shown,
+        omim=any(s.omim for s in shown),  # an empty column is left out
+        refused="; ".join(sorted(refused))[:600]
+        if refused and any(s.confidence.calibrated for s in match.syndromes) else "",
+        genes=match.genes[:top_genes], method=method, style=_STYLE,
+        matches=[_match_context(e, method) for e in result.explanations])
+    return page.replace(" %", "\u00a0%")  # "48 %" never breaks
 
+
+@functools.lru_cache(maxsize=1)
+def _template():
+    """The page's Jinja2 template, HTML-autoescaped (every value the gallery or the caller
+    gives is text, never markup)."""
+    try:
+        import jinja2
+    except ImportError as exc:  # pragma: no cover - the images extra installs it
+        raise ImportError("the match report needs Jinja2: pip install "
+                          "'phenolens[images]'") from exc
+    env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True,
+                             undefined=jinja2.StrictUndefined)
+    return env.from_string(PAGE)
 
 HOW_TO_READ = """
 <h2 id="how-to-read">How to read this page</h2>
@@ -334,4 +281,80 @@ on hair or background is flagged in red.</li>
 <li>The maps explain the model's similarity score, not a clinical finding.</li>
 </ul>
 """
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>PhenoLens match report{% if title %} - {{ title }}{% endif %}</title>
+<style>{{ style | safe }}</style></head><body><main>
+{% macro confidence(c) %}{% if c.probability is none %}<span class="muted" \
+title="{{ c.reason }}">not calibrated</span>{% else %}{{ c.describe() }}{% endif %}{% endmacro %}
+<h1>PhenoLens match report{% if title %}: {{ title }}{% endif %}</h1>
+<p class="meta">Generated {{ generated.strftime("%Y-%m-%d %H:%M") }} UTC · encoder \
+{{ match.encoder_id }} · views {{ match.view_scheme }} · gallery version \
+{{ match.gallery_version }}</p>
+<p class="note">Decision support, not a diagnosis: the page says how this face compares with \
+the faces in one gallery. Syndromes that are absent from the gallery cannot appear.</p>
+{% if synthetic %}
+<p class="note" id="synthetic">The syndromes in this gallery are synthetic: smooth \
+deformations planted on photos of ordinary adults, with made-up OMIM-style numbers and gene \
+symbols. Nothing here is about a real syndrome or a real patient.</p>
+{% endif %}
+{% if photo or crop %}
+<h2>Query</h2>
+<div class="row">
+{% if photo %}<figure><img id="query-photo" src="{{ photo }}" alt="query photo with the \
+detected face"><figcaption>Query photo; the box and dots mark the face and landmarks used.\
+</figcaption></figure>{% endif %}
+{% if crop %}<figure><img class="crop" src="{{ crop }}" alt="aligned query face">\
+<figcaption>The aligned face the model compares</figcaption></figure>{% endif %}
+</div>
+{% endif %}
+<h2>Syndromes</h2>
+<p>{{ reliability }}</p>
+<table id=syndromes><tr><th>rank</th><th>syndrome</th>{% if omim %}<th>OMIM</th>{% endif %}\
+<th>best cosine</th><th>confidence</th></tr>
+{% for s in syndromes %}
+<tr><td class=num>{{ s.rank }}</td><td>{{ s.syndrome_name or s.syndrome_id }}</td>\
+{% if omim %}<td>{{ s.omim }}</td>{% endif %}<td class=num>{{ "%+.3f" % s.cosine }}</td>\
+<td class=num>{{ confidence(s.confidence) }}</td></tr>
+{% endfor %}
+</table>
+{% if refused %}<p class="muted">Not calibrated: {{ refused }}.</p>{% endif %}
+{% if genes %}
+<h2>Genes</h2>
+<table id=genes><tr><th>rank</th><th>gene</th><th>best cosine</th><th>confidence</th></tr>
+{% for g in genes %}
+<tr><td class=num>{{ g.rank }}</td><td>{{ g.gene }}</td>\
+<td class=num>{{ "%+.3f" % g.cosine }}</td><td class=num>{{ confidence(g.confidence) }}</td></tr>
+{% endfor %}
+</table>
+{% endif %}
+{% if matches %}
+<h2>Top matches, explained</h2>
+{% for m in matches %}
+<section class="match" id="match-{{ m.rank }}">
+<h3>Match {{ m.rank }}: {{ m.name }} <span class="muted">({{ m.gallery_name }})</span></h3>
+<p>Cosine similarity <b>{{ "%+.3f" % m.cosine }}</b> · chance that these two faces share a \
+syndrome: <b>{{ confidence(m.confidence) }}</b> · explanation: {{ method }}</p>
+<div class="row"><figure class="pair"><img src="{{ m.src }}" alt="pair figure of match \
+{{ m.rank }}: query and gallery faces with their {{ method }} maps"><figcaption>Top: the query \
+face and the matched gallery face. Bottom: the same faces with the {{ method }} map; the legend \
+under the figure says what its colours mean.</figcaption></figure>
+<ul class="words">
+{% for who, text in m.words %}<li><b>{{ who }}:</b> {{ text }}.</li>{% endfor %}
+{% if m.warning %}<li class="warn">{{ m.warning }}</li>{% endif %}
+{% if m.first_order is not none %}<li class="muted">The {{ method }} map accounts for \
+{{ "%.0f" % (100 * m.first_order) }} % of the similarity lost against a perfect match.</li>\
+{% endif %}
+</ul></div>
+</section>
+{% endfor %}
+{% endif %}
+""" + HOW_TO_READ + """
+</main></body></html>
+"""
+
+
 
