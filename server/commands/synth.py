@@ -154,7 +154,7 @@ def _write_gallery(args: argparse.Namespace, samples: list) -> dict:
     from encoder.registry import create_encoder
     from gallery import Entry, Gallery
     from gallery.png import encode_png
-    from research.synth import SYNDROMES
+    from research.synth import LABELS
 
     if args.encoder == "finetuned":
         import encoder.models.finetuned  # noqa: F401  (registers the fine-tuned encoder)
@@ -170,9 +170,10 @@ def _write_gallery(args: argparse.Namespace, samples: list) -> dict:
             emb = model(model.preprocess(np.stack([s.image for s in batch]))).numpy()
             emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
             for s, e in zip(batch, emb, strict=True):
+                label = LABELS[s.label]  # made-up OMIM-style numbers and gene symbols
                 entries.append(Entry(
                     image_id=s.image_id, subject_id=s.subject, syndrome_id=s.label,
-                    syndrome_name=SYNDROMES[s.label].description, views=[e],
+                    syndrome_name=label.name, omim_id=label.omim, genes=label.genes, views=[e],
                     source=f"synthetic:{s.source_id}", crop_png=encode_png(s.image),
                     encoder_id=encoder_id, view_scheme=scheme,
                     provenance={"synthetic": True, "strength": round(s.strength, 4)},

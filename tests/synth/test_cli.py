@@ -44,6 +44,9 @@ def test_synth_then_train_writes_a_dataset_a_gallery_and_a_loadable_checkpoint(t
     assert code == 0
     with Gallery.open(tmp_path / "g2.db", create=False) as g:
         assert len(g) == 2 and g.encoder_id == f"finetuned@{report['encoder_version']}"
+        info = next(g.iter_records()).info
+        assert (info.syndrome_name, info.omim_id, info.genes) == (
+            "synthetic hypertelorism", "SYN-900001", ("SYNG-ORB1",))
 
 
 def test_synth_rejects_an_unknown_syndrome(tmp_path, capsys):
