@@ -19,14 +19,21 @@ Shape: as in pytorch-grad-cam, a CAM method overrides ``weights(grads, acts)``
 only. Maps are signed; ``relu``, ``absolute`` and ``normalise`` (divide by
 max |map|, keeping the sign) are options, never applied silently. Each call
 has a budget of forward passes (images through the encoder) checked before it
-starts and while it runs, a time limit, and a cancellation signal.
+starts and while it runs, a time limit, and a cancellation signal: polled before
+every batch, and inside the encoder after every block of the forward and backward
+passes (``_polled``), so a late or cancelled call stops within one block; batches of
+a cancellable call are sized by the time they take (``Guard.batches``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
+import threading
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -392,6 +399,54 @@ class SmoothGrad(Method):
         return (grad * p.x[0] if opts["times_input"] else grad).sum(0)
 
 
+# The guard of the attribute() call running in this thread (a context variable: each
+# gRPC handler thread has its own), polled by hooks inside the encoder (``_polled``).
+_CALL_GUARD: contextvars.ContextVar[Guard | None] = contextvars.ContextVar("explain_guard",
+                                                                         default=None)
+_POLLING: dict[int, tuple[int, list[Any]]] = {}  # id(encoder) -> (calls running, hook handles)
+_POLLING_LOCK = threading.Lock()
+
+
+def _poll(module: nn.Module, inputs: Any, output: Any) -> None:
+    """Forward hook: poll the running call's guard after each block of the encoder, and
+    again when the backward pass reaches the block, so a late or cancelled call stops
+    within one block, not one batch."""
+    guard = _CALL_GUARD.get()
+    if guard is None:
+        return
+    guard.check()
+    if isinstance(output, torch.Tensor) and output.requires_grad:
+        output.register_hook(lambda grad: (guard.check(), grad)[1])
+
+
+@contextlib.contextmanager
+def _polled(encoders: Sequence[nn.Module]) -> Iterator[None]:
+    """``_poll`` on every block of ``encoders`` (the children of their Sequential
+    containers) while at least one attribute() call runs on them: the first call in
+    installs the hooks, the last one out removes them (no hook outlives the calls; a
+    hook seen by a thread outside a call does nothing)."""
+    encoders = list({id(e): e for e in encoders}.values())
+    with _POLLING_LOCK:
+        for encoder in encoders:
+            count, handles = _POLLING.get(id(encoder), (0, []))
+            if not count:
+                handles = [block.register_forward_hook(_poll)
+                           for module in list(encoder.modules())
+                           if isinstance(module, nn.Sequential) for block in module.children()]
+            _POLLING[id(encoder)] = (count + 1, handles)
+    try:
+        yield
+    finally:
+        with _POLLING_LOCK:
+            for encoder in encoders:
+                count, handles = _POLLING.pop(id(encoder))
+                if count > 1:
+                    _POLLING[id(encoder)] = (count - 1, handles)
+                else:
+                    for handle in handles:
+                        handle.remove()
+
+
 def _checked_backward(t: torch.Tensor, guard: Guard) -> torch.Tensor:
     """Poll ``guard`` when a backward pass reaches ``t``, so a cancelled or late call
     stops before spending a batch's backward."""
@@ -594,7 +649,8 @@ def attribute(
     (images through the encoder, the encodes of crops given as arrays
     included); the plan is checked first (BudgetExceeded) and spending is
     enforced while running. time_limit: seconds (TimeLimitExceeded); cancel:
-    threading.Event or callable, polled before every forward pass (Cancelled).
+    threading.Event or callable (Cancelled); both polled before every batch and after
+    every block of the encoder, forward and backward.
     ``options`` are the method's own (see ``METHODS[name].defaults``). Raises
     UnknownMethod.
     """
@@ -606,7 +662,20 @@ def attribute(
         raise InvalidOption(f"sides must be a non-empty subset of {SIDES}, got {sides}")
     opts = _options(impl, options)
     guard = Guard(budget, time_limit, cancel)
-    q, g = _faces(explainer, query, hit, guard)
+    token = _CALL_GUARD.set(guard)  # what the encoder's block hooks poll (_polled)
+    try:
+        q, g = _faces(explainer, query, hit, guard)
+        with _polled(q.encoders):
+            return _side_maps(method, impl, opts, guard, explainer, q, g, sides, relu,
+                              absolute, normalise)
+    finally:
+        _CALL_GUARD.reset(token)
+
+
+def _side_maps(method: str, impl: Method, opts: dict[str, Any], guard: Guard,
+               explainer: Explainer, q: FaceFeatures, g: FaceFeatures, sides: tuple[str, ...],
+               relu: bool, absolute: bool, normalise: bool) -> AttributionMap:
+    """``attribute``'s work once both faces' features are at hand."""
     encodes = guard.used  # passes spent encoding crops given as arrays
     inputs: list[torch.Tensor | None] = [None] * len(q.encoders)
     if impl.needs_pixels:
