@@ -20,7 +20,9 @@ a scheduler tick, for numpy and the gallery alike). "Gallery" times are end to e
 (``search_batch``: query normalisation, index search, hit labels, ``Hit`` objects),
 medians of interleaved runs against a plain numpy brute force (``q @ X.T`` +
 ``argpartition``) over the same normalised float32 matrix in the same process:
-"× numpy" ≥ 1 means the gallery is at least as fast (the target). One-query timings
+"× numpy" ≥ 1 means the gallery is at least as fast (the target). "cpu × numpy" is
+the same ratio of the calls' process CPU time (one thread: the work, which the other
+processes of a shared machine do not inflate as they do the wall time). One-query timings
 cycle through the 64 queries. Recall@10 of an approximate index is against the exact
 top 10; its target is ≥ 0.95 under 10 ms for one query at 1M records, judged on the CPU
 time of the (one-threaded) search, which the load of a shared machine leaves alone, as
@@ -104,18 +106,24 @@ def numpy_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(top, order, axis=1)
 
 
-def _interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict:
+def _interleaved(fns: dict, repeats: int, warmup: int = 3, cpu: dict | None = None) -> dict:
     """Median seconds of each callable (called with the repeat number), run alternately
-    after ``warmup`` untimed rounds, so load drifts hit them all alike."""
+    after ``warmup`` untimed rounds, so load drifts hit them all alike. ``cpu``: filled
+    with the median process CPU seconds of each call (one thread: the work itself, which
+    other processes' load leaves alone, unlike the wall time)."""
     for r in range(warmup):
         for fn in fns.values():
             fn(r)
     times: dict = {name: [] for name in fns}
+    cpus: dict = {name: [] for name in fns}
     for r in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             fn(r)
             times[name].append(time.perf_counter() - t)
+            cpus[name].append(time.process_time() - c)
+    if cpu is not None:
+        cpu.update({name: float(np.median(v)) for name, v in cpus.items()})
     return {name: float(np.median(v)) for name, v in times.items()}
 
 
@@ -157,19 +165,23 @@ def run_one(n: int, dim: int, workdir: Path) -> dict:
     batch = [[h.gallery_id - 1 for h in hits] for hits in gallery.search_batch(q64, K)]
     result["exact_equals_numpy"] = float(np.mean([f == t.tolist() for f, t in zip(one + batch, [*truth, *truth],
                                                                                      strict=True)]))
+    c1: dict = {}
+    c64: dict = {}
     t1 = _interleaved({
         "gallery": lambda r: gallery.search_batch(q1[r % 64], K),
         "numpy": lambda r: numpy_topk(x, queries[r % 64 : r % 64 + 1], K),
         "index": lambda r: gallery._index.search(queries[r % 64 : r % 64 + 1], K),
-    }, repeats * 3)
+    }, repeats * 3, cpu=c1)
     t64 = _interleaved({
         "gallery": lambda r: gallery.search_batch(q64, K),
         "numpy": lambda r: numpy_topk(x, queries, K),
         "index": lambda r: gallery._index.search(queries, K),
-    }, max(5, repeats // 3))
+    }, max(5, repeats // 3), cpu=c64)
     for name in ("gallery", "numpy", "index"):
         result[f"{name}_1_ms"] = 1e3 * t1[name]
         result[f"{name}_64_ms"] = 1e3 * t64[name]
+        result[f"{name}_1_cpu_ms"] = 1e3 * c1[name]
+        result[f"{name}_64_cpu_ms"] = 1e3 * c64[name]
     gallery.close(save_index=False)
     _stage(n, "exact and numpy timed", began)
 
@@ -248,7 +260,7 @@ def ann_table(doc: dict) -> str:
 def table(rows: list[dict]) -> str:
     head = (
         "| records | add (s) | gallery 1q (ms) | numpy 1q (ms) | × numpy 1q (≥ 1) | gallery 64q (ms) "
-        "| numpy 64q (ms) | × numpy 64q (≥ 1) | index only × numpy 1q / 64q | exact = numpy "
+        "| numpy 64q (ms) | × numpy 64q (≥ 1) | cpu × numpy 1q / 64q | index only × numpy 1q / 64q | exact = numpy "
         "| auto choice | auto 1q (ms) | auto 64q (ms) | auto recall@10 |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -257,6 +269,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['n']:,} | {r['add_s']:.0f} | {r['gallery_1_ms']:.3f} | {r['numpy_1_ms']:.3f} "
             f"| {r['numpy_1_ms'] / r['gallery_1_ms']:.2f} | {r['gallery_64_ms']:.2f} | {r['numpy_64_ms']:.2f} "
             f"| {r['numpy_64_ms'] / r['gallery_64_ms']:.2f} "
+            f"| {r['numpy_1_cpu_ms'] / r['gallery_1_cpu_ms']:.2f} / {r['numpy_64_cpu_ms'] / r['gallery_64_cpu_ms']:.2f} "
             f"| {r['numpy_1_ms'] / r['index_1_ms']:.2f} / {r['numpy_64_ms'] / r['index_64_ms']:.2f} "
             f"| {r['exact_equals_numpy']:.0%} | {r['auto']} | {r['auto_1_ms']:.3f} | {r['auto_64_ms']:.2f} "
             f"| {r['auto_recall10']:.3f} |"

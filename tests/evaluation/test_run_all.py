@@ -172,3 +172,12 @@ def test_the_effects_call_runs_measure_in_its_own_process(tmp_path, monkeypatch)
     bench = run_all.Bench("effects", "json", ("-c", call, "2"), (), run_all.parse_effects)
     outcome, (row,) = run_all.run_bench(bench, False, tmp_path, timeout=60)
     assert outcome.status == "ok" and row.value == pytest.approx(4.0) and row.met is False
+
+
+def test_gallery_ratio_is_judged_on_cpu_time_where_measured():
+    record = {"n": 1000, "numpy_1_ms": 2.0, "gallery_1_ms": 4.0, "numpy_1_cpu_ms": 1.0, "gallery_1_cpu_ms": 0.8,
+              "numpy_64_ms": 30.0, "gallery_64_ms": 20.0, "numpy_64_cpu_ms": 30.0, "gallery_64_cpu_ms": 40.0,
+              "exact_equals_numpy": 1.0, "auto": "Flat", "auto_1_ms": 1.0, "auto_recall10": 1.0}
+    one, many, _ = run_all.parse_gallery("", f"# 1,000 records done in 3 s: {json.dumps(record)}\n")
+    assert one.value == pytest.approx(1.25) and one.met and "wall 0.50×" in one.what
+    assert many.value == pytest.approx(0.75) and not many.met
