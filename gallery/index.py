@@ -243,7 +243,8 @@ class ExactMatrix:
         nq = len(queries)
         if allowed is None and excluded is None and max_score is None and len(ids) > k:
             if nq == 1:
-                return _search_one(x, ids, queries[0], k, self._BLOCK)
+                top, found = _search_one(x, ids, queries[0], k, self._BLOCK)
+                return top[None], found[None]
             if nq > 1:
                 return _search_many(x, ids, queries, k)
         if allowed is not None:
@@ -289,9 +290,8 @@ class ExactMatrix:
         general path)."""
         state = self._rows
         if len(state.ids) > k:
-            s, i = _search_one(state.x, state.ids, query, k, self._BLOCK)
-        else:
-            s, i = self.search(query[None, :], k)
+            return _search_one(state.x, state.ids, query, k, self._BLOCK)
+        s, i = self.search(query[None, :], k)
         return s[0], i[0]
 
     @staticmethod
@@ -321,7 +321,7 @@ def _search_one(
         order = np.argsort(cols)
         cols, top = cols[order], top[order]
     order = np.argsort(-top, kind="stable")[:k]  # ties: the earlier row (older record) first
-    return top[order][None], ids[cols[order]][None]
+    return top[order], ids[cols[order]]
 
 
 def _prefer_earlier_ties(scores: np.ndarray, top_s: np.ndarray, top_c: np.ndarray) -> None:

@@ -130,9 +130,10 @@ class Ranking:
             # No lock: the exact index searches a state no writer changes (gallery.index._Rows).
             # A record deleted after that state was taken has no labels any more; then the
             # search is redone under the lock, so it never comes back short.
-            if chosen is _NO_FILTER and 0 < k < index.ntotal and len(queries):  # the common case, lean
+            if chosen is _NO_FILTER and k > 0 and len(queries):  # the common case, lean
                 q = self._query_matrix(queries, view_scheme)
                 if len(q) == 1:  # one query: its hits built right here from the cached labels
+                    # (fewer than k+1 records: ids -1 pad the row, never cached, trimmed below)
                     scores, ids = index.search_one(q[0], k)
                     cache, new = self._label_cache, object.__new__
                     hits = []
@@ -147,10 +148,13 @@ class Ranking:
                         hits.append(hit)
                     else:
                         return [hits]
-                    ranked = [(ids.tolist(), scores.tolist())]
+                    ranked = [(ids[ids >= 0].tolist(), scores[ids >= 0].tolist())]
                 else:
                     scores, ids = index.search(q, k)
-                    ranked = list(zip(ids.tolist(), scores.tolist(), strict=True))
+                    if ids[:, -1].min() < 0:  # fewer records than k: the general path trims the rows
+                        ranked = [(i[i >= 0].tolist(), s[i >= 0].tolist()) for i, s in zip(ids, scores, strict=True)]
+                    else:
+                        ranked = list(zip(ids.tolist(), scores.tolist(), strict=True))
             else:
                 ranked = [(i.tolist(), s.tolist()) for i, s in self._ranked(queries, k, chosen, view_scheme, index)]
             hits, complete = _hits(ranked, self._label_cache)  # every label cached: done

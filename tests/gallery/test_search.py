@@ -230,3 +230,14 @@ def test_pq_fast_scan_index_filters_its_results(gallery_path):
         assert len(excluded) == 12 and not {h.subject_id for h in excluded} & {"subj0", "subj1"}
         rule = SearchFilter(syndromes=("SYN1", "SYN4"))
         assert [h.image_id for h in g.search(query, 12, rule)] == brute_force(entries, query, 12, rule)
+
+
+def test_a_gallery_smaller_than_k_returns_every_record_once(gallery_path):
+    entries = make_entries(4, seed=31)
+    with Gallery.open(gallery_path) as g:
+        g.add_many(entries)
+        for _ in range(2):  # labels fetched, then cached
+            one = g.search(entries[0].views, 10)
+            assert len(one) == 4 and one[0].image_id == "img0"
+            batch = g.search_batch(np.stack([e.views for e in entries]), 10)
+            assert [len(h) for h in batch] == [4] * 4 and [h[0].image_id for h in batch] == [e.image_id for e in entries]
