@@ -95,7 +95,10 @@ class ContrastMaps:
 
     maps (K, h_f, w_f): the shared map of each pair; self_query, self_hits
     (K, h_f, w_f): the two halves c_q and c_g; bias_share (K,), so
-    ``maps[k].sum() == cosine[k] - 1 - bias_share[k]``.
+    ``maps[k].sum() == cosine[k] - 1 - bias_share[k]`` by definition: bias_share is the
+    head's bias term *plus whatever the query's linearisation misses* of ``cosine - 1``.
+    The map's sum is a first-order estimate, not the model's total (on pairs of different
+    people it holds about 60 % of ``cosine - 1``; ``MatchMaps.contrast_share``).
     """
 
     maps: torch.Tensor
