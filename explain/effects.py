@@ -53,8 +53,10 @@ EffectKind = Literal["differs", "alike"]
 COLOUR_GROW = 0.25  # colour statistics are taken in the region grown by this (× eye distance)
 FEATHER_GROW = 0.10  # the paste mask is grown by this before blurring
 FEATHER_SIGMA = 0.06  # Gaussian sigma of the alpha's blur
-PIXEL_BATCH = 32  # edited crops per forward batch in ``pixels`` mode
-FEATURE_BATCH = 96  # edited activations per tail batch in ``features`` mode
+PIXEL_BATCH = 32  # at most this many edited crops per forward batch in ``pixels`` mode
+FEATURE_BATCH = 96  # at most this many edited activations per tail batch (``features``)
+# A server's (cancellable) call sizes its batches by time (``Guard.batches``), so it stops
+# within about ``explain.limits.BATCH_TARGET_S`` of its deadline.
 
 
 def region_label(name: str) -> str:
@@ -366,8 +368,9 @@ class RegionEffects:
         """(N, H, W, 3) crops -> per view (N, D) unit embeddings, in guarded batches."""
         views = len(self.query.embeddings)
         out: list[list[torch.Tensor]] = [[] for _ in range(views)]
-        for start in range(0, len(crops), PIXEL_BATCH):
-            chunk = crops[start:start + PIXEL_BATCH]
+        kind = f"effects/pixels/{views}x{crops.shape[1]}x{crops.shape[2]}"
+        for part in self.guard.batches(len(crops), kind, PIXEL_BATCH):
+            chunk = crops[part]
             self.guard.spend(len(chunk) * views)
             feats = self.explainer.encode(chunk, cancel=self.guard.cancel)
             for v in range(views):
@@ -436,8 +439,9 @@ TAIL_PASSES_PER_FORWARD = 20
 def _tail_embeddings(encoder, fine: torch.Tensor, guard: Guard) -> torch.Tensor:
     """(N, C_f, h, w) contrast-layer activations -> (N, D) embeddings, in guarded batches."""
     out = []
-    for start in range(0, len(fine), FEATURE_BATCH):
-        chunk = fine[start:start + FEATURE_BATCH]
+    kind = f"effects/tail/{encoder.spec.name}/{'x'.join(map(str, fine.shape[1:]))}"
+    for part in guard.batches(len(fine), kind, FEATURE_BATCH):
+        chunk = fine[part]
         guard.spend(max(1, -(-len(chunk) // TAIL_PASSES_PER_FORWARD)))
         out.append(encoder.head(encoder.fine_to_features(chunk)))
     return torch.cat(out)

@@ -1,0 +1,37 @@
+"""Region effects under a deadline, on a real server: they obey it like every method."""
+
+from __future__ import annotations
+
+import time
+
+import phenolens
+
+from tests.service.conftest import READ_TOKEN, start_server
+
+
+def test_region_effects_stop_within_half_a_second_of_a_1s_deadline(
+        backend, tmp_path, aligned_crop, gallery_ids):
+    running = start_server(backend, tmp_path, limits={"max_concurrent": 1,
+                                                      "queue_timeout_s": 0.5})
+    try:
+        with phenolens.Client(running.address, token=READ_TOKEN,
+                              retry=phenolens.Retry(attempts=1)) as c:
+            c.explain(aligned_crop, aligned=True, top_k=1, effects=1, methods=["similarity"],
+                      photo_maps=False, timeout=120)  # measures the rate of an edit batch
+            started = time.monotonic()
+            try:  # five hits' effects are several seconds of work on a CPU
+                c.explain(aligned_crop, aligned=True, top_k=5, effects=5,
+                          methods=["similarity"], photo_maps=False, timeout=1.0)
+                finished = True
+            except phenolens.DeadlineExceeded:
+                finished = False
+            end = time.monotonic() + 30
+            while (backend.activity.active or running.limiter.busy) and time.monotonic() < end:
+                time.sleep(0.005)
+            overrun = time.monotonic() - started - 1.0
+            print(f"region effects: work left {overrun:.3f} s after a 1 s deadline")
+            assert not finished
+            assert overrun <= 0.5
+            assert c.match(aligned_crop, aligned=True, top_k=1, timeout=30).hits
+    finally:
+        running.stop(grace_s=1.0)
