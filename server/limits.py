@@ -12,11 +12,12 @@ ways, each refusal a ``Saturated`` (RESOURCE_EXHAUSTED) with a retry hint:
   call starts. The default (``AUTO``) is the smaller of 85 % of the memory the
   process may use (its cgroup's limit when it runs in a container with one, else
   physical RAM), so the server refuses work before the kernel's OOM killer takes
-  the pod down, and ``AUTO_MAX_BYTES`` (4 GiB), so a laptop keeps room for
-  everything else it runs. Measured (tests/service/test_memory.py): idle about
-  0.75 GB, 8 concurrent heavy methods on 2 slots peak at 0.9-1.3 GB; a 4 GiB pod
-  gets 3.4 GiB. A gallery of a million records adds about 1 GiB of index: raise
-  ``max_rss_bytes`` with the pod's memory for such a gallery.
+  the pod down, and what the process holds when the limiter is made (models and
+  the gallery's index loaded) plus ``AUTO_HEADROOM_BYTES`` (3 GiB), so a laptop
+  keeps room for everything else it runs and a big gallery still gets the same
+  room for heavy work. Measured (tests/service/test_memory.py): a server holds
+  about 0.75 GB idle, and 8 concurrent heavy methods on 2 slots add 0.15-0.5 GB at
+  the peak; a 4 GiB pod gets 3.4 GiB, a laptop about 3.8 GB.
 
 When the last heavy call ends, a background thread collects reference cycles (those
 of calls stopped by their deadline hold tensors) and hands freed heap back to the
@@ -56,7 +57,7 @@ def rss_bytes() -> int:
 
 AUTO = -1  # max_rss_bytes: derive the ceiling from the memory this process may use
 AUTO_SHARE = 0.85
-AUTO_MAX_BYTES = 4 * 2**30
+AUTO_HEADROOM_BYTES = 3 * 2**30
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max",  # cgroup v2
                   "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v1
 
@@ -79,14 +80,15 @@ def memory_available_bytes() -> int:
     return physical
 
 
-def rss_ceiling(configured: int) -> int:
+def rss_ceiling(configured: int, held: int | None = None) -> int:
     """The RSS ceiling for a configured ``max_rss_bytes``: itself when >= 0 (0: none);
     for ``AUTO`` the smaller of ``AUTO_SHARE`` of ``memory_available_bytes()`` and
-    ``AUTO_MAX_BYTES``."""
+    ``held`` (default: this process's RSS now) plus ``AUTO_HEADROOM_BYTES``."""
     if configured >= 0:
         return configured
+    room = (rss_bytes() if held is None else held) + AUTO_HEADROOM_BYTES
     available = memory_available_bytes()
-    return min(int(AUTO_SHARE * available), AUTO_MAX_BYTES) if available else AUTO_MAX_BYTES
+    return min(int(AUTO_SHARE * available), room) if available else room
 
 
 def _libc_malloc_trim():

@@ -110,20 +110,21 @@ def test_memory_ceiling_defaults_to_a_share_of_the_memory_the_process_may_use(tm
         load_config(None, env={}, limits={"max_rss_bytes": -2})
     physical = limits.memory_available_bytes()
     assert physical > limits.rss_bytes() > 0  # this process runs in the memory it may use
-    assert limits.rss_ceiling(limits.AUTO) == min(int(limits.AUTO_SHARE * physical),
-                                                  limits.AUTO_MAX_BYTES)
+    held = 2**30
+    assert limits.rss_ceiling(limits.AUTO, held) == min(int(limits.AUTO_SHARE * physical),
+                                                        held + limits.AUTO_HEADROOM_BYTES)
     assert limits.rss_ceiling(0) == 0 and limits.rss_ceiling(123) == 123
     # A container's cgroup limit below physical RAM wins; "max" (no limit) does not.
     v2 = tmp_path / "memory.max"
     monkeypatch.setattr(limits, "_CGROUP_LIMITS", (str(v2),))
     v2.write_text("max\n")
     assert limits.memory_available_bytes() == physical
-    pod = min(physical // 4, 2 * 2**30)  # a pod's limit: its 85 % is under the fixed cap
+    pod = min(physical // 4, 2 * 2**30)  # a pod's limit: its 85 % is under RSS + headroom
     v2.write_text(f"{pod}\n")
     assert limits.memory_available_bytes() == pod
     assert limits.HeavyWorkLimiter(1, 1.0, trim_memory=False,
                                    max_rss_bytes=limits.AUTO).max_rss_bytes == \
         int(limits.AUTO_SHARE * pod)
-    v2.write_text(f"{64 * 2**30}\n")  # a big machine or pod: the fixed cap wins
-    assert limits.rss_ceiling(limits.AUTO) == min(limits.AUTO_MAX_BYTES,
-                                                  int(limits.AUTO_SHARE * min(physical, 64 * 2**30)))
+    v2.write_text(f"{64 * 2**30}\n")  # a big machine or pod: RSS + headroom wins
+    assert limits.rss_ceiling(limits.AUTO, held) == min(
+        held + limits.AUTO_HEADROOM_BYTES, int(limits.AUTO_SHARE * min(physical, 64 * 2**30)))
