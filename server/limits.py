@@ -224,8 +224,10 @@ class HeavyWorkLimiter:
             self._trim.wait()
             self._trim.clear()
             # calls stopped by a deadline leave reference cycles (exception, traceback,
-            # frames holding tensors) that only the cycle collector frees
-            gc.collect()
+            # frames holding tensors) that only the cycle collector frees; they are young,
+            # and a young collection takes well under a millisecond (a full one ~0.1 s
+            # of held GIL, which the next call would wait for)
+            gc.collect(1)
             release_free_memory()
 
 
