@@ -37,7 +37,7 @@ FORBIDDEN = {  # importer's top-level package -> top-level names it must not imp
     "research": {"server"},
 }
 CLIENT = "phenolens"
-CLIENT_EXTERNALS = {"grpc", "google", "numpy", "PIL"}
+CLIENT_EXTERNALS = {"grpc", "google", "numpy", "PIL", "jinja2"}  # PIL, jinja2: the images extra
 
 
 def module_files(root: Path, packages: Mapping[str, str]) -> dict[str, Path]:

@@ -114,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     acc.add_argument("--ks", default="1,5,10,30")
 
     planted = parser.add_argument_group(
-        "planted (synthetic syndromes: is the planted region found? explain.evaluation.planted)")
+        "planted (synthetic syndromes: is the planted region found? research.planted)")
     planted.add_argument("--folds", type=int, default=5, help="subject-disjoint folds")
     planted.add_argument("--planted-encoders", default="frozen,finetuned",
                          help="frozen (SFace as is) and/or finetuned (a head trained per fold)")
@@ -124,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_planted(args: argparse.Namespace) -> int:
     """``phenolens evaluate planted``: the table in planted.md, every row in planted.json."""
-    from explain.evaluation.planted import PlantedConfig, markdown, run_planted
+    from research.planted import PlantedConfig, markdown, run_planted
 
     args.out.mkdir(parents=True, exist_ok=True)
     config = PlantedConfig(folds=args.folds, seed=args.seed, mode=args.effects_mode,

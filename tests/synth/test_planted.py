@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from encoder.align import ARCFACE_TEMPLATE_112
-from explain.evaluation.planted import markdown, region_of_pixel, summarise
+from research.planted import markdown, region_of_pixel, summarise
 from research.synth import LABELS, SYNDROMES, planted_region
 
 
