@@ -46,7 +46,7 @@ class PlantedConfig:
     per_source: int = 2
     queries_per_source: int = 1
     seed: int = 0
-    mode: str = "features"  # region effects: "features" (served default) or "pixels"
+    mode: str = "pixels"  # region effects: "pixels" (as served) or "features" (contrast-layer edits)
     encoders: tuple[str, ...] = ENCODERS
 
 

@@ -118,7 +118,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     planted.add_argument("--folds", type=int, default=5, help="subject-disjoint folds")
     planted.add_argument("--planted-encoders", default="frozen,finetuned",
                          help="frozen (SFace as is) and/or finetuned (a head trained per fold)")
-    planted.add_argument("--effects-mode", default="features", help="features or pixels")
+    planted.add_argument("--effects-mode", default="pixels",
+                         help="pixels (the served region effects, default) or features "
+                         "(contrast-layer edits: cheaper, agree less)")
     parser.set_defaults(func=run)
 
 
