@@ -214,6 +214,15 @@ def map_words(query_map: np.ndarray, gallery_map: np.ndarray) -> tuple[str, str]
         (f"query: {q}", f"match: {g}")
 
 
+def sum_note(method: str, contrast_share: float | None) -> str | None:
+    """The line a contrast figure carries: how much of ``1 − cosine`` its sum accounts for
+    (a first-order estimate through the query's linearisation, not the model's total)."""
+    if method != "contrast" or contrast_share is None:
+        return None
+    return (f"the map adds up to {100 * contrast_share:.0f} % of the similarity lost "
+            "(1 − cosine): a first-order estimate, not the model's total")
+
+
 def pair_figure(
     query_rgb: np.ndarray,
     gallery_rgb: np.ndarray,
@@ -228,6 +237,7 @@ def pair_figure(
     gallery_name: str = "",
     words: tuple[str, str] | None = None,
     warning: str | None = None,
+    note: str | None = None,
 ) -> bytes:
     """PNG of a pair that explains itself: a title (query → match, cosine, the method in
     words), both aligned faces named (top), both overlays on one scale (bottom), a colour
@@ -238,7 +248,9 @@ def pair_figure(
     face, that the match leans on hair/background).
 
     ``label`` is the match's syndrome; ``gallery_name`` how the gallery names the face
-    (e.g. its subject and image id)."""
+    (e.g. its subject and image id); ``note`` a grey line under the method's name (e.g.
+    how much of the cosine lost a first-order map's sum accounts for:
+    ``sum_note(method, contrast_share)``)."""
     limit = symmetric_limit(query_map, gallery_map)
     fig = Figure(figsize=(5.6, 7.0), dpi=dpi)
     FigureCanvasAgg(fig)
@@ -259,6 +271,8 @@ def pair_figure(
     fig.suptitle(f"query → {match_name} · cosine {cosine:.3f}", fontsize=11, y=0.975)
     fig.text(0.5, 0.925, METHOD_TITLES.get(method, f"{method} map"), ha="center",
              fontsize=9, color="#333")
+    if note:
+        fig.text(0.5, 0.898, note, ha="center", fontsize=7, color="#666")
     has_blue, has_red = present_signs(query_map, gallery_map, limit=limit)
     cmap = colormaps[DIVERGING_CMAP]
     lo, hi = (-limit if has_blue or not has_red else 0.0), (limit if has_red else 0.0)

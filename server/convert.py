@@ -177,7 +177,7 @@ def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_schem
                     query_crop: np.ndarray, overlays: bool, gallery_crops: bool,
                     query_photo: np.ndarray | None = None, pair_figures: bool = False,
                     calibration: Calibration | None = None) -> phenolens_pb2.ExplainedMatch:
-    from explain.render import overlay_png, pair_figure
+    from explain.render import overlay_png, pair_figure, sum_note
 
     maps = []
     words = None if e.effects is None else (e.effects.query.describe(),
@@ -193,7 +193,8 @@ def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_schem
             q.pair_figure_png = pair_figure(
                 query_crop, e.gallery_crop, m.query_aligned, m.gallery_aligned,
                 cosine=e.hit.score, label=e.hit.syndrome_name or e.hit.syndrome_id,
-                method=m.method, gallery_name=_face_name(e.hit), words=words)
+                method=m.method, gallery_name=_face_name(e.hit), words=words,
+                note=sum_note(m.method, e.contrast_share))
         if m.query_photo is not None:
             q.photo.CopyFrom(to_float_array(m.query_photo))
         if m.query_feature is not None:

@@ -183,7 +183,13 @@ def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_
     """Maps of every method for the matches (one explain_matches call); files and output."""
     from explain.attribution.matches import explain_matches
     from explain.regions import region_summary
-    from explain.render import overlay_png, pair_figure, photo_overlay_png, symmetric_limit
+    from explain.render import (
+        overlay_png,
+        pair_figure,
+        photo_overlay_png,
+        sum_note,
+        symmetric_limit,
+    )
 
     if not matches:
         return
@@ -219,7 +225,7 @@ def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_
             }
             pair_figure(query.crop, match.crop, m.query_aligned, m.gallery_aligned,
                         cosine=maps.cosine, label=match.label, method=m.method, path=out["pair"],
-                        words=words)
+                        words=words, note=sum_note(m.method, maps.contrast_share))
             photo_overlay_png(query.photo, m.query_aligned, query.alignment, out["query_photo"],
                               limit=limit)
             if match.photo is not None:

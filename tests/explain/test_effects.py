@@ -152,3 +152,10 @@ def test_explain_matches_measures_effects_for_the_first_hits_only(explainer, cro
     assert matches[0].effects.cosine == pytest.approx(matches[0].cosine, abs=1e-5)
     share = matches[0].contrast_share
     assert share is not None and 0.2 < share < 2.0  # a first-order estimate, stated as one
+
+
+def test_a_contrast_figure_says_how_much_of_the_cosine_lost_its_sum_holds():
+    from explain.render import sum_note
+
+    assert "58 %" in sum_note("contrast", 0.58) and "first-order" in sum_note("contrast", 0.58)
+    assert sum_note("similarity", 0.58) is None and sum_note("contrast", None) is None
