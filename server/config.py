@@ -185,8 +185,8 @@ class LimitsConfig:
     # one within queue_timeout_s of its arrival, finds the queue full, or arrives
     # while the process's RSS is at max_rss_bytes is refused with RESOURCE_EXHAUSTED
     # and a retry hint (trailing metadata retry-after-ms). max_rss_bytes -1 (the
-    # default): 85 % of the memory the process may use (its cgroup's limit, else
-    # physical RAM); 0: no limit.
+    # default): the smaller of 85 % of the memory the process may use (its cgroup's
+    # limit, else physical RAM) and its RSS at start + 3 GiB (server.limits); 0: no limit.
     max_concurrent: Int = 2
     max_queued: Int = 14
     queue_timeout_s: float = 2.0
@@ -312,8 +312,8 @@ def _validate(config: ServiceConfig) -> ServiceConfig:
     if limits.max_queued < 0:
         raise ConfigError("limits.max_queued must be >= 0")
     if limits.max_rss_bytes < -1:
-        raise ConfigError("limits.max_rss_bytes must be -1 (85 % of the memory the process "
-                          "may use), 0 (no limit) or a number of bytes")
+        raise ConfigError("limits.max_rss_bytes must be -1 (automatic: see server.limits), "
+                          "0 (no limit) or a number of bytes")
     for i, token in enumerate(config.auth.tokens):
         bad = sorted(set(token.scopes) - set(SCOPES))
         if bad or not token.scopes:
