@@ -50,7 +50,8 @@ NOISE = 0.01  # |Δ cosine| below this is not named in words
 EFFECT_MODES = ("features", "pixels")
 EffectKind = Literal["differs", "alike"]
 
-COLOUR_GROW = 0.25  # colour statistics are taken in the region grown by this (× eye distance)
+# Paste geometry in units of the inter-ocular distance d (shared with evaluate swap).
+COLOUR_GROW = 0.25  # colour statistics are taken in the region grown by this
 FEATHER_GROW = 0.10  # the paste mask is grown by this before blurring
 FEATHER_SIGMA = 0.06  # Gaussian sigma of the alpha's blur
 PIXEL_BATCH = 32  # at most this many edited crops per forward batch in ``pixels`` mode

@@ -49,6 +49,7 @@ from encoder.spec import FaceEncoder
 from explain.attribution.engine import Explainer
 from explain.attribution.matches import METHOD_NAMES, check_methods, explain_matches
 from explain.attribution.views import ViewSource
+from explain.effects import COLOUR_GROW, FEATHER_GROW, FEATHER_SIGMA, paste_region
 from explain.evaluation import metrics as M
 from explain.evaluation.common import PairTarget
 from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S
@@ -60,10 +61,6 @@ SWAP_REGIONS: tuple[str, ...] = ("eyes", "brows", "nose", "mouth", "chin")
 PHOTO_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MIN_EYE_DISTANCE_PX = 24.0  # smaller faces (or already-aligned crops) give no usable swap
 DONOR_OFFSET = 3  # the donor is the photo this many places later in sorted order
-# Paste geometry in units of the target's inter-ocular distance d.
-COLOUR_GROW = 0.25  # the colour statistics are taken in the region grown by this
-FEATHER_GROW = 0.10  # the paste mask is grown by this before blurring
-FEATHER_SIGMA = 0.06  # Gaussian sigma of the alpha's blur
 
 
 # ------------------------------------------------------------------ photos and pairs
@@ -213,17 +210,10 @@ def swap_region(
         return np.ones((k, k), np.uint8)
 
     grown = cv2.dilate(mask, kernel(COLOUR_GROW)) > 0
-    target = target_rgb.astype(np.float32)
-    matched = np.empty_like(warped)
-    for c in range(3):
-        src, dst = warped[..., c][grown], target[..., c][grown]
-        scale = (dst.std() + 1e-6) / (src.std() + 1e-6)
-        matched[..., c] = (warped[..., c] - src.mean()) * scale + dst.mean()
     alpha = cv2.GaussianBlur(cv2.dilate(mask, kernel(FEATHER_GROW)), (0, 0),
                              max(1.0, FEATHER_SIGMA * d))
-    alpha = np.clip(alpha, 0.0, 1.0)
-    swapped = alpha[..., None] * matched + (1 - alpha[..., None]) * target
-    return np.clip(np.rint(swapped), 0, 255).astype(np.uint8), alpha.astype(np.float32)
+    alpha = np.clip(alpha, 0.0, 1.0).astype(np.float32)
+    return paste_region(target_rgb, warped, alpha, grown), alpha
 
 
 def build_pairs(
