@@ -261,7 +261,7 @@ class Backend:
 
         batched = [m for m in self.config.explain.methods if m in BATCHED_MAPS]
         self.explainer.explain(features, features, maps=batched)
-        from explain.attribution.methods import warm_up
+        from explain.attribution.matches import warm_up
 
         warm_up(self.explainer, features)  # every method's first call obeys its deadline too
         self.neutral.fine_maps(self.explainer)  # region effects' neutral face, encoded once

@@ -548,32 +548,6 @@ METHODS: dict[str, Method] = {
 # explain.attribution.verification adds xSSAB and CorrRISE (the catalogue, matches.py, imports it).
 
 
-# The cheapest options of each method with a cost that grows with an option: what
-# ``warm_up`` runs so that a method's first real call starts warm.
-WARM_UP_OPTIONS: dict[str, dict[str, Any]] = {
-    "scorecam": {"channels": 1},
-    "occlusion": {"patch": 112, "stride": 112},
-    "rise": {"masks": 2},
-    "integrated_gradients": {"steps": 2},
-    "smoothgrad": {"samples": 2},
-    "corrrise": {"masks": 3},
-}
-
-
-def warm_up(explainer: Explainer, features: FaceFeatures, methods: tuple[str, ...] = ()) -> None:
-    """Run every method of the family (or ``methods``) once on ``features`` (N = 1, with
-    its crop) with cheap options: the first real call then finds captum's and torch's
-    lazy set-up done and the time per image of forward and backward passes measured, so
-    its first batch is sized to its time limit too (``Guard.batches``)."""
-    from explain.attribution import verification  # noqa: F401  (registers xssab, corrrise)
-
-    for name in methods or tuple(METHODS):
-        options = {k: v for k, v in WARM_UP_OPTIONS.get(name, {}).items()
-                   if k in METHODS[name].defaults}
-        attribute(name, explainer, features, features, budget=None, time_limit=None,
-                  sides=("query",), **options)
-
-
 def list_methods() -> list[str]:
     return list(METHODS)
 
