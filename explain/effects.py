@@ -54,7 +54,8 @@ EffectKind = Literal["differs", "alike"]
 COLOUR_GROW = 0.25  # colour statistics are taken in the region grown by this
 FEATHER_GROW = 0.10  # the paste mask is grown by this before blurring
 FEATHER_SIGMA = 0.06  # Gaussian sigma of the alpha's blur
-PIXEL_BATCH = 32  # at most this many edited crops per forward batch in ``pixels`` mode
+PIXEL_BATCH = 2  # edited crops per forward (× views): SFace on one CPU thread is fastest per
+# image at 2–4 images a batch (14–17 ms) and slowest at 32–64 (30–33 ms; activations leave the cache)
 FEATURE_BATCH = 96  # at most this many edited activations per tail batch (``features``)
 # A server's (cancellable) call sizes its batches by time (``Guard.batches``), so it stops
 # within about ``explain.limits.BATCH_TARGET_S`` of its deadline.
