@@ -153,7 +153,7 @@ def nuisance_edit(crop: np.ndarray, kind: str, other: np.ndarray) -> tuple[np.nd
         cheeks[:, w // 2:] = False
         alpha = cv2.GaussianBlur(cheeks.astype(np.float32), (0, 0), 2.0)
         out = crop.astype(np.float32) + 35.0 * alpha[..., None]
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8), alpha > 0.1
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8), 35.0 * alpha >= 0.5  # changed
     side = max(8, round(28 * h / 112))
     out = crop.copy()
     out[2:2 + side, 2:2 + side] = other[2:2 + side, 2:2 + side]
