@@ -392,7 +392,7 @@ def plot_examples(result: EffectsResult, path) -> None:
                     wrap=True)
         for ax in row:
             ax.axis("off")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.95, bottom=0.08, wspace=0.05, hspace=0.45)
     fig.savefig(path)
 
 
