@@ -11,6 +11,8 @@ turn (``bench.timing.time_interleaved``):
 - effects, pixels (served): ``region_effects(query, K cached hits, mode="pixels")`` — per
   hit 27 edited crops (query with the hit's region, hit with the query's, hit with the
   neutral face's; 9 regions) and, once per query, 9 (query with the neutral face's);
+- the same with the hits' neutral edits kept from an earlier call (they do not depend on
+  the query; the server keeps them beside the hits' cached features): 18 crops per hit;
 - effects, features: the same edits made on the contrast layer, then the network's tail;
 - contrast cached: ``explain_matches(..., ["contrast"])`` for the same K hits.
 
@@ -30,10 +32,17 @@ from bench.timing import time_interleaved
 from explain.attribution.engine import Explainer
 from explain.attribution.matches import explain_matches
 from explain.attribution.views import SingleEncoderViews
-from explain.effects import bundled_neutral, region_effects
+from explain.effects import RegionEffects, bundled_neutral, region_effects
 
 TARGET = 3.0
 CAP = 10.0
+
+
+class _Kept(dict):
+    """The hits' neutral edits kept between calls, as the server's feature cache keeps them."""
+
+    def put(self, index, embeddings):
+        self[index] = embeddings
 
 
 def measure(reps: int = 3, k: int = 3, threads: int = 1) -> dict:
@@ -46,9 +55,12 @@ def measure(reps: int = 3, k: int = 3, threads: int = 1) -> dict:
     query, hits = _crops(k)
     neutral = bundled_neutral()
     q, g = explainer.encode(query), explainer.encode(hits)
+    kept = _Kept()
+    RegionEffects(explainer, q, neutral=neutral).of(g, kept)
     times = time_interleaved({
         "encode": lambda: explainer.encode(query),
         "pixels": lambda: region_effects(explainer, q, g, neutral=neutral, mode="pixels"),
+        "kept": lambda: RegionEffects(explainer, q, neutral=neutral).of(g, kept),
         "features": lambda: region_effects(explainer, q, g, neutral=neutral, mode="features"),
         "contrast": lambda: list(explain_matches(explainer, query, g, ["contrast"])),
     }, reps, warmup=1)
@@ -56,6 +68,7 @@ def measure(reps: int = 3, k: int = 3, threads: int = 1) -> dict:
     encode = ms["encode"]
     return {"k": k, "encode_ms": encode, "ms_per_hit": ms["pixels"] / k,
             "ratio": ms["pixels"] / k / encode,
+            "kept_ms_per_hit": ms["kept"] / k, "kept_ratio": ms["kept"] / k / encode,
             "features_ms_per_hit": ms["features"] / k,
             "features_ratio": ms["features"] / k / encode,
             "contrast_ms": ms["contrast"], "contrast_ratio": ms["contrast"] / encode}
@@ -73,16 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print("| K | encode | effects (pixels, served) per hit | × encode | target ≤ 3× (cap 10×) "
-          "| features per hit | × encode | contrast (all K) | × encode |")
-    print("|---:|---:|---:|---:|:---|---:|---:|---:|---:|")
+    def status(ratio: float) -> str:
+        return "met" if ratio <= TARGET else (
+            "not met (under the cap)" if ratio <= CAP else "not met (over the cap)")
+
+    print("| K | encode | effects per hit (hits new) | × encode | target ≤ 3× (cap 10×) "
+          "| hits' neutral edits kept | × encode | target | contrast-layer edits | × encode "
+          "| contrast (all K) | × encode |")
+    print("|---:|---:|---:|---:|:---|---:|---:|:---|---:|---:|---:|---:|")
     for r in rows:
-        status = "met" if r["ratio"] <= TARGET else (
-            "not met (under the cap)" if r["ratio"] <= CAP else "not met (over the cap)")
         print(f"| {r['k']} | {r['encode_ms']:.1f} ms | {r['ms_per_hit']:.0f} ms | "
-              f"{r['ratio']:.1f} | {status} | {r['features_ms_per_hit']:.0f} ms | "
-              f"{r['features_ratio']:.1f} | {r['contrast_ms']:.0f} ms | "
-              f"{r['contrast_ratio']:.1f} |")
+              f"{r['ratio']:.1f} | {status(r['ratio'])} | {r['kept_ms_per_hit']:.0f} ms | "
+              f"{r['kept_ratio']:.1f} | {status(r['kept_ratio'])} | "
+              f"{r['features_ms_per_hit']:.0f} ms | {r['features_ratio']:.1f} | "
+              f"{r['contrast_ms']:.0f} ms | {r['contrast_ratio']:.1f} |")
     return 0
 
 

@@ -33,7 +33,7 @@ import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import cv2
 import numpy as np
@@ -295,6 +295,17 @@ def bundled_neutral(pipeline=None) -> NeutralFace:
 
 # ---- the effects ---------------------------------------------------------------------------
 
+class NeutralEdits(Protocol):
+    """Where the hits' neutral edits are kept between calls (they depend on the hit's crop
+    and the model, never on the query): ``get(k)`` for hit k of the call, or None;
+    ``put(k, embeddings)``, one (R, D) unit tensor per view. The server keeps them beside
+    the hit's cached features, so they are forgotten with them (``server.feature_cache``)."""
+
+    def get(self, index: int) -> Sequence[torch.Tensor] | None: ...
+
+    def put(self, index: int, embeddings: Sequence[torch.Tensor]) -> None: ...
+
+
 class RegionEffects:
     """Region effects of one query against its hits (request-scoped; not thread-safe).
 
@@ -330,14 +341,17 @@ class RegionEffects:
         self.guard = guard or Guard()
         self._query_alike: list[torch.Tensor] | None = None  # per view (R, D), unit
 
-    def of(self, hits) -> list[PairEffects]:
-        """PairEffects of the query with each of ``hits`` (FaceFeatures with crops), in order."""
+    def of(self, hits, kept: NeutralEdits | None = None) -> list[PairEffects]:
+        """PairEffects of the query with each of ``hits`` (FaceFeatures with crops), in
+        order; ``kept``: the hits' neutral edits from earlier calls (pixel mode)."""
         from explain.errors import InvalidOption
 
         if hits.crops is None:
             raise InvalidOption("region effects need the faces' aligned crops")
-        edit = self._pixel_edits if self.mode == "pixels" else self._feature_edits
-        q_diff, g_diff, g_alike, q_alike = edit(hits)  # per view (K, R, D) / (R, D), unit
+        if self.mode == "pixels":
+            q_diff, g_diff, g_alike, q_alike = self._pixel_edits(hits, kept)
+        else:
+            q_diff, g_diff, g_alike, q_alike = self._feature_edits(hits)
         q_units = [_unit(e[0:1])[0] for e in self.query.embeddings]
         g_units = [_unit(e) for e in hits.embeddings]
         views = range(len(q_units))
@@ -357,23 +371,33 @@ class RegionEffects:
                 for k in range(len(base))]
 
     # -- pixels: edited crops through the whole encoder ------------------------------------
-    def _pixel_edits(self, hits):
+    def _pixel_edits(self, hits, kept: NeutralEdits | None):
         q_crop, neutral = self.query.crops[0], self.neutral.crop
+        k_count, r_count = len(hits), len(self.regions)
+        known = [None if kept is None else kept.get(k) for k in range(k_count)]
+        todo = [k for k in range(k_count) if known[k] is None]
         parts = []
-        for k in range(len(hits)):
+        for k in range(k_count):
             g_crop = hits.crops[k]
             parts += [edited_crops(q_crop, g_crop, self.masks),
-                      edited_crops(g_crop, q_crop, self.masks),
-                      edited_crops(g_crop, neutral, self.masks)]
+                      edited_crops(g_crop, q_crop, self.masks)]
+        parts += [edited_crops(hits.crops[k], neutral, self.masks) for k in todo]
         if self._query_alike is None:
             parts.append(edited_crops(q_crop, neutral, self.masks))
         embs = self._encode(np.concatenate(parts))
-        k_count, r_count = len(hits), len(self.regions)
-        per_hit = [e[:3 * k_count * r_count].view(k_count, 3, r_count, -1) for e in embs]
+        pairs = 2 * k_count * r_count
+        per_hit = [e[:pairs].view(k_count, 2, r_count, -1) for e in embs]
+        fresh = [e[pairs:pairs + len(todo) * r_count].view(len(todo), r_count, e.shape[-1])
+                 for e in embs]
+        for j, k in enumerate(todo):
+            known[k] = [f[j] for f in fresh]
+            if kept is not None:
+                kept.put(k, known[k])
         if self._query_alike is None:
-            self._query_alike = [e[3 * k_count * r_count:] for e in embs]
-        return ([e[:, 0] for e in per_hit], [e[:, 1] for e in per_hit],
-                [e[:, 2] for e in per_hit], self._query_alike)
+            self._query_alike = [e[pairs + len(todo) * r_count:] for e in embs]
+        g_alike = [torch.stack([known[k][v] for k in range(k_count)]) for v in range(len(embs))]
+        return ([e[:, 0] for e in per_hit], [e[:, 1] for e in per_hit], g_alike,
+                self._query_alike)
 
     def _encode(self, crops: np.ndarray) -> list[torch.Tensor]:
         """(N, H, W, 3) crops -> per view (N, D) unit embeddings, in guarded batches."""

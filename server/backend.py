@@ -376,7 +376,8 @@ class Backend:
                 self._hit_features(hits, pngs, crops, query.features, scope),
                 methods, options={m: typed_options(m, o) for m, o in options.items()},
                 budget=self.config.explain.budget, time_limit=time_left, cancel=scope.cancelled,
-                effects=effects, neutral=self.neutral if effects else None)
+                effects=effects, neutral=self.neutral if effects else None,
+                kept_edits=self._kept_edits(hits, pngs) if effects else None)
             warp = None  # the photo maps' sampling, shared by every map of every hit
             if photo_maps and query.face.alignment is not None:
                 warp = PhotoWarp.of(query.face.alignment, self.config.limits.max_photo_map_side)
@@ -395,6 +396,15 @@ class Backend:
             raise
         finally:
             self.activity.end(completed)
+
+    def _kept_edits(self, hits: Sequence[Hit], pngs: Sequence[bytes]) -> Any:
+        """The hits' region-effect neutral edits, kept beside their cached features (and
+        forgotten with them: deletion, replacement, eviction, a replica's new snapshot)."""
+        if self.feature_cache is None:
+            return None
+        return CachedNeutralEdits(self.feature_cache, [
+            (h.gallery_id, Fingerprint.of(png, self.encoder_id, self.view_scheme))
+            for h, png in zip(hits, pngs, strict=True)])
 
     @property
     def neutral(self) -> Any:
@@ -578,6 +588,23 @@ class Backend:
             source=record.get("source", ""), crop_png=crop_png or None,
             encoder_id=self.encoder_id, view_scheme=view_scheme or self.view_scheme,
         )
+
+
+@dataclass(frozen=True)
+class CachedNeutralEdits:
+    """``explain.effects.NeutralEdits`` over the feature cache, for the hits ``keys``."""
+
+    cache: Any  # server.feature_cache.FeatureCache
+    keys: Sequence[tuple[int, Any]]  # (gallery id, Fingerprint) per hit
+    name: str = "region-effects/neutral-edits"
+
+    def get(self, index: int) -> Any:
+        gid, fingerprint = self.keys[index]
+        return self.cache.extra(gid, fingerprint, self.name)
+
+    def put(self, index: int, embeddings: Sequence[Any]) -> None:
+        gid, fingerprint = self.keys[index]
+        self.cache.put_extra(gid, fingerprint, self.name, embeddings)
 
 
 def _unit_views(embeddings: Sequence[Any]) -> np.ndarray:

@@ -28,6 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,6 +149,9 @@ class FeatureCache:
             raise ValueError(f"a feature cache holds at least one face, got {capacity}")
         self.capacity = int(capacity)
         self._entries: OrderedDict[int, tuple[Fingerprint, FaceFeatures, int]] = OrderedDict()
+        # What else was derived from a cached face's crop (e.g. region effects' neutral
+        # edits), by name; it lives and dies with the face's entry.
+        self._extras: dict[int, dict[str, tuple[Any, int]]] = {}
         self._lock = threading.Lock()
         self._bytes = 0
         self._hits = self._misses = self._stale = self._evictions = 0
@@ -204,6 +208,7 @@ class FeatureCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._extras.clear()
             self._bytes = 0
 
     def stats(self) -> CacheStats:
@@ -228,6 +233,34 @@ class FeatureCache:
                 found[i] = one
         return FaceFeatures.concat([f for f in found if f is not None])
 
+    def extra(self, gallery_id: int, fingerprint: Fingerprint, name: str) -> Any:
+        """What was stored under ``name`` for a cached face with this fingerprint, or None."""
+        with self._lock:
+            entry = self._entries.get(gallery_id)
+            if entry is None or entry[0] != fingerprint:
+                return None
+            found = self._extras.get(gallery_id, {}).get(name)
+            return None if found is None else found[0]
+
+    def put_extra(self, gallery_id: int, fingerprint: Fingerprint, name: str,
+                  value: Sequence[torch.Tensor]) -> None:
+        """Keep tensors derived from a cached face's crop beside its features; dropped with
+        them (deletion, replacement, eviction, ``retain``). Ignored when the face is not
+        cached as ``fingerprint``."""
+        owned = tuple(t.detach().clone() for t in value)
+        size = sum(t.numel() * t.element_size() for t in owned)
+        with self._lock:
+            entry = self._entries.get(gallery_id)
+            if entry is None or entry[0] != fingerprint:
+                return
+            extras = self._extras.setdefault(gallery_id, {})
+            if name in extras:
+                self._bytes -= extras[name][1]
+            extras[name] = (owned, size)
+            self._bytes += size
+
     def _drop(self, gallery_id: int) -> None:
         _, _, size = self._entries.pop(gallery_id)
         self._bytes -= size
+        for _, extra_size in self._extras.pop(gallery_id, {}).values():
+            self._bytes -= extra_size

@@ -26,7 +26,13 @@ from explain.attribution import verification  # noqa: F401  (registers xssab, co
 from explain.attribution.engine import BATCHED_MAPS, Explainer, FaceFeatures
 from explain.attribution.methods import METHODS, SIDES, attribute
 from explain.defaults import DEFAULT_METHODS
-from explain.effects import NeutralFace, PairEffects, RegionEffects, bundled_neutral
+from explain.effects import (
+    NeutralEdits,
+    NeutralFace,
+    PairEffects,
+    RegionEffects,
+    bundled_neutral,
+)
 from explain.errors import UnknownMethod
 from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal, Guard
 
@@ -126,6 +132,7 @@ def explain_matches(
     effects: int = 0,
     neutral: np.ndarray | NeutralFace | None = None,
     effects_mode: str = "pixels",
+    kept_edits: NeutralEdits | None = None,
 ) -> Iterator[MatchMaps]:
     """Maps of every method in ``methods`` on both faces of (query, hit_k), k = 1..K,
     one MatchMaps per hit, in order, each as soon as it is ready (``list(...)`` for all).
@@ -139,14 +146,15 @@ def explain_matches(
     ``sides`` limits family methods to one face. ``effects``: region effects
     (``explain.effects``) for the first that many hits, against ``neutral`` (default the
     bundled photos' mean face), by ``effects_mode`` edits, under the same budget, time
-    limit and cancellation. Raises UnknownMethod (before any work), and the family's
+    limit and cancellation; ``kept_edits`` keeps the hits' neutral edits between calls
+    (``explain.effects.NeutralEdits``, indexed like ``hits``). Raises UnknownMethod (before any work), and the family's
     InvalidOption, BudgetExceeded, TimeLimitExceeded, Cancelled.
     """
     methods = check_methods(methods)
     return _matches(explainer, query, hits, methods,
                     {m: dict(v) for m, v in (options or {}).items() if v},
                     budget, time_limit, cancel, sides,
-                    _Effects(effects, neutral, effects_mode))
+                    _Effects(effects, neutral, effects_mode, kept_edits))
 
 
 def _matches(explainer: Explainer, query: np.ndarray | FaceFeatures,
@@ -183,7 +191,8 @@ def _matches(explainer: Explainer, query: np.ndarray | FaceFeatures,
                     explainer, q, neutral=bundled_neutral() if effects.neutral is None else effects.neutral,
                     mode=effects.mode, guard=guard)
             region_effects.guard = guard
-            pair_effects = region_effects.of(g.select(index))[0]
+            kept = None if effects.kept is None else _HitEdits(effects.kept, index)
+            pair_effects = region_effects.of(g.select(index), kept)[0]
         yield MatchMaps(index, pair.cosine, pair.view_cosines, pair.query.residual,
                         pair.query.bias_share, pair.gallery.residual, pair.gallery.bias_share,
                         tuple(maps), pair_effects)
@@ -194,6 +203,21 @@ class _Effects:
     count: int
     neutral: np.ndarray | NeutralFace | None
     mode: str
+    kept: NeutralEdits | None = None
+
+
+@dataclass(frozen=True)
+class _HitEdits:
+    """``kept`` seen from a call that explains hit ``index`` alone (its hit 0)."""
+
+    kept: NeutralEdits
+    index: int
+
+    def get(self, index: int):
+        return self.kept.get(self.index + index)
+
+    def put(self, index: int, embeddings) -> None:
+        self.kept.put(self.index + index, embeddings)
 
 
 # The cheapest options of each method with a cost that grows with an option: what

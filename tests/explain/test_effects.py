@@ -159,3 +159,30 @@ def test_a_contrast_figure_says_how_much_of_the_cosine_lost_its_sum_holds():
 
     assert "58 %" in sum_note("contrast", 0.58) and "first-order" in sum_note("contrast", 0.58)
     assert sum_note("similarity", 0.58) is None and sum_note("contrast", None) is None
+
+
+class _Kept:
+    def __init__(self):
+        self.store = {}
+
+    def get(self, index):
+        return self.store.get(index)
+
+    def put(self, index, embeddings):
+        self.store[index] = embeddings
+
+
+def test_kept_neutral_edits_of_the_hits_are_not_made_again(explainer, crops, neutral):
+    from explain.limits import Guard
+
+    q = explainer.encode(crops["person_a_1.jpg"])
+    g = explainer.encode(np.stack([crops["person_a_2.jpg"], crops["impostor_1.jpg"]]))
+    kept = _Kept()
+    cold, warm = Guard(), Guard()
+    first = RegionEffects(explainer, q, neutral=neutral, guard=cold).of(g, kept)
+    second = RegionEffects(explainer, q, neutral=neutral, guard=warm).of(g, kept)
+    assert sorted(kept.store) == [0, 1]
+    assert cold.used - warm.used == 2 * len(EFFECT_REGIONS)  # each hit's 9 neutral edits
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_allclose(a.gallery.alike, b.gallery.alike, atol=1e-6)
+        np.testing.assert_allclose(a.query.differs, b.query.differs, atol=1e-6)

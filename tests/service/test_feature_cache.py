@@ -267,3 +267,23 @@ def test_a_replica_drops_the_faces_its_new_snapshot_no_longer_holds(backend, own
     assert cache.retain(lambda gid, fingerprint: _holds(own_gallery, gid, fingerprint)) == 2
     assert len(cache) == 2
     assert cache.get(*keys[0]) is not None and cache.get(*keys[1]) is not None
+
+
+def test_what_is_kept_beside_a_face_goes_with_it(backend, aligned_crop):
+    import torch
+
+    from server.feature_cache import FeatureCache, Fingerprint
+
+    cache = FeatureCache(capacity=2)
+    fp = Fingerprint.of(b"crop", "enc", "scheme")
+    edits = [torch.ones(9, 128)]
+    cache.put_extra(7, fp, "edits", edits)  # no features cached for the face: ignored
+    assert cache.extra(7, fp, "edits") is None
+    cache.put(7, fp, backend.explainer.encode(aligned_crop))
+    base = cache.stats().bytes
+    cache.put_extra(7, fp, "edits", edits)
+    assert torch.equal(cache.extra(7, fp, "edits")[0], edits[0])
+    assert cache.stats().bytes == base + 9 * 128 * 4
+    assert cache.extra(7, Fingerprint.of(b"other crop", "enc", "scheme"), "edits") is None
+    cache.discard([7])  # a deleted face leaves nothing derived from it behind
+    assert cache.extra(7, fp, "edits") is None and cache.stats().bytes == 0
