@@ -8,6 +8,7 @@ them. Every encoder is split into ``features(x) -> (B, C, H, W)`` and an affine
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,10 +39,33 @@ class EncoderSpec:
     contrast_layer: str | None = None
 
 
+@dataclass(frozen=True)
+class EarlySplit:
+    """The network as ``late(early(x))``, with what a windowed ``early`` needs to be exact.
+
+    ``early`` maps (N, C, H, W) inputs to (N, C_e, H/stride, W/stride) activations, and
+    each output cell depends only on the input pixels within ``radius`` of its centre
+    (``stride * cell``); ``late`` maps those activations to the CAM layer's ``features(x)``
+    (the encoder's ``head`` gives the embeddings). A change
+    confined to a box of the input changes ``early``'s output only within ``radius`` of
+    the box, so ``early`` may be run on a window around it (region effects do).
+    """
+
+    early: Callable[[torch.Tensor], torch.Tensor]
+    late: Callable[[torch.Tensor], torch.Tensor]
+    stride: int
+    radius: int
+
+
 class FaceEncoder(nn.Module):
     """Base class: subclasses implement ``features`` and ``head``."""
 
     spec: EncoderSpec
+
+    def early_split(self) -> EarlySplit | None:
+        """The encoder as ``late(early(x))`` with early's receptive field known, or None
+        (the generic encoder does not know its layers)."""
+        return None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised input -> (B, C', h, w) CAM-layer feature map."""

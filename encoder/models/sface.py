@@ -27,7 +27,7 @@ from torch import nn
 from encoder.errors import CheckpointError
 from encoder.models._onnx import OnnxGraph, OnnxNode, read_onnx
 from encoder.registry import register_encoder
-from encoder.spec import EncoderSpec, FaceEncoder
+from encoder.spec import EarlySplit, EncoderSpec, FaceEncoder
 
 SFACE_SPEC = EncoderSpec(
     name="sface",
@@ -129,6 +129,19 @@ class SFace(FaceEncoder):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 112, 112) normalised RGB -> (B, 1024, 7, 7)."""
         return self.body(x)
+
+    EARLY_END = "conv_4"  # the last block at 56x56: the high-resolution blocks, ~57 % of a forward
+
+    def early_split(self) -> EarlySplit:
+        """``FaceEncoder.early_split``: the blocks up to ``conv_4`` (B, 128, 56, 56), their
+        stride and receptive-field radius read from the layout, then the rest of the body."""
+        names = [b.name for b in self.layout.blocks]
+        end = names.index(self.EARLY_END) + 1
+        stride, radius = 1, 0
+        for block in self.layout.blocks[:end]:
+            radius += (block.kernel - 1) // 2 * stride
+            stride *= block.stride
+        return EarlySplit(self.body[:end], self.body[end:], stride, radius)
 
     def _contrast_split(self) -> int:
         names = [b.name for b in self.layout.blocks]

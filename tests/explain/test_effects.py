@@ -186,3 +186,21 @@ def test_kept_neutral_edits_of_the_hits_are_not_made_again(explainer, crops, neu
     for a, b in zip(first, second, strict=True):
         np.testing.assert_allclose(a.gallery.alike, b.gallery.alike, atol=1e-6)
         np.testing.assert_allclose(a.query.differs, b.query.differs, atol=1e-6)
+
+
+def test_edits_through_early_windows_equal_whole_forwards(flip_explainer, crops, neutral):
+    """The early layers run only around each region (``EarlySplit``): the same embeddings
+    as encoding every edited crop whole."""
+    q = flip_explainer.encode(crops["person_a_1.jpg"])
+    g = flip_explainer.encode(crops["impostor_1.jpg"])
+    effects = RegionEffects(flip_explainer, q, neutral=neutral, precision="fp32")
+    assert effects._splits() is not None  # SFace declares its early layers
+    edited = np.concatenate([edited_crops(crops["person_a_1.jpg"], crops["impostor_1.jpg"],
+                                          effects.masks),
+                             edited_crops(crops["impostor_1.jpg"], neutral, effects.masks)])
+    targets = np.repeat([0, 1], len(EFFECT_REGIONS))
+    regions = np.tile(np.arange(len(EFFECT_REGIONS)), 2)
+    windows = effects._encode_windows(edited, targets, regions, g)
+    whole = effects._encode(edited)
+    for a, b in zip(windows, whole, strict=True):
+        assert (a * b).sum(-1).min() > 1 - 1e-5
