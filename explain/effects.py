@@ -15,14 +15,18 @@ bundled photos' mean, so a pair's words do not change when unrelated gallery rec
 
 Two ways to make the edit, one contract:
 
-- ``pixels``: the region is pasted into the aligned crop (colour-matched to the target inside
-  the region, feathered edge; ``paste_region``) and the edited crops go through the whole
-  encoder in batches. This *is* the question the words answer; it costs one full forward per
-  edited crop and view.
-- ``features`` (the served default): the same edit made on the encoder's ``contrast_layer``
+- ``pixels`` (served): the region is pasted into the aligned crop (colour-matched to the
+  target inside the region, feathered edge; ``paste_region``) and the edited crops go
+  through the encoder. This *is* the question the words answer. It is made affordable
+  without changing the answer: bf16 forwards; the encoder's high-resolution early layers
+  run only on a window around the region (exact, ``encoder.spec.EarlySplit``); the
+  query's neutral edits once per call; a gallery face's neutral edits kept between calls
+  (``NeutralEdits``, the server's feature cache).
+- ``features`` (research): the same edit made on the encoder's ``contrast_layer``
   activations (SFace: the last 14×14 block) with the region's feathered mask averaged over
-  each cell, followed by the network's tail only — about 1/20 of a forward per edit on SFace.
-  ``phenolens evaluate effects`` measures how well it agrees with ``pixels``.
+  each cell, followed by the network's tail only — about 1/20 of a forward per edit on
+  SFace, but it names the pixel edits' first region in only half the pairs
+  (``phenolens evaluate effects`` measures it).
 
 No gradients and no hooks: every edit is a plain batched forward under ``torch.no_grad``.
 """
