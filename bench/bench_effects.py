@@ -32,17 +32,10 @@ from bench.timing import time_interleaved
 from explain.attribution.engine import Explainer
 from explain.attribution.matches import explain_matches
 from explain.attribution.views import SingleEncoderViews
-from explain.effects import RegionEffects, bundled_neutral, region_effects
+from explain.effects import KeptEdits, RegionEffects, bundled_neutral, region_effects
 
 TARGET = 3.0
 CAP = 10.0
-
-
-class _Kept(dict):
-    """The hits' neutral edits kept between calls, as the server's feature cache keeps them."""
-
-    def put(self, index, embeddings):
-        self[index] = embeddings
 
 
 def measure(reps: int = 3, k: int = 3, threads: int = 1) -> dict:
@@ -55,7 +48,7 @@ def measure(reps: int = 3, k: int = 3, threads: int = 1) -> dict:
     query, hits = _crops(k)
     neutral = bundled_neutral()
     q, g = explainer.encode(query), explainer.encode(hits)
-    kept = _Kept()
+    kept = KeptEdits()  # as the server's feature cache keeps them
     RegionEffects(explainer, q, neutral=neutral).of(g, kept)
     times = time_interleaved({
         "encode": lambda: explainer.encode(query),

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 
 from explain.limits import Guard
-from explain.regions import SUMMARY_REGIONS, template_regions
+from explain.regions import SUMMARY_REGIONS, first_region_stack, template_regions
 
 # Summary regions, then everything outside the face (hair, background): a match that leans
 # on it is one a clinician must be warned about.
@@ -164,7 +165,16 @@ class EditMasks:
 
     def cells(self, grid: tuple[int, int]) -> np.ndarray:
         """(R, h, w) float32: the mean alpha over each cell of a feature grid."""
-        return _cell_masks(self, grid)
+        return np.stack([cv2.resize(a, (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+                         for a in self.alpha]).astype(np.float32)
+
+
+def effect_region_stack(size: tuple[int, int] = (112, 112),
+                        regions: tuple[str, ...] = EFFECT_REGIONS) -> np.ndarray:
+    """(R, H, W) bool: ``regions`` on the ArcFace template at ``size``, disjoint (a pixel
+    belongs to the first that holds it; ``outside_face`` is the template's background)."""
+    names = tuple("background" if r == OUTSIDE_FACE else r for r in regions)
+    return first_region_stack(template_regions(size), names)
 
 
 @functools.lru_cache(maxsize=8)
@@ -173,12 +183,11 @@ def edit_masks(size: tuple[int, int] = (112, 112),
     """Feathered paste masks of ``regions`` on the ArcFace template at ``size`` (aligned crops
     are warped onto it). Regions are disjoint before feathering (a pixel belongs to the first
     summary region that holds it; ``outside_face`` is everything outside the face ellipse)."""
-    masks = template_regions(size)
-    stack = np.stack([masks["background"] if r == OUTSIDE_FACE else masks[r] for r in regions])
-    stack &= ~(np.cumsum(stack, axis=0) - stack).astype(bool)
-    template = template_regions((112, 112))
-    left, right = np.argwhere(template["left_eye"]).mean(0), np.argwhere(template["right_eye"]).mean(0)
-    d = float(np.linalg.norm(right - left)) * size[1] / 112.0
+    from encoder.align import ARCFACE_TEMPLATE_112
+
+    stack = effect_region_stack(size, regions)
+    eyes = np.asarray(ARCFACE_TEMPLATE_112[:2], np.float64)
+    d = float(np.linalg.norm(eyes[1] - eyes[0])) * size[1] / 112.0  # inter-ocular distance
 
     def kernel(fraction: float) -> np.ndarray:
         k = max(3, int(fraction * d) | 1)
@@ -193,11 +202,6 @@ def edit_masks(size: tuple[int, int] = (112, 112),
     alpha, colour = np.stack(alphas), np.stack(colours)
     alpha.flags.writeable = colour.flags.writeable = False
     return EditMasks(tuple(regions), alpha, colour)
-
-
-def _cell_masks(masks: EditMasks, grid: tuple[int, int]) -> np.ndarray:
-    return np.stack([cv2.resize(a, (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
-                     for a in masks.alpha]).astype(np.float32)
 
 
 def paste_region(target: np.ndarray, donor: np.ndarray, alpha: np.ndarray,
@@ -235,20 +239,28 @@ def mean_face(crops: np.ndarray) -> np.ndarray:
 
 class NeutralFace:
     """The neutral face (H, W, 3) uint8 and, per explainer, its contrast-layer activations
-    (encoded once; thread-safe, so a server keeps one for its lifetime)."""
+    (encoded once, for the ``features`` edits; thread-safe, so a server keeps one for its
+    lifetime)."""
 
     def __init__(self, crop: np.ndarray) -> None:
         self.crop = np.ascontiguousarray(crop, dtype=np.uint8)
-        self._fine: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._fine: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def fine_maps(self, explainer) -> tuple[torch.Tensor, ...]:
         """One (1, C_f, h, w) tensor per view of ``explainer``."""
-        key = id(explainer)
         with self._lock:
-            if key not in self._fine:
-                self._fine = {key: explainer.encode(self.crop).fine_maps}
-            return self._fine[key]
+            if explainer not in self._fine:
+                self._fine[explainer] = explainer.encode(self.crop).fine_maps
+            return self._fine[explainer]
+
+
+class KeptEdits(dict):
+    """``NeutralEdits`` in a plain dict, hit index -> embeddings (a caller that explains the
+    same hits again; the server keeps them in its feature cache instead)."""
+
+    def put(self, index: int, embeddings: Sequence[torch.Tensor]) -> None:
+        self[index] = embeddings
 
 
 def as_neutral(neutral: np.ndarray | NeutralFace) -> NeutralFace:
@@ -274,7 +286,6 @@ def bundled_neutral(pipeline=None) -> NeutralFace:
         if template in _BUNDLED:
             return _BUNDLED[template]
         path = CACHE_DIR / f"neutral-face-{template}.npy"
-        crop = None
         if path.is_file():
             crop = np.load(path)
         else:
@@ -394,8 +405,9 @@ class RegionEffects:
             targets += [0] * r_count
         crops = np.concatenate(parts)
         regions = np.tile(np.arange(r_count), len(parts))
-        embs = self._encode_windows(crops, np.array(targets), regions, hits) \
-            if self._splits() is not None else self._encode(crops)
+        splits = self._splits()
+        embs = self._encode(crops) if splits is None else \
+            self._encode_windows(crops, np.array(targets), regions, hits, splits)
         pairs = 2 * k_count * r_count
         per_hit = [e[:pairs].view(k_count, 2, r_count, -1) for e in embs]
         fresh = [e[pairs:pairs + len(todo) * r_count].view(len(todo), r_count, e.shape[-1])
@@ -433,13 +445,13 @@ class RegionEffects:
         return None if any(sp is None for sp in splits) else splits
 
     def _encode_windows(self, crops: np.ndarray, targets: np.ndarray, regions: np.ndarray,
-                        hits) -> list[torch.Tensor]:
+                        hits, splits: list) -> list[torch.Tensor]:
         """As ``_encode``, with each edited crop's early (high-resolution) layers run only on
         a window around its region and pasted into the unedited face's early activations:
         exact (``encoder.spec.EarlySplit``: outside ``radius`` of the region nothing
         changes), about a third cheaper on SFace. targets[i]: the face crop i edits (0 the
-        query, 1 + k hit k); regions[i]: its region's index in ``self.masks``."""
-        splits = self._splits()
+        query, 1 + k hit k); regions[i]: its region's index in ``self.masks``; splits: each
+        view's ``EarlySplit``."""
         views = len(splits)
         device = self.query.embeddings[0].device.type
         low = self.precision == "bf16"

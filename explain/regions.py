@@ -272,11 +272,17 @@ def region_summary(aligned_map: np.ndarray, regions: RegionMasks | None = None,
                        interpolation=cv2.INTER_LINEAR).astype(np.float64)
     pos, neg = np.maximum(m, 0.0), np.maximum(-m, 0.0)
     pos_total, neg_total = float(pos.sum()), float(neg.sum())
-    stack = regions.stack(names)
-    stack &= ~(np.cumsum(stack, axis=0) - stack).astype(bool)  # a pixel counts in its first region
+    stack = first_region_stack(regions, names)
     pos_share = tuple(float(pos[r].sum() / pos_total) if pos_total > 0 else 0.0 for r in stack)
     neg_share = tuple(float(neg[r].sum() / neg_total) if neg_total > 0 else 0.0 for r in stack)
     return RegionSummary(tuple(names), pos_share, neg_share, pos_total, neg_total)
+
+
+def first_region_stack(regions: RegionMasks, names: tuple[str, ...]) -> np.ndarray:
+    """(R, H, W) bool masks of ``names``, disjoint: a pixel counts in the first that holds it."""
+    stack = regions.stack(names)
+    stack &= ~(np.cumsum(stack, axis=0) - stack).astype(bool)
+    return stack
 
 
 @functools.lru_cache(maxsize=8)

@@ -264,7 +264,7 @@ class Backend:
         from explain.attribution.matches import warm_up
 
         warm_up(self.explainer, features)  # every method's first call obeys its deadline too
-        self.neutral.fine_maps(self.explainer)  # region effects' neutral face, encoded once
+        self.neutral  # noqa: B018  (region effects' neutral face: read, or made once from the photos)
 
     def close(self) -> None:
         if self._feature_store is not None:

@@ -147,8 +147,9 @@ def explain_matches(
     (``explain.effects``) for the first that many hits, against ``neutral`` (default the
     bundled photos' mean face), by ``effects_mode`` edits, under the same budget, time
     limit and cancellation; ``kept_edits`` keeps the hits' neutral edits between calls
-    (``explain.effects.NeutralEdits``, indexed like ``hits``). Raises UnknownMethod (before any work), and the family's
-    InvalidOption, BudgetExceeded, TimeLimitExceeded, Cancelled.
+    (``explain.effects.NeutralEdits``, indexed like ``hits``). Raises UnknownMethod
+    (before any work), and the family's InvalidOption, BudgetExceeded,
+    TimeLimitExceeded, Cancelled.
     """
     methods = check_methods(methods)
     return _matches(explainer, query, hits, methods,
@@ -187,9 +188,9 @@ def _matches(explainer: Explainer, query: np.ndarray | FaceFeatures,
             limit = time_limit() if callable(time_limit) else time_limit
             guard = Guard(budget, limit, cancel)
             if region_effects is None:
-                region_effects = RegionEffects(
-                    explainer, q, neutral=bundled_neutral() if effects.neutral is None else effects.neutral,
-                    mode=effects.mode, guard=guard)
+                neutral = bundled_neutral() if effects.neutral is None else effects.neutral
+                region_effects = RegionEffects(explainer, q, neutral=neutral,
+                                               mode=effects.mode, guard=guard)
             region_effects.guard = guard
             kept = None if effects.kept is None else _HitEdits(effects.kept, index)
             pair_effects = region_effects.of(g.select(index), kept)[0]

@@ -43,6 +43,7 @@ from explain.effects import (
     EFFECT_REGIONS,
     NeutralFace,
     edit_masks,
+    effect_region_stack,
     paste_region,
     region_effects,
 )
@@ -100,15 +101,6 @@ def build_pairs(faces: Sequence[Face], *, max_pairs: int = 30, variants: bool = 
 
 
 # ---------------------------------------------------------------------------- masses
-
-def region_stack(size: tuple[int, int]) -> np.ndarray:
-    """(R, H, W) bool: the disjoint regions of ``EFFECT_REGIONS`` (outside_face last)."""
-    masks = template_regions(size)
-    stack = np.stack([masks["background"] if r == "outside_face" else masks[r]
-                      for r in EFFECT_REGIONS])
-    stack &= ~(np.cumsum(stack, axis=0) - stack).astype(bool)
-    return stack
-
 
 def masses(aligned_map: np.ndarray, stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(negative mass, positive mass) of a signed (H, W) map per region, each (R,)."""
@@ -218,7 +210,7 @@ def evaluate_effects(explainer: Explainer, faces: Sequence[Face], methods: Seque
     methods = check_methods(methods)
     different, same = build_pairs(faces, max_pairs=max_pairs, variants=variants)
     size = faces[0].crop.shape[:2]
-    stack = region_stack(size)
+    stack = effect_region_stack(size)
     area = stack.reshape(len(stack), -1).sum(1).astype(np.float64)
     eyes = EFFECT_REGIONS.index("eyes")
     constant = np.where(np.arange(len(EFFECT_REGIONS)) == eyes, 1.0, 0.0)

@@ -9,6 +9,7 @@ from explain.attribution.matches import explain_matches
 from explain.effects import (
     EFFECT_REGIONS,
     OUTSIDE_FACE,
+    KeptEdits,
     RegionEffects,
     SideEffects,
     edit_masks,
@@ -161,27 +162,16 @@ def test_a_contrast_figure_says_how_much_of_the_cosine_lost_its_sum_holds():
     assert sum_note("similarity", 0.58) is None and sum_note("contrast", None) is None
 
 
-class _Kept:
-    def __init__(self):
-        self.store = {}
-
-    def get(self, index):
-        return self.store.get(index)
-
-    def put(self, index, embeddings):
-        self.store[index] = embeddings
-
-
 def test_kept_neutral_edits_of_the_hits_are_not_made_again(explainer, crops, neutral):
     from explain.limits import Guard
 
     q = explainer.encode(crops["person_a_1.jpg"])
     g = explainer.encode(np.stack([crops["person_a_2.jpg"], crops["impostor_1.jpg"]]))
-    kept = _Kept()
+    kept = KeptEdits()
     cold, warm = Guard(), Guard()
     first = RegionEffects(explainer, q, neutral=neutral, guard=cold).of(g, kept)
     second = RegionEffects(explainer, q, neutral=neutral, guard=warm).of(g, kept)
-    assert sorted(kept.store) == [0, 1]
+    assert sorted(kept) == [0, 1]
     assert cold.used - warm.used == 2 * len(EFFECT_REGIONS)  # each hit's 9 neutral edits
     for a, b in zip(first, second, strict=True):
         np.testing.assert_allclose(a.gallery.alike, b.gallery.alike, atol=1e-6)
@@ -194,13 +184,14 @@ def test_edits_through_early_windows_equal_whole_forwards(flip_explainer, crops,
     q = flip_explainer.encode(crops["person_a_1.jpg"])
     g = flip_explainer.encode(crops["impostor_1.jpg"])
     effects = RegionEffects(flip_explainer, q, neutral=neutral, precision="fp32")
-    assert effects._splits() is not None  # SFace declares its early layers
+    splits = effects._splits()
+    assert splits is not None  # SFace declares its early layers
     edited = np.concatenate([edited_crops(crops["person_a_1.jpg"], crops["impostor_1.jpg"],
                                           effects.masks),
                              edited_crops(crops["impostor_1.jpg"], neutral, effects.masks)])
     targets = np.repeat([0, 1], len(EFFECT_REGIONS))
     regions = np.tile(np.arange(len(EFFECT_REGIONS)), 2)
-    windows = effects._encode_windows(edited, targets, regions, g)
+    windows = effects._encode_windows(edited, targets, regions, g, splits)
     whole = effects._encode(edited)
     for a, b in zip(windows, whole, strict=True):
         assert (a * b).sum(-1).min() > 1 - 1e-5
