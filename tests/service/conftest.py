@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,17 @@ GALLERY_PHOTOS = (
     ("astronaut.png", "eileen_collins"),
     ("grace_hopper.jpg", "grace_hopper"),
 )
+
+
+def wait_for(predicate, timeout: float, poll: float = 0.005) -> bool:
+    """Poll ``predicate`` every ``poll`` seconds until it holds or ``timeout`` passes; its
+    last value."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return predicate()
 
 
 def make_config(tmp: Path, **overrides):

@@ -18,7 +18,7 @@ import time
 
 import phenolens
 
-from tests.service.conftest import READ_TOKEN, start_server
+from tests.service.conftest import READ_TOKEN, start_server, wait_for
 
 NO_RETRY = phenolens.Retry(attempts=1)
 DEADLINE_S = 1.0
@@ -28,15 +28,6 @@ CANCEL_LIMIT_S = 0.5
 # Minutes of work: occlusion with a 4-pixel stride (see test_errors.SLOW).
 SLOW = {"methods": ["occlusion"], "top_k": 1, "photo_maps": False,
         "method_options": {"occlusion": {"patch": 8, "stride": 4}}}
-
-
-def _wait_for(predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 def _explain(client, crop, method: str, timeout: float) -> bool:
@@ -63,7 +54,7 @@ def test_every_method_stops_within_half_a_second_of_a_1s_deadline(
                 started = time.monotonic()
                 in_time = _explain(c, aligned_crop, method, DEADLINE_S)
                 # the server's work is over: no explanation running, its slot free
-                assert _wait_for(lambda: backend.activity.active == 0
+                assert wait_for(lambda: backend.activity.active == 0
                                  and running.limiter.busy == 0, 30.0), method
                 overruns[method] = round(time.monotonic() - started - DEADLINE_S, 3)
                 if not in_time:
@@ -86,7 +77,7 @@ def test_a_cancelled_stream_stops_within_half_a_second(server, backend, aligned_
     with phenolens.Client(server.address, token=READ_TOKEN, retry=NO_RETRY) as c:
         stream = c.explain_stream(aligned_crop, aligned=True, timeout=120, **SLOW)
         assert isinstance(next(stream), phenolens.MatchResult)
-        assert _wait_for(lambda: activity.active == 1, 10)
+        assert wait_for(lambda: activity.active == 1, 10)
         time.sleep(0.3)  # well inside the explanation
         cancelled = time.monotonic()
         stream.close()

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from phenolens import requests as rq
 from phenolens._proto import phenolens_pb2_grpc
 
-from tests.service.conftest import READ_TOKEN, start_server
+from tests.service.conftest import READ_TOKEN, start_server, wait_for
 
 NO_RETRY = phenolens.Retry(attempts=1)
 METADATA = (("authorization", f"Bearer {READ_TOKEN}"),)
@@ -28,20 +28,11 @@ SLOW = {"methods": ["occlusion"], "top_k": 1, "photo_maps": False,
         "method_options": {"occlusion": {"patch": 8, "stride": 4, "batch_size": 4}}}
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
 def _hold_slot(client: phenolens.Client, crop, running) -> object:
     """Start a slow explanation and return its open stream once it holds a slot."""
     stream = client.explain_stream(crop, aligned=True, timeout=300, **SLOW)
     next(stream)
-    assert _wait_for(lambda: running.limiter.busy >= 1, 10)
+    assert wait_for(lambda: running.limiter.busy >= 1, 10, poll=0.01)
     return stream
 
 
@@ -84,7 +75,7 @@ def test_health_answers_fast_while_80_clients_push_heavy_work(
             t.start()
         with grpc.insecure_channel(running.address) as probe:
             _health(probe)  # connect
-            assert _wait_for(lambda: running.limiter.queued >= 10, 30)
+            assert wait_for(lambda: running.limiter.queued >= 10, 30, poll=0.01)
             for _ in range(30):
                 started = time.monotonic()
                 assert _health(probe, "liveness", timeout=2) == \
@@ -118,7 +109,7 @@ def test_refusal_states_the_wait_since_arrival_and_a_retry_hint(
             match = phenolens_pb2_grpc.PhenoLensStub(channel).Match
             request = rq.match_request(aligned_crop, aligned=True, top_k=1)
             queued = match.future(request, timeout=30, metadata=METADATA)
-            assert _wait_for(lambda: running.limiter.queued == 1, 5)
+            assert wait_for(lambda: running.limiter.queued == 1, 5, poll=0.01)
             # The queue (1) is full: refused at once, saying so.
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as full:
@@ -276,8 +267,8 @@ def test_an_oversized_request_gets_an_access_log_line(backend, tmp_path, server_
         with phenolens.Client(running.address, token=READ_TOKEN, retry=NO_RETRY) as c:
             with pytest.raises(phenolens.ResourceExhausted):
                 c.encode(np.zeros((300, 300, 3), np.uint8))
-        assert _wait_for(lambda: any(
-            r["msg"] == "rpc" and r["method"].endswith("/Encode") for r in server_log()), 5)
+        assert wait_for(lambda: any(
+            r["msg"] == "rpc" and r["method"].endswith("/Encode") for r in server_log()), 5, poll=0.01)
     finally:
         running.stop(grace_s=1.0)
     line = next(r for r in server_log() if r["msg"] == "rpc" and r["method"].endswith("/Encode"))
