@@ -164,7 +164,8 @@ def run_explain(args: argparse.Namespace) -> int:
             match = _Match(1, g_path.stem, other.crop, {"query": str(q_path),
                                                         "gallery": str(g_path)},
                            other.photo, other.alignment)
-            _explain(args, explainer, query, [match], f"pair{number:03d}")
+            _explain(args, explainer, query, [match], f"pair{number:03d}",
+                     effects=min(args.effects, 1))
         return 0
     query, query_views = _photo(embed, args.image)
     if args.gallery is not None:
@@ -173,14 +174,15 @@ def run_explain(args: argparse.Namespace) -> int:
         other, _ = _photo(embed, args.against)
         matches = [_Match(1, args.against.stem, other.crop, {"image": args.against.name},
                           other.photo, other.alignment)]
-        args.effects = min(args.effects, 1)
-    _explain(args, explainer, query, matches, None)
+    _explain(args, explainer, query, matches, None,
+             effects=args.effects if args.gallery is not None else min(args.effects, 1))
     return 0
 
 
 def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_Match],
-             prefix: str | None) -> None:
-    """Maps of every method for the matches (one explain_matches call); files and output."""
+             prefix: str | None, *, effects: int) -> None:
+    """Maps of every method for the matches (one explain_matches call), region effects for
+    the first ``effects`` of them; files and output."""
     from explain.attribution.matches import explain_matches
     from explain.regions import region_summary
     from explain.render import (
@@ -193,7 +195,6 @@ def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_
 
     if not matches:
         return
-    effects = args.effects if prefix is None or args.effects == 0 else len(matches)
     explained = explain_matches(explainer, query.crop, np.stack([m.crop for m in matches]),
                                 args.methods, budget=args.budget, time_limit=args.time_limit,
                                 effects=effects)
