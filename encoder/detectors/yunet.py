@@ -30,6 +30,7 @@ import numpy as np
 
 from encoder.assets import yunet_onnx_path
 from encoder.detect import (
+    DEFAULT_DETECT_SIDE,
     DetectorSpec,
     FaceDetector,
     RawDetections,
@@ -37,15 +38,13 @@ from encoder.detect import (
 )
 from encoder.errors import CheckpointError
 
-# Photos are detected at a longest side of 480 (the boxes and landmarks mapped back to the
-# photo by ``FaceDetector.detect``): 0.56x the network work of 640, so a 640x640 photo takes
-# ~9.5 ms of one core instead of ~13.5 (bench/bench_pipeline.py). Alignment holds: over the
-# bundled photos and their altered copies (research.photo_variants, 51 photos, 66 faces) the
-# landmarks stay as close to mtcnn's as at 640 (3.71 px mean in the 112 crop, 640: 3.66;
-# SFace cosine of the two crops 0.908, 640: 0.908); against YuNet at full size they move
-# 2.7 px on average (640: 1.25 px, from the photos larger than 640 alone); see
-# bench/bench_detect_side.py and tests/encoder/test_detectors.py.
-YUNET_DETECT_SIDE = 480
+# Photos are detected at a longest side of 640 (GM-Arc's; the boxes and landmarks mapped back
+# to the photo by ``FaceDetector.detect``): 9.1 ms of one idle core for a 640x640 photo, under
+# the 15 ms target (bench/bench_detect_side.py). A side of 480 was tried: 7.3 ms, but against
+# YuNet at full size the landmarks moved 2.7 px on average in the 112 crop (640: 1.25, from
+# the photos larger than 640 alone), the crops' SFace cosine fell to 0.937 (640: 0.969), and
+# `evaluate swap`'s contrast pointing on chins fell from 1.00 to 0.88: alignment did not hold.
+YUNET_DETECT_SIDE = DEFAULT_DETECT_SIDE
 
 YUNET_SPEC = DetectorSpec(
     name="yunet",
