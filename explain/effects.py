@@ -151,6 +151,50 @@ class PairEffects:
     def side(self, name: str) -> SideEffects:
         return self.query if name == "query" else self.gallery
 
+    def weighted(self, side: str, kind: EffectKind, aligned_map: np.ndarray) -> np.ndarray:
+        """``weighted_map`` of one face's ``kind`` effects, spread as ``aligned_map``."""
+        effects = self.side(side)
+        values = effects.differs if kind == "differs" else effects.alike
+        return weighted_map(aligned_map, values, effects.regions)
+
+
+def weighted_map(aligned_map: np.ndarray, values: Sequence[float],
+                 regions: tuple[str, ...] = EFFECT_REGIONS) -> np.ndarray:
+    """A signed map whose mass in each region is minus that region's effect (``values``, one
+    per region: a side's ``differs`` or ``alike``), spread inside the region as
+    ``aligned_map``'s mass of that sign is (uniformly where the map has none).
+
+    The maps' convention holds: negative where the faces differ (a region whose swap would
+    raise the cosine by 0.12 carries −0.12), positive where the match leans (a region whose
+    neutral edit would lower it by 0.05 carries +0.05). So the map answers "where inside the
+    region" (the method's picture) and "how much" (the model's measured effect), and the
+    words and the picture cannot disagree about which region matters. Its sum is minus the
+    sum of the region effects, each measured alone (not ``cosine − 1``).
+
+    aligned_map: (H, W) on the ArcFace template (a method's ``*_aligned`` map; any size).
+    Returns (H, W) float32.
+    """
+    m = np.asarray(aligned_map, np.float64)
+    stack = _stack(tuple(m.shape), tuple(regions))
+    out = np.zeros_like(m)
+    for mask, value in zip(stack, values, strict=True):
+        mass = -float(value)
+        if mass == 0.0 or not mask.any():
+            continue
+        weights = np.where(mask, np.maximum(np.sign(mass) * m, 0.0), 0.0)
+        total = weights.sum()
+        if total <= 0.0:
+            weights, total = mask.astype(np.float64), float(mask.sum())
+        out += mass * weights / total
+    return out.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _stack(size: tuple[int, int], regions: tuple[str, ...]) -> np.ndarray:
+    stack = effect_region_stack(size, regions)
+    stack.flags.writeable = False
+    return stack
+
 
 # ---- edits in the aligned crop ---------------------------------------------------------------
 

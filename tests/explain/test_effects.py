@@ -14,9 +14,11 @@ from explain.effects import (
     SideEffects,
     edit_masks,
     edited_crops,
+    effect_region_stack,
     mean_face,
     paste_region,
     region_effects,
+    weighted_map,
 )
 from explain.errors import BudgetExceeded
 
@@ -197,3 +199,31 @@ def test_edits_through_early_windows_equal_whole_forwards(flip_explainer, crops,
     whole = effects._encode(edited)
     for a, b in zip(windows, whole, strict=True):
         assert (a * b).sum(-1).min() > 1 - 1e-5
+
+
+def test_a_weighted_map_carries_each_regions_effect_where_the_method_put_its_mass():
+    stack = effect_region_stack((56, 56))
+    rng = np.random.default_rng(0)
+    drawn = rng.normal(size=(56, 56))
+    values = np.linspace(0.12, -0.04, len(EFFECT_REGIONS))  # differs on most, alike on two
+    weighted = weighted_map(drawn, values)
+    for mask, value in zip(stack, values, strict=True):
+        inside = weighted[mask]
+        assert inside.sum() == pytest.approx(-value, abs=1e-5)
+        # all of a region's mass has the effect's sign and sits where the map had that sign
+        sign_of_mass = -np.sign(value)
+        assert (sign_of_mass * inside >= 0).all()
+        assert (inside[sign_of_mass * drawn[mask] <= 0] == 0).all()
+    assert float(weighted[~stack.any(0)].sum()) == 0.0  # nothing outside every region
+
+
+def test_a_region_the_map_leaves_empty_gets_its_effect_spread_evenly():
+    stack = effect_region_stack((112, 112))
+    eyes = EFFECT_REGIONS.index("eyes")
+    values = np.zeros(len(EFFECT_REGIONS))
+    values[eyes] = 0.1
+    weighted = weighted_map(np.ones((112, 112)), values)  # no negative mass anywhere
+    inside = weighted[stack[eyes]]
+    assert inside.sum() == pytest.approx(-0.1, abs=1e-6)
+    np.testing.assert_allclose(inside, inside[0], rtol=1e-5)
+    assert not weighted[~stack[eyes]].any()
