@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from encoder.pipeline import Face, FacePipeline
 from explain.attribution.engine import FaceFeatures
 from explain.errors import Cancelled as ExplainCancelled
 from gallery import Entry, Gallery, GeneHit, Hit, SchemeMismatch, SearchFilter, SyndromeHit
-from gallery.calibration import Calibration, CalibrationCache
+from gallery.calibration import Calibration, CalibrationCache, Confidence
 from gallery.features import FeatureStore
 from gallery.png import encode_png
 from gallery.records import AddReport
@@ -30,6 +30,9 @@ from server.config import ServiceConfig
 from server.errors import BadRequest, SeveralFaces
 from server.feature_cache import FeatureCache, Fingerprint, from_stored, stored_scheme, to_stored
 from server.limits import RequestScope
+
+if TYPE_CHECKING:
+    from explain.attribution.matches import MatchMaps
 
 log = logging.getLogger("phenolens.server")
 
@@ -47,38 +50,60 @@ class Query:
 
 @dataclass(frozen=True, eq=False)
 class MatchOutcome:
+    """A query's ranked gallery images, syndromes and genes, each with its calibrated
+    confidence (``gallery.calibration``, of the gallery version matched against; None
+    without a calibration), in the same order."""
+
     query: Query
     hits: tuple[Hit, ...]
     syndromes: tuple[SyndromeHit, ...]
     genes: tuple[GeneHit, ...]
     gallery_version: int
-    calibration: Calibration | None = None  # of the gallery version matched against
+    calibration: Calibration | None = None
+    hit_confidences: tuple[Confidence | None, ...] = ()
+    syndrome_confidences: tuple[Confidence | None, ...] = ()
+    gene_confidences: tuple[Confidence | None, ...] = ()
+
+    @classmethod
+    def ranked(cls, query: Query, hits: Sequence[Hit], syndromes: Sequence[SyndromeHit],
+               genes: Sequence[GeneHit], gallery_version: int,
+               calibration: Calibration | None) -> MatchOutcome:
+        """The outcome with every ranked item's confidence read off ``calibration``."""
+        c = calibration
+        return cls(query, tuple(hits), tuple(syndromes), tuple(genes), gallery_version, c,
+                   _hit_confidences(c, hits),
+                   tuple(None if c is None else c.syndrome_confidence(s.syndrome_id, s.score)
+                         for s in syndromes),
+                   tuple(None if c is None else c.gene_confidence(g.gene, g.score)
+                         for g in genes))
+
+    def with_hits(self, hits: Sequence[Hit]) -> MatchOutcome:
+        """The same match with other hits (e.g. chosen gallery images) and their confidences."""
+        return replace(self, hits=tuple(hits),
+                       hit_confidences=_hit_confidences(self.calibration, hits))
 
 
-@dataclass(frozen=True, eq=False)
-class WireMaps:
-    """One method's maps of one pair as the wire carries them. aligned (H, W) crop maps;
-    feature (h, w) or None; query_photo (H', W') over the (possibly downscaled) photo, or None."""
-
-    method: str
-    query_aligned: np.ndarray
-    gallery_aligned: np.ndarray
-    query_feature: np.ndarray | None = None
-    gallery_feature: np.ndarray | None = None
-    query_photo: np.ndarray | None = None
+def _hit_confidences(calibration: Calibration | None, hits: Sequence[Hit]
+                     ) -> tuple[Confidence | None, ...]:
+    return tuple(None if calibration is None else
+                 calibration.hit_confidence(h.syndrome_id, h.score) for h in hits)
 
 
 @dataclass(frozen=True, eq=False)
 class HitExplanation:
-    index: int
+    """One explained hit: ``maps``, ``explain_matches``'s MatchMaps of the pair (its index
+    among the explained hits, cosine, residuals, every method's maps on both faces, region
+    effects), and per method the query map on its photo (H', W') float32, or None."""
+
     hit: Hit
-    maps: tuple[WireMaps, ...]
-    residual: float
-    bias_share: float
+    maps: MatchMaps
+    photo_maps: tuple[np.ndarray | None, ...]
     gallery_crop: np.ndarray  # (H, W, 3) uint8
     gallery_crop_png: bytes  # as stored in the gallery
-    effects: Any = None  # explain.effects.PairEffects, for the hits effects were asked for
-    contrast_share: float | None = None  # share of cosine - 1 the contrast map accounts for
+
+    @property
+    def index(self) -> int:
+        return self.maps.index
 
 
 @dataclass
@@ -325,8 +350,8 @@ class Backend:
                                                 view_scheme=scheme) if top_syndromes else []
         genes = self.gallery.rank_genes(query.views, top_genes, filters,
                                         view_scheme=scheme) if top_genes else []
-        return MatchOutcome(query, tuple(hits), tuple(syndromes), tuple(genes), version,
-                            self.calibrations.get(self.gallery))
+        return MatchOutcome.ranked(query, hits, syndromes, genes, version,
+                                   self.calibrations.get(self.gallery))
 
     def hits_by_id(self, gallery_ids: Sequence[int], query: Query) -> tuple[Hit, ...]:
         """Hits for chosen gallery images, scored against the query (mean per-view cosine)."""
@@ -343,9 +368,9 @@ class Backend:
     # -- explanations ------------------------------------------------------------------
     def explain(self, query: Query, hits: Sequence[Hit], *, methods: Sequence[str],
                 options: Mapping[str, Mapping[str, float]], photo_maps: bool,
-                feature_maps: bool, scope: RequestScope, effects: int = 0
-                ) -> Iterator[HitExplanation]:
-        """Per hit, in order, maps of every method on both faces, each yielded once ready.
+                scope: RequestScope, effects: int = 0) -> Iterator[HitExplanation]:
+        """Per hit, in order, maps of every method on both faces, each yielded once ready
+        (with the query's maps on its photo when ``photo_maps``).
 
         Through ``explain_matches``: the batched engine maps for all hits in one
         pass, every other method per pair on the same (cached) features, with the
@@ -383,13 +408,9 @@ class Backend:
                 warp = PhotoWarp.of(query.face.alignment, self.config.limits.max_photo_map_side)
             for match in matches:
                 i = match.index
-                photos = None if warp is None else warp(
-                    np.stack([np.asarray(m.query_aligned, np.float32) for m in match.maps]))
-                maps = tuple(self._wire_maps(m, None if photos is None else photos[j],
-                                             feature_maps)
-                             for j, m in enumerate(match.maps))
-                yield HitExplanation(i, hits[i], maps, match.residual, match.bias_share,
-                                     crops[i], pngs[i], match.effects, match.contrast_share)
+                photos = (None,) * len(match.maps) if warp is None else tuple(warp(
+                    np.stack([np.asarray(m.query_aligned, np.float32) for m in match.maps])))
+                yield HitExplanation(hits[i], match, photos, crops[i], pngs[i])
             completed = True
         except ExplainCancelled:
             scope.check()  # past the caller's deadline: say so (DEADLINE_EXCEEDED)
@@ -468,14 +489,6 @@ class Backend:
         if not record.crop_png:
             raise BadRequest("a gallery image has no stored aligned crop to explain against")
         return record.crop_png
-
-    def _wire_maps(self, maps: Any, photo: np.ndarray | None, feature_maps: bool) -> WireMaps:
-        """An ``explain_matches`` MethodMaps (and its photo map) -> what the wire carries."""
-        qa, ga = maps.query_aligned, maps.gallery_aligned
-        feature = feature_maps and maps.resolution == "feature"
-        qf, gf = (maps.query, maps.gallery) if feature else (None, None)
-        return WireMaps(maps.method, np.asarray(qa, np.float32), np.asarray(ga, np.float32),
-                        qf, gf, photo)
 
     # -- gallery writes ----------------------------------------------------------------
     def delete_images(self, gallery_ids: Sequence[int], image_ids: Sequence[str], *,

@@ -1,9 +1,12 @@
-"""Protobuf messages <-> the library's values. The only server module besides the
-servicer that touches protobuf; arrays use the client's codec (one wire format)."""
+"""Protobuf messages <-> the library's values, and nothing else: confidences come with the
+match (``server.backend``), pictures and region summaries with the presentation
+(``server.present``). The only server module besides the servicers that touches
+protobuf; arrays use the client's codec (one wire format)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from phenolens._proto import gallery_pb2, phenolens_pb2, types_pb2
@@ -11,9 +14,14 @@ from phenolens.arrays import from_float_array, to_float_array
 
 from encoder.pipeline import Face
 from gallery import GeneHit, Hit, RecordInfo, SearchFilter, SyndromeHit
-from gallery.calibration import Calibration, Confidence
-from server.backend import HitExplanation, MatchOutcome
+from gallery.calibration import Confidence
+from server.backend import MatchOutcome
 from server.errors import BadRequest, NotFound
+
+if TYPE_CHECKING:
+    from explain.regions import RegionSummary
+    from server.application import ExplainedQuery
+    from server.present import PresentedMatch
 
 SIDE_QUERY, SIDE_GALLERY = phenolens_pb2.SIDE_QUERY, phenolens_pb2.SIDE_GALLERY
 DEFAULT_SAME_PATIENT_DISTANCE = 0.4
@@ -111,7 +119,7 @@ def confidence(c: Confidence) -> types_pb2.Confidence:
 
 
 def hit(h: Hit, rank: int, encoder_id: str, view_scheme: str,
-        calibration: Calibration | None = None) -> types_pb2.Hit:
+        c: Confidence | None = None) -> types_pb2.Hit:
     message = types_pb2.Hit(
         rank=rank,
         record=types_pb2.GalleryRecord(
@@ -121,9 +129,8 @@ def hit(h: Hit, rank: int, encoder_id: str, view_scheme: str,
         ),
         cosine=h.score, distance=h.distance,
     )
-    if calibration is not None:
-        message.confidence.CopyFrom(confidence(calibration.hit_confidence(h.syndrome_id,
-                                                                          h.score)))
+    if c is not None:
+        message.confidence.CopyFrom(confidence(c))
     return message
 
 
@@ -132,92 +139,94 @@ def match_response(outcome: MatchOutcome, encoder_id: str, view_scheme: str, *,
     response = phenolens_pb2.MatchResponse(
         encoder_id=encoder_id, view_scheme=view_scheme,
         gallery_version=outcome.gallery_version,
-        hits=[hit(h, i + 1, encoder_id, view_scheme, outcome.calibration)
-              for i, h in enumerate(outcome.hits)],
-        syndromes=[_syndrome(s, i + 1, outcome.calibration)
-                   for i, s in enumerate(outcome.syndromes)],
-        genes=[_gene(g, i + 1, outcome.calibration) for i, g in enumerate(outcome.genes)],
+        hits=[hit(h, i + 1, encoder_id, view_scheme, c) for i, (h, c) in
+              enumerate(zip(outcome.hits, outcome.hit_confidences, strict=True))],
+        syndromes=[_syndrome(s, i + 1, c) for i, (s, c) in
+                   enumerate(zip(outcome.syndromes, outcome.syndrome_confidences, strict=True))],
+        genes=[_gene(g, i + 1, c) for i, (g, c) in
+               enumerate(zip(outcome.genes, outcome.gene_confidences, strict=True))],
     )
     if outcome.query.face is not None:
         response.alignment.CopyFrom(alignment(outcome.query.face, detected=detected))
     return response
 
 
-def _syndrome(s: SyndromeHit, rank: int,
-              calibration: Calibration | None = None) -> types_pb2.SyndromeRank:
+def _syndrome(s: SyndromeHit, rank: int, c: Confidence | None) -> types_pb2.SyndromeRank:
     message = types_pb2.SyndromeRank(rank=rank, syndrome_id=s.syndrome_id,
                                      syndrome_name=s.syndrome_name, omim=s.omim_id or "",
                                      cosine=s.score, nearest_gallery_id=str(s.gallery_id),
                                      nearest_image_id=s.image_id)
-    if calibration is not None:
-        message.confidence.CopyFrom(confidence(calibration.syndrome_confidence(s.syndrome_id,
-                                                                               s.score)))
+    if c is not None:
+        message.confidence.CopyFrom(confidence(c))
     return message
 
 
-def regions(aligned_map: np.ndarray) -> list[phenolens_pb2.RegionShare]:
-    """The region summary of an aligned map (template landmark regions of the aligned crop)."""
-    from explain.regions import region_summary
+def _gene(g: GeneHit, rank: int, c: Confidence | None) -> types_pb2.GeneRank:
+    message = types_pb2.GeneRank(rank=rank, gene=g.gene, cosine=g.score,
+                                 nearest_gallery_id=str(g.gallery_id),
+                                 nearest_image_id=g.image_id)
+    if c is not None:
+        message.confidence.CopyFrom(confidence(c))
+    return message
 
-    summary = region_summary(aligned_map)
+
+def regions(summary: RegionSummary) -> list[phenolens_pb2.RegionShare]:
+    """A map's region summary (template landmark regions of the aligned crop)."""
     return [phenolens_pb2.RegionShare(region=r, positive=p, negative=n) for r, p, n in
             zip(summary.regions, summary.positive, summary.negative, strict=True)]
 
 
-def _gene(g: GeneHit, rank: int, calibration: Calibration | None = None) -> types_pb2.GeneRank:
-    message = types_pb2.GeneRank(rank=rank, gene=g.gene, cosine=g.score,
-                                 nearest_gallery_id=str(g.gallery_id),
-                                 nearest_image_id=g.image_id)
-    if calibration is not None:
-        message.confidence.CopyFrom(confidence(calibration.gene_confidence(g.gene, g.score)))
-    return message
+def explain_events(result: ExplainedQuery, encoder_id: str, view_scheme: str, *,
+                   detected: bool) -> Iterator[phenolens_pb2.ExplainEvent]:
+    """The events of an explanation: the match first, then each explained hit as it comes."""
+    yield phenolens_pb2.ExplainEvent(
+        match=match_response(result.outcome, encoder_id, view_scheme, detected=detected),
+        query_crop_png=result.query_crop_png)
+    for presented in result.matches:
+        yield phenolens_pb2.ExplainEvent(
+            explanation=explained_match(presented, encoder_id, view_scheme))
 
 
-def explained_match(e: HitExplanation, *, rank: int, encoder_id: str, view_scheme: str,
-                    query_crop: np.ndarray, overlays: bool, gallery_crops: bool,
-                    query_photo: np.ndarray | None = None, pair_figures: bool = False,
-                    calibration: Calibration | None = None) -> phenolens_pb2.ExplainedMatch:
-    from explain.render import overlay_png, pair_figure, sum_note
+def explain_response(events: Iterable[phenolens_pb2.ExplainEvent]
+                     ) -> phenolens_pb2.ExplainResponse:
+    """The unary ExplainResponse of a stream's events."""
+    response = phenolens_pb2.ExplainResponse()
+    for event in events:
+        if event.HasField("match"):
+            response.match.CopyFrom(event.match)
+            response.query_crop_png = event.query_crop_png
+        else:
+            response.explanations.append(event.explanation)
+    return response
 
+
+def explained_match(p: PresentedMatch, encoder_id: str, view_scheme: str
+                    ) -> phenolens_pb2.ExplainedMatch:
     maps = []
-    words = None if e.effects is None else (e.effects.query.describe(),
-                                            e.effects.gallery.describe())
-    for m in e.maps:
+    for m in p.maps:
         q = phenolens_pb2.Map(method=m.method, side=SIDE_QUERY,
                               aligned=to_float_array(m.query_aligned),
-                              regions=regions(m.query_aligned))
+                              regions=regions(m.query_regions),
+                              overlay_png=m.query_overlay_png,
+                              photo_overlay_png=m.photo_overlay_png,
+                              pair_figure_png=m.pair_figure_png)
         g = phenolens_pb2.Map(method=m.method, side=SIDE_GALLERY,
                               aligned=to_float_array(m.gallery_aligned),
-                              regions=regions(m.gallery_aligned))
-        if pair_figures:
-            q.pair_figure_png = pair_figure(
-                query_crop, e.gallery_crop, m.query_aligned, m.gallery_aligned,
-                cosine=e.hit.score, label=e.hit.syndrome_name or e.hit.syndrome_id,
-                method=m.method, gallery_name=_face_name(e.hit), words=words,
-                note=sum_note(m.method, e.contrast_share))
+                              regions=regions(m.gallery_regions),
+                              overlay_png=m.gallery_overlay_png)
         if m.query_photo is not None:
             q.photo.CopyFrom(to_float_array(m.query_photo))
         if m.query_feature is not None:
             q.feature.CopyFrom(to_float_array(m.query_feature))
             g.feature.CopyFrom(to_float_array(m.gallery_feature))
-        if overlays:
-            q.overlay_png = overlay_png(query_crop, m.query_aligned)
-            g.overlay_png = overlay_png(e.gallery_crop, m.gallery_aligned)
-            if query_photo is not None and m.query_photo is not None:
-                q.photo_overlay_png = overlay_png(query_photo, m.query_photo)
         maps += [q, g]
+    pair = p.pair
     return phenolens_pb2.ExplainedMatch(
-        index=e.index, hit=hit(e.hit, rank, encoder_id, view_scheme, calibration), maps=maps,
-        residual=e.residual, bias_share=e.bias_share,
-        gallery_crop_png=e.gallery_crop_png if gallery_crops else b"",
-        effects=face_effects(e.effects), contrast_share=e.contrast_share,
+        index=pair.index, hit=hit(p.hit, p.rank, encoder_id, view_scheme, p.confidence),
+        maps=maps, residual=pair.residual, bias_share=pair.bias_share,
+        gallery_crop_png=p.gallery_crop_png, effects=face_effects(pair.effects),
+        contrast_share=pair.contrast_share,
     )
-
-
-def _face_name(h: Hit) -> str:
-    """How the gallery names a face: subject and image id (never a bare row id)."""
-    return " · ".join(p for p in (h.subject_id and f"subject {h.subject_id}",
-                                  h.image_id and f"image {h.image_id}") if p)
 
 
 def face_effects(effects: Any) -> list[phenolens_pb2.FaceEffects]:

@@ -1,6 +1,7 @@
 """The gRPC servicers: validate, convert to library values, call the backend, convert back.
 
-No business logic lives here (see ``server.backend``), and no status codes:
+No business logic lives here (the library calls are ``server.backend``; Explain's match,
+explain and present sequence is ``server.application.explain_query``), and no status codes:
 errors are raised and mapped to statuses in ``server.interceptor`` through
 ``server.errors``. Heavy work holds a slot of the ``HeavyWorkLimiter``.
 """
@@ -20,10 +21,12 @@ from encoder.image import decode_image
 from explain.attribution.matches import METHOD_NAMES, check_methods
 from gallery.png import encode_png
 from server import convert
+from server.application import ExplainAsk, explain_query
 from server.backend import Backend, Query
 from server.config import ServiceConfig
 from server.errors import BadRequest, NotFound
 from server.limits import HeavyWorkLimiter, RequestScope
+from server.present import Presentation
 
 API_VERSION = "phenolens.v1"
 SERVER_VERSION = "0.1.0"
@@ -67,16 +70,12 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
                                              self.config.limits.max_image_pixels)
         return self.backend.query_of_image(image, aligned=aligned, scope=scope), not aligned
 
-    def _match(self, request: phenolens_pb2.MatchRequest, scope: RequestScope, *,
-               default_k: int = 10):
-        query, detected = self._query(request, scope)
-        outcome = self.backend.match(
-            query,
-            top_k=self.limits.top_k(request.top_k, default_k),
-            top_syndromes=self.limits.top_k(request.top_syndromes, 10, "top_syndromes"),
-            top_genes=self.limits.top_k(request.top_genes, 10, "top_genes"),
-            filters=convert.filters(request.filters), scope=scope)
-        return outcome, detected
+    def _ranking(self, request: phenolens_pb2.MatchRequest, default_k: int) -> dict[str, Any]:
+        """The match's list lengths (within the limits) and filters."""
+        return {"top_k": self.limits.top_k(request.top_k, default_k),
+                "top_syndromes": self.limits.top_k(request.top_syndromes, 10, "top_syndromes"),
+                "top_genes": self.limits.top_k(request.top_genes, 10, "top_genes"),
+                "filters": convert.filters(request.filters)}
 
     def _methods(self, request: phenolens_pb2.ExplainRequest) -> tuple[str, ...]:
         methods = tuple(dict.fromkeys(request.methods)) or self.backend.config.explain.methods
@@ -85,6 +84,11 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
                              f"{self.config.limits.max_explain_methods}")
         return check_methods(methods)
 
+    def _gallery_ids(self, request: phenolens_pb2.ExplainRequest) -> tuple[int, ...]:
+        if len(request.gallery_ids) > self.config.limits.max_top_k:
+            raise BadRequest("too many gallery_ids")
+        return tuple(convert.gallery_id(g) for g in request.gallery_ids)
+
     def _explain(self, request: phenolens_pb2.ExplainRequest, scope: RequestScope
                  ) -> Iterator[phenolens_pb2.ExplainEvent]:
         """The events of an explanation: the match first, then each explained hit."""
@@ -92,35 +96,17 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         options = {name: dict(o.values) for name, o in request.method_options.items()}
         if request.match.WhichOneof("query") != "image":
             raise BadRequest("Explain needs a query image")
-        outcome, detected = self._match(request.match, scope, default_k=3)
-        hits = outcome.hits
-        if request.gallery_ids:
-            if len(request.gallery_ids) > self.config.limits.max_top_k:
-                raise BadRequest("too many gallery_ids")
-            hits = self.backend.hits_by_id([convert.gallery_id(g) for g in request.gallery_ids],
-                                           outcome.query)
+        query, detected = self._query(request.match, scope)
+        ask = ExplainAsk(
+            methods, options, **self._ranking(request.match, 3),
+            gallery_ids=self._gallery_ids(request), effects=request.effects,
+            presentation=Presentation(
+                overlays=request.overlays, pair_figures=request.pair_figures,
+                gallery_crops=request.gallery_crops, photo_maps=request.photo_maps,
+                feature_maps=request.feature_maps))
         b = self.backend
-        match = convert.match_response(outcome, b.encoder_id, b.view_scheme, detected=detected)
-        if request.gallery_ids:
-            del match.hits[:]
-            match.hits.extend(convert.hit(h, i + 1, b.encoder_id, b.view_scheme,
-                                          outcome.calibration) for i, h in enumerate(hits))
-        face = outcome.query.face
-        crop_png = encode_png(face.crop) if (request.overlays or request.gallery_crops) else b""
-        yield phenolens_pb2.ExplainEvent(match=match, query_crop_png=crop_png)
-        photo = None
-        if request.overlays and request.photo_maps:
-            photo = _downscale_rgb(outcome.query.photo, self.config.limits.max_photo_map_side)
-        for explained in b.explain(outcome.query, hits, methods=methods, options=options,
-                                   photo_maps=request.photo_maps,
-                                   feature_maps=request.feature_maps, scope=scope,
-                                   effects=min(request.effects, len(hits))):
-            scope.check()
-            yield phenolens_pb2.ExplainEvent(explanation=convert.explained_match(
-                explained, rank=explained.index + 1, encoder_id=b.encoder_id,
-                view_scheme=b.view_scheme, query_crop=face.crop, overlays=request.overlays,
-                gallery_crops=request.gallery_crops, query_photo=photo,
-                pair_figures=request.pair_figures, calibration=outcome.calibration))
+        yield from convert.explain_events(explain_query(b, query, ask, scope), b.encoder_id,
+                                          b.view_scheme, detected=detected)
 
     # -- RPCs ----------------------------------------------------------------------------
     def GetServerInfo(self, request: phenolens_pb2.ServerInfoRequest,
@@ -168,22 +154,16 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
               ) -> phenolens_pb2.MatchResponse:
         scope = RequestScope.of(context)
         with self.limiter.slot():
-            outcome, detected = self._match(request, scope)
+            query, detected = self._query(request, scope)
+            outcome = self.backend.match(query, **self._ranking(request, 10), scope=scope)
         b = self.backend
         return convert.match_response(outcome, b.encoder_id, b.view_scheme, detected=detected)
 
     def Explain(self, request: phenolens_pb2.ExplainRequest, context: grpc.ServicerContext
                 ) -> phenolens_pb2.ExplainResponse:
         scope = RequestScope.of(context)
-        response = phenolens_pb2.ExplainResponse()
         with self.limiter.slot():
-            for event in self._explain(request, scope):
-                if event.HasField("match"):
-                    response.match.CopyFrom(event.match)
-                    response.query_crop_png = event.query_crop_png
-                else:
-                    response.explanations.append(event.explanation)
-        return response
+            return convert.explain_response(self._explain(request, scope))
 
     def ExplainStream(self, request: phenolens_pb2.ExplainRequest,
                       context: grpc.ServicerContext) -> Iterator[phenolens_pb2.ExplainEvent]:
@@ -330,13 +310,3 @@ def _decode_page_token(token: str) -> int:
         raise BadRequest("page_token is not one this server issued")
     return offset
 
-
-def _downscale_rgb(rgb: Any, max_side: int) -> Any:
-    import cv2
-
-    h, w = rgb.shape[:2]
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return rgb
-    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
-                      interpolation=cv2.INTER_AREA)

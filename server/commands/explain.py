@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,40 +89,15 @@ class _Query:
     alignment: object | None
 
 
-def _gallery_matches(args: argparse.Namespace, config, embed, query_views) -> list[_Match]:
-    from encoder.image import decode_image
-    from gallery import Gallery, SchemeMismatch
-
-    index = args.index or config.gallery.index or "auto"
-    with Gallery.open(args.gallery, index=index, create=False) as gallery:
-        if gallery.view_scheme not in (None, embed.view_scheme):
-            raise SchemeMismatch(
-                f"the gallery holds {gallery.view_scheme!r} embeddings; this encoder gives "
-                f"{embed.view_scheme!r} (pass --view-scheme/--encoder to match it)")
-        hits = gallery.search(query_views, args.top, view_scheme=embed.view_scheme)
-        from gallery.calibration import calibrate_gallery
-
-        calibration = calibrate_gallery(gallery)
-        matches = []
-        for rank, hit in enumerate(hits, start=1):
-            record = gallery.get(hit.gallery_id)
-            if record.crop_png is None:
-                continue
-            matches.append(_Match(
-                rank, hit.syndrome_name or hit.syndrome_id, decode_image(record.crop_png),
-                {"gallery_id": hit.gallery_id, "image_id": hit.image_id,
-                 "subject_id": hit.subject_id, "syndrome_id": hit.syndrome_id,
-                 "syndrome_name": hit.syndrome_name, "gallery_score": hit.score,
-                 "confidence": calibration.hit_confidence(hit.syndrome_id, hit.score).to_json()},
-            ))
-    return matches
+# One explained pair as the files are written from it: the match, explain_matches's maps of
+# the pair and each method's maps presented (server.present: region summaries).
+_Explained = tuple[_Match, Any, tuple[Any, ...]]
 
 
-def _photo(embed, path: Path) -> tuple[_Query, np.ndarray]:
-    """Decode a photo once, align its face; -> (the face, its per-view embeddings)."""
+def _photo(embed, path: Path) -> _Query:
+    """Decode a photo once and align its face (the explainer encodes the crop, once)."""
     photo, face = embed.pipeline.photo_face(path, aligned=embed.aligned)
-    views = [v[0] for v in embed.ensemble.embed_views(face.crop[None])]
-    return _Query(face.crop, photo, face.alignment), views
+    return _Query(face.crop, photo, face.alignment)
 
 
 def _read_pairs(path: Path) -> list[tuple[Path, Path]]:
@@ -159,32 +136,82 @@ def run_explain(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.pairs is not None:
         for number, (q_path, g_path) in enumerate(_read_pairs(args.pairs), start=1):
-            query, _ = _photo(embed, q_path)
-            other, _ = _photo(embed, g_path)
+            query, other = _photo(embed, q_path), _photo(embed, g_path)
             match = _Match(1, g_path.stem, other.crop, {"query": str(q_path),
                                                         "gallery": str(g_path)},
                            other.photo, other.alignment)
-            _explain(args, explainer, query, [match], f"pair{number:03d}",
-                     effects=min(args.effects, 1))
+            _write(args, query, _pairs(args, explainer, query, [match], min(args.effects, 1)),
+                   f"pair{number:03d}")
         return 0
-    query, query_views = _photo(embed, args.image)
     if args.gallery is not None:
-        matches = _gallery_matches(args, config, embed, query_views)
-    else:
-        other, _ = _photo(embed, args.against)
-        matches = [_Match(1, args.against.stem, other.crop, {"image": args.against.name},
-                          other.photo, other.alignment)]
-    _explain(args, explainer, query, matches, None,
-             effects=args.effects if args.gallery is not None else min(args.effects, 1))
+        _explain_gallery(args, config, embed, explainer)
+        return 0
+    query, other = _photo(embed, args.image), _photo(embed, args.against)
+    match = _Match(1, args.against.stem, other.crop, {"image": args.against.name}, other.photo,
+                   other.alignment)
+    _write(args, query, _pairs(args, explainer, query, [match], min(args.effects, 1)), None)
     return 0
 
 
-def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_Match],
-             prefix: str | None, *, effects: int) -> None:
-    """Maps of every method for the matches (one explain_matches call), region effects for
-    the first ``effects`` of them; files and output."""
+def _explain_gallery(args: argparse.Namespace, config, embed, explainer) -> None:
+    """The top matches of args.image in args.gallery, explained the way the server's Explain
+    does (``server.application.explain_query``: one encode of the query for the search and
+    the maps), with region effects for the first args.effects; hits whose gallery image
+    has no stored crop are left out."""
+    from dataclasses import replace
+
+    from gallery import Gallery, SchemeMismatch
+    from server.application import ExplainAsk, explain_query
+    from server.backend import Backend
+    from server.limits import RequestScope
+
+    photo, face = embed.pipeline.photo_face(args.image, aligned=embed.aligned)
+    index = args.index or config.gallery.index or "auto"
+    with Gallery.open(args.gallery, index=index, create=False) as gallery:
+        if gallery.view_scheme not in (None, embed.view_scheme):
+            raise SchemeMismatch(
+                f"the gallery holds {gallery.view_scheme!r} embeddings; this encoder gives "
+                f"{embed.view_scheme!r} (pass --view-scheme/--encoder to match it)")
+        limits = replace(config.explain, budget=args.budget, time_limit_s=args.time_limit)
+        backend = Backend(replace(config, explain=limits), pipeline=embed.pipeline,
+                          views=embed.ensemble, gallery=gallery, explainer=explainer,
+                          encoder_id=embed.encoder_id, view_scheme=embed.view_scheme)
+        scope = RequestScope()
+        result = explain_query(backend, backend.query_of_face(face, scope, photo), ExplainAsk(
+            tuple(args.methods), top_k=args.top, top_syndromes=0, top_genes=0,
+            effects=args.effects, skip_uncropped=True), scope)
+        _write(args, _Query(face.crop, photo, face.alignment),
+               ((_gallery_match(p), p.pair, p.maps) for p in result.matches), None)
+
+
+def _gallery_match(p) -> _Match:
+    """A ``server.present.PresentedMatch`` as the files and the JSON name it."""
+    hit = p.hit
+    return _Match(p.rank, hit.syndrome_name or hit.syndrome_id, p.explained.gallery_crop,
+                  {"gallery_id": hit.gallery_id, "image_id": hit.image_id,
+                   "subject_id": hit.subject_id, "syndrome_id": hit.syndrome_id,
+                   "syndrome_name": hit.syndrome_name, "gallery_score": hit.score,
+                   "confidence": p.confidence.to_json()})
+
+
+def _pairs(args: argparse.Namespace, explainer, query: _Query, matches: list[_Match],
+           effects: int) -> Iterator[_Explained]:
+    """Maps of every method for the query against each match (one explain_matches call),
+    region effects for the first ``effects`` of them."""
     from explain.attribution.matches import explain_matches
-    from explain.regions import region_summary
+    from server.present import present_maps
+
+    explained = explain_matches(explainer, query.crop, np.stack([m.crop for m in matches]),
+                                args.methods, budget=args.budget, time_limit=args.time_limit,
+                                effects=effects)
+    for match, pair in zip(matches, explained, strict=True):
+        yield match, pair, present_maps(pair)
+
+
+def _write(args: argparse.Namespace, query: _Query, explained: Iterable[_Explained],
+           prefix: str | None) -> None:
+    """Per explained match and method, the pair figure, the query map on the photo, the
+    gallery overlay and the raw maps into args.out; a JSON line or a summary on stdout."""
     from explain.render import (
         overlay_png,
         pair_figure,
@@ -193,12 +220,7 @@ def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_
         symmetric_limit,
     )
 
-    if not matches:
-        return
-    explained = explain_matches(explainer, query.crop, np.stack([m.crop for m in matches]),
-                                args.methods, budget=args.budget, time_limit=args.time_limit,
-                                effects=effects)
-    for match, maps in zip(matches, explained, strict=True):
+    for match, maps, presented in explained:
         doc = {"rank": match.rank, **match.info, "cosine": maps.cosine,
                "residual": maps.residual, "gallery_residual": maps.gallery_residual,
                "bias_share": maps.bias_share, "gallery_bias_share": maps.gallery_bias_share,
@@ -211,7 +233,8 @@ def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_
             words = (maps.effects.query.describe(), maps.effects.gallery.describe())
             doc["words"] = {"query": words[0], "gallery": words[1]}
         name = prefix or f"match{match.rank:02d}"
-        for m in maps.maps:
+        for shown in presented:
+            m = shown.source
             entry = {"query_sum": float(m.query.sum()), "gallery_sum": float(m.gallery.sum())}
             if not m.batched:
                 entry.update(forward_passes=m.forward_passes, seconds=m.seconds)
@@ -237,8 +260,8 @@ def _explain(args: argparse.Namespace, explainer, query: _Query, matches: list[_
             np.save(out["query_map"], m.query)
             np.save(out["gallery_map"], m.gallery)
             entry["files"] = {k: str(v) for k, v in out.items()}
-            entry["regions"] = {"query": region_summary(m.query_aligned).to_json(),
-                                "gallery": region_summary(m.gallery_aligned).to_json()}
+            entry["regions"] = {"query": shown.query_regions.to_json(),
+                                "gallery": shown.gallery_regions.to_json()}
             doc["methods"][m.method] = entry
         if args.json:
             print(json.dumps(doc, ensure_ascii=False), flush=True)

@@ -58,17 +58,18 @@ def run_report(args: argparse.Namespace) -> int:
 
 def local_explain_result(args: argparse.Namespace) -> tuple[Any, Any]:
     """(phenolens ExplainResult, (H, W, 3) photo) of args.image against args.gallery, through
-    the same backend and message conversion as the server's Explain with pair figures, and
-    the server's default explanation methods (``ExplainConfig.methods``)."""
-    from phenolens._proto import phenolens_pb2
+    the server's Explain (``server.application.explain_query`` and its message conversion)
+    with pair figures, gallery crops, region effects for every hit and the server's
+    default explanation methods (``ExplainConfig.methods``)."""
     from phenolens.results import ExplainResult
 
     from gallery import Gallery, SearchFilter
-    from gallery.png import encode_png
     from server import convert
+    from server.application import ExplainAsk, explain_query
     from server.backend import Backend
     from server.config import load_config
     from server.limits import RequestScope
+    from server.present import Presentation
 
     with Gallery.open(args.gallery, create=False) as gallery:
         scheme = gallery.view_scheme  # embed the query the way the gallery was embedded
@@ -79,21 +80,12 @@ def local_explain_result(args: argparse.Namespace) -> tuple[Any, Any]:
         scope = RequestScope()
         query = backend.query_of_image(args.image.read_bytes(), aligned=args.aligned,
                                        scope=scope)
-        face = query.face
-        outcome = backend.match(query, top_k=args.top, top_syndromes=10, top_genes=10,
-                                filters=SearchFilter(tuple(args.exclude_subject)), scope=scope)
-        b = backend
-        response = phenolens_pb2.ExplainResponse(
-            match=convert.match_response(outcome, b.encoder_id, b.view_scheme,
-                                         detected=not args.aligned),
-            query_crop_png=encode_png(face.crop))
-        for e in b.explain(query, outcome.hits, methods=config.explain.methods, options={},
-                           photo_maps=False, feature_maps=False, scope=scope,
-                           effects=len(outcome.hits)):
-            response.explanations.append(convert.explained_match(
-                e, rank=e.index + 1, encoder_id=b.encoder_id, view_scheme=b.view_scheme,
-                query_crop=face.crop, overlays=False, gallery_crops=True, pair_figures=True,
-                calibration=outcome.calibration))
+        ask = ExplainAsk(config.explain.methods, top_k=args.top,
+                         filters=SearchFilter(tuple(args.exclude_subject)), effects=args.top,
+                         presentation=Presentation(gallery_crops=True, pair_figures=True))
+        response = convert.explain_response(convert.explain_events(
+            explain_query(backend, query, ask, scope), backend.encoder_id,
+            backend.view_scheme, detected=not args.aligned))
     finally:
         backend.close()
     return ExplainResult.from_proto(response), query.photo
