@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -116,15 +117,31 @@ class Ranking:
         """The ``k`` nearest gallery images to one query (V views, (V, D) or a sequence of (D_v,))."""
         if isinstance(query_views, np.ndarray) and query_views.ndim in (1, 2):  # a batch of one, no copy
             batch = query_views[None, None] if query_views.ndim == 1 else query_views[None]
-            return self.search_batch(batch, k, filter, view_scheme=view_scheme, **filters)[0]
-        return self.search_batch([query_views], k, filter, view_scheme=view_scheme, **filters)[0]
+        else:
+            batch = [query_views]
+        chosen = _NO_FILTER if filter is None and not filters else SearchFilter.of(filter, **filters)
+        return _hit_rows(*self._found(batch, k, chosen, view_scheme))[0]
 
     def search_batch(
         self, queries: np.ndarray | Sequence[ViewsLike], k: int = 10, filter: SearchFilter | None = None,
         *, view_scheme: str | None = None, **filters: object,
     ) -> list[list[Hit]]:
-        """``search`` for N queries: an (N, V, D) array or a sequence of per-query views."""
-        chosen = SearchFilter.of(filter, **filters)
+        """``search`` for N queries: an (N, V, D) array or a sequence of per-query views.
+
+        The list's ``Hit`` objects are made when it is first read (see ``PendingHits``):
+        for a small gallery making them costs more than finding them.
+        """
+        chosen = _NO_FILTER if filter is None and not filters else SearchFilter.of(filter, **filters)
+        return PendingHits(*self._found(queries, k, chosen, view_scheme))
+
+    def _found(
+        self, queries, k: int, chosen: SearchFilter, view_scheme: str | None,
+    ) -> tuple[list[tuple[list[int], list[float]]], dict[int, tuple[RecordInfo, dict]]]:
+        """(per query (gallery ids, scores) best first, labels of at least every id there).
+
+        The labels dictionary is only ever added to (see ``_labels``), so Hits made from it
+        later carry the labels the search found.
+        """
         index = self._index
         if index is not None and index.exact:
             # No lock: the exact index searches a state no writer changes (gallery.index._Rows).
@@ -132,41 +149,36 @@ class Ranking:
             # search is redone under the lock, so it never comes back short.
             if chosen is _NO_FILTER and k > 0 and len(queries):  # the common case, lean
                 q = self._query_matrix(queries, view_scheme)
-                if len(q) == 1:  # one query: its hits built right here from the cached labels
-                    # (fewer than k+1 records: ids -1 pad the row, never cached, trimmed below)
+                if q is None:
+                    return [([], [])] * len(queries), {}
+                if len(q) == 1:
                     scores, ids = index.search_one(q[0], k)
-                    cache, new = self._label_cache, object.__new__
-                    hits = []
-                    for gid, score in zip(ids.tolist(), scores.tolist(), strict=True):
-                        found = cache.get(gid)
-                        if found is None:  # not cached, or deleted: the general path below
-                            break
-                        hit = new(Hit)
-                        fields = hit.__dict__
-                        fields.update(found[1])
-                        fields["score"] = score
-                        hits.append(hit)
-                    else:
-                        return [hits]
-                    ranked = [(ids[ids >= 0].tolist(), scores[ids >= 0].tolist())]
+                    flat = ids.tolist()
+                    if flat[-1] < 0:  # fewer records than k (+1): ids -1 pad the row
+                        keep = ids >= 0
+                        flat, scores = ids[keep].tolist(), scores[keep]
+                    ranked = [(flat, scores.tolist())]
                 else:
                     scores, ids = index.search(q, k)
-                    if ids[:, -1].min() < 0:  # fewer records than k: the general path trims the rows
+                    if ids[:, -1].min() < 0:  # fewer records than k
                         ranked = [(i[i >= 0].tolist(), s[i >= 0].tolist()) for i, s in zip(ids, scores, strict=True)]
+                        flat = [gid for row, _ in ranked for gid in row]
                     else:
-                        ranked = list(zip(ids.tolist(), scores.tolist(), strict=True))
+                        flat = ids.ravel().tolist()
+                        ranked = _FullRows(flat, scores)
             else:
                 ranked = [(i.tolist(), s.tolist()) for i, s in self._ranked(queries, k, chosen, view_scheme, index)]
-            hits, complete = _hits(ranked, self._label_cache)  # every label cached: done
-            if complete:
-                return hits
-            hits, complete = _hits(ranked, self._labels([gid for ids, _ in ranked for gid in ids]))
-            if complete:
-                return hits
+                flat = [gid for row, _ in ranked for gid in row]
+            cache = self._label_cache
+            if all(map(cache.__contains__, flat)):  # every label cached: done
+                return ranked, cache
+            labels = self._labels(flat)
+            if len(labels) == len(set(flat)):
+                return ranked, labels
         with self._rw.read():  # ids and their rows read under one lock: deletes cannot slip between
             ranked = [(ids.tolist(), scores.tolist()) for ids, scores in self._ranked(queries, k, chosen, view_scheme)]
             labels = self._labels([gid for ids, _ in ranked for gid in ids])
-        return _hits(ranked, labels)[0]
+        return ranked, labels
 
     def _labels(self, ids: list[int]) -> dict[int, tuple[RecordInfo, dict]]:
         """gallery id -> (RecordInfo, its Hit fields) for those of ``ids`` still in the gallery."""
@@ -185,7 +197,8 @@ class Ranking:
                 for gid, info in self._infos(missing).items()
             }
             if len(cache) + len(fetched) > _LABEL_CACHE_SIZE:
-                cache.clear()
+                # a new dictionary, not cleared: results not yet read still make Hits from the old one
+                cache = self._label_cache = {}
             cache.update(fetched)
             out.update(fetched)
         return out
@@ -358,21 +371,34 @@ class Ranking:
         yield from found
 
 
-def _hits(
-    ranked: list[tuple[list[int], list[float]]], labels: dict[int, tuple[RecordInfo, dict]],
-) -> tuple[list[list[Hit]], bool]:
-    """(``Hit`` lists from per-query (gallery ids, scores), whether every id had labels);
-    ids without labels (deleted meanwhile) are left out."""
+class _FullRows:
+    """Per query (gallery ids, scores) of a batch whose rows all hold ``k`` hits, as
+    ``_found`` returns them, from the flat ids list and the (N, k) scores array."""
+
+    __slots__ = ("ids", "scores")
+
+    def __init__(self, ids: list[int], scores: np.ndarray) -> None:
+        self.ids, self.scores = ids, scores
+
+    def __iter__(self) -> Iterator[tuple[list[int], list[float]]]:
+        ids, k = self.ids, self.scores.shape[1]
+        for row, scores in enumerate(self.scores.tolist()):
+            yield ids[row * k : (row + 1) * k], scores
+
+
+def _hit_rows(
+    ranked: Iterable[tuple[list[int], list[float]]], labels: dict[int, tuple[RecordInfo, dict]],
+) -> list[list[Hit]]:
+    """``Hit`` lists from per-query (gallery ids, scores); ids without labels (deleted
+    between the search and the label lookup under the lock) are left out."""
     new = object.__new__
     get = labels.get
     out = []
-    complete = True
     for ids, scores in ranked:
         hits = []
         for gid, score in zip(ids, scores, strict=True):
             found = get(gid)
-            if found is None:  # deleted between the index read and this lookup
-                complete = False
+            if found is None:
                 continue
             # Hit's own fields, set as its frozen __init__ would, without its per-field
             # calls: thousands of hits per batch made them cost more than the search.
@@ -382,7 +408,69 @@ def _hits(
             fields["score"] = score
             hits.append(hit)
         out.append(hits)
-    return out, complete
+    return out
+
+
+class HitLists(list):
+    """``list[list[Hit]]``: ``search_batch``'s result once read (a plain list otherwise)."""
+
+    __slots__ = ("_ranked", "_labels")
+
+
+class PendingHits(HitLists):
+    """``search_batch``'s result before its first read: the found ids, scores and labels,
+    whose ``Hit`` lists are made by whatever reads it first (any list operation), after
+    which it is a ``HitLists``, read at list speed. Making 64 × 10 Hits takes longer than
+    a 64-query search of a thousand records; a caller that never reads them (or reads
+    them later, on another thread) does not pay for them inside the search.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, ranked: Iterable[tuple[list[int], list[float]]],
+                 labels: dict[int, tuple[RecordInfo, dict]]) -> None:
+        self._ranked, self._labels = ranked, labels
+
+    def _fill(self) -> None:
+        with _FILLING:
+            if type(self) is PendingHits:
+                list.extend(self, _hit_rows(self._ranked, self._labels))
+                self._ranked = self._labels = None
+                self.__class__ = HitLists
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        self._fill()
+        return list, (list(self),)
+
+    def __radd__(self, other: object) -> object:
+        self._fill()
+        return NotImplemented  # then the left operand's own concatenation, now of the filled list
+
+
+_FILLING = threading.Lock()
+
+
+def _filling(name: str):
+    method = getattr(list, name)
+
+    def call(self, *args, **kwargs):
+        self._fill()
+        for other in args:  # list's C methods read a list operand's items directly
+            if type(other) is PendingHits:
+                other._fill()
+        return method(self, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+for _name in ("__getitem__", "__iter__", "__len__", "__contains__", "__reversed__", "__repr__",
+              "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__add__", "__mul__",
+              "__rmul__", "__iadd__", "__imul__", "__setitem__", "__delitem__", "__sizeof__",
+              "append", "extend", "insert", "pop", "remove", "index", "count", "copy", "sort",
+              "reverse", "clear"):
+    setattr(PendingHits, _name, _filling(_name))
+del _name
 
 
 _NO_FILTER = SearchFilter()
