@@ -376,7 +376,7 @@ class RegionEffects:
     edited crop and view (a tail pass as ``1/TAIL_PASSES_PER_FORWARD`` of one). The query's
     neutral edits are made once and shared by every hit. ``precision``: the edited crops'
     forwards in "bf16" (autocast; 1.8× faster on this CPU; on 56 real pairs every effect
-    within 0.0035 of float32's, under the words' ``NOISE``, and the same first region named
+    within 0.0036 of float32's, under the words' ``NOISE``, and the same first region named
     on all 112 faces) or "fp32"; the pair's own cosine, the reference of every change,
     stays the float32 one.
     """
