@@ -1,8 +1,10 @@
 """The default explanation, importable without torch (server configuration reads it).
 
 ``contrast`` first: where the two faces differ, on both faces (blue = differs).
-``similarity`` beside it: what pulls them together. Every other method of the
-family (``explain.attribution.matches.METHOD_NAMES``) is available by name.
+``similarity`` beside it: what pulls them together. Both are marked ``default`` in the
+method catalogue (``explain.attribution.catalogue``), which lists every other method.
 """
 
-DEFAULT_METHODS: tuple[str, ...] = ("contrast", "similarity")
+from explain.attribution.catalogue import DEFAULT_METHODS
+
+__all__ = ["DEFAULT_METHODS"]

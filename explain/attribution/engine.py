@@ -19,17 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 
 from encoder.spec import FaceEncoder
-from explain.attribution.affine import AffineHead, affine_head
-from explain.attribution.contrast import contrast_maps
+from explain.attribution.affine import affine_head
+from explain.attribution.cam import ViewPair
 from explain.attribution.contrast import draw as draw_contrast
-from explain.attribution.placement import place, placement
+from explain.attribution.family import unflip as _unflip
+from explain.attribution.family import upsample as _upsample
+from explain.attribution.implementations import METHODS
 from explain.attribution.views import ViewInput, ViewSource, as_view_source, view_inputs
 from explain.errors import IncompatibleViews, InvalidOption
 from explain.limits import CancelSignal, Guard
@@ -173,21 +173,6 @@ class Correspondence:
     bias_term: float
 
 
-def _upsample(
-    maps: torch.Tensor, size: tuple[int, int], encoder: FaceEncoder | None = None
-) -> torch.Tensor:
-    """(K, h, w) -> (K, H, W), bilinear, symmetric under horizontal flips. With the encoder
-    that made the grid, each cell is drawn over its receptive field
-    (``explain.attribution.placement``); without, the grid is stretched over the crop."""
-    if encoder is not None:
-        return place(maps, placement(encoder, tuple(maps.shape[-2:])), size)
-    return nnf.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def _unflip(maps: torch.Tensor, flipped: bool) -> torch.Tensor:
-    return torch.flip(maps, dims=[-1]) if flipped else maps
-
-
 class Explainer:
     """Explains cosine matches of one model or view scheme. Thread-safe; holds no request state.
 
@@ -245,13 +230,19 @@ class Explainer:
             tuple(states),
         )
 
-    def _features(self, faces: np.ndarray | FaceFeatures, guard: Guard) -> FaceFeatures:
+    def features(self, faces: np.ndarray | FaceFeatures, guard: Guard | None = None
+                 ) -> FaceFeatures:
+        """``faces`` as FaceFeatures: given ones as they are, (N, H, W, 3) or (H, W, 3) uint8
+        crops encoded here (N forward passes per view, spent on ``guard``)."""
         if isinstance(faces, FaceFeatures):
             return faces
         crops = np.asarray(faces)
         if crops.ndim == 3:
             crops = crops[None]
-        return self._encode_views(view_inputs(self.source, crops), crops, guard)
+        guard = guard or Guard()
+        features = self._encode_views(view_inputs(self.source, crops), crops, guard)
+        guard.spend(len(crops) * len(features.encoders))
+        return features
 
     # ---- two-sided maps -----------------------------------------------------------
 
@@ -269,13 +260,9 @@ class Explainer:
         hits: (K, H, W, 3) uint8 crops or their (cached) FaceFeatures.
         Returns K PairExplanation, in the order of ``hits``.
         """
-        unknown = [m for m in maps if m not in BATCHED_MAPS]
-        if unknown:
-            raise InvalidOption(f"no batched map {unknown}; the engine has {list(BATCHED_MAPS)}")
         names = tuple(dict.fromkeys(("similarity", *maps)))
         guard = Guard(cancel=cancel)
-        q = self._features(query, guard)
-        g = self._features(hits, guard)
+        q, g = self.features(query, guard), self.features(hits, guard)
         check_compatible(q, g)
         if len(q) != 1:
             raise InvalidOption(f"explain() takes one query face, got {len(q)}")
@@ -332,9 +319,7 @@ class Explainer:
         aligned-crop pixels of the ``source`` face ("query" or "gallery")."""
         if source not in ("query", "gallery"):
             raise InvalidOption(f"source must be 'query' or 'gallery', got {source!r}")
-        guard = Guard()
-        q = self._features(query, guard)
-        g = self._features(hit, guard)
+        q, g = self.features(query), self.features(hit)
         check_compatible(q, g)
         src, dst = (q, g) if source == "query" else (g, q)
         height, width = q.crop_size
@@ -388,89 +373,19 @@ def check_compatible(q: FaceFeatures, g: FaceFeatures) -> None:
         raise IncompatibleViews(f"crop sizes differ: {q.crop_size} vs {g.crop_size}")
 
 
-@dataclass(frozen=True)
-class ViewPair:
-    """One view of a query and K hits, with the quantities every batched map uses.
-
-    fq (C, h, w), eq (D,) the query; fg (K, C, h, w), eg (K, D) the hits;
-    nq () and ng (K,) embedding norms; uq (D,) and ug (K, D) unit embeddings;
-    aq (1, C_f, h_f, w_f) and ag (K, C_f, h_f, w_f) the activations at the
-    encoder's contrast layer (None unless a map of ``FINE_MAPS`` is asked for);
-    sq the query's tail state from its encode (``FaceFeatures.tail_states``), or None.
-    """
-
-    head: AffineHead
-    fq: torch.Tensor
-    eq: torch.Tensor
-    fg: torch.Tensor
-    eg: torch.Tensor
-    encoder: FaceEncoder | None = None
-    aq: torch.Tensor | None = None
-    ag: torch.Tensor | None = None
-    sq: tuple[torch.Tensor, ...] | None = None
-
-    @property
-    def nq(self) -> torch.Tensor:
-        return self.eq.norm()
-
-    @property
-    def ng(self) -> torch.Tensor:
-        return self.eg.norm(dim=1)
-
-    @property
-    def uq(self) -> torch.Tensor:
-        return self.eq / self.nq
-
-    @property
-    def ug(self) -> torch.Tensor:
-        return self.eg / self.ng[:, None]
-
-    @cached_property
-    def pulled(self) -> torch.Tensor:
-        """(K + 1, C, P): ``Wᵀ ê_g,k`` for the K hits, then ``Wᵀ ê_q`` — the gradients of
-        ``<e, u>`` at the CAM layer, shared by the similarity and contrast maps (one pass
-        over the head's weights)."""
-        return self.head.pullback(torch.cat([self.ug, self.uq[None]]))
-
-
 BatchedMap = Callable[[ViewPair], tuple[torch.Tensor, torch.Tensor]]
 """A map computed for all K hits from features alone: ViewPair -> ((K, P) query side,
 (K, P) hit side), P = h·w cells of the view's grid — or (K, h', w') on another grid —
 in the view's (possibly flipped) frame."""
 
-
-def _similarity(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
-    """S_q,k(p) = <m_q,p, ê_g,k>/‖e_q‖ and S_g,k(p) = <m_g,k,p, ê_q>/‖e_g,k‖."""
-    pull = v.pulled  # <W_p F_p, u> = <F_p, (W^T u)_p>
-    sim_q = (pull[:-1] * v.fq.flatten(1)).sum(1) / v.nq  # (K, P)
-    sim_g = (pull[-1] * v.fg.flatten(2)).sum(1) / v.ng[:, None]
-    return sim_q, sim_g
-
-
-def _gradcam(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embedding Grad-CAM: channel weights α = W̄ᵀ ê_other / ‖e_self‖."""
-    alpha_q = v.ug @ v.head.mean_weight / v.nq  # (K, C)
-    cam_q = alpha_q @ v.fq.flatten(1)  # (K, P)
-    alpha_g = v.uq @ v.head.mean_weight  # (C,)
-    cam_g = (alpha_g @ v.fg.flatten(2)) / v.ng[:, None]
-    return cam_q, cam_g
-
-
-def _contrast(v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared what-differs map at the contrast layer (``explain.attribution.contrast``)."""
-    cam = ((v.pulled[:-1] - v.pulled[-1]) / v.nq).reshape(-1, *v.fq.shape)  # Wᵀ(ê_g − ê_q)/‖e_q‖
-    maps = contrast_maps(v.encoder, v.aq, v.eq, v.ag, v.eg, cam_grads=cam, tail_state=v.sq).maps
-    return maps, maps
-
-
 BATCHED_MAPS: dict[str, BatchedMap] = {
-    "contrast": _contrast,
-    "similarity": _similarity,
-    "gradcam": _gradcam,
-}
-FINE_MAPS = frozenset({"contrast"})  # read the contrast-layer activations (ViewPair.aq/ag)
-"""The maps the engine computes for all K hits in one pass; a new entry here reaches
-``explain_matches`` (server, CLI, evaluation) with no other change."""
+    name: method.batched_maps for name, method in METHODS.items() if method.spec.batched}
+"""The maps the engine computes for all K hits in one pass: the catalogue's batched
+methods (``MethodSpec.batched``), each its ``batched_maps``; ``explain_matches`` (server,
+CLI, evaluation) sends every name found here through the engine."""
+FINE_MAPS = frozenset(name for name, method in METHODS.items()
+                      if getattr(method, "reads_fine_maps", False))
+"""The maps that read the contrast-layer activations (ViewPair.aq/ag)."""
 
 
 @dataclass(frozen=True)

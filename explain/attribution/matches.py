@@ -8,10 +8,9 @@ given: cached gallery features are never encoded again, and pixel methods
 perturb the crops the features carry. A batched method asked for with options
 goes through the family, which takes them.
 
-The catalogue: ``METHOD_NAMES`` (every method, in the family's order),
-``DEFAULT_METHODS``, ``BATCHED`` (the names the engine computes for all K at
-once), ``check_methods`` (UnknownMethod) and ``typed_options`` (numeric options
-from the wire, where every value is a float, typed as the method's defaults).
+The catalogue's views are importable from here too (``METHOD_NAMES``, ``BATCHED``,
+``DEFAULT_METHODS``, ``check_methods``, ``typed_options``, ``METHODS``): they are
+declared once, in ``explain.attribution.catalogue``.
 """
 
 from __future__ import annotations
@@ -22,10 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from explain.attribution import verification  # noqa: F401  (registers xssab, corrrise)
+from explain.attribution.catalogue import (
+    BATCHED,
+    DEFAULT_METHODS,
+    METHOD_NAMES,
+    SPECS,
+    check_methods,
+    typed_options,
+)
 from explain.attribution.engine import BATCHED_MAPS, Explainer, FaceFeatures
 from explain.attribution.methods import METHODS, SIDES, attribute
-from explain.defaults import DEFAULT_METHODS
 from explain.effects import (
     NeutralEdits,
     NeutralFace,
@@ -33,36 +38,12 @@ from explain.effects import (
     RegionEffects,
     bundled_neutral,
 )
-from explain.errors import UnknownMethod
 from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S, CancelSignal, Guard
 
-METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
-BATCHED: tuple[str, ...] = tuple(BATCHED_MAPS)
+__all__ = ["BATCHED", "DEFAULT_METHODS", "METHODS", "METHOD_NAMES", "MatchMaps", "MethodMaps",
+           "attribute", "check_methods", "explain_matches", "typed_options", "warm_up"]
 
 TimeLimit = float | None | Callable[[], float | None]
-
-
-def check_methods(names: Sequence[str]) -> tuple[str, ...]:
-    """Method names in order, duplicates dropped; UnknownMethod names any the family lacks."""
-    names = tuple(dict.fromkeys(names))
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise UnknownMethod(f"unknown explain method(s) {unknown}; known: {list(METHOD_NAMES)}")
-    return names
-
-
-def typed_options(method: str, values: Mapping[str, float]) -> dict[str, Any]:
-    """Options as they come from the wire (floats) -> typed like the method's defaults
-    (an int option's value is truncated to int, so ``patch=10.0`` reaches occlusion as 10)."""
-    defaults = METHODS[method].defaults if method in METHODS else {}
-
-    def typed(key: str, value: Any) -> Any:
-        default = defaults.get(key)
-        if isinstance(default, int) and not isinstance(default, bool):
-            return int(value)
-        return value
-
-    return {k: typed(k, v) for k, v in values.items()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -163,8 +144,8 @@ def _matches(explainer: Explainer, query: np.ndarray | FaceFeatures,
              options: dict[str, dict[str, Any]], budget: int | None, time_limit: TimeLimit,
              cancel: CancelSignal, sides: tuple[str, ...], effects: _Effects
              ) -> Iterator[MatchMaps]:
-    q = query if isinstance(query, FaceFeatures) else explainer.encode(query, cancel=cancel)
-    g = hits if isinstance(hits, FaceFeatures) else explainer.encode(hits, cancel=cancel)
+    guard = Guard(cancel=cancel)
+    q, g = explainer.features(query, guard), explainer.features(hits, guard)
     region_effects = None
     batched = [m for m in methods if m in BATCHED_MAPS and m not in options]
     pairs = explainer.explain(q, g, maps=batched, cancel=cancel)
@@ -221,25 +202,12 @@ class _HitEdits:
         self.kept.put(self.index + index, embeddings)
 
 
-# The cheapest options of each method with a cost that grows with an option: what
-# ``warm_up`` runs so that a method's first real call starts warm.
-WARM_UP_OPTIONS: dict[str, dict[str, Any]] = {
-    "scorecam": {"channels": 1},
-    "occlusion": {"patch": 112, "stride": 112},
-    "rise": {"masks": 2},
-    "integrated_gradients": {"steps": 2},
-    "smoothgrad": {"samples": 2},
-    "corrrise": {"masks": 3},
-}
-
-
 def warm_up(explainer: Explainer, features: FaceFeatures, methods: tuple[str, ...] = ()) -> None:
     """Run every method of the family (or ``methods``) once on ``features`` (N = 1, with
-    its crop) with cheap options: the first real call then finds captum's and torch's
-    lazy set-up done and the time per image of forward and backward passes measured, so
-    its first batch is sized to its time limit too (``Guard.batches``)."""
-    for name in methods or tuple(METHODS):
-        options = {k: v for k, v in WARM_UP_OPTIONS.get(name, {}).items()
-                   if k in METHODS[name].defaults}
+    its crop) with its cheapest options (``MethodSpec.warm_up``): the first real call then
+    finds captum's and torch's lazy set-up done and the time per image of forward and
+    backward passes measured, so its first batch is sized to its time limit too
+    (``Guard.batches``)."""
+    for name in methods or METHOD_NAMES:
         attribute(name, explainer, features, features, budget=None, time_limit=None,
-                  sides=("query",), **options)
+                  sides=("query",), **SPECS[name].warm_up)

@@ -8,9 +8,8 @@ together, negative = pushes them apart. Each follows its paper by default
 family's held-norm target ``t(x) = <e(x), ê_other> / ‖e_self‖`` (DESIGN.md §5).
 
 Costs are in images through the encoder per side and view, as ``Guard``
-counts them; the two encodes per view are added by ``attribute``. Both
-register themselves in ``METHODS`` when ``explain.attribution.matches`` (the catalogue) is imported (it
-imports this module below its table).
+counts them; the two encodes per view are added by ``attribute``. Their names,
+options and defaults are declared in ``explain.attribution.catalogue``.
 """
 
 from __future__ import annotations
@@ -19,12 +18,9 @@ from typing import Any
 
 import torch
 
-from explain.attribution.methods import METHODS, Method, SideProblem
+from explain.attribution.family import Method, SideProblem
 from explain.errors import InvalidOption
 
-# OpenCV's published cosine threshold for SFace (samples/dnn/face_detect.py, 0.363): xSSAB
-# splits the cosine's arguments at threshold / D. Pass another encoder's EER threshold.
-SFACE_COSINE_THRESHOLD = 0.363
 MAX_BATCH = 32
 
 
@@ -67,9 +63,6 @@ class XSSAB(Method):
     the paper's ê = e/‖e‖ inside the graph; True: the family's e/‖e_self‖ with
     the norm held constant).
     """
-
-    name = "xssab"
-    defaults = {"threshold": SFACE_COSINE_THRESHOLD, "held_norm": False}
 
     def cost(self, opts: dict[str, Any], problem: SideProblem) -> int:
         return 2
@@ -146,17 +139,6 @@ class CorrRISE(Method):
     before each batch.
     """
 
-    name = "corrrise"
-    defaults = {
-        "masks": 250,
-        "patches": 3,
-        "patch": 30,
-        "seed": 0,
-        "batch_size": 32,
-        "rank": True,
-        "held_norm": False,
-    }
-
     def cost(self, opts: dict[str, Any], problem: SideProblem) -> int:
         h, w = problem.x.shape[-2:]
         if not 1 <= opts["patch"] <= min(h, w) or opts["patches"] < 1 or opts["masks"] < 2:
@@ -183,5 +165,3 @@ class CorrRISE(Method):
             similarity = similarity.argsort().argsort().to(keep.dtype)
         return correlation_map(keep, similarity)
 
-
-METHODS.update({m.name: m() for m in (XSSAB, CorrRISE)})

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoder.spec import FaceEncoder
+from explain.attribution.catalogue import SPECS
 from explain.attribution.engine import Explainer
-from explain.attribution.methods import METHODS
 from explain.attribution.views import ViewSource
 from explain.evaluation import metrics as M
 from explain.evaluation.common import (
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def _takes_seed(method: str) -> bool:
-    return "seed" in METHODS[method].defaults
+    return "seed" in SPECS[method].defaults
 
 
 @dataclass(frozen=True)
