@@ -241,3 +241,61 @@ def test_a_gallery_smaller_than_k_returns_every_record_once(gallery_path):
             assert len(one) == 4 and one[0].image_id == "img0"
             batch = g.search_batch(np.stack([e.views for e in entries]), 10)
             assert [len(h) for h in batch] == [4] * 4 and [h[0].image_id for h in batch] == [e.image_id for e in entries]
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_one_query_through_the_bfloat16_copy_equals_numpy():
+    """Past COARSE_MIN_ROWS one query scans a bfloat16 copy and rescores its best rows
+    exactly: the same ids as brute force, and the candidates prove it (no fallback)."""
+    rng = np.random.default_rng(7)
+    n = index_module.COARSE_MIN_ROWS + 1000
+    x, q = _unit(rng, n, 128), _unit(rng, 32, 128)
+    index = ExactMatrix(128)
+    index.add(np.arange(n) + 100, x)
+    rows, want = numpy_top_k(x, q, 10)
+    for i in range(len(q)):
+        found = index_module._search_one_coarse(index._rows, q[i], 10)
+        assert found is not None
+        scores, ids = index.search_one(q[i], 10)
+        np.testing.assert_array_equal(ids, rows[i] + 100)
+        np.testing.assert_array_equal(found[1], ids)
+        np.testing.assert_allclose(scores, want[i], rtol=0, atol=1e-6)
+
+
+def test_the_bfloat16_copy_defers_to_the_exact_scan_when_it_cannot_prove_the_top_k():
+    """Many rows within the copy's error of each other (here 40 copies of one vector, the
+    query's best match): the candidates cannot prove which rows win, so the exact scan
+    decides, and the earliest copies win the tie as in brute force."""
+    rng = np.random.default_rng(8)
+    n = index_module.COARSE_MIN_ROWS + 500
+    x, q = _unit(rng, n, 128), _unit(rng, 1, 128)
+    near = q[0] + 0.05 * _unit(rng, 1, 128)[0]
+    spots = np.sort(rng.choice(n, 70, replace=False))
+    x[spots] = near / np.linalg.norm(near)
+    index = ExactMatrix(128)
+    index.add(np.arange(n), x)
+    assert index_module._search_one_coarse(index._rows, q[0], 10) is None
+    rows, _ = numpy_top_k(x, q, 10)
+    np.testing.assert_array_equal(index.search_one(q[0], 10)[1], rows[0])
+    np.testing.assert_array_equal(rows[0], spots[:10])
+
+
+def test_removing_rows_zeroes_them_in_the_bfloat16_copy():
+    rng = np.random.default_rng(9)
+    n = index_module.COARSE_MIN_ROWS + 10
+    x = _unit(rng, n, 128)
+    index = ExactMatrix(128)
+    index.add(np.arange(n), x)
+    old = index._rows
+    coarse, _ = old.coarse()
+    codes = index_module.faiss.rev_swig_ptr(coarse.codes.data(), coarse.ntotal * coarse.code_size)
+    codes = codes.reshape(coarse.ntotal, coarse.code_size)
+    assert codes[[3, 500]].any()
+    index.remove(np.array([3, 500]))
+    assert not codes[[3, 500]].any()
+    assert codes[[2, 4, 501]].any(axis=1).all()
+    assert 3 not in index.search_one(x[3], 10)[1]
