@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from encoder.spec import FaceEncoder
+from explain.attribution.catalogue import METHOD_NAMES
 from explain.attribution.engine import Explainer
-from explain.attribution.matches import METHOD_NAMES, explain_matches
+from explain.attribution.matches import explain_matches
 from explain.attribution.views import ViewSource, as_view_source, view_inputs
 from explain.evaluation import metrics as M
 

@@ -46,8 +46,9 @@ from encoder.align import similarity_transform, warp_to_crop
 from encoder.errors import ImageError, NoFaceFound
 from encoder.pipeline import Face, FacePipeline
 from encoder.spec import FaceEncoder
+from explain.attribution.catalogue import METHOD_NAMES, check_methods
 from explain.attribution.engine import Explainer
-from explain.attribution.matches import METHOD_NAMES, check_methods, explain_matches
+from explain.attribution.matches import explain_matches
 from explain.attribution.views import ViewSource
 from explain.effects import COLOUR_GROW, FEATHER_GROW, FEATHER_SIGMA, paste_region
 from explain.evaluation import metrics as M
