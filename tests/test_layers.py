@@ -203,3 +203,14 @@ def test_the_checker_finds_planted_violations_and_cycles(tmp_path):
                       "client/phenolens/client.py": "import grpc\nfrom ._proto import x\n"})
     internal, external = import_graph(tmp_path, PACKAGES)
     assert layer_violations(internal, external) == [] and import_cycles(internal) == []
+
+
+def test_explain_uses_no_private_captum_api():
+    """captum's underscored modules and names are not its API: they change without notice."""
+    private = []
+    for module, path in module_files(ROOT, {"explain": "explain"}).items():
+        for name in _imported_names(module, path):
+            parts = name.split(".")
+            if parts[0] == "captum" and any(p.startswith("_") for p in parts[1:]):
+                private.append(f"{module} imports {name}")
+    assert not private, private

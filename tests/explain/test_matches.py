@@ -90,3 +90,27 @@ def test_the_catalogue_validates_and_types_wire_options():
     typed = typed_options("occlusion", {"patch": 8.0, "stride": 4.0})
     assert typed == {"patch": 8, "stride": 4} and isinstance(typed["patch"], int)
     assert typed_options("rise", {"p": 0.25}) == {"p": 0.25}
+
+
+def test_every_list_of_methods_is_a_view_of_the_one_catalogue():
+    import subprocess
+    import sys
+
+    from explain.attribution import catalogue
+    from explain.attribution.implementations import METHODS
+    from explain.defaults import DEFAULT_METHODS
+
+    assert tuple(METHODS) == METHOD_NAMES == tuple(s.name for s in catalogue.CATALOGUE)
+    assert tuple(engine.BATCHED_MAPS) == BATCHED == tuple(
+        s.name for s in catalogue.CATALOGUE if s.batched)
+    assert DEFAULT_METHODS == tuple(s.name for s in catalogue.CATALOGUE if s.default)
+    for name, method in METHODS.items():
+        assert method.spec is catalogue.SPECS[name]
+    # torch-free for configuration and CLI help; xSSAB and CorrRISE there without any
+    # other import first (they used to join as a side effect of importing matches)
+    code = ("import sys; from explain.attribution.catalogue import METHOD_NAMES; "
+            "from explain.defaults import DEFAULT_METHODS; "
+            "assert 'torch' not in sys.modules; "
+            "from explain.evaluation.cost import _takes_seed; "
+            "assert 'xssab' in METHOD_NAMES and _takes_seed('corrrise')")
+    subprocess.run([sys.executable, "-c", code], check=True)
