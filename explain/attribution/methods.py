@@ -108,7 +108,7 @@ def attribute(
             per_side, cosine = maps(impl, opts, explainer, q, g, sides, guard)
     finally:
         _CALL_GUARD.reset(token)
-    return _result(impl, opts, per_side, cosine, q, guard)
+    return _result(impl, opts, per_side, cosine, guard)
 
 
 # A pair's maps: side -> (native map, the map on the aligned crop), for the sides asked.
@@ -193,7 +193,8 @@ def _pixel_inputs(impl: Method, explainer: Explainer, q: FaceFeatures, g: FaceFe
 
 
 def _result(impl: Method, opts: dict[str, Any], maps: SideMaps, cosine: float,
-            q: FaceFeatures, guard: Guard) -> AttributionMap:
+            guard: Guard) -> AttributionMap:
+    """The maps as the caller asked to see them, with what the call spent."""
     def shown(m: torch.Tensor) -> np.ndarray:
         if opts["relu"]:
             m = m.clamp_min(0)
