@@ -253,11 +253,14 @@ def label_randomisation(
     explained towards the centroid of the images that now carry ``label``. An
     explanation that depends on what the syndrome looks like must change:
     low Spearman/SSIM between the true-label and permuted-label maps is a pass.
-    Only methods that accept a direction target take part (the engine's
-    similarity map and Grad-CAM, computed exactly from the affine head).
+    Only methods that accept a direction target take part: the CAM family (the
+    similarity map and Grad-CAM by default), computed exactly from the affine head.
     """
     from explain.attribution.affine import affine_head
+    from explain.attribution.cam import CamMethod
+    from explain.attribution.implementations import METHODS
 
+    cams = {m: METHODS[m] for m in methods if isinstance(METHODS.get(m), CamMethod)}
     source = as_view_source(model)
     labels = np.asarray(gallery_labels, dtype=object)
     if not np.any(labels == label):
@@ -266,19 +269,16 @@ def label_randomisation(
     views = view_inputs(source, np.asarray(query)[None])
 
     def maps_towards(directions: np.ndarray) -> dict[str, np.ndarray]:
-        out: dict[str, list[np.ndarray]] = {"similarity": [], "gradcam": []}
+        out: dict[str, list[np.ndarray]] = {name: [] for name in cams}
         with torch.no_grad():
             for v, view in enumerate(views):
                 head = affine_head(view.encoder)
                 fmap = view.encoder.features(view.inputs)  # (1, C, h, w)
                 e = head.contributions(fmap).sum(1)[0] + head.bias
                 u = torch.as_tensor(directions[v], dtype=torch.float32)
-                u = u / u.norm()
-                sim = head.contributions(fmap)[0] @ u / e.norm()  # (P,)
-                cam = (u @ head.mean_weight) @ fmap[0].flatten(1) / e.norm()
-                h, w = head.grid
-                for name, m in (("similarity", sim), ("gradcam", cam)):
-                    m = m.reshape(h, w)
+                grads = head.pullback((u / u.norm())[None])[0] / e.norm()  # (C, P) = ∂t/∂F
+                for name, method in cams.items():
+                    m = method.cam(grads, fmap[0].flatten(1)).reshape(head.grid)
                     out[name].append(torch.flip(m, dims=[-1]) if view.flipped else m)
         return {k: torch.stack(v).mean(0).numpy() for k, v in out.items()}
 
