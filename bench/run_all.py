@@ -317,7 +317,9 @@ def parse_service(out: str, err: str) -> list[Ratio]:
     ]
     p50 = {name: r["p50_ms"] for name, r in lat.items()}
     if "Explain photo top 10 cached" in p50 and "Encode (aligned crop)" in p50:
-        detection = p50["Encode (photo)"] - p50["Encode (aligned crop)"]
+        from bench.bench_service import detection_ms
+
+        detection = detection_ms(p50)
         photo, crop = p50["Explain photo top 10 cached"], p50["Explain crop top 10 cached"]
         ratio = photo / (crop + detection)
         judged = detection > 0  # else the calls were too few for the load: the difference is noise
