@@ -37,8 +37,9 @@ import cv2
 import numpy as np
 from scipy.stats import spearmanr
 
+from explain.attribution.catalogue import check_methods
 from explain.attribution.engine import Explainer
-from explain.attribution.matches import check_methods, explain_matches
+from explain.attribution.matches import explain_matches
 from explain.effects import (
     EFFECT_REGIONS,
     NeutralFace,

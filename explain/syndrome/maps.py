@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from explain.attribution.affine import affine_head
-from explain.attribution.engine import Explainer, FaceFeatures, _unflip, _upsample
+from explain.attribution.engine import Explainer, FaceFeatures
+from explain.attribution.family import unflip, upsample
 from explain.errors import IncompatibleViews, InvalidOption
 from explain.limits import CancelSignal, Guard
 
@@ -301,8 +302,8 @@ class SyndromeExplainer:
                 contrib = head.contributions(fmap)  # (N, P, D)
                 s_c = (contrib @ u_c) / norms[:, None]  # (N, P)
                 s_r = torch.einsum("npd,nd->np", contrib, u_r) / norms[:, None]
-                per_view_c.append(_unflip(s_c.reshape(count, h, w), flipped))
-                per_view_r.append(_unflip(s_r.reshape(count, h, w), flipped))
+                per_view_c.append(unflip(s_c.reshape(count, h, w), flipped))
+                per_view_r.append(unflip(s_r.reshape(count, h, w), flipped))
                 cos_c.append(units @ u_c)
                 cos_r.append((units * u_r).sum(1))
                 b = (head.bias @ u_c) / norms
@@ -315,7 +316,7 @@ class SyndromeExplainer:
             bias_m = torch.stack(bias_c).mean(0)
             res_m = torch.stack(res_c).mean(0)
             mean_c, mean_r = to_c.mean(0), to_r.mean(0)
-            aligned = _upsample(torch.stack([mean_c, mean_r]), features.crop_size,
+            aligned = upsample(torch.stack([mean_c, mean_r]), features.crop_size,
                                 features.encoders[0])
         members = tuple(
             MemberMaps(
@@ -356,11 +357,11 @@ class SyndromeExplainer:
                 head = affine_head(enc, fmap.device)
                 norm = emb[0].norm()
                 s = head.contributions(fmap)[0] @ unit / norm
-                maps.append(_unflip(s.reshape(1, *head.grid), flipped)[0])
+                maps.append(unflip(s.reshape(1, *head.grid), flipped)[0])
                 cosines.append(float(emb[0] @ unit / norm))
                 biases.append(float(head.bias @ unit / norm))
             mean = torch.stack(maps).mean(0)
-            aligned = _upsample(mean[None], q.crop_size, q.encoders[0])[0]
+            aligned = upsample(mean[None], q.crop_size, q.encoders[0])[0]
         cosine = float(np.mean(cosines))
         bias = float(np.mean(biases))
         return QueryPull(
