@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,16 @@ from encoder.image import decode_image
 from encoder.pipeline import Face, FacePipeline
 from explain.attribution.engine import FaceFeatures
 from explain.errors import Cancelled as ExplainCancelled
-from gallery import Entry, Gallery, GeneHit, Hit, SchemeMismatch, SearchFilter, SyndromeHit
+from gallery import (
+    Entry,
+    Gallery,
+    GeneHit,
+    Hit,
+    RecordInfo,
+    SchemeMismatch,
+    SearchFilter,
+    SyndromeHit,
+)
 from gallery.calibration import Calibration, CalibrationCache, Confidence
 from gallery.features import FeatureStore
 from gallery.png import encode_png
@@ -545,6 +554,47 @@ class Backend:
                     self._store(store, [gids[i] for i in keep],
                                 FaceFeatures.concat([with_features[i][1] for i in keep]))
         return report
+
+    def add_image(self, item: tuple[Entry, FaceFeatures | None]) -> RecordInfo:
+        """``add_images`` of one item; -> the record as stored (added, updated or unchanged)."""
+        report = self.add_images([item])
+        return self.gallery.get((report.added + report.updated + report.unchanged)[0]).info
+
+    def import_images(self, items: Iterable[tuple[Entry, FaceFeatures | None]], *,
+                      batch: int = 64) -> tuple[int, int]:
+        """``add_images`` in batches of ``batch`` as ``items`` arrive (a failing item leaves
+        the earlier batches added); -> (added or updated, unchanged)."""
+        added = unchanged = 0
+        pending: list[tuple[Entry, FaceFeatures | None]] = []
+
+        def commit() -> None:
+            nonlocal added, unchanged
+            if pending:
+                report = self.add_images(pending)
+                added += len(report.added) + len(report.updated)
+                unchanged += len(report.unchanged)
+                pending.clear()
+
+        for item in items:
+            pending.append(item)
+            if len(pending) >= batch:
+                commit()
+        commit()
+        return added, unchanged
+
+    def list_images(self, *, limit: int, offset: int, syndrome_id: str | None = None,
+                    subject_id: str | None = None) -> tuple[list[RecordInfo], int]:
+        """(up to ``limit`` records from ``offset`` in gallery-id order, how many match in
+        all), of a syndrome and/or a subject when given."""
+        gallery = self.gallery
+        if subject_id is None:
+            infos = gallery.list(limit=limit, offset=offset, syndrome_id=syndrome_id)
+            stats = gallery.stats()
+            return infos, (stats.records if syndrome_id is None else
+                           stats.images_per_syndrome.get(syndrome_id, 0))
+        everything = [i for i in gallery.list(limit=10**9, syndrome_id=syndrome_id)
+                      if i.subject_id == subject_id]
+        return everything[offset:offset + limit], len(everything)
 
     def fill_feature_store(self, batch: int = 32) -> int:
         """Encode and store the features of every gallery face the store lacks (records

@@ -17,11 +17,11 @@ from gallery import GeneHit, Hit, RecordInfo, SearchFilter, SyndromeHit
 from gallery.calibration import Confidence
 from server.backend import MatchOutcome
 from server.errors import BadRequest, NotFound
+from server.present import Presentation, PresentedMatch
 
 if TYPE_CHECKING:
     from explain.regions import RegionSummary
     from server.application import ExplainedQuery
-    from server.present import PresentedMatch
 
 SIDE_QUERY, SIDE_GALLERY = phenolens_pb2.SIDE_QUERY, phenolens_pb2.SIDE_GALLERY
 DEFAULT_SAME_PATIENT_DISTANCE = 0.4
@@ -174,6 +174,13 @@ def regions(summary: RegionSummary) -> list[phenolens_pb2.RegionShare]:
     """A map's region summary (template landmark regions of the aligned crop)."""
     return [phenolens_pb2.RegionShare(region=r, positive=p, negative=n) for r, p, n in
             zip(summary.regions, summary.positive, summary.negative, strict=True)]
+
+
+def presentation(request: phenolens_pb2.ExplainRequest) -> Presentation:
+    """What an ExplainRequest asks to be drawn and sent beside the aligned maps."""
+    return Presentation(overlays=request.overlays, pair_figures=request.pair_figures,
+                        gallery_crops=request.gallery_crops, photo_maps=request.photo_maps,
+                        feature_maps=request.feature_maps)
 
 
 def explain_events(result: ExplainedQuery, encoder_id: str, view_scheme: str, *,

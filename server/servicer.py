@@ -26,7 +26,6 @@ from server.backend import Backend, Query
 from server.config import ServiceConfig
 from server.errors import BadRequest, NotFound
 from server.limits import HeavyWorkLimiter, RequestScope
-from server.present import Presentation
 
 API_VERSION = "phenolens.v1"
 SERVER_VERSION = "0.1.0"
@@ -100,10 +99,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
         ask = ExplainAsk(
             methods, options, **self._ranking(request.match, 3),
             gallery_ids=self._gallery_ids(request), effects=request.effects,
-            presentation=Presentation(
-                overlays=request.overlays, pair_figures=request.pair_figures,
-                gallery_crops=request.gallery_crops, photo_maps=request.photo_maps,
-                feature_maps=request.feature_maps))
+            presentation=convert.presentation(request))
         b = self.backend
         yield from convert.explain_events(explain_query(b, query, ask, scope), b.encoder_id,
                                           b.view_scheme, detected=detected)
@@ -190,9 +186,7 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
             item = self.backend.entry_with_features(face, convert.record_fields(request.record),
                                                     scope, picked=index is not None)
         scope.check()
-        report = self.backend.add_images([item])
-        gid = (report.added + report.updated + report.unchanged)[0]
-        info = self.backend.gallery.get(gid).info
+        info = self.backend.add_image(item)
         return gallery_pb2.AddImageResponse(record=convert.record_info(info),
                                             gallery_version=self.backend.gallery.version,
                                             alignment=convert.alignment(face,
@@ -202,41 +196,36 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
                       context: grpc.ServicerContext) -> gallery_pb2.ImportSummary:
         scope = RequestScope.of(context)
         b = self.backend
-        received = added = unchanged = 0
-        batch: list[Any] = []
+        received = 0
 
-        def commit() -> None:
-            nonlocal added, unchanged
-            if batch:
-                report = b.add_images(batch)
-                added += len(report.added) + len(report.updated)
-                unchanged += len(report.unchanged)
-                batch.clear()
-
-        with self.limiter.slot():
+        def items() -> Iterator[tuple[Any, Any]]:
+            nonlocal received
             for item in request_iterator:
                 scope.check()
                 received += 1
-                fields = convert.record_fields(item.record)
-                if item.WhichOneof("content") == "image":
-                    image, aligned = convert.image_input(item.image,
-                                                         self.config.limits.max_image_pixels)
-                    face = b.face(image, aligned=aligned, scope=scope)
-                    batch.append(b.entry_with_features(face, fields, scope))
-                elif item.WhichOneof("content") == "precomputed":
-                    vectors, scheme = convert.embedding_input(item.precomputed.embedding)
-                    crop = item.precomputed.aligned_crop_png
-                    if crop:
-                        decode_image(crop)  # refuse a corrupt crop before it is stored
-                    batch.append((b.entry_of(vectors, crop, fields, scheme), None))
-                else:
-                    raise BadRequest(f"import record {received} has neither image nor "
-                                     "precomputed embedding")
-                if len(batch) >= 64:
-                    commit()
-            commit()
+                yield self._import_item(item, received, scope)
+
+        with self.limiter.slot():
+            added, unchanged = b.import_images(items())
         return gallery_pb2.ImportSummary(received=received, added=added, unchanged=unchanged,
                                          gallery_version=b.gallery.version)
+
+    def _import_item(self, item: gallery_pb2.ImportRecord, number: int, scope: RequestScope
+                     ) -> tuple[Any, Any]:
+        """One import record -> (gallery Entry, its face's features or None)."""
+        b = self.backend
+        fields = convert.record_fields(item.record)
+        if item.WhichOneof("content") == "image":
+            image, aligned = convert.image_input(item.image, self.config.limits.max_image_pixels)
+            return b.entry_with_features(b.face(image, aligned=aligned, scope=scope), fields,
+                                         scope)
+        if item.WhichOneof("content") == "precomputed":
+            vectors, scheme = convert.embedding_input(item.precomputed.embedding)
+            crop = item.precomputed.aligned_crop_png
+            if crop:
+                decode_image(crop)  # refuse a corrupt crop before it is stored
+            return b.entry_of(vectors, crop, fields, scheme), None
+        raise BadRequest(f"import record {number} has neither image nor precomputed embedding")
 
     def DeleteImages(self, request: gallery_pb2.DeleteImagesRequest,
                      context: grpc.ServicerContext) -> gallery_pb2.DeleteImagesResponse:
@@ -271,19 +260,9 @@ class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):
         if size > limits.max_page_size:
             raise BadRequest(f"page_size {size} is above the limit of {limits.max_page_size}")
         offset = _decode_page_token(request.page_token)
-        gallery = self.backend.gallery
-        syndrome = request.syndrome_id or None
-        subject = request.subject_id or None
-        if subject is None:
-            infos = gallery.list(limit=size + 1, offset=offset, syndrome_id=syndrome)
-            stats = gallery.stats()
-            total = stats.records if syndrome is None else \
-                stats.images_per_syndrome.get(syndrome, 0)
-        else:
-            everything = [i for i in gallery.list(limit=10**9, syndrome_id=syndrome)
-                          if i.subject_id == subject]
-            total = len(everything)
-            infos = everything[offset:offset + size + 1]
+        infos, total = self.backend.list_images(limit=size + 1, offset=offset,
+                                                syndrome_id=request.syndrome_id or None,
+                                                subject_id=request.subject_id or None)
         more = len(infos) > size
         return gallery_pb2.ListImagesResponse(
             records=[convert.record_info(i) for i in infos[:size]],

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,21 +136,29 @@ def run_explain(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.pairs is not None:
         for number, (q_path, g_path) in enumerate(_read_pairs(args.pairs), start=1):
-            query, other = _photo(embed, q_path), _photo(embed, g_path)
-            match = _Match(1, g_path.stem, other.crop, {"query": str(q_path),
-                                                        "gallery": str(g_path)},
-                           other.photo, other.alignment)
-            _write(args, query, _pairs(args, explainer, query, [match], min(args.effects, 1)),
-                   f"pair{number:03d}")
-        return 0
-    if args.gallery is not None:
+            _explain_pair(args, embed, explainer, q_path, g_path,
+                          {"query": str(q_path), "gallery": str(g_path)}, f"pair{number:03d}")
+    elif args.gallery is not None:
         _explain_gallery(args, config, embed, explainer)
-        return 0
-    query, other = _photo(embed, args.image), _photo(embed, args.against)
-    match = _Match(1, args.against.stem, other.crop, {"image": args.against.name}, other.photo,
-                   other.alignment)
-    _write(args, query, _pairs(args, explainer, query, [match], min(args.effects, 1)), None)
+    else:
+        _explain_pair(args, embed, explainer, args.image, args.against,
+                      {"image": args.against.name}, None)
     return 0
+
+
+def _explain_pair(args: argparse.Namespace, embed, explainer, q_path: Path, g_path: Path,
+                  info: dict, prefix: str | None) -> None:
+    """One pair of photos: both faces aligned, each encoded once (by explain_matches), region
+    effects unless --effects 0; files and output."""
+    from explain.attribution.matches import explain_matches
+    from server.present import present_maps
+
+    query, other = _photo(embed, q_path), _photo(embed, g_path)
+    match = _Match(1, g_path.stem, other.crop, info, other.photo, other.alignment)
+    (pair,) = explain_matches(explainer, query.crop, other.crop[None], args.methods,
+                              budget=args.budget, time_limit=args.time_limit,
+                              effects=min(args.effects, 1))
+    _write(args, query, [(match, pair, present_maps(pair))], prefix)
 
 
 def _explain_gallery(args: argparse.Namespace, config, embed, explainer) -> None:
@@ -192,20 +200,6 @@ def _gallery_match(p) -> _Match:
                    "subject_id": hit.subject_id, "syndrome_id": hit.syndrome_id,
                    "syndrome_name": hit.syndrome_name, "gallery_score": hit.score,
                    "confidence": p.confidence.to_json()})
-
-
-def _pairs(args: argparse.Namespace, explainer, query: _Query, matches: list[_Match],
-           effects: int) -> Iterator[_Explained]:
-    """Maps of every method for the query against each match (one explain_matches call),
-    region effects for the first ``effects`` of them."""
-    from explain.attribution.matches import explain_matches
-    from server.present import present_maps
-
-    explained = explain_matches(explainer, query.crop, np.stack([m.crop for m in matches]),
-                                args.methods, budget=args.budget, time_limit=args.time_limit,
-                                effects=effects)
-    for match, pair in zip(matches, explained, strict=True):
-        yield match, pair, present_maps(pair)
 
 
 def _write(args: argparse.Namespace, query: _Query, explained: Iterable[_Explained],
