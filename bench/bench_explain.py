@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.bench_explain                       # sface + iresnet50, K = 1 5 10 20
     .venv/bin/python -m bench.bench_explain --encoders sface --ks 1 10 --reps 5
 
-For each encoder and K, in one process and interleaved, medians of ``--reps``:
+For each encoder and K, in one process, after one untimed call of each, medians of
+``--reps`` interleaved rounds (ours) and of ``--peer-reps`` (the peers):
 
 - encode: one query encode (preprocess + features + head, one image);
 - ours (cached): ``Explainer.explain(query_crop, cached hit features)`` — the
@@ -25,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from bench.timing import time_interleaved
 from encoder.spec import FaceEncoder
 from explain.attribution.affine import affine_head
 from explain.attribution.engine import Explainer
@@ -73,15 +73,6 @@ def _encoder(name: str) -> FaceEncoder:
     from encoder.registry import create_encoder
 
     return create_encoder(name)
-
-
-def _median(fn: Callable[[], object], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 class _Target(nn.Module):
@@ -143,11 +134,14 @@ def _bench_k(name, encoder, explainer, model, query, all_hits, cached, k, encode
     hits = all_hits[:k]
     feats = cached.select(list(range(k)))
     xq, xg, eq, eg = _peer_inputs(encoder, query, hits)
-    t_encode = _median(encode, reps)
-    t_cached = _median(lambda: explainer.explain(query, feats), reps)
-    t_full = _median(lambda: explainer.explain(query, hits), reps)
-    t_gc = _median(lambda: _gradcam_pairs(model, xq, xg, eq, eg), peer_reps)
-    t_cap = _median(lambda: _captum_pairs(model, xq, xg, eq, eg), peer_reps)
+    # One untimed round first (this K's batch shapes: the first call at a new size sets up
+    # its kernels), then rounds of one call each, so a change of load hits every side alike.
+    ours = time_interleaved({"encode": encode, "cached": lambda: explainer.explain(query, feats),
+                             "full": lambda: explainer.explain(query, hits)}, reps, warmup=1)
+    t_encode, t_cached, t_full = (statistics.median(ours[name]) for name in ("encode", "cached", "full"))
+    peers = time_interleaved({"gc": lambda: _gradcam_pairs(model, xq, xg, eq, eg),
+                              "captum": lambda: _captum_pairs(model, xq, xg, eq, eg)}, peer_reps, warmup=1)
+    t_gc, t_cap = statistics.median(peers["gc"]), statistics.median(peers["captum"])
     pairs = explainer.explain(query, feats)
     worst = max(max(abs(p.query.residual), abs(p.gallery.residual)) for p in pairs)
     return (name, k, t_encode, t_cached, t_full, t_gc, t_cap), worst

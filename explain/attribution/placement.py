@@ -215,20 +215,49 @@ def place(maps: torch.Tensor, where: Placement | None, crop_size: tuple[int, int
     """(K, h, w) cell maps -> (K, H, W) on the aligned crop (bilinear in grid coordinates).
 
     Without a placement (a grid no encoder layer produces) the map is stretched over the
-    whole crop, as a plain bilinear upsampling would.
+    whole crop, as a plain bilinear upsampling would. With one, crop pixel (y, x) samples
+    the cells at grid position ((y − y0)/step_y, (x − x0)/step_x), clamped to the outermost
+    cells (``grid_sample`` with border padding, written as the separable product
+    ``Wy · map · Wxᵀ`` of two small interpolation matrices kept per placement).
     """
     k, h, w = maps.shape
     height, width = crop_size
     if where is None or where.grid != (h, w):
         return nnf.interpolate(maps[:, None], size=crop_size, mode="bilinear",
                                align_corners=False)[:, 0]
-    ys = torch.arange(height, dtype=maps.dtype, device=maps.device)
-    xs = torch.arange(width, dtype=maps.dtype, device=maps.device)
-    u = (xs - where.x0) / where.step_x  # cell column of each crop column
-    v = (ys - where.y0) / where.step_y
-    gx = 2 * (u + 0.5) / w - 1  # align_corners=False: cell j's centre at 2(j+0.5)/w - 1
-    gy = 2 * (v + 0.5) / h - 1
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)  # (H, W, 2) as (x, y)
-    grid = grid[None].expand(k, -1, -1, -1)
-    return nnf.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="border",
-                           align_corners=False)[:, 0]
+    wy, wx = _interpolation(where, (height, width), maps.dtype, maps.device)
+    return wy @ maps @ wx
+
+
+_INTERPOLATION: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _interpolation(where: Placement, crop_size: tuple[int, int], dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Wy (H, h), Wxᵀ (w, W)): the bilinear weights of ``place``, made once per placement."""
+    key = (where, crop_size, dtype, device)
+    found = _INTERPOLATION.get(key)
+    if found is None:
+        (h, w), (height, width) = where.grid, crop_size
+        found = (_weights(height, h, where.step_y, where.y0, dtype, device),
+                 _weights(width, w, where.step_x, where.x0, dtype, device).T.contiguous())
+        with _LOCK:
+            if len(_INTERPOLATION) > 64:  # encoders come and go in tests; a server has a few
+                _INTERPOLATION.clear()
+            _INTERPOLATION[key] = found
+    return found
+
+
+def _weights(size: int, cells: int, step: float, start: float, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    """(size, cells): pixel p's bilinear weights over the cells at u = (p − start)/step,
+    clamped to [0, cells − 1]."""
+    u = ((torch.arange(size, dtype=torch.float64) - start) / step).clamp(0, cells - 1)
+    low = u.floor().clamp(max=max(cells - 2, 0))
+    frac = u - low
+    out = torch.zeros(size, cells, dtype=torch.float64)
+    rows = torch.arange(size)
+    out[rows, low.long()] = 1 - frac
+    if cells > 1:
+        out[rows, low.long() + 1] += frac
+    return out.to(device=device, dtype=dtype)
