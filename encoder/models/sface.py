@@ -88,8 +88,10 @@ class ConvBNPReLU(nn.Module):
         """The block's output at x and its local derivative along each output element,
         BN scale times PReLU slope: ``(output, (N, C, H, W) gain)``."""
         pre = self.bn(self.conv(x))
-        gain = torch.where(pre > 0, torch.ones_like(pre), self.prelu.weight[:, None, None])
-        return self.prelu(pre), gain * _bn_scale(self.bn)[:, None, None]
+        scale = _bn_scale(self.bn)[:, None, None]
+        # one select between the two per-channel gains (the same products as slope × scale
+        # per element, made once per channel)
+        return self.prelu(pre), torch.where(pre > 0, scale, self.prelu.weight[:, None, None] * scale)
 
     def transpose_conv(self, grad: torch.Tensor, in_size: tuple[int, int]) -> torch.Tensor:
         """(B, C_out, H, W) gradient after the conv -> (B, C_in, *in_size) before it."""
