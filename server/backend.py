@@ -291,9 +291,9 @@ class Backend:
         self.pipeline.detector  # noqa: B018
         h, w = self.encoders[0].spec.input_size if self.encoders else (112, 112)
         features = self.explainer.encode(np.zeros((1, h, w, 3), np.uint8))
-        from explain.attribution.engine import BATCHED_MAPS
+        from explain.attribution.catalogue import SPECS
 
-        batched = [m for m in self.config.explain.methods if m in BATCHED_MAPS]
+        batched = [m for m in self.config.explain.methods if SPECS[m].batched]
         self.explainer.explain(features, features, maps=batched)
         from explain.attribution.matches import warm_up
 
@@ -387,7 +387,8 @@ class Backend:
         effects for the first ``effects`` hits, against the bundled photos' mean face.
         Raises explain's Cancelled or TimeLimitExceeded when the call is abandoned.
         """
-        from explain.attribution.matches import explain_matches, typed_options
+        from explain.attribution.catalogue import typed_options
+        from explain.attribution.matches import explain_matches
 
         if query.face is None:
             raise BadRequest("Explain needs a query image, not an embedding")

@@ -18,7 +18,7 @@ from phenolens._proto import gallery_pb2, gallery_pb2_grpc, phenolens_pb2, pheno
 from phenolens.arrays import to_float_array
 
 from encoder.image import decode_image
-from explain.attribution.matches import METHOD_NAMES, check_methods
+from explain.attribution.catalogue import METHOD_NAMES, check_methods
 from gallery.png import encode_png
 from server import convert
 from server.application import ExplainAsk, explain_query

@@ -27,7 +27,7 @@ import numpy as np
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from explain.defaults import DEFAULT_METHODS
+    from explain.attribution.catalogue import DEFAULT_METHODS, METHOD_NAMES
     from explain.limits import DEFAULT_BUDGET, DEFAULT_TIME_LIMIT_S
 
     p = subparsers.add_parser(
@@ -44,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="CSV with columns query,gallery: explain every pair, model loaded once")
     p.add_argument("--top", type=int, default=5, help="gallery matches to explain (default 5)")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
-                   help=f"attribution methods (default: {' '.join(DEFAULT_METHODS)}); see "
-                        "`python -c 'import explain.attribution.matches as m; print(m.METHOD_NAMES)'`")
+                   help=f"attribution methods (default: {' '.join(DEFAULT_METHODS)}); one or "
+                        f"more of: {' '.join(METHOD_NAMES)}")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="one JSON object per match on stdout")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
@@ -111,7 +111,7 @@ def _read_pairs(path: Path) -> list[tuple[Path, Path]]:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from explain.attribution.matches import DEFAULT_METHODS, check_methods
+    from explain.attribution.catalogue import DEFAULT_METHODS, check_methods
 
     args.methods = list(check_methods(args.methods or DEFAULT_METHODS))
     if args.server:
