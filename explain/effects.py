@@ -158,11 +158,18 @@ class PairEffects:
         return weighted_map(aligned_map, values, effects.regions)
 
 
+# The drawn maps when a match's effects are measured: the map each kind of effect weights
+# (contrast pictures where the faces differ, similarity what pulls them together).
+WEIGHTED_KIND: dict[str, EffectKind] = {"contrast": "differs", "similarity": "alike"}
+WEIGHT_FLOOR = 0.25  # inside a region, every pixel weighs at least this x the map's mean there
+
+
 def weighted_map(aligned_map: np.ndarray, values: Sequence[float],
                  regions: tuple[str, ...] = EFFECT_REGIONS) -> np.ndarray:
     """A signed map whose mass in each region is minus that region's effect (``values``, one
     per region: a side's ``differs`` or ``alike``), spread inside the region as
-    ``aligned_map``'s mass of that sign is (uniformly where the map has none).
+    ``aligned_map``'s magnitude is, with a floor of ``WEIGHT_FLOOR`` of its mean there (so a
+    region's effect is never squeezed into a few pixels; uniform where the map is zero).
 
     The maps' convention holds: negative where the faces differ (a region whose swap would
     raise the cosine by 0.12 carries −0.12), positive where the match leans (a region whose
@@ -181,7 +188,8 @@ def weighted_map(aligned_map: np.ndarray, values: Sequence[float],
         mass = -float(value)
         if mass == 0.0 or not mask.any():
             continue
-        weights = np.where(mask, np.maximum(np.sign(mass) * m, 0.0), 0.0)
+        magnitude = np.where(mask, np.abs(m), 0.0)
+        weights = magnitude + WEIGHT_FLOOR * magnitude[mask].mean() * mask
         total = weights.sum()
         if total <= 0.0:
             weights, total = mask.astype(np.float64), float(mask.sum())

@@ -223,6 +223,17 @@ def sum_note(method: str, contrast_share: float | None) -> str | None:
             "(1 − cosine): a first-order estimate, not the model's total")
 
 
+def weighted_note(method: str, contrast_share: float | None = None) -> str:
+    """The line a figure drawn with region effects carries (``explain.effects.weighted_map``):
+    what its totals are, and for contrast how much of ``1 − cosine`` its own sum holds."""
+    note = (f"region totals: the measured effects (cosine change when a region is edited) "
+            f"· shading within a region: {method}")
+    if method == "contrast" and contrast_share is not None:
+        note += (f"\ncontrast's own map sums to {100 * contrast_share:.0f} % of the similarity "
+                 "lost (1 − cosine): a first-order estimate")
+    return note
+
+
 def pair_figure(
     query_rgb: np.ndarray,
     gallery_rgb: np.ndarray,
@@ -272,7 +283,9 @@ def pair_figure(
     fig.text(0.5, 0.925, METHOD_TITLES.get(method, f"{method} map"), ha="center",
              fontsize=9, color="#333")
     if note:
-        fig.text(0.5, 0.898, note, ha="center", fontsize=7, color="#666")
+        lines = [w for line in note.splitlines() for w in textwrap.wrap(line, 120)]
+        fig.text(0.5, 0.912, "\n".join(lines[:3]), ha="center", va="top", fontsize=6.5,
+                 color="#666", linespacing=1.3)
     has_blue, has_red = present_signs(query_map, gallery_map, limit=limit)
     cmap = colormaps[DIVERGING_CMAP]
     lo, hi = (-limit if has_blue or not has_red else 0.0), (limit if has_red else 0.0)

@@ -144,7 +144,7 @@ def present_maps(pair: MatchMaps, photo_maps: Sequence[np.ndarray | None] | None
     pair figure titled with ``hit``'s gallery cosine and names and worded by the pair's
     region effects when it has them."""
     from explain.regions import region_summary
-    from explain.render import overlay_png, pair_figure, sum_note
+    from explain.render import overlay_png, pair_figure
 
     words = None if pair.effects is None else (pair.effects.query.describe(),
                                                pair.effects.gallery.describe())
@@ -153,22 +153,40 @@ def present_maps(pair: MatchMaps, photo_maps: Sequence[np.ndarray | None] | None
         qa = np.asarray(m.query_aligned, np.float32)
         ga = np.asarray(m.gallery_aligned, np.float32)
         feature = presentation.feature_maps and m.resolution == "feature"
+        drawn_q, drawn_g, note = drawn_maps(pair, m)
         pictures: dict[str, bytes] = {}
         if presentation.pair_figures:
             pictures["pair_figure_png"] = pair_figure(
-                query_crop, gallery_crop, qa, ga, cosine=hit.score,
+                query_crop, gallery_crop, drawn_q, drawn_g, cosine=hit.score,
                 label=hit.syndrome_name or hit.syndrome_id, method=m.method,
-                gallery_name=face_name(hit), words=words,
-                note=sum_note(m.method, pair.contrast_share))
+                gallery_name=face_name(hit), words=words, note=note)
         if presentation.overlays:
-            pictures["query_overlay_png"] = overlay_png(query_crop, qa)
-            pictures["gallery_overlay_png"] = overlay_png(gallery_crop, ga)
+            pictures["query_overlay_png"] = overlay_png(query_crop, drawn_q)
+            pictures["gallery_overlay_png"] = overlay_png(gallery_crop, drawn_g)
             if query_photo is not None and photo is not None:
                 pictures["photo_overlay_png"] = overlay_png(query_photo, photo)
         out.append(PresentedMap(m, qa, ga, region_summary(qa), region_summary(ga),
                                 m.query if feature else None, m.gallery if feature else None,
                                 photo, **pictures))
     return tuple(out)
+
+
+def drawn_maps(pair: MatchMaps, m: MethodMaps) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """What a picture of ``m``'s maps shows, query and gallery (H, W) on the aligned crops,
+    and the grey note under its title. With region effects, contrast and similarity are
+    drawn weighted (``explain.effects.weighted_map``): each region's measured effect as its
+    mass, the method's shading inside it, so the picture and the words agree on which
+    region matters. The arrays sent and saved stay the method's own."""
+    from explain.effects import WEIGHTED_KIND
+    from explain.render import sum_note, weighted_note
+
+    qa = np.asarray(m.query_aligned, np.float32)
+    ga = np.asarray(m.gallery_aligned, np.float32)
+    kind = WEIGHTED_KIND.get(m.method) if pair.effects is not None else None
+    if kind is None:
+        return qa, ga, sum_note(m.method, pair.contrast_share)
+    return (pair.effects.weighted("query", kind, qa), pair.effects.weighted("gallery", kind, ga),
+            weighted_note(m.method, pair.contrast_share))
 
 
 def face_name(h: Hit) -> str:

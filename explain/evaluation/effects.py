@@ -42,6 +42,7 @@ from explain.attribution.engine import Explainer
 from explain.attribution.matches import explain_matches
 from explain.effects import (
     EFFECT_REGIONS,
+    WEIGHTED_KIND,
     NeutralFace,
     edit_masks,
     effect_region_stack,
@@ -56,7 +57,7 @@ BASELINES: tuple[str, ...] = ("pixel difference", "region area", "constant (eyes
 # The drawn maps when a match's effects are measured (``PairEffects.weighted``): the method's
 # picture inside each region, the model's effect as each region's mass. Their region
 # agreement is by construction (the effects are the truth); the trap is not.
-WEIGHTED: dict[str, str] = {"contrast": "differs", "similarity": "alike"}
+WEIGHTED = WEIGHTED_KIND
 
 
 def weighted_row(method: str) -> str:

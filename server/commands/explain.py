@@ -206,13 +206,8 @@ def _write(args: argparse.Namespace, query: _Query, explained: Iterable[_Explain
            prefix: str | None) -> None:
     """Per explained match and method, the pair figure, the query map on the photo, the
     gallery overlay and the raw maps into args.out; a JSON line or a summary on stdout."""
-    from explain.render import (
-        overlay_png,
-        pair_figure,
-        photo_overlay_png,
-        sum_note,
-        symmetric_limit,
-    )
+    from explain.render import overlay_png, pair_figure, photo_overlay_png, symmetric_limit
+    from server.present import drawn_maps
 
     for match, maps, presented in explained:
         doc = {"rank": match.rank, **match.info, "cosine": maps.cosine,
@@ -233,7 +228,8 @@ def _write(args: argparse.Namespace, query: _Query, explained: Iterable[_Explain
             if not m.batched:
                 entry.update(forward_passes=m.forward_passes, seconds=m.seconds)
             stem = f"{name}_{m.method}"
-            limit = symmetric_limit(m.query_aligned, m.gallery_aligned)
+            drawn_q, drawn_g, note = drawn_maps(maps, m)
+            limit = symmetric_limit(drawn_q, drawn_g)
             out = {
                 "pair": args.out / f"{stem}_pair.png",
                 "query_photo": args.out / f"{stem}_query_photo.png",
@@ -241,16 +237,16 @@ def _write(args: argparse.Namespace, query: _Query, explained: Iterable[_Explain
                 "query_map": args.out / f"{stem}_query.npy",
                 "gallery_map": args.out / f"{stem}_gallery.npy",
             }
-            pair_figure(query.crop, match.crop, m.query_aligned, m.gallery_aligned,
-                        cosine=maps.cosine, label=match.label, method=m.method, path=out["pair"],
-                        words=words, note=sum_note(m.method, maps.contrast_share))
-            photo_overlay_png(query.photo, m.query_aligned, query.alignment, out["query_photo"],
+            pair_figure(query.crop, match.crop, drawn_q, drawn_g, cosine=maps.cosine,
+                        label=match.label, method=m.method, path=out["pair"], words=words,
+                        note=note)
+            photo_overlay_png(query.photo, drawn_q, query.alignment, out["query_photo"],
                               limit=limit)
             if match.photo is not None:
-                photo_overlay_png(match.photo, m.gallery_aligned, match.alignment,
+                photo_overlay_png(match.photo, drawn_g, match.alignment,
                                   out["gallery_overlay"], limit=limit)
             else:
-                overlay_png(match.crop, m.gallery_aligned, out["gallery_overlay"], limit=limit)
+                overlay_png(match.crop, drawn_g, out["gallery_overlay"], limit=limit)
             np.save(out["query_map"], m.query)
             np.save(out["gallery_map"], m.gallery)
             entry["files"] = {k: str(v) for k, v in out.items()}
