@@ -474,6 +474,25 @@ class RegionEffects:
         return ([e[:, 0] for e in per_hit], [e[:, 1] for e in per_hit], g_alike,
                 self._query_alike)
 
+    def neutral_of(self, hits) -> list[list[torch.Tensor]]:
+        """Each of ``hits``' neutral edits (pixel mode): per hit, per view, the (R, D) unit
+        embeddings of the hit with each region replaced by the neutral face's. They depend
+        on the hit's crop and the model only, so a gallery keeps them (``NeutralEdits``;
+        the server's feature store computes them at import)."""
+        from explain.errors import InvalidOption
+
+        if hits.crops is None:
+            raise InvalidOption("region effects need the faces' aligned crops")
+        r_count = len(self.regions)
+        crops = np.concatenate([edited_crops(crop, self.neutral.crop, self.masks)
+                                for crop in hits.crops])
+        targets = np.repeat(np.arange(1, len(hits) + 1), r_count)
+        regions = np.tile(np.arange(r_count), len(hits))
+        splits = self._splits()
+        embs = self._encode(crops) if splits is None else \
+            self._encode_windows(crops, targets, regions, hits, splits)
+        return [[e[k * r_count:(k + 1) * r_count] for e in embs] for k in range(len(hits))]
+
     def _encode(self, crops: np.ndarray) -> list[torch.Tensor]:
         """(N, H, W, 3) crops -> per view (N, D) unit embeddings, in guarded batches."""
         views = len(self.query.embeddings)
@@ -587,6 +606,14 @@ def region_effects(explainer, query, hits, *, neutral: np.ndarray | NeutralFace,
     query and all of ``hits`` at once). Returns K PairEffects in the order of ``hits``."""
     return RegionEffects(explainer, query, neutral=neutral, mode=mode, regions=regions,
                          guard=guard, precision=precision).of(hits)
+
+
+def neutral_edits(explainer, faces, *, neutral: np.ndarray | NeutralFace,
+                  guard: Guard | None = None, precision: str = "bf16") -> list[list[torch.Tensor]]:
+    """``RegionEffects.neutral_of``: per face of ``faces`` (FaceFeatures with crops), per
+    view, its (R, D) neutral-edit embeddings over ``EFFECT_REGIONS``."""
+    return RegionEffects(explainer, faces.select(0), neutral=neutral, guard=guard,
+                         precision=precision).neutral_of(faces)
 
 
 def _window(alpha: np.ndarray, split, flipped: bool

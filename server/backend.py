@@ -37,7 +37,14 @@ from gallery.png import encode_png
 from gallery.records import AddReport
 from server.config import ServiceConfig
 from server.errors import BadRequest, SeveralFaces
-from server.feature_cache import FeatureCache, Fingerprint, from_stored, stored_scheme, to_stored
+from server.feature_cache import (
+    FeatureCache,
+    Fingerprint,
+    from_stored,
+    stored_edits,
+    stored_scheme,
+    to_stored,
+)
 from server.limits import RequestScope
 
 if TYPE_CHECKING:
@@ -429,13 +436,23 @@ class Backend:
             self.activity.end(completed)
 
     def _kept_edits(self, hits: Sequence[Hit], pngs: Sequence[bytes]) -> Any:
-        """The hits' region-effect neutral edits, kept beside their cached features (and
-        forgotten with them: deletion, replacement, eviction, a replica's new snapshot)."""
-        if self.feature_cache is None:
+        """The hits' region-effect neutral edits: kept beside their cached features (and
+        forgotten with them: deletion, replacement, eviction, a replica's new snapshot),
+        else read from the feature store, which holds them from import."""
+        cached = None if self.feature_cache is None else CachedNeutralEdits(
+            self.feature_cache, [(h.gallery_id, Fingerprint.of(png, self.encoder_id,
+                                                                 self.view_scheme))
+                                 for h, png in zip(hits, pngs, strict=True)])
+        return KeptNeutralEdits(cached, self.feature_store, [h.gallery_id for h in hits])
+
+    def _neutral_edits(self, features: FaceFeatures) -> list | None:
+        """Gallery faces' neutral edits for the feature store (``explain.effects``), or None
+        when the configuration leaves them out or the faces carry no crops."""
+        if not self.config.explain.store_neutral_edits or features.crops is None:
             return None
-        return CachedNeutralEdits(self.feature_cache, [
-            (h.gallery_id, Fingerprint.of(png, self.encoder_id, self.view_scheme))
-            for h, png in zip(hits, pngs, strict=True)])
+        from explain.effects import neutral_edits
+
+        return neutral_edits(self.explainer, features, neutral=self.neutral)
 
     @property
     def neutral(self) -> Any:
@@ -483,13 +500,14 @@ class Backend:
 
     @staticmethod
     def _store(store: FeatureStore | None, gallery_ids: Sequence[int],
-               features: FaceFeatures) -> None:
-        """Write gallery faces' features to ``store`` (ids no longer in the gallery are
-        skipped by the store; a failing disk only costs the next call an encode)."""
+               features: FaceFeatures, edits: Sequence[Any] | None = None) -> None:
+        """Write gallery faces' features (and their neutral edits, when made) to ``store``
+        (ids no longer in the gallery are skipped by the store; a failing disk only costs
+        the next call an encode)."""
         if store is None or not gallery_ids:
             return
         try:
-            store.put(list(gallery_ids), *to_stored(features))
+            store.put(list(gallery_ids), *to_stored(features, edits))
         except OSError as exc:
             log.warning("feature store write failed (%s): features will be encoded again",
                         type(exc).__name__)
@@ -552,8 +570,8 @@ class Backend:
                 todo = set(store.missing(gids))
                 keep = [i for i, g in enumerate(gids) if g in todo]
                 if keep:
-                    self._store(store, [gids[i] for i in keep],
-                                FaceFeatures.concat([with_features[i][1] for i in keep]))
+                    kept = FaceFeatures.concat([with_features[i][1] for i in keep])
+                    self._store(store, [gids[i] for i in keep], kept, self._neutral_edits(kept))
         return report
 
     def add_image(self, item: tuple[Entry, FaceFeatures | None]) -> RecordInfo:
@@ -610,7 +628,8 @@ class Backend:
             nonlocal stored
             if pending:
                 features = self.explainer.encode(np.stack([crop for _, crop in pending]))
-                self._store(store, [gid for gid, _ in pending], features)
+                self._store(store, [gid for gid, _ in pending], features,
+                            self._neutral_edits(features))
                 stored += len(pending)
                 pending.clear()
 
@@ -669,6 +688,29 @@ class CachedNeutralEdits:
     def put(self, index: int, embeddings: Sequence[Any]) -> None:
         gid, fingerprint = self.keys[index]
         self.cache.put_extra(gid, fingerprint, self.name, embeddings)
+
+
+@dataclass(frozen=True)
+class KeptNeutralEdits:
+    """``explain.effects.NeutralEdits`` for the hits ``gallery_ids``: the feature cache's
+    (``cached``), else the feature store's (then cached too), else None (computed)."""
+
+    cached: CachedNeutralEdits | None
+    store: FeatureStore | None
+    gallery_ids: Sequence[int]
+
+    def get(self, index: int) -> Any:
+        found = None if self.cached is None else self.cached.get(index)
+        if found is None and self.store is not None:
+            stored = self.store.get([self.gallery_ids[index]])
+            found = stored_edits(stored, 0) if stored.gallery_ids else None
+            if found is not None and self.cached is not None:
+                self.cached.put(index, found)
+        return found
+
+    def put(self, index: int, embeddings: Sequence[Any]) -> None:
+        if self.cached is not None:
+            self.cached.put(index, embeddings)
 
 
 def _unit_views(embeddings: Sequence[Any]) -> np.ndarray:

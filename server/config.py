@@ -169,6 +169,10 @@ class ExplainConfig:
     # beside the gallery file. SFace with flip, CAM and contrast-layer maps: about
     # 1.24 MB per face, so the default holds ~160 MB. 0 disables.
     feature_cache_size: Int = 128
+    # Gallery faces added to the feature store get their region effects' neutral edits
+    # too (9 regions x each view, about 2x an encode per face at import), so the first
+    # Explain with effects of any hit pays only for the edits that depend on the query.
+    store_neutral_edits: bool = True
 
 
 @dataclass(frozen=True, config=SECTION)

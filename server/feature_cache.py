@@ -85,13 +85,17 @@ def _own(features: FaceFeatures) -> FaceFeatures:
 
 # -- the on-disk store's layout (gallery.features) ------------------------------------
 #
-# The store keeps per view one map and one embedding; a face here has two maps per view
-# (the CAM layer's and the contrast layer's). They go in as twice the views, in the order
-# [CAM maps of views 0..V-1, contrast-layer maps of views 0..V-1]; the embeddings sit on
-# the first V and the last V carry empty (0-wide) embeddings. The layout is named in the
-# store's view scheme (``stored_scheme``), so a store of another layout reads as stale.
+# The store keeps per view one map and one embedding; a face here has three arrays per
+# view (the CAM layer's map, the contrast layer's, and its region effects' neutral edits:
+# (R, D) unit embeddings of the face with each region of ``explain.effects.EFFECT_REGIONS``
+# replaced by the neutral face's, stored as an (R, D, 1) map). They go in as three times
+# the views, in the order [CAM maps of views 0..V-1, contrast-layer maps, neutral edits];
+# the embeddings sit on the first V and the rest carry empty (0-wide) embeddings. Neutral
+# edits not computed (a hit encoded by Explain) are stored as NaN and read as absent. The
+# layout is named in the store's view scheme (``stored_scheme``), so a store of another
+# layout reads as stale.
 
-STORED_KINDS = "cam+contrast"
+STORED_KINDS = "cam+contrast+neutral-edits"
 
 
 def stored_scheme(view_scheme: str) -> str:
@@ -99,20 +103,41 @@ def stored_scheme(view_scheme: str) -> str:
     return f"{view_scheme}|{STORED_KINDS}"
 
 
-def to_stored(features: FaceFeatures) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """FaceFeatures of N faces -> (maps, embeddings) for ``FeatureStore.put``: 2V maps
-    (N, C, h, w) then (N, C_f, h_f, w_f), and 2V embeddings (N, D) then (N, 0), float32."""
+def to_stored(features: FaceFeatures, edits: Sequence[Sequence[torch.Tensor]] | None = None
+              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """FaceFeatures of N faces (and their neutral edits: per face, per view (R, D), or None)
+    -> (maps, embeddings) for ``FeatureStore.put``: 3V maps (N, C, h, w), (N, C_f, h_f,
+    w_f), (N, R, D, 1) (NaN without ``edits``), and 3V embeddings (N, D), then (N, 0),
+    float32."""
+    from explain.effects import EFFECT_REGIONS
+
     if features.fine_maps is None:
         raise ValueError("only features with their contrast-layer maps can be stored")
 
     def arr(t: torch.Tensor) -> np.ndarray:
         return t.detach().to("cpu", torch.float32).numpy()
 
-    n = len(features)
-    maps = [arr(m) for m in (*features.feature_maps, *features.fine_maps)]
+    n, views = len(features), len(features.embeddings)
+    if edits is None:
+        neutral = [np.full((n, len(EFFECT_REGIONS), e.shape[-1], 1), np.nan, np.float32)
+                   for e in features.embeddings]
+    else:
+        neutral = [np.stack([arr(edits[k][v]) for k in range(n)])[..., None]
+                   for v in range(views)]
+    maps = [arr(m) for m in (*features.feature_maps, *features.fine_maps)] + neutral
     embeddings = [arr(e) for e in features.embeddings]
-    embeddings += [np.zeros((n, 0), np.float32)] * len(features.fine_maps)
+    embeddings += [np.zeros((n, 0), np.float32)] * (2 * views)
     return maps, embeddings
+
+
+def stored_edits(stored: StoredFeatures, row: int) -> list[torch.Tensor] | None:
+    """The neutral edits of face ``row`` of ``FeatureStore.get``'s results, per view (R, D)
+    float32 tensors, or None where the store holds none (NaN)."""
+    views = len(stored.maps) // 3
+    edits = [np.asarray(m[row, ..., 0], np.float32) for m in stored.maps[2 * views:]]
+    if not edits or any(not np.isfinite(e).all() for e in edits):
+        return None
+    return [torch.from_numpy(e) for e in edits]
 
 
 def from_stored(stored: StoredFeatures, like: FaceFeatures, crops: np.ndarray | None
@@ -121,8 +146,8 @@ def from_stored(stored: StoredFeatures, like: FaceFeatures, crops: np.ndarray | 
     flips and device of ``like`` (any features of the same explainer) and ``crops``
     (N, H, W, 3) uint8 of those faces (or None)."""
     views = len(like.feature_maps)
-    if len(stored.maps) != 2 * views:
-        raise ValueError(f"the store holds {len(stored.maps)} maps per face, expected {2 * views}")
+    if len(stored.maps) != 3 * views:
+        raise ValueError(f"the store holds {len(stored.maps)} maps per face, expected {3 * views}")
     device = like.feature_maps[0].device
 
     def tensor(a: np.ndarray) -> torch.Tensor:
@@ -132,7 +157,7 @@ def from_stored(stored: StoredFeatures, like: FaceFeatures, crops: np.ndarray | 
         tuple(tensor(m) for m in stored.maps[:views]),
         tuple(tensor(e) for e in stored.embeddings[:views]),
         like.encoders, like.flipped, like.crop_size, crops,
-        tuple(tensor(m) for m in stored.maps[views:]),
+        tuple(tensor(m) for m in stored.maps[views:2 * views]),
     )
 
 

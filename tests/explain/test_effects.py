@@ -258,3 +258,17 @@ def test_pictures_of_a_match_with_effects_carry_its_effects_as_region_totals(exp
         q_drawn, _, note = drawn_maps(plain, m)
         np.testing.assert_array_equal(q_drawn, m.query_aligned)
         assert note is None or "first-order" in note
+
+
+def test_neutral_edits_made_apart_are_the_ones_the_effects_use(explainer, crops, neutral):
+    from explain.effects import neutral_edits
+
+    q = explainer.encode(crops["person_a_1.jpg"])
+    g = explainer.encode(np.stack([crops["person_a_2.jpg"], crops["impostor_1.jpg"]]))
+    apart = neutral_edits(explainer, g, neutral=neutral)
+    kept = KeptEdits(enumerate(apart))
+    with_kept = RegionEffects(explainer, q, neutral=neutral).of(g, kept)
+    fresh = RegionEffects(explainer, q, neutral=neutral).of(g)
+    assert len(apart) == 2 and apart[0][0].shape == (len(EFFECT_REGIONS), 128)
+    for a, b in zip(with_kept, fresh, strict=True):
+        np.testing.assert_allclose(a.gallery.alike, b.gallery.alike, atol=1e-4)

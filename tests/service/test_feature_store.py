@@ -247,3 +247,38 @@ def test_the_gallery_features_command_fills_the_store_offline(backend, filled, p
     with _serving(fresh, filled) as reader:
         _explain(reader, photo_paths)
     assert (fresh.activity.hit_encodes, fresh.activity.store_reads) == (0, TOP_K)
+
+
+def test_imported_faces_bring_their_neutral_edits_and_effects_read_them(backend, filled,
+                                                                          photo_paths):
+    """Region effects' neutral edits of gallery faces are made at import and kept in the
+    store: a restarted server's first Explain with effects reads them instead of editing
+    the hits again, and its effects equal a server's that edits them."""
+    from explain.effects import EFFECT_REGIONS, neutral_edits
+
+    stored = _backend(backend, filled)
+    hits = stored.gallery.list(limit=2)
+    pngs = [stored.gallery.get(h.gallery_id).crop_png for h in hits]
+    kept = stored._kept_edits(hits, pngs)
+    first = kept.get(0)
+    assert first is not None and first[0].shape == (len(EFFECT_REGIONS), 128)
+    fresh = neutral_edits(backend.explainer, backend.explainer.encode(_crop(pngs[0])),
+                          neutral=stored.neutral)[0]
+    for a, b in zip(first, fresh, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-3)  # float16 storage
+    with _serving(stored, filled) as reader:
+        from_store = reader.explain(photo_paths[QUERY], top_k=2, photo_maps=False, effects=2)
+    plain = _backend(backend, filled, store=False, cache=0)
+    with _serving(plain, filled) as reader:
+        edited = reader.explain(photo_paths[QUERY], top_k=2, photo_maps=False, effects=2)
+    for a, b in zip(from_store.explanations, edited.explanations, strict=True):
+        for side in ("query", "gallery"):
+            x, y = a.effects_of(side), b.effects_of(side)
+            np.testing.assert_allclose([r.alike for r in x.regions],
+                                       [r.alike for r in y.regions], atol=2e-3)
+
+
+def _crop(png: bytes) -> np.ndarray:
+    from encoder.image import decode_image
+
+    return decode_image(png)
