@@ -181,3 +181,11 @@ def test_gallery_ratio_is_judged_on_cpu_time_where_measured():
     one, many, _ = run_all.parse_gallery("", f"# 1,000 records done in 3 s: {json.dumps(record)}\n")
     assert one.value == pytest.approx(1.25) and one.met and "wall 0.50×" in one.what
     assert many.value == pytest.approx(0.75) and not many.met
+
+
+def test_region_effects_are_judged_served_and_capped_for_hits_without_stored_edits():
+    served, cap = run_all.parse_effects(json.dumps(
+        {"ms_per_hit": 126.0, "encode_ms": 12.0, "ratio": 10.5, "kept_ms_per_hit": 30.0,
+         "kept_ratio": 2.5}), "")
+    assert (served.goal, served.value, served.met) == ("effects", pytest.approx(2.5), True)
+    assert (cap.goal, cap.value, cap.met) == ("effects-cap", pytest.approx(10.5), False)
