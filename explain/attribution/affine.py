@@ -14,7 +14,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as nnf
+from torch import nn
 
 from encoder.spec import FaceEncoder
 from explain.errors import NonAffineHead
@@ -33,8 +33,6 @@ class AffineHead:
     mean_weight: torch.Tensor
     weight_by_position: torch.Tensor  # (P, D, C), for per-position products
     grid: tuple[int, int]  # (h, w) of the feature map
-    weight_columns: torch.Tensor  # (C·P, D) contiguous: the pullback's one GEMM, ~1.5x faster
-    # for K ≈ 10 directions than ``directions @ weight`` (a thin product over 50k columns)
 
     @property
     def embedding_dim(self) -> int:
@@ -46,18 +44,45 @@ class AffineHead:
         return torch.bmm(self.weight_by_position, per_position).permute(2, 0, 1)
 
     def pullback(self, directions: torch.Tensor) -> torch.Tensor:
-        """(K, D) -> (K, C, P): ``W^T u``, the gradient of ``<e, u>`` with respect to F."""
+        """(K, D) -> (K, C, P): ``W^T u``, the gradient of ``<e, u>`` with respect to F.
+
+        One GEMM on the weight as stored (D, C·P): 1.4 ms for K + 1 = 11 directions on one
+        thread, against 2.2 ms as ``linear`` on a column-major copy."""
         d, c, p = self.weight.shape
-        return nnf.linear(directions, self.weight_columns).reshape(-1, c, p)
+        return (directions @ self.weight.reshape(d, c * p)).reshape(-1, c, p)
 
 
 _CACHE: weakref.WeakKeyDictionary[FaceEncoder, dict[tuple, AffineHead]] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
+_TENSORS: weakref.WeakKeyDictionary[FaceEncoder, tuple[int, tuple[torch.Tensor, ...]]] = \
+    weakref.WeakKeyDictionary()
+_registrations = 0  # bumped whenever any module anywhere registers a parameter, buffer or child
+
+
+def _registered(*_args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+for _hook in (nn.modules.module.register_module_parameter_registration_hook,
+              nn.modules.module.register_module_buffer_registration_hook,
+              nn.modules.module.register_module_module_registration_hook):
+    _hook(_registered)
 
 
 def _weights_version(encoder: FaceEncoder) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or modified in place."""
-    return tuple((t.data_ptr(), t._version) for t in (*encoder.parameters(), *encoder.buffers()))
+    """Changes whenever a parameter or buffer is replaced or modified in place.
+
+    The encoder's tensors are listed once (walking its modules costs ~0.2 ms a call) and
+    listed again after any module registers a parameter, buffer or submodule (torch's
+    registration hooks; assigning ``module.weight = ...`` goes through them); in-place
+    changes and ``.data`` swaps show in each tensor's ``_version`` and ``data_ptr``."""
+    seen = _TENSORS.get(encoder)
+    if seen is None or seen[0] != _registrations:
+        generation = _registrations
+        seen = (generation, (*encoder.parameters(), *encoder.buffers()))
+        _TENSORS[encoder] = seen
+    return tuple((t.data_ptr(), t._version) for t in seen[1])
 
 
 def affine_head(encoder: FaceEncoder, device: torch.device | str | None = None) -> AffineHead:
@@ -96,9 +121,7 @@ def _linearise(encoder: FaceEncoder, device: torch.device) -> AffineHead:
     weight = jac.reshape(d, c, h * w).detach().contiguous()
     bias = bias_row.detach().reshape(d)
     head = AffineHead(
-        weight, bias, weight.mean(dim=2), weight.permute(2, 0, 1).contiguous(), (h, w),
-        weight.reshape(d, -1).t().contiguous(),
-    )
+        weight, bias, weight.mean(dim=2), weight.permute(2, 0, 1).contiguous(), (h, w))
     _check_affine(encoder, head, device)
     return head
 
