@@ -78,19 +78,32 @@ class CamMethod(Method):
         weights."""
         raise NotImplementedError
 
+    homogeneous = True
+    """Whether the map scales with the gradient (``cam(s·grads) = s·cam(grads)``, s > 0):
+    ``batched_maps`` then applies the held norms to the (K, P) maps, not to (K, C, P)
+    gradients."""
+
     def cam(self, grads: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         """grads, acts (..., C, P) -> (..., P): Σ_c w_c ⊙ F_c."""
         w = self.weights(grads, acts)
-        return ((w[..., None] if w.dim() < grads.dim() else w) * acts).sum(-2)
+        if w.dim() < grads.dim():  # channel weights: one matrix product over the channels
+            return (w.unsqueeze(-2) @ acts).squeeze(-2)
+        return (w * acts).sum(-2)
 
     def side_map(self, p: SideProblem, opts: dict[str, Any]) -> torch.Tensor:
         return self.cam(p.gradient(), p.feature_map[0].flatten(1)).reshape(p.head.grid)
 
     def batched_maps(self, v: ViewPair) -> tuple[torch.Tensor, torch.Tensor]:
-        """ViewPair -> ((K, P) query side, (K, P) hit side): each face against the other."""
-        grads_q = v.pulled[:-1] / v.nq  # (K, C, P): Wᵀ ê_g,k / ‖e_q‖
-        grads_g = v.pulled[-1] / v.ng[:, None, None]  # (K, C, P): Wᵀ ê_q / ‖e_g,k‖
-        return self.cam(grads_q, v.fq.flatten(1)), self.cam(grads_g, v.fg.flatten(2))
+        """ViewPair -> ((K, P) query side, (K, P) hit side): each face against the other,
+        with the gradients ``Wᵀ ê_g,k / ‖e_q‖`` (query side) and ``Wᵀ ê_q / ‖e_g,k‖``
+        (hit side)."""
+        fq, fg = v.fq.flatten(1), v.fg.flatten(2)
+        if self.homogeneous:  # the norms on the maps: no (K, C, P) copies of the gradients
+            return (self.cam(v.pulled[:-1], fq) / v.nq,
+                    self.cam(v.pulled[-1].expand_as(fg), fg) / v.ng[:, None])
+        grads_q = v.pulled[:-1] / v.nq  # (K, C, P)
+        grads_g = v.pulled[-1] / v.ng[:, None, None]  # (K, C, P)
+        return self.cam(grads_q, fq), self.cam(grads_g, fg)
 
 
 class HiResCAM(CamMethod):
@@ -112,6 +125,8 @@ class GradCAM(CamMethod):
 class GradCAMPlusPlus(CamMethod):
     """Chattopadhyay et al.'s closed form with the exponential-output assumption,
     as pytorch-grad-cam computes it."""
+
+    homogeneous = False  # g²/(2g² + Σ_p F·g³) does not scale with g
 
     def weights(self, grads, acts):
         g2, g3 = grads**2, grads**3
