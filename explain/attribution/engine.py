@@ -194,7 +194,11 @@ class Explainer:
         guard = Guard(cancel=cancel)
         return self._encode_views(view_inputs(self.source, crops), crops, guard)
 
-    def _encode_views(self, views: list[ViewInput], crops: np.ndarray, guard: Guard) -> FaceFeatures:
+    def _encode_views(self, views: list[ViewInput], crops: np.ndarray, guard: Guard,
+                      fine: bool = True) -> FaceFeatures:
+        """One batched forward per encoder. ``fine``: also keep the contrast-layer
+        activations and the tail's state (``fine_maps``, ``tail_states``); without, the
+        plain ``features`` forward (the same feature maps, no gains recorded)."""
         maps: list[torch.Tensor | None] = [None] * len(views)
         fines: list[torch.Tensor | None] = [None] * len(views)
         states: list[tuple[torch.Tensor, ...] | None] = [None] * len(views)
@@ -206,16 +210,22 @@ class Explainer:
             for indices in groups.values():
                 guard.check()
                 encoder = views[indices[0]].encoder
-                fine = encoder.fine_features(torch.cat([views[i].inputs for i in indices]))
-                fmap, state = encoder.tail_forward(fine)
+                x = views[indices[0]].inputs if len(indices) == 1 else torch.cat(
+                    [views[i].inputs for i in indices])
+                if fine:
+                    activations = encoder.fine_features(x)
+                    fmap, state = encoder.tail_forward(activations)
+                else:
+                    activations, fmap, state = None, encoder.features(x), None
                 emb = encoder.head(fmap)
                 n = views[indices[0]].inputs.shape[0]
                 for j, i in enumerate(indices):
-                    maps[i] = fmap[j * n : (j + 1) * n]
-                    fines[i] = fine[j * n : (j + 1) * n]
-                    embs[i] = emb[j * n : (j + 1) * n]
+                    part = slice(j * n, (j + 1) * n)
+                    maps[i], embs[i] = fmap[part], emb[part]
+                    if activations is not None:
+                        fines[i] = activations[part]
                     if state is not None:
-                        states[i] = tuple(t[j * n : (j + 1) * n] for t in state)
+                        states[i] = tuple(t[part] for t in state)
         grids = {tuple(m.shape[-2:]) for m in maps}
         if len(grids) > 1:
             raise IncompatibleViews(f"views have different feature grids {sorted(grids)}")
@@ -226,21 +236,23 @@ class Explainer:
             tuple(v.flipped for v in views),
             (int(crops.shape[1]), int(crops.shape[2])),
             crops,
-            tuple(fines),
+            tuple(fines) if fine else None,
             tuple(states),
         )
 
-    def features(self, faces: np.ndarray | FaceFeatures, guard: Guard | None = None
-                 ) -> FaceFeatures:
+    def features(self, faces: np.ndarray | FaceFeatures, guard: Guard | None = None, *,
+                 fine: bool = True) -> FaceFeatures:
         """``faces`` as FaceFeatures: given ones as they are, (N, H, W, 3) or (H, W, 3) uint8
-        crops encoded here (N forward passes per view, spent on ``guard``)."""
+        crops encoded here (N forward passes per view, spent on ``guard``; ``fine=False``
+        leaves out the contrast-layer activations and tail state, which only the maps of
+        ``FINE_MAPS`` read)."""
         if isinstance(faces, FaceFeatures):
             return faces
         crops = np.asarray(faces)
         if crops.ndim == 3:
             crops = crops[None]
         guard = guard or Guard()
-        features = self._encode_views(view_inputs(self.source, crops), crops, guard)
+        features = self._encode_views(view_inputs(self.source, crops), crops, guard, fine)
         guard.spend(len(crops) * len(features.encoders))
         return features
 
@@ -261,12 +273,13 @@ class Explainer:
         Returns K PairExplanation, in the order of ``hits``.
         """
         names = tuple(dict.fromkeys(("similarity", *maps)))
+        fine = any(name in FINE_MAPS for name in names)
         guard = Guard(cancel=cancel)
-        q, g = self.features(query, guard), self.features(hits, guard)
+        q, g = self.features(query, guard, fine=fine), self.features(hits, guard, fine=fine)
         check_compatible(q, g)
         if len(q) != 1:
             raise InvalidOption(f"explain() takes one query face, got {len(q)}")
-        if any(name in FINE_MAPS for name in names):
+        if fine:
             q, g = self._with_fine_maps(q, guard), self._with_fine_maps(g, guard)
         guard.check()
         no_fine = (None,) * len(q.encoders)
