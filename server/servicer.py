@@ -21,7 +21,7 @@ from encoder.image import decode_image
 from explain.attribution.catalogue import METHOD_NAMES, check_methods
 from gallery.png import encode_png
 from server import convert
-from server.application import ExplainAsk, explain_query
+from server.application import ExplainAsk, ExplainedQuery, explain_query
 from server.backend import Backend, Query
 from server.config import ServiceConfig
 from server.errors import BadRequest, NotFound
@@ -88,9 +88,10 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
             raise BadRequest("too many gallery_ids")
         return tuple(convert.gallery_id(g) for g in request.gallery_ids)
 
-    def _explain(self, request: phenolens_pb2.ExplainRequest, scope: RequestScope
-                 ) -> Iterator[phenolens_pb2.ExplainEvent]:
-        """The events of an explanation: the match first, then each explained hit."""
+    def _explained(self, request: phenolens_pb2.ExplainRequest, scope: RequestScope
+                   ) -> tuple[ExplainedQuery, bool]:
+        """The explanation (its hits computed as they are read) and whether a face was
+        detected."""
         methods = self._methods(request)
         options = {name: dict(o.values) for name, o in request.method_options.items()}
         if request.match.WhichOneof("query") != "image":
@@ -100,9 +101,7 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
             methods, options, **self._ranking(request.match, 3),
             gallery_ids=self._gallery_ids(request), effects=request.effects,
             presentation=convert.presentation(request))
-        b = self.backend
-        yield from convert.explain_events(explain_query(b, query, ask, scope), b.encoder_id,
-                                          b.view_scheme, detected=detected)
+        return explain_query(self.backend, query, ask, scope), detected
 
     # -- RPCs ----------------------------------------------------------------------------
     def GetServerInfo(self, request: phenolens_pb2.ServerInfoRequest,
@@ -158,14 +157,20 @@ class PhenoLensServicer(phenolens_pb2_grpc.PhenoLensServicer):
     def Explain(self, request: phenolens_pb2.ExplainRequest, context: grpc.ServicerContext
                 ) -> phenolens_pb2.ExplainResponse:
         scope = RequestScope.of(context)
+        b = self.backend
         with self.limiter.slot():
-            return convert.explain_response(self._explain(request, scope))
+            result, detected = self._explained(request, scope)
+            return convert.explain_result(result, b.encoder_id, b.view_scheme,
+                                          detected=detected)
 
     def ExplainStream(self, request: phenolens_pb2.ExplainRequest,
                       context: grpc.ServicerContext) -> Iterator[phenolens_pb2.ExplainEvent]:
         scope = RequestScope.of(context)
+        b = self.backend
         with self.limiter.slot():
-            yield from self._explain(request, scope)
+            result, detected = self._explained(request, scope)
+            yield from convert.explain_events(result, b.encoder_id, b.view_scheme,
+                                              detected=detected)
 
 
 class GalleryAdminServicer(gallery_pb2_grpc.GalleryAdminServicer):

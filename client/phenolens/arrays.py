@@ -20,14 +20,26 @@ ImageLike = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | An
 
 
 def to_float_array(array: np.ndarray) -> types_pb2.FloatArray:
-    arr = np.ascontiguousarray(np.asarray(array, dtype="<f4"))
-    return types_pb2.FloatArray(shape=list(arr.shape), data=arr.tobytes())
+    message = types_pb2.FloatArray()
+    set_float_array(message, array)
+    return message
 
 
-def from_float_array(message: types_pb2.FloatArray) -> np.ndarray:
-    """The array of a FloatArray message; an empty message gives an empty (0,) array."""
+def set_float_array(message: types_pb2.FloatArray, array: np.ndarray) -> None:
+    """Fill ``message`` (e.g. a field of a message being built) in place with ``array``: no
+    FloatArray built apart and copied in, which counts for the large photo maps."""
+    arr = np.ascontiguousarray(array, dtype="<f4")
+    message.shape[:] = arr.shape
+    message.data = arr.tobytes()
+
+
+def from_float_array(message: types_pb2.FloatArray, *, copy: bool = True) -> np.ndarray:
+    """The array of a FloatArray message; an empty message gives an empty (0,) array.
+    ``copy=False``: a read-only float32 view of the message's bytes (no copy of its own)."""
     shape = tuple(int(n) for n in message.shape)
-    arr = np.frombuffer(message.data, dtype="<f4").astype(np.float32)
+    arr = np.frombuffer(message.data, dtype="<f4")
+    if copy or arr.dtype != np.float32:  # a copy, or native order on a big-endian machine
+        arr = arr.astype(np.float32)
     if not shape:
         return arr
     expected = int(np.prod(shape))
@@ -36,8 +48,8 @@ def from_float_array(message: types_pb2.FloatArray) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def optional_array(message: types_pb2.FloatArray) -> np.ndarray | None:
-    return from_float_array(message) if message.shape else None
+def optional_array(message: types_pb2.FloatArray, *, copy: bool = True) -> np.ndarray | None:
+    return from_float_array(message, copy=copy) if message.shape else None
 
 
 def _pixels(arr: np.ndarray) -> types_pb2.RawPixels:
@@ -84,6 +96,32 @@ def to_rgb(image: ImageLike) -> np.ndarray | None:
     data = Path(image).read_bytes() if isinstance(image, (str, os.PathLike)) else bytes(image)
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def image_rgb(message: types_pb2.Image) -> np.ndarray | None:
+    """(H, W, 3) uint8 pixels of an Image message as ``to_rgb`` gives them for its input
+    (None when decoding needs Pillow and it is absent)."""
+    if message.WhichOneof("source") == "pixels":
+        p = message.pixels
+        return to_rgb(np.frombuffer(p.data, np.uint8).reshape(p.height, p.width, p.channels)
+                      .copy())
+    return to_rgb(message.encoded)
+
+
+class LazyRGB:
+    """The pixels of a sent Image (``image_rgb``), decoded on the first call and kept: the
+    query photo that photo overlays are drawn on, decoded only when one is drawn."""
+
+    def __init__(self, message: types_pb2.Image) -> None:
+        self._message: types_pb2.Image | None = message
+        self._rgb: np.ndarray | None = None
+
+    def __call__(self) -> np.ndarray | None:
+        message = self._message
+        if message is not None:
+            self._rgb = image_rgb(message)
+            self._message = None
+        return self._rgb
 
 
 def require_pillow():
