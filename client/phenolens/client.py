@@ -21,7 +21,7 @@ import numpy as np
 
 from . import requests as rq
 from ._proto import gallery_pb2, gallery_pb2_grpc, phenolens_pb2, phenolens_pb2_grpc
-from .arrays import ImageLike, to_image, to_rgb
+from .arrays import ImageLike, LazyRGB, to_image, to_rgb
 from .errors import PhenoLensError, from_rpc_error, is_admission_refusal, retry_after_s
 from .results import (
     Encoding,
@@ -166,9 +166,9 @@ def channel_credentials(tls: TLS | bool | None) -> grpc.ChannelCredentials | Non
 
 class ExplainEvents:
     """ExplainStream events -> the MatchResult, then each ExplainedMatch (carrying the
-    query crop that the first event brought)."""
+    query crop that the first event brought, and the query photo, decoded when drawn)."""
 
-    def __init__(self, photo: np.ndarray | None) -> None:
+    def __init__(self, photo: LazyRGB | None) -> None:
         self.photo = photo
         self.crop = b""
 
@@ -269,8 +269,9 @@ class Calls:
                                      exclude_subjects=exclude_subjects,
                                      method_options=method_options, effects=effects)
 
+        photo = LazyRGB(request.match.image) if photo_maps else None
+
         def read(response: phenolens_pb2.ExplainResponse) -> ExplainResult:
-            photo = to_rgb(image) if photo_maps else None
             return ExplainResult(
                 warn_if_empty(MatchResult.from_proto(response.match),
                               0 if gallery_ids else top_k),
@@ -322,7 +323,7 @@ class Calls:
                 overlays=overlays, gallery_crops=gallery_crops, feature_maps=feature_maps,
                 gallery_ids=gallery_ids, filters=filters, exclude_subjects=exclude_subjects,
                 method_options=method_options, effects=effects)
-            return request, ExplainEvents(to_rgb(image) if photo_maps else None)
+            return request, ExplainEvents(LazyRGB(request.match.image) if photo_maps else None)
 
         return self._stream(start, timeout)
 

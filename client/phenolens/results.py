@@ -6,6 +6,7 @@ outside this module and ``requests`` touches protobuf.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,8 @@ from ._proto import gallery_pb2, phenolens_pb2, types_pb2
 from .arrays import decode_png, from_float_array, optional_array
 
 Side = Literal["query", "gallery"]
+PhotoSource = np.ndarray | Callable[[], np.ndarray | None] | None
+"""A photo (H, W, 3) uint8, a function that decodes it when first needed, or None."""
 _SIDES: dict[int, Side] = {phenolens_pb2.SIDE_QUERY: "query", phenolens_pb2.SIDE_GALLERY: "gallery"}
 
 
@@ -234,7 +237,10 @@ class RegionShare:
 
 @dataclass(frozen=True, eq=False)
 class ExplanationMap:
-    """One signed map of one face. Positive cells pull the faces together."""
+    """One signed map of one face. Positive cells pull the faces together.
+
+    The arrays are read-only float32 views of the response's bytes (a photo map is about
+    1 MB, twenty of them to a response); ``np.array(m.photo)`` gives a copy to change."""
 
     method: str
     side: Side
@@ -248,9 +254,9 @@ class ExplanationMap:
 
     @classmethod
     def from_proto(cls, m: phenolens_pb2.Map) -> ExplanationMap:
-        return cls(m.method, _SIDES.get(m.side, "query"), from_float_array(m.aligned),
-                   optional_array(m.photo), optional_array(m.feature), m.overlay_png,
-                   m.photo_overlay_png,
+        return cls(m.method, _SIDES.get(m.side, "query"), from_float_array(m.aligned, copy=False),
+                   optional_array(m.photo, copy=False), optional_array(m.feature, copy=False),
+                   m.overlay_png, m.photo_overlay_png,
                    tuple(RegionShare(r.region, r.positive, r.negative) for r in m.regions),
                    m.pair_figure_png)
 
@@ -363,7 +369,11 @@ def signed(value: float) -> str:
 
 @dataclass(frozen=True, eq=False)
 class ExplainedMatch:
-    """The explanation of one hit: maps on both faces, and the faces to draw them on."""
+    """The explanation of one hit: maps on both faces, and the faces to draw them on.
+
+    ``query_photo_source``: the query photo (H, W, 3) uint8, or a function that decodes it
+    (called once a photo overlay is drawn; ``phenolens.arrays.LazyRGB``); read it as
+    ``query_photo``."""
 
     index: int
     hit: Hit
@@ -372,14 +382,20 @@ class ExplainedMatch:
     bias_share: float
     gallery_crop_png: bytes = b""
     query_crop_png: bytes = b""
-    query_photo: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8
+    query_photo_source: PhotoSource = field(default=None, repr=False)
     effects: tuple[FaceEffects, ...] = ()  # query and gallery side, when asked for
     # The share of cosine − 1 the contrast map's sum accounts for (a first-order estimate).
     contrast_share: float | None = None
 
+    @property
+    def query_photo(self) -> np.ndarray | None:
+        """(H, W, 3) uint8 query photo as submitted (None: not kept, or Pillow is absent)."""
+        source = self.query_photo_source
+        return source() if callable(source) else source
+
     @classmethod
     def from_proto(cls, m: phenolens_pb2.ExplainedMatch, *, query_crop_png: bytes = b"",
-                   query_photo: np.ndarray | None = None) -> ExplainedMatch:
+                   query_photo: PhotoSource = None) -> ExplainedMatch:
         return cls(m.index, Hit.from_proto(m.hit),
                    tuple(ExplanationMap.from_proto(x) for x in m.maps), m.residual,
                    m.bias_share, m.gallery_crop_png, query_crop_png, query_photo,
@@ -458,7 +474,7 @@ class ExplainResult:
 
     @classmethod
     def from_proto(cls, m: phenolens_pb2.ExplainResponse, *,
-                   query_photo: np.ndarray | None = None) -> ExplainResult:
+                   query_photo: PhotoSource = None) -> ExplainResult:
         return cls(MatchResult.from_proto(m.match),
                    tuple(ExplainedMatch.from_proto(e, query_crop_png=m.query_crop_png,
                                                    query_photo=query_photo)
