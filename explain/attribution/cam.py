@@ -43,19 +43,19 @@ class ViewPair:
     ag: torch.Tensor | None = None
     sq: tuple[torch.Tensor, ...] | None = None
 
-    @property
+    @cached_property
     def nq(self) -> torch.Tensor:
         return self.eq.norm()
 
-    @property
+    @cached_property
     def ng(self) -> torch.Tensor:
         return self.eg.norm(dim=1)
 
-    @property
+    @cached_property
     def uq(self) -> torch.Tensor:
         return self.eq / self.nq
 
-    @property
+    @cached_property
     def ug(self) -> torch.Tensor:
         return self.eg / self.ng[:, None]
 

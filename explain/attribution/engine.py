@@ -432,9 +432,8 @@ def _average_views(
     crops: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
 ) -> list[PairExplanation]:
     def mean(values: list[torch.Tensor], unflip: bool) -> torch.Tensor:
-        return torch.stack(
-            [_unflip(t, f) if unflip else t for t, f in zip(values, flipped, strict=True)]
-        ).mean(0)
+        values = [_unflip(t, f) if unflip else t for t, f in zip(values, flipped, strict=True)]
+        return values[0] if len(values) == 1 else torch.stack(values).mean(0)
 
     cos = mean([v.cos for v in per_view], False)
     view_cos = torch.stack([v.cos for v in per_view], dim=1)  # (K, V)
@@ -457,21 +456,17 @@ def _average_views(
     bias_g = mean([v.bias_g for v in per_view], False)
     res_q = cos - maps["similarity", 0].sum((1, 2)) - bias_q
     res_g = cos - maps["similarity", 1].sum((1, 2)) - bias_g
+    # to numpy once per batch (each pair's arrays are views of it, as tensor slices were)
+    maps_np = {key: m.cpu().numpy() for key, m in maps.items()}
+    aligned_np = {key: m.cpu().numpy() for key, m in aligned.items()}
+    scalars = [t.cpu().tolist() for t in (bias_q, res_q, bias_g, res_g)]
 
-    def side(s: int, i: int, bias: torch.Tensor, res: torch.Tensor) -> SideMaps:
-        return SideMaps(
-            {n: maps[n, s][i].cpu().numpy() for n in names},
-            {n: aligned[n, s][i].cpu().numpy() for n in names},
-            float(bias[i]),
-            float(res[i]),
-        )
+    def side(s: int, i: int) -> SideMaps:
+        bias, res = scalars[2 * s], scalars[2 * s + 1]
+        return SideMaps({n: maps_np[n, s][i] for n in names},
+                        {n: aligned_np[n, s][i] for n in names}, bias[i], res[i])
 
     return [
-        PairExplanation(
-            float(cos[i]),
-            tuple(float(c) for c in view_cos[i]),
-            side(0, i, bias_q, res_q),
-            side(1, i, bias_g, res_g),
-        )
-        for i in range(cos.shape[0])
+        PairExplanation(c, tuple(vc), side(0, i), side(1, i))
+        for i, (c, vc) in enumerate(zip(cos.cpu().tolist(), view_cos.cpu().tolist(), strict=True))
     ]
