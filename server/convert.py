@@ -5,7 +5,7 @@ protobuf; arrays use the client's codec (one wire format)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -199,27 +199,13 @@ def explain_events(result: ExplainedQuery, encoder_id: str, view_scheme: str, *,
 def explain_result(result: ExplainedQuery, encoder_id: str, view_scheme: str, *,
                    detected: bool) -> phenolens_pb2.ExplainResponse:
     """The unary ExplainResponse of an explanation, each hit built in place in it (a
-    response with photo maps is 15-20 MB: every copy of it counts). The same bytes as
-    ``explain_response(explain_events(...))``."""
+    response with photo maps is 15-20 MB: every copy of it counts): the same messages as
+    the stream's ``explain_events``, without their copies."""
     response = phenolens_pb2.ExplainResponse(query_crop_png=result.query_crop_png)
     response.match.CopyFrom(match_response(result.outcome, encoder_id, view_scheme,
                                            detected=detected))
     for presented in result.matches:
         explained_match(presented, encoder_id, view_scheme, out=response.explanations.add())
-    return response
-
-
-def explain_response(events: Iterable[phenolens_pb2.ExplainEvent]
-                     ) -> phenolens_pb2.ExplainResponse:
-    """The unary ExplainResponse of a stream's events (``explain_result`` builds one
-    without the events' copies)."""
-    response = phenolens_pb2.ExplainResponse()
-    for event in events:
-        if event.HasField("match"):
-            response.match.CopyFrom(event.match)
-            response.query_crop_png = event.query_crop_png
-        else:
-            response.explanations.append(event.explanation)
     return response
 
 

@@ -83,9 +83,9 @@ def local_explain_result(args: argparse.Namespace) -> tuple[Any, Any]:
         ask = ExplainAsk(config.explain.methods, top_k=args.top,
                          filters=SearchFilter(tuple(args.exclude_subject)), effects=args.top,
                          presentation=Presentation(gallery_crops=True, pair_figures=True))
-        response = convert.explain_response(convert.explain_events(
-            explain_query(backend, query, ask, scope), backend.encoder_id,
-            backend.view_scheme, detected=not args.aligned))
+        response = convert.explain_result(explain_query(backend, query, ask, scope),
+                                          backend.encoder_id, backend.view_scheme,
+                                          detected=not args.aligned)
     finally:
         backend.close()
     return ExplainResult.from_proto(response), query.photo
