@@ -83,10 +83,14 @@ class CamMethod(Method):
     ``batched_maps`` then applies the held norms to the (K, P) maps, not to (K, C, P)
     gradients."""
 
+    channel_weights = True
+    """Whether ``weights`` gives one weight per channel (..., C), else one per channel and
+    position (..., C, P)."""
+
     def cam(self, grads: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-        """grads, acts (..., C, P) -> (..., P): Σ_c w_c ⊙ F_c."""
+        """grads, acts (..., C, P), broadcast against each other -> (..., P): Σ_c w_c ⊙ F_c."""
         w = self.weights(grads, acts)
-        if w.dim() < grads.dim():  # channel weights: one matrix product over the channels
+        if self.channel_weights:  # one matrix product over the channels
             return (w.unsqueeze(-2) @ acts).squeeze(-2)
         return (w * acts).sum(-2)
 
@@ -100,7 +104,7 @@ class CamMethod(Method):
         fq, fg = v.fq.flatten(1), v.fg.flatten(2)
         if self.homogeneous:  # the norms on the maps: no (K, C, P) copies of the gradients
             return (self.cam(v.pulled[:-1], fq) / v.nq,
-                    self.cam(v.pulled[-1].expand_as(fg), fg) / v.ng[:, None])
+                    self.cam(v.pulled[-1], fg) / v.ng[:, None])
         grads_q = v.pulled[:-1] / v.nq  # (K, C, P)
         grads_g = v.pulled[-1] / v.ng[:, None, None]  # (K, C, P)
         return self.cam(grads_q, fq), self.cam(grads_g, fg)
@@ -108,6 +112,8 @@ class CamMethod(Method):
 
 class HiResCAM(CamMethod):
     """grads ⊙ F: each cell's exact contribution to the held-norm similarity."""
+
+    channel_weights = False
 
     def weights(self, grads, acts):
         return grads
@@ -141,6 +147,8 @@ class XGradCAM(CamMethod):
 
 
 class LayerCAM(CamMethod):
+    channel_weights = False
+
     def weights(self, grads, acts):
         return grads.clamp_min(0)
 
