@@ -266,7 +266,12 @@ def pair_figure(
     fig = Figure(figsize=(5.6, 7.0), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2, gridspec_kw={"hspace": 0.22, "wspace": 0.06})
-    fig.subplots_adjust(top=0.83, bottom=0.28, left=0.04, right=0.96)
+    note_lines = 0 if not note else min(3, sum(len(textwrap.wrap(line, 120))
+                                               for line in note.splitlines()))
+    # a two-line match name and a note of two or three lines must not meet: the panels
+    # start lower by each note line past the first
+    fig.subplots_adjust(top=0.83 - 0.02 * max(0, note_lines - 1), bottom=0.28, left=0.04,
+                        right=0.96)
     match_name = label or "gallery face"
     panels = (
         (query_rgb, None, "query face"),
