@@ -62,6 +62,7 @@ FEATHER_SIGMA = 0.06  # Gaussian sigma of the alpha's blur
 PIXEL_BATCH = 8  # edited crops per forward (× views): SFace in channels-last bf16 on one CPU
 # thread is fastest per image at 8 images a batch (4.7 ms; 1 image 7.7 ms, 32 images 7.7 ms;
 # float32 contiguous, as the encoder serves: 14.7 ms for one image)
+LATE_BATCH = 16  # edited crops per pass through the layers after the early windows
 PRECISIONS = ("bf16", "fp32")
 FEATURE_BATCH = 96  # at most this many edited activations per tail batch (``features``)
 # A server's (cancellable) call sizes its batches by time (``Guard.batches``), so it stops
@@ -530,6 +531,19 @@ class RegionEffects:
         faces = np.concatenate([self.query.crops[:1], hits.crops])
         features: list[list[torch.Tensor]] = [[] for _ in range(views)]
         order: list[np.ndarray] = []
+        # Edited early activations wait here, across regions, until LATE_BATCH of them go
+        # through the late layers together (a region has few edits per call; the late
+        # layers run 1.4x faster per crop at 16 than at 6).
+        pending: list[list[torch.Tensor]] = [[] for _ in range(views)]
+
+        def late(everything: bool) -> None:
+            while pending[0] and (everything or sum(len(h) for h in pending[0]) >= LATE_BATCH):
+                self.guard.check()
+                for v in range(views):
+                    h = torch.cat(pending[v])
+                    features[v].append(splits[v].late(h[:LATE_BATCH]))
+                    pending[v] = [h[LATE_BATCH:]] if len(h) > LATE_BATCH else []
+
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=low):
             base = [self._early(v, faces, splits[v]) for v in range(views)]
             for r in np.unique(regions):
@@ -547,7 +561,9 @@ class RegionEffects:
                         h = base[v][targets[rows]].clone()
                         h[..., i0:i1, j0:j1] = splits[v].early(x)[..., i0 - oi:i1 - oi,
                                                                   j0 - oj:j1 - oj]
-                        features[v].append(splits[v].late(h))
+                        pending[v].append(h)
+                    late(everything=False)
+            late(everything=True)
         # The head once per view for every edit, in float32: under autocast each call would
         # cast its 50k x 128 weight to bf16 again (a quarter of the time at 8 images a call).
         where = np.argsort(np.concatenate(order))
