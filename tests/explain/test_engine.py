@@ -120,6 +120,34 @@ def _pair_target(sface, query_crop, hit_crop):
     return _HeldNormPair(sface, eg / eg.norm(), eq.norm())
 
 
+def test_maps_without_contrast_skip_nothing_they_read(explainer, query_crop, hit_crops):
+    """Crops encoded without the contrast layer's activations (no map asked reads them)
+    give the same maps as crops encoded with them (contrast asked too)."""
+    hits = hit_crops[:2]
+    plain = explainer.explain(query_crop, hits)
+    with_fine = explainer.explain(query_crop, hits, maps=("similarity", "gradcam", "contrast"))
+    for pair, other in zip(with_fine, plain, strict=True):
+        assert pair.cosine == other.cosine
+        for a, b in ((pair.query, other.query), (pair.gallery, other.gallery)):
+            for name in ("similarity", "gradcam"):
+                np.testing.assert_allclose(a.maps[name], b.maps[name], atol=1e-7, rtol=0)
+                np.testing.assert_allclose(a.aligned[name], b.aligned[name], atol=1e-7, rtol=0)
+
+
+def test_head_matrix_follows_replaced_and_edited_weights():
+    from encoder.registry import create_encoder
+
+    encoder = create_encoder("sface")  # a private copy: the weights are changed below
+    first = affine_head(encoder)
+    assert affine_head(encoder) is first
+    encoder.bn_fc.bias = nn.Parameter(encoder.bn_fc.bias.detach() + 1.0)  # replaced
+    second = affine_head(encoder)
+    torch.testing.assert_close(second.bias, first.bias + 1.0)
+    with torch.no_grad():
+        encoder.bn_fc.bias.add_(1.0)  # edited in place
+    torch.testing.assert_close(affine_head(encoder).bias, first.bias + 2.0)
+
+
 def test_gradcam_equals_captum_layergradcam(sface, pairs, query_crop, hit_crops):
     for k in (0,):
         module = _pair_target(sface, query_crop, hit_crops[k])
