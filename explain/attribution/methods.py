@@ -4,7 +4,9 @@ one pair with any method of the catalogue, the same steps for every method.
 Like captum's ``attribute(inputs, target, ...)``, one call takes the same arguments for
 every method and returns signed maps of the same shapes (``AttributionMap``); like
 pytorch-grad-cam's ``BaseCAM``, the steps are shared and a method overrides one
-(``Method.side_map``; a CAM method only its ``weights``):
+(``Method.side_map``; a CAM method only its ``weights(grads, acts)``: the CAM variants
+are subclasses of ``cam.CamMethod``, with the gradient analytic and no hooks — the
+example ``shared/STYLE.md`` gives new methods to follow):
 
 1. ``_plan``: the method's spec and its options, typed and checked; the guard.
 2. ``_pair``: both faces' features (crops given as arrays are encoded, counted as passes).
