@@ -265,13 +265,27 @@ def paste_region(target: np.ndarray, donor: np.ndarray, alpha: np.ndarray,
     target, donor (H, W, 3) uint8 in one frame (aligned crops); alpha (H, W) in 0..1;
     colour (H, W) bool. Returns (H, W, 3) uint8.
     """
-    t = target.astype(np.float32)
-    d = donor.astype(np.float32)
-    src, dst = d[colour], t[colour]
+    src = donor[colour].astype(np.float32)
+    dst = target[colour].astype(np.float32)
     scale = (dst.std(0) + 1e-6) / (src.std(0) + 1e-6)
-    matched = (d - src.mean(0)) * scale + dst.mean(0)
-    out = alpha[..., None] * matched + (1 - alpha[..., None]) * t
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    shift = dst.mean(0) - src.mean(0) * scale
+    out = target.copy()  # outside the alpha's box the target is kept as it is
+    box = _box(alpha)
+    if box is None:
+        return out
+    a = alpha[box][..., None]
+    t = target[box].astype(np.float32)
+    matched = donor[box].astype(np.float32) * scale + shift
+    out[box] = np.clip(np.rint(a * matched + (1 - a) * t), 0, 255).astype(np.uint8)
+    return out
+
+
+def _box(alpha: np.ndarray) -> tuple[slice, slice] | None:
+    """The smallest (rows, cols) box holding every pixel where ``alpha`` > 0, or None."""
+    rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
+    if not len(rows):
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
 def edited_crops(target: np.ndarray, donor: np.ndarray, masks: EditMasks) -> np.ndarray:
