@@ -98,7 +98,8 @@ RUN set -eu; \
     phenolens --help >/dev/null; \
     python -c "import numpy as np; from encoder.registry import create_encoder; \
 from explain.attribution.engine import Explainer; x = Explainer(create_encoder('sface')); \
-f = x.encode(np.zeros((1, 112, 112, 3), np.uint8)); x.explain(f, f, maps=('contrast', 'similarity'))"
+f = x.encode(np.zeros((1, 112, 112, 3), np.uint8)); x.explain(f, f, maps=('contrast', 'similarity'))"; \
+    python -c "from explain.effects import bundled_neutral; bundled_neutral()"
 
 # ---------------------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime

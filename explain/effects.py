@@ -364,11 +364,17 @@ def bundled_neutral(pipeline=None) -> NeutralFace:
                     crops.append(pipeline.face(photo.path, aligned=True).crop)
                 else:
                     crops.extend(face.crop for face in pipeline.faces(photo.path))
+            if not crops:
+                raise FileNotFoundError(f"no bundled photos to make the neutral face from and no "
+                                        f"{path}: run `make setup` (python -m encoder.assets fetch)")
             crop = mean_face(np.stack(crops))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, crop)
-            tmp.replace(path)
+            try:  # a read-only install (a container's root) keeps it in memory only
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp.npy")
+                np.save(tmp, crop)
+                tmp.replace(path)
+            except OSError:
+                pass
         if crop.shape[:2] != get_template(template).size:
             raise ValueError(f"{path} does not hold a {template} crop: delete it")
         _BUNDLED[template] = NeutralFace(crop)

@@ -452,7 +452,13 @@ class Backend:
             return None
         from explain.effects import neutral_edits
 
-        return neutral_edits(self.explainer, features, neutral=self.neutral)
+        try:
+            neutral = self.neutral
+        except (OSError, ValueError) as exc:  # no neutral face here: import without the edits
+            log.warning("region effects' neutral face unavailable (%s): faces are stored "
+                        "without their neutral edits", type(exc).__name__)
+            return None
+        return neutral_edits(self.explainer, features, neutral=neutral)
 
     @property
     def neutral(self) -> Any:

@@ -282,3 +282,27 @@ def _crop(png: bytes) -> np.ndarray:
     from encoder.image import decode_image
 
     return decode_image(png)
+
+
+def test_a_server_without_a_neutral_face_still_imports_and_stores_features(
+        backend, tmp_path, photo_paths, monkeypatch):
+    """A read-only install that cannot make the neutral face (no bundled photos, no cache)
+    imports faces as before; they are stored without neutral edits (made when asked)."""
+    from phenolens import GalleryRecord, ImportItem
+
+    from server.backend import Backend
+
+    def unavailable(self):
+        raise FileNotFoundError("no bundled photos")
+
+    monkeypatch.setattr(Backend, "neutral", property(unavailable))
+    importer = _backend(backend, tmp_path)
+    items = [ImportItem(GalleryRecord("", image_id=name, subject_id=label, syndrome_id=label),
+                        image=photo_paths[name]) for name, label in GALLERY_PHOTOS[:2]]
+    with _serving(importer, tmp_path, ADMIN_TOKEN) as admin:
+        assert admin.import_gallery(items).added == 2
+    reopened = _backend(backend, tmp_path)
+    assert len(reopened.feature_store) == 2
+    hits = reopened.gallery.list(limit=2)
+    pngs = [reopened.gallery.get(h.gallery_id).crop_png for h in hits]
+    assert reopened._kept_edits(hits, pngs).get(0) is None
