@@ -62,6 +62,16 @@ class FaceEncoder(nn.Module):
 
     spec: EncoderSpec
 
+    def inference_copy(self) -> FaceEncoder:
+        """A copy for no-grad forwards only, its weights in channels-last layout (with
+        channels-last inputs oneDNN runs the convolutions in its blocked kernels, AMX/AVX-512
+        bf16 where the CPU has them). Subclasses also fold what their layout allows (SFace:
+        each block's batch norm into its convolution). Frozen: it does not follow later
+        changes to this encoder's weights, and its gradients are not this encoder's."""
+        import copy
+
+        return copy.deepcopy(self).eval().to(memory_format=torch.channels_last)
+
     def early_split(self) -> EarlySplit | None:
         """The encoder as ``late(early(x))`` with early's receptive field known, or None
         (the generic encoder does not know its layers)."""

@@ -476,11 +476,8 @@ class RegionEffects:
         if self._query_alike is None:
             parts.append(edited_crops(q_crop, neutral, self.masks))
             targets += [0] * r_count
-        crops = np.concatenate(parts)
-        regions = np.tile(np.arange(r_count), len(parts))
-        splits = self._splits()
-        embs = self._encode(crops) if splits is None else \
-            self._encode_windows(crops, np.array(targets), regions, hits, splits)
+        embs = self._embed(np.concatenate(parts), np.array(targets),
+                           np.tile(np.arange(r_count), len(parts)), hits)
         pairs = 2 * k_count * r_count
         per_hit = [e[:pairs].view(k_count, 2, r_count, -1) for e in embs]
         fresh = [e[pairs:pairs + len(todo) * r_count].view(len(todo), r_count, e.shape[-1])
@@ -507,12 +504,18 @@ class RegionEffects:
         r_count = len(self.regions)
         crops = np.concatenate([edited_crops(crop, self.neutral.crop, self.masks)
                                 for crop in hits.crops])
-        targets = np.repeat(np.arange(1, len(hits) + 1), r_count)
-        regions = np.tile(np.arange(r_count), len(hits))
-        splits = self._splits()
-        embs = self._encode(crops) if splits is None else \
-            self._encode_windows(crops, targets, regions, hits, splits)
+        embs = self._embed(crops, np.repeat(np.arange(1, len(hits) + 1), r_count),
+                           np.tile(np.arange(r_count), len(hits)), hits)
         return [[e[k * r_count:(k + 1) * r_count] for e in embs] for k in range(len(hits))]
+
+    def _embed(self, crops: np.ndarray, targets: np.ndarray, regions: np.ndarray,
+               hits) -> list[torch.Tensor]:
+        """Edited crops -> per view (N, D) unit embeddings: through the early windows where
+        every encoder declares its early layers (``_encode_windows``), else whole."""
+        splits = self._splits()
+        if splits is None:
+            return self._encode(crops)
+        return self._encode_windows(crops, targets, regions, hits, splits)
 
     def _encode(self, crops: np.ndarray) -> list[torch.Tensor]:
         """(N, H, W, 3) crops -> per view (N, D) unit embeddings, in guarded batches."""
@@ -532,9 +535,9 @@ class RegionEffects:
 
     # -- pixels, exactly but cheaper: the early layers only around each region ---------------
     def _splits(self) -> list | None:
-        """Each view's ``EarlySplit`` of its channels-last copy (``channels_last``; None when
-        an encoder has none)."""
-        splits = [channels_last(enc).early_split() for enc in self.query.encoders]
+        """Each view's ``EarlySplit`` of its encoder's ``fast_copy`` (None when an encoder
+        has none)."""
+        splits = [fast_copy(enc).early_split() for enc in self.query.encoders]
         return None if any(sp is None for sp in splits) else splits
 
     def _encode_windows(self, crops: np.ndarray, targets: np.ndarray, regions: np.ndarray,
@@ -676,36 +679,19 @@ def _window(alpha: np.ndarray, split, flipped: bool
     return (a, b, c, d), (i0, i1, j0, j1), (a // s, c // s)
 
 
-_CHANNELS_LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_CHANNELS_LAST_LOCK = threading.Lock()
+_FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FAST_LOCK = threading.Lock()
 
 
-def channels_last(encoder: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``encoder`` for the edits' forwards, made once per encoder and kept while it
-    lives: batch norms folded into the convolutions before them (SFace's conv-BN-PReLU
-    blocks; exact in eval mode up to float rounding, 7e-6 on activations of 3.5) and the
-    weights in channels-last layout. With channels-last inputs, oneDNN runs the
-    convolutions in its blocked kernels (AMX/AVX-512 bf16 where the CPU has them): on this
-    machine's CPU a batch of 8 crops through SFace's body in bf16 takes 29 ms instead of 79
-    ms (float32 as served: 96 ms). The served encoder keeps its own layout: only the edits
-    use the copy. The copy is frozen with the original; a caller that changes the
-    original's weights must make a new encoder (as ``phenolens train`` does)."""
-    import copy
-
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    from encoder.models.sface import ConvBNPReLU
-
-    with _CHANNELS_LAST_LOCK:
-        fast = _CHANNELS_LAST.get(encoder)
+def fast_copy(encoder):
+    """``encoder.inference_copy()``, made once per encoder and kept while it lives: the
+    edits' forwards run through it (on this machine's CPU a batch of 8 crops through SFace's
+    body in bf16 takes 29 ms instead of 79 ms; float32 as served: 96 ms). The served
+    encoder keeps its own layout."""
+    with _FAST_LOCK:
+        fast = _FAST.get(encoder)
         if fast is None:
-            fast = copy.deepcopy(encoder).eval()
-            for block in fast.modules():
-                if isinstance(block, ConvBNPReLU):
-                    block.conv = fuse_conv_bn_eval(block.conv, block.bn)
-                    block.bn = torch.nn.Identity()
-            fast = fast.to(memory_format=torch.channels_last)
-            _CHANNELS_LAST[encoder] = fast
+            fast = _FAST[encoder] = encoder.inference_copy()
         return fast
 
 

@@ -134,6 +134,18 @@ class SFace(FaceEncoder):
 
     EARLY_END = "conv_4"  # the last block at 56x56: the high-resolution blocks, ~57 % of a forward
 
+    def inference_copy(self) -> SFace:
+        """``FaceEncoder.inference_copy`` with each block's batch norm folded into its
+        convolution (exact in eval mode up to float rounding: 7e-6 on activations of 3.5);
+        the copy's blocks have no ``slopes``/``transpose_conv`` of their own any more."""
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        fast = super().inference_copy()
+        for block in fast.body:
+            block.conv = fuse_conv_bn_eval(block.conv, block.bn)
+            block.bn = nn.Identity()
+        return fast
+
     def early_split(self) -> EarlySplit:
         """``FaceEncoder.early_split``: the blocks up to ``conv_4`` (B, 128, 56, 56), their
         stride and receptive-field radius read from the layout, then the rest of the body."""
