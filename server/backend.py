@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -406,6 +406,8 @@ class Backend:
         try:
             pngs = [self._gallery_crop_png(h.gallery_id) for h in hits]
             crops = np.stack([decode_image(png) for png in pngs])
+            keys = self._cache_keys(hits, pngs)
+            store = self.feature_store  # one store for the whole call, read and written
             scope.check()
             limit = self.config.explain.time_limit_s
 
@@ -415,11 +417,11 @@ class Backend:
 
             matches = explain_matches(
                 self.explainer, query.features,
-                self._hit_features(hits, pngs, crops, query.features, scope),
+                self._hit_features(keys, crops, query.features, store, scope),
                 methods, options={m: typed_options(m, o) for m, o in options.items()},
                 budget=self.config.explain.budget, time_limit=time_left, cancel=scope.cancelled,
                 effects=effects, neutral=self.neutral if effects else None,
-                kept_edits=self._kept_edits(hits, pngs) if effects else None)
+                kept_edits=KeptNeutralEdits(self.feature_cache, store, keys) if effects else None)
             warp = None  # the photo maps' sampling, shared by every map of every hit
             if photo_maps and query.face.alignment is not None:
                 warp = PhotoWarp.of(query.face.alignment, self.config.limits.max_photo_map_side)
@@ -435,15 +437,12 @@ class Backend:
         finally:
             self.activity.end(completed)
 
-    def _kept_edits(self, hits: Sequence[Hit], pngs: Sequence[bytes]) -> Any:
-        """The hits' region-effect neutral edits: kept beside their cached features (and
-        forgotten with them: deletion, replacement, eviction, a replica's new snapshot),
-        else read from the feature store, which holds them from import."""
-        cached = None if self.feature_cache is None else CachedNeutralEdits(
-            self.feature_cache, [(h.gallery_id, Fingerprint.of(png, self.encoder_id,
-                                                                 self.view_scheme))
-                                 for h, png in zip(hits, pngs, strict=True)])
-        return KeptNeutralEdits(cached, self.feature_store, [h.gallery_id for h in hits])
+    def _cache_keys(self, hits: Sequence[Any], pngs: Sequence[bytes]
+                    ) -> list[tuple[int, Fingerprint]]:
+        """(gallery id, Fingerprint of its stored crop and the model) per hit: what the
+        feature cache and the hits' kept neutral edits are looked up by."""
+        return [(h.gallery_id, Fingerprint.of(png, self.encoder_id, self.view_scheme))
+                for h, png in zip(hits, pngs, strict=True)]
 
     def _neutral_edits(self, features: FaceFeatures) -> list | None:
         """Gallery faces' neutral edits for the feature store (``explain.effects``), or None
@@ -467,22 +466,21 @@ class Backend:
 
         return bundled_neutral(self.pipeline)
 
-    def _hit_features(self, hits: Sequence[Hit], pngs: Sequence[bytes], crops: np.ndarray,
-                      like: FaceFeatures, scope: RequestScope) -> FaceFeatures:
-        """The hits' FaceFeatures (crops included): from the cache where their stored crop is
-        unchanged, else from the feature store, else encoded (and written to the store).
-        ``like``: features of the same explainer (the query's), for encoders and flips."""
-        ids = [h.gallery_id for h in hits]
-        store = self.feature_store  # one store for the whole call, read and written
+    def _hit_features(self, keys: Sequence[tuple[int, Fingerprint]], crops: np.ndarray,
+                      like: FaceFeatures, store: FeatureStore | None, scope: RequestScope
+                      ) -> FaceFeatures:
+        """The hits' FaceFeatures (crops included), by their ``_cache_keys``: from the cache
+        where their stored crop is unchanged, else from ``store``, else encoded (and written
+        to ``store``). ``like``: features of the same explainer (the query's), for encoders
+        and flips."""
+        ids = [gid for gid, _ in keys]
 
         def load(positions: list[int]) -> FaceFeatures:
             return self._stored_or_encoded(store, [ids[i] for i in positions],
                                            crops[positions], like, scope)
 
         if self.feature_cache is None:
-            return load(list(range(len(hits))))
-        keys = [(gid, Fingerprint.of(png, self.encoder_id, self.view_scheme))
-                for gid, png in zip(ids, pngs, strict=True)]
+            return load(list(range(len(keys))))
         return self.feature_cache.features(keys, load)
 
     def _stored_or_encoded(self, store: FeatureStore | None, ids: list[int], crops: np.ndarray,
@@ -680,43 +678,31 @@ class Backend:
 
 
 @dataclass(frozen=True)
-class CachedNeutralEdits:
-    """``explain.effects.NeutralEdits`` over the feature cache, for the hits ``keys``."""
-
-    cache: Any  # server.feature_cache.FeatureCache
-    keys: Sequence[tuple[int, Any]]  # (gallery id, Fingerprint) per hit
-    name: str = "region-effects/neutral-edits"
-
-    def get(self, index: int) -> Any:
-        gid, fingerprint = self.keys[index]
-        return self.cache.extra(gid, fingerprint, self.name)
-
-    def put(self, index: int, embeddings: Sequence[Any]) -> None:
-        gid, fingerprint = self.keys[index]
-        self.cache.put_extra(gid, fingerprint, self.name, embeddings)
-
-
-@dataclass(frozen=True)
 class KeptNeutralEdits:
-    """``explain.effects.NeutralEdits`` for the hits ``gallery_ids``: the feature cache's
-    (``cached``), else the feature store's (then cached too), else None (computed)."""
+    """``explain.effects.NeutralEdits`` of the hits ``keys`` (``Backend._cache_keys``): kept
+    beside their cached features (and forgotten with them: deletion, replacement, eviction,
+    a replica's new snapshot), else read from the feature store, which holds them from
+    import (and then cached), else None (the call makes them)."""
 
-    cached: CachedNeutralEdits | None
+    cache: FeatureCache | None
     store: FeatureStore | None
-    gallery_ids: Sequence[int]
+    keys: Sequence[tuple[int, Fingerprint]]
+    name: ClassVar[str] = "region-effects/neutral-edits"
 
     def get(self, index: int) -> Any:
-        found = None if self.cached is None else self.cached.get(index)
+        gid, fingerprint = self.keys[index]
+        found = None if self.cache is None else self.cache.extra(gid, fingerprint, self.name)
         if found is None and self.store is not None:
-            stored = self.store.get([self.gallery_ids[index]])
+            stored = self.store.get([gid])
             found = stored_edits(stored, 0) if stored.gallery_ids else None
-            if found is not None and self.cached is not None:
-                self.cached.put(index, found)
+            if found is not None:
+                self.put(index, found)
         return found
 
     def put(self, index: int, embeddings: Sequence[Any]) -> None:
-        if self.cached is not None:
-            self.cached.put(index, embeddings)
+        if self.cache is not None:
+            gid, fingerprint = self.keys[index]
+            self.cache.put_extra(gid, fingerprint, self.name, embeddings)
 
 
 def _unit_views(embeddings: Sequence[Any]) -> np.ndarray:

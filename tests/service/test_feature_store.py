@@ -255,11 +255,13 @@ def test_imported_faces_bring_their_neutral_edits_and_effects_read_them(backend,
     store: a restarted server's first Explain with effects reads them instead of editing
     the hits again, and its effects equal a server's that edits them."""
     from explain.effects import EFFECT_REGIONS, neutral_edits
+    from server.backend import KeptNeutralEdits
 
     stored = _backend(backend, filled)
     hits = stored.gallery.list(limit=2)
     pngs = [stored.gallery.get(h.gallery_id).crop_png for h in hits]
-    kept = stored._kept_edits(hits, pngs)
+    kept = KeptNeutralEdits(stored.feature_cache, stored.feature_store,
+                            stored._cache_keys(hits, pngs))
     first = kept.get(0)
     assert first is not None and first[0].shape == (len(EFFECT_REGIONS), 128)
     fresh = neutral_edits(backend.explainer, backend.explainer.encode(_crop(pngs[0])),
@@ -290,7 +292,7 @@ def test_a_server_without_a_neutral_face_still_imports_and_stores_features(
     imports faces as before; they are stored without neutral edits (made when asked)."""
     from phenolens import GalleryRecord, ImportItem
 
-    from server.backend import Backend
+    from server.backend import Backend, KeptNeutralEdits
 
     def unavailable(self):
         raise FileNotFoundError("no bundled photos")
@@ -305,4 +307,6 @@ def test_a_server_without_a_neutral_face_still_imports_and_stores_features(
     assert len(reopened.feature_store) == 2
     hits = reopened.gallery.list(limit=2)
     pngs = [reopened.gallery.get(h.gallery_id).crop_png for h in hits]
-    assert reopened._kept_edits(hits, pngs).get(0) is None
+    kept = KeptNeutralEdits(reopened.feature_cache, reopened.feature_store,
+                            reopened._cache_keys(hits, pngs))
+    assert kept.get(0) is None
