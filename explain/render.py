@@ -266,12 +266,11 @@ def pair_figure(
     fig = Figure(figsize=(5.6, 7.0), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2, gridspec_kw={"hspace": 0.22, "wspace": 0.06})
-    note_lines = 0 if not note else min(3, sum(len(textwrap.wrap(line, 120))
-                                               for line in note.splitlines()))
+    note_lines = [w for line in (note or "").splitlines() for w in textwrap.wrap(line, 120)][:3]
     # a two-line match name and a note of two or three lines must not meet: the panels
     # start lower by each note line past the first
-    fig.subplots_adjust(top=0.83 - 0.02 * max(0, note_lines - 1), bottom=0.28, left=0.04,
-                        right=0.96)
+    fig.subplots_adjust(top=0.83 - 0.02 * max(0, len(note_lines) - 1), bottom=0.28,
+                        left=0.04, right=0.96)
     match_name = label or "gallery face"
     panels = (
         (query_rgb, None, "query face"),
@@ -287,9 +286,8 @@ def pair_figure(
     fig.suptitle(f"query → {match_name} · cosine {cosine:.3f}", fontsize=11, y=0.975)
     fig.text(0.5, 0.925, METHOD_TITLES.get(method, f"{method} map"), ha="center",
              fontsize=9, color="#333")
-    if note:
-        lines = [w for line in note.splitlines() for w in textwrap.wrap(line, 120)]
-        fig.text(0.5, 0.912, "\n".join(lines[:3]), ha="center", va="top", fontsize=6.5,
+    if note_lines:
+        fig.text(0.5, 0.912, "\n".join(note_lines), ha="center", va="top", fontsize=6.5,
                  color="#666", linespacing=1.3)
     has_blue, has_red = present_signs(query_map, gallery_map, limit=limit)
     cmap = colormaps[DIVERGING_CMAP]

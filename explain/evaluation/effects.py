@@ -54,13 +54,13 @@ from explain.regions import template_regions
 log = logging.getLogger(__name__)
 
 BASELINES: tuple[str, ...] = ("pixel difference", "region area", "constant (eyes)")
-# The drawn maps when a match's effects are measured (``PairEffects.weighted``): the method's
-# picture inside each region, the model's effect as each region's mass. Their region
-# agreement is by construction (the effects are the truth); the trap is not.
-WEIGHTED = WEIGHTED_KIND
 
 
 def weighted_row(method: str) -> str:
+    """The row of ``method``'s map as drawn when a match's effects are measured
+    (``explain.effects.WEIGHTED_KIND``, ``PairEffects.weighted``): the method's picture
+    inside each region, the model's effect as each region's mass. Its region agreement
+    holds by construction (the effects are the truth); its nuisance share does not."""
     return f"{method}, weighted by the effects"
 
 NUISANCES: tuple[str, ...] = ("brightened cheek", "background patch")
@@ -258,7 +258,7 @@ def evaluate_effects(explainer: Explainer, faces: Sequence[Face], methods: Seque
                 aligned = mm.query_aligned if side == "query" else mm.gallery_aligned
                 neg, pos = masses(aligned, stack)
                 add(method, kind, agreement(neg if kind == "differs" else pos, values))
-                if WEIGHTED.get(method) == kind:
+                if WEIGHTED_KIND.get(method) == kind:
                     neg, pos = masses(truth.weighted(side, kind, aligned), stack)
                     add(weighted_row(method), kind,
                         agreement(neg if kind == "differs" else pos, values))
@@ -289,7 +289,7 @@ def evaluate_effects(explainer: Explainer, faces: Sequence[Face], methods: Seque
         run(a.crop, b.crop, "alike", f"{a.name} vs {b.name}")
     trap = _trap(explainer, faces, methods, different[:trap_pairs], log_line, neutral)
     rows = {row: {k: float(np.mean(v)) for k, v in d.items()} for row, d in scores.items()}
-    for method in [*methods, *(weighted_row(m) for m in methods if WEIGHTED.get(m) == "differs")]:
+    for method in [*methods, *(weighted_row(m) for m in methods if WEIGHTED_KIND.get(m) == "differs")]:
         cases = [t.map_shares[method] for t in trap]
         rows.setdefault(method, {})["nuisance share"] = float(np.mean(cases)) if cases else \
             float("nan")
@@ -320,13 +320,12 @@ def _trap(explainer: Explainer, faces: Sequence[Face], methods: Sequence[str],
                                                  [nuisance_mask, swap_mask])
         gn, gs = max(gain_nuisance, 0.0), max(gain_swap, 0.0)
         model = gn / (gn + gs) if gn + gs > 0 else 0.0
-        (match,) = explain_matches(explainer, edited, original[None], methods,
-                                   sides=("query",))
+        q, g = explainer.encode(edited), explainer.encode(original[None])
+        (match,) = explain_matches(explainer, q, g, methods, sides=("query",))
         drawn = {m: match[m].query_aligned for m in methods}
-        weighted = [m for m in methods if WEIGHTED.get(m) == "differs"]
+        weighted = [m for m in methods if WEIGHTED_KIND.get(m) == "differs"]
         if weighted:
-            (effects,) = region_effects(explainer, explainer.encode(edited),
-                                        explainer.encode(original), neutral=neutral)
+            (effects,) = region_effects(explainer, q, g, neutral=neutral)
             drawn.update({weighted_row(m): effects.weighted("query", "differs", drawn[m])
                           for m in weighted})
         shares_by = {}
@@ -349,7 +348,7 @@ def _trap(explainer: Explainer, faces: Sequence[Face], methods: Sequence[str],
 
 TARGETS = {"contrast": {"differs spearman": 0.8, "differs top1": 0.9},
            "similarity": {"alike spearman": 0.7, "alike top1": 0.8}}
-TARGETS.update({weighted_row(m): TARGETS[m] for m in WEIGHTED})
+TARGETS.update({weighted_row(m): TARGETS[m] for m in WEIGHTED_KIND})
 
 
 def markdown(result: EffectsResult) -> str:
@@ -364,7 +363,7 @@ def markdown(result: EffectsResult) -> str:
              "region agreement holds by construction and shows only that the drawing keeps "
              "it; their nuisance share is a real test.", "",
              "| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    order = [*result.methods, *(weighted_row(m) for m in result.methods if m in WEIGHTED),
+    order = [*result.methods, *(weighted_row(m) for m in result.methods if m in WEIGHTED_KIND),
              "effects, features mode", "served words (from the effects)",
              *BASELINES, "model (pixel effects)"]
     for row in order:
