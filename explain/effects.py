@@ -33,6 +33,7 @@ No gradients and no hooks: every edit is a plain batched forward under ``torch.n
 
 from __future__ import annotations
 
+import copy
 import functools
 import threading
 import weakref
@@ -44,6 +45,7 @@ import cv2
 import numpy as np
 import torch
 
+from encoder.spec import FaceEncoder
 from explain.limits import Guard
 from explain.regions import SUMMARY_REGIONS, first_region_stack, template_regions
 
@@ -265,12 +267,23 @@ def paste_region(target: np.ndarray, donor: np.ndarray, alpha: np.ndarray,
     target, donor (H, W, 3) uint8 in one frame (aligned crops); alpha (H, W) in 0..1;
     colour (H, W) bool. Returns (H, W, 3) uint8.
     """
-    src = donor[colour].astype(np.float32)
-    dst = target[colour].astype(np.float32)
-    scale = (dst.std(0) + 1e-6) / (src.std(0) + 1e-6)
-    shift = dst.mean(0) - src.mean(0) * scale
+    return _blend(target, donor, alpha, _colour_stats(target, colour),
+                  _colour_stats(donor, colour), _box(alpha))
+
+
+def _colour_stats(face: np.ndarray, colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel (mean, std) of ``face`` inside ``colour``, in float32."""
+    values = face[colour].astype(np.float32)
+    return values.mean(0), values.std(0)
+
+
+def _blend(target: np.ndarray, donor: np.ndarray, alpha: np.ndarray,
+           target_stats: tuple[np.ndarray, np.ndarray], donor_stats: tuple[np.ndarray, np.ndarray],
+           box: tuple[slice, slice] | None) -> np.ndarray:
+    """``paste_region`` from the two faces' ``_colour_stats`` and the alpha's ``_box``."""
+    scale = (target_stats[1] + 1e-6) / (donor_stats[1] + 1e-6)
+    shift = target_stats[0] - donor_stats[0] * scale
     out = target.copy()  # outside the alpha's box the target is kept as it is
-    box = _box(alpha)
     if box is None:
         return out
     a = alpha[box][..., None]
@@ -290,8 +303,37 @@ def _box(alpha: np.ndarray) -> tuple[slice, slice] | None:
 
 def edited_crops(target: np.ndarray, donor: np.ndarray, masks: EditMasks) -> np.ndarray:
     """(R, H, W, 3) uint8: ``target`` with each region of ``masks`` pasted from ``donor``."""
-    return np.stack([paste_region(target, donor, a, c)
-                     for a, c in zip(masks.alpha, masks.colour, strict=True)])
+    return _Pastes(masks).edited(target, donor)
+
+
+class _Pastes:
+    """``edited_crops`` for many pairs of a few faces: each face's colour statistics per
+    region are taken once (``key`` names the face; None: not kept), each region's box once.
+    The same pixels as ``paste_region``."""
+
+    def __init__(self, masks: EditMasks) -> None:
+        self.masks = masks
+        self.boxes = [_box(a) for a in masks.alpha]
+        self._stats: dict[object, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def stats(self, face: np.ndarray, key: object = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        found = None if key is None else self._stats.get(key)
+        if found is None:
+            found = [_colour_stats(face, c) for c in self.masks.colour]
+            if key is not None:
+                self._stats[key] = found
+        return found
+
+    def forget(self, call: object) -> None:
+        """Drop the statistics kept under keys ``(call, ...)``."""
+        for key in [k for k in self._stats if isinstance(k, tuple) and k[0] is call]:
+            del self._stats[key]
+
+    def edited(self, target: np.ndarray, donor: np.ndarray, target_key: object = None,
+               donor_key: object = None) -> np.ndarray:
+        t_stats, d_stats = self.stats(target, target_key), self.stats(donor, donor_key)
+        return np.stack([_blend(target, donor, a, ts, ds, box) for a, ts, ds, box in zip(
+            self.masks.alpha, t_stats, d_stats, self.boxes, strict=True)])
 
 
 def mean_face(crops: np.ndarray) -> np.ndarray:
@@ -429,6 +471,8 @@ class RegionEffects:
         self.guard = guard or Guard()
         self._query_alike: list[torch.Tensor] | None = None  # per view (R, D), unit
         self._early_query: dict[int, torch.Tensor] = {}  # per view, the query's early layers
+        self._windows: dict[tuple[int, int], tuple] = {}  # (region, view) -> _window
+        self._pastes = _Pastes(self.masks)  # the query's and neutral face's colour statistics
 
     def of(self, hits, kept: NeutralEdits | None = None) -> list[PairEffects]:
         """PairEffects of the query with each of ``hits`` (FaceFeatures with crops), in
@@ -466,16 +510,18 @@ class RegionEffects:
         known = [None if kept is None else kept.get(k) for k in range(k_count)]
         todo = [k for k in range(k_count) if known[k] is None]
         parts, targets = [], []  # edited crops; which face each edits (0 query, 1 + k hit k)
+        paste, call = self._pastes, object()  # a hit's colour statistics are this call's
         for k in range(k_count):
             g_crop = hits.crops[k]
-            parts += [edited_crops(q_crop, g_crop, self.masks),
-                      edited_crops(g_crop, q_crop, self.masks)]
+            parts += [paste.edited(q_crop, g_crop, "query", (call, k)),
+                      paste.edited(g_crop, q_crop, (call, k), "query")]
             targets += [0] * r_count + [1 + k] * r_count
-        parts += [edited_crops(hits.crops[k], neutral, self.masks) for k in todo]
+        parts += [paste.edited(hits.crops[k], neutral, (call, k), "neutral") for k in todo]
         targets += [1 + k for k in todo for _ in range(r_count)]
         if self._query_alike is None:
-            parts.append(edited_crops(q_crop, neutral, self.masks))
+            parts.append(paste.edited(q_crop, neutral, "query", "neutral"))
             targets += [0] * r_count
+        paste.forget(call)
         embs = self._embed(np.concatenate(parts), np.array(targets),
                            np.tile(np.arange(r_count), len(parts)), hits)
         pairs = 2 * k_count * r_count
@@ -502,7 +548,7 @@ class RegionEffects:
         if hits.crops is None:
             raise InvalidOption("region effects need the faces' aligned crops")
         r_count = len(self.regions)
-        crops = np.concatenate([edited_crops(crop, self.neutral.crop, self.masks)
+        crops = np.concatenate([self._pastes.edited(crop, self.neutral.crop, None, "neutral")
                                 for crop in hits.crops])
         embs = self._embed(crops, np.repeat(np.arange(1, len(hits) + 1), r_count),
                            np.tile(np.arange(r_count), len(hits)), hits)
@@ -535,9 +581,10 @@ class RegionEffects:
 
     # -- pixels, exactly but cheaper: the early layers only around each region ---------------
     def _splits(self) -> list | None:
-        """Each view's ``EarlySplit`` of its encoder's ``fast_copy`` (None when an encoder
-        has none)."""
-        splits = [fast_copy(enc).early_split() for enc in self.query.encoders]
+        """Each view's ``EarlySplit`` of its encoder's ``fast_copy`` in the edits' precision
+        (None when an encoder has none)."""
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        splits = [fast_split(enc, dtype) for enc in self.query.encoders]
         return None if any(sp is None for sp in splits) else splits
 
     def _encode_windows(self, crops: np.ndarray, targets: np.ndarray, regions: np.ndarray,
@@ -545,59 +592,101 @@ class RegionEffects:
         """As ``_encode``, with each edited crop's early (high-resolution) layers run only on
         a window around its region and pasted into the unedited face's early activations:
         exact (``encoder.spec.EarlySplit``: outside ``radius`` of the region nothing
-        changes), about a third cheaper on SFace. targets[i]: the face crop i edits (0 the
-        query, 1 + k hit k); regions[i]: its region's index in ``self.masks``; splits: each
-        view's ``EarlySplit``."""
+        changes). targets[i]: the face crop i edits (0 the query, 1 + k hit k); regions[i]:
+        its region's index in ``self.masks``; splits: each view's ``EarlySplit``.
+
+        The edits go through the late layers ``LATE_BATCH`` at a time in order of region
+        (each batch's early windows run per region inside it), every view of one encoder in
+        the same pass (the mirrored view is the same network), in the precision's own
+        weights (bf16: no autocast, which would cast every weight at every call)."""
         views = len(splits)
-        device = self.query.embeddings[0].device.type
-        low = self.precision == "bf16"
         faces = np.concatenate([self.query.crops[:1], hits.crops])
+        order = np.argsort(regions, kind="stable")
+        pick = torch.from_numpy(np.asarray(targets, np.int64))
+        # views whose late layers are one module share a pass (SFace and its mirror)
+        groups: dict[int, list[int]] = {}
+        for v, sp in enumerate(splits):
+            groups.setdefault(id(sp.late), []).append(v)
         features: list[list[torch.Tensor]] = [[] for _ in range(views)]
-        order: list[np.ndarray] = []
-        # Edited early activations wait here, across regions, until LATE_BATCH of them go
-        # through the late layers together (a region has few edits per call; the late
-        # layers run 1.4x faster per crop at 16 than at 6).
-        pending: list[list[torch.Tensor]] = [[] for _ in range(views)]
-
-        def late(everything: bool) -> None:
-            while pending[0] and (everything or sum(len(h) for h in pending[0]) >= LATE_BATCH):
-                self.guard.check()
-                for v in range(views):
-                    h = torch.cat(pending[v])
-                    features[v].append(splits[v].late(h[:LATE_BATCH]))
-                    pending[v] = [h[LATE_BATCH:]] if len(h) > LATE_BATCH else []
-
-        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=low):
-            base = [self._early(v, faces, splits[v]) for v in range(views)]
-            for r in np.unique(regions):
-                chosen = np.flatnonzero(regions == r)
-                windows = [_window(self.masks.alpha[r], splits[v], self.query.flipped[v])
-                           for v in range(views)]
-                kind = f"effects/windows/{self.precision}/{views}/{self.masks.regions[r]}"
-                for part in self.guard.batches(len(chosen), kind, PIXEL_BATCH):
-                    rows = chosen[part]
-                    self.guard.spend(len(rows) * views)
-                    order.append(rows)
-                    for v in range(views):
-                        (a, b, c, d), (i0, i1, j0, j1), (oi, oj) = windows[v]
-                        x = self._inputs(v, crops[rows])[..., a:b, c:d]
-                        h = base[v][targets[rows]].clone()
-                        h[..., i0:i1, j0:j1] = splits[v].early(x)[..., i0 - oi:i1 - oi,
-                                                                  j0 - oj:j1 - oj]
-                        pending[v].append(h)
-                    late(everything=False)
-            late(everything=True)
-        # The head once per view for every edit, in float32: under autocast each call would
-        # cast its 50k x 128 weight to bf16 again (a quarter of the time at 8 images a call).
-        where = np.argsort(np.concatenate(order))
+        kind = f"effects/edits/{self.precision}/{views}x{crops.shape[1]}x{crops.shape[2]}"
         with torch.no_grad():
-            return [_unit(self.query.encoders[v].head(torch.cat(features[v]).float())[where])
-                    for v in range(views)]
+            base = [self._early(v, faces, splits[v]) for v in range(views)]
+            buffers: dict[int, torch.Tensor] = {}  # per group, its late batch (channels-last)
+            most = -(-len(order) // max(1, -(-len(order) // LATE_BATCH)))  # even, <= LATE_BATCH
+            for part in self.guard.batches(len(order), kind, most):
+                rows = order[part]
+                n = len(rows)
+                self.guard.spend(n * views)
+                runs = np.flatnonzero(np.diff(regions[rows])) + 1
+                bounds = [0, *runs.tolist(), n]
+                chosen = pick[rows]
+                for g, members in groups.items():
+                    c, h, w = base[members[0]].shape[1:]
+                    if g not in buffers or len(buffers[g]) < len(members) * n:
+                        buffers[g] = torch.empty(
+                            (len(members) * most, c, h, w), dtype=base[members[0]].dtype,
+                            memory_format=torch.channels_last)
+                    batch = buffers[g][:len(members) * n]
+                    for m, v in enumerate(members):
+                        h_v = batch[m * n:(m + 1) * n]
+                        # gathered as (N, H, W, C), the channels-last tensor's own order
+                        torch.index_select(base[v].permute(0, 2, 3, 1), 0, chosen,
+                                           out=h_v.permute(0, 2, 3, 1))
+                        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                            (a, b, c0, d), (i0, i1, j0, j1), (oi, oj) = self._window(
+                                int(regions[rows[lo]]), v, splits[v])
+                            x = self._inputs(v, crops[rows[lo:hi]], (a, b, c0, d))
+                            h_v[lo:hi, :, i0:i1, j0:j1] = splits[v].early(x)[
+                                ..., i0 - oi:i1 - oi, j0 - oj:j1 - oj]
+                    out = splits[members[0]].late(batch)
+                    for m, v in enumerate(members):
+                        features[v].append(out[m * n:(m + 1) * n])
+        # The head once per view for every edit, in float32 (a bf16 head would round the
+        # 50k-long dot products), on a contiguous copy (flattening channels-last copies).
+        where = torch.from_numpy(np.argsort(order))
+        with torch.no_grad():
+            return [_unit(fast_copy(enc).head(
+                torch.cat(features[v]).to(torch.float32, memory_format=torch.contiguous_format)
+            )[where]) for v, enc in enumerate(self.query.encoders)]
 
-    def _inputs(self, view: int, crops: np.ndarray) -> torch.Tensor:
-        x = self.query.encoders[view].preprocess(crops)
-        x = torch.flip(x, dims=[-1]) if self.query.flipped[view] else x
-        return x.contiguous(memory_format=torch.channels_last)
+    def _window(self, region: int, view: int, split):
+        """``_window`` of region ``region`` for view ``view`` (kept for the call)."""
+        key = (region, view)
+        found = self._windows.get(key)
+        if found is None:
+            found = self._windows[key] = _window(self.masks.alpha[region], split,
+                                                 self.query.flipped[view])
+        return found
+
+    def _inputs(self, view: int, crops: np.ndarray,
+                box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """Crops as view ``view``'s channels-last input in the edits' precision; ``box``
+        (rows a:b, cols c:d of the view's input) cuts a window out. The encoder's own
+        ``preprocess``, on the window's pixels only where it is ``FaceEncoder``'s (a
+        per-pixel map: the same values as cutting the window out of the whole input)."""
+        encoder = self.query.encoders[view]
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        flipped = self.query.flipped[view]
+        if type(encoder).preprocess is not FaceEncoder.preprocess:
+            x = encoder.preprocess(crops)
+            x = torch.flip(x, dims=[-1]) if flipped else x
+            if box is not None:
+                x = x[..., box[0]:box[1], box[2]:box[3]]
+            return x.to(dtype, memory_format=torch.channels_last)
+        crops = np.asarray(crops)
+        h, w = encoder.spec.input_size
+        if crops.shape[1:3] != (h, w):
+            return encoder.preprocess(crops)  # raises WrongImageSize
+        pixels = crops[:, :, ::-1] if flipped else crops
+        if box is not None:
+            pixels = pixels[:, box[0]:box[1], box[2]:box[3]]
+        # (N, H, W, 3) uint8 as an (N, 3, H, W) channels-last tensor: no copy to permute
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
+        if encoder.spec.channels == 1:
+            x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = (x - encoder.spec.mean) / encoder.spec.std
+        device = next(encoder.parameters()).device
+        return x.to(device, dtype, memory_format=torch.channels_last)
 
     def _early(self, view: int, faces: np.ndarray, split) -> torch.Tensor:
         """Early activations of the unedited faces (the query's computed once per call)."""
@@ -683,16 +772,33 @@ _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAST_LOCK = threading.Lock()
 
 
-def fast_copy(encoder):
-    """``encoder.inference_copy()``, made once per encoder and kept while it lives: the
-    edits' forwards run through it (on this machine's CPU a batch of 8 crops through SFace's
-    body in bf16 takes 29 ms instead of 79 ms; float32 as served: 96 ms). The served
-    encoder keeps its own layout."""
+def fast_copy(encoder, dtype: torch.dtype = torch.float32):
+    """``encoder.inference_copy()`` with its weights in ``dtype``, made once per encoder and
+    dtype and kept while the encoder lives: the edits' forwards run through it (on this
+    machine's CPU a batch of 8 crops through SFace's body in bf16 takes 29 ms instead of
+    79 ms; float32 as served: 96 ms). The served encoder keeps its own layout."""
     with _FAST_LOCK:
-        fast = _FAST.get(encoder)
-        if fast is None:
-            fast = _FAST[encoder] = encoder.inference_copy()
-        return fast
+        copies = _FAST.get(encoder)
+        if copies is None:
+            copies = _FAST[encoder] = {}
+        if torch.float32 not in copies:
+            copies[torch.float32] = encoder.inference_copy()
+        if dtype not in copies:
+            copies[dtype] = copy.deepcopy(copies[torch.float32]).to(dtype)
+        return copies[dtype]
+
+
+def fast_split(encoder, dtype: torch.dtype = torch.float32):
+    """``fast_copy(encoder, dtype).early_split()``, made once per copy (so the views of one
+    encoder share its late layers, and a batch of both goes through them in one pass)."""
+    fast = fast_copy(encoder, dtype)
+    with _FAST_LOCK:
+        if fast not in _SPLITS:
+            _SPLITS[fast] = fast.early_split()
+        return _SPLITS[fast]
+
+
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _floats(values: np.ndarray) -> tuple[float, ...]:
