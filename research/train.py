@@ -11,7 +11,10 @@ The head starts from the base encoder's own (affine) head, so nothing it
 knew is thrown away: ``init="base"`` copies it exactly (epoch 0 *is* the frozen
 embedding); ``init="wccn"`` (default) also folds a within-class covariance
 normalisation of the training embeddings into the FC layer, a closed-form
-first step that suppresses identity and pose variation; cross-entropy training
+first step that suppresses identity and pose variation; ``init="lda"`` goes one
+step further and keeps only the ``classes - 1`` discriminant directions of the
+whitened embedding (Fisher's LDA; the embedding then has that many dimensions),
+so cosines weigh the syndrome and hardly the person. Cross-entropy training
 then continues from there and early stopping keeps the best validation epoch
 (epoch 0 included).
 """
@@ -96,7 +99,7 @@ class TrainConfig:
     """Fine-tuning hyper-parameters. ``embedding_dim=None`` keeps the base's size."""
 
     embedding_dim: int | None = None
-    init: Literal["wccn", "base", "random"] = "wccn"
+    init: Literal["wccn", "lda", "base", "random"] = "wccn"
     wccn_shrinkage: float = 1.0  # ridge added to S_w, in units of its mean eigenvalue
     dropout: float = 0.2
     lr: float = 5e-6  # the head: its weights start as the base's (~5e-3), keep steps small
@@ -179,19 +182,46 @@ def wccn_transform(embeddings: torch.Tensor, labels: Sequence[str],
     return a.float(), mean.float()
 
 
+def lda_transform(embeddings: torch.Tensor, labels: Sequence[str],
+                  shrinkage: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fisher's discriminant directions of (N, D) embeddings: (P (k, D), mean (D,)) with
+    ``k = min(classes - 1, D)``; ``e -> P (e - mean)`` whitens the within-class variation
+    (``wccn_transform``, same ridge) and keeps the k directions along which the class
+    means spread most."""
+    a, mean = wccn_transform(embeddings, labels, shrinkage)
+    x = embeddings.double() - mean.double()
+    lab = np.asarray(labels, dtype=object)
+    classes = sorted(set(lab.tolist()))
+    sb = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for c in classes:
+        members = torch.from_numpy(lab == c)
+        m = x[members].mean(0)
+        sb += int(members.sum()) * torch.outer(m, m)
+    a = a.double()
+    k = min(len(classes) - 1, x.shape[1])
+    _, vectors = torch.linalg.eigh(a @ (sb / len(x)) @ a)
+    return (vectors[:, -k:].flip(1).T @ a).float(), mean
+
+
+def lda_dim(labels: Sequence[str], base: FaceEncoder) -> int:
+    """The embedding size ``init="lda"`` gives: classes - 1, at most the base's."""
+    return min(len(set(labels)) - 1, base.spec.embedding_dim)
+
+
 def _init_head(model: FineTunedEncoder, base: FaceEncoder, train: LabelledFeatures,
                config: TrainConfig) -> None:
     head = model.embedding
     features = train.features
     init = config.init
-    if init not in ("wccn", "base", "random"):
-        raise ValueError(f"init must be wccn, base or random, not {init!r}")
+    if init not in ("wccn", "lda", "base", "random"):
+        raise ValueError(f"init must be wccn, lda, base or random, not {init!r}")
     with torch.no_grad():
         mean = features.mean(dim=(0, 2, 3))
         var = features.var(dim=(0, 2, 3), unbiased=False)
         head.norm.running_mean.copy_(mean)
         head.norm.running_var.copy_(var)
-        if init == "random" or model.config.embedding_dim != base.spec.embedding_dim:
+        start_dim = lda_dim(train.labels, base) if init == "lda" else base.spec.embedding_dim
+        if init == "random" or model.config.embedding_dim != start_dim:
             return
         w_base, b_base = base_affine_head(base)
         c = features.shape[1]
@@ -199,9 +229,10 @@ def _init_head(model: FineTunedEncoder, base: FaceEncoder, train: LabelledFeatur
         sigma = torch.sqrt(var + head.norm.eps)
         w = (w_base.reshape(-1, c, p) * sigma[None, :, None]).reshape_as(w_base)
         b = b_base + w_base @ mean[:, None].expand(c, p).reshape(-1)
-        if init == "wccn":
+        if init in ("wccn", "lda"):
             emb = torch.cat([f.flatten(1) @ w_base.T + b_base for f in torch.split(features, 256)])
-            a, centre = wccn_transform(emb, train.labels, config.wccn_shrinkage)
+            transform = wccn_transform if init == "wccn" else lda_transform
+            a, centre = transform(emb, train.labels, config.wccn_shrinkage)
             w, b = a @ w, a @ (b - centre)
         head.fc.weight.copy_(w)
         head.fc.bias.copy_(b)
@@ -257,7 +288,8 @@ def train_head(base: FaceEncoder, train: LabelledFeatures, val: LabelledFeatures
         base_encoder=base_name or base.spec.name,
         base_weights=base_weights,
         feature_shape=tuple(int(v) for v in train.features.shape[1:]),
-        embedding_dim=config.embedding_dim or base.spec.embedding_dim,
+        embedding_dim=config.embedding_dim or (lda_dim(train.labels, base) if config.init == "lda"
+                                               else base.spec.embedding_dim),
         class_names=names,
         dropout=config.dropout,
     )

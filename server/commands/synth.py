@@ -77,9 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--base", default="sface", help="frozen backbone encoder")
     train.add_argument("--base-weights", type=Path, help="weights of the base (iresnet50/100)")
     train.add_argument("--embedding-dim", type=int, help="embedding size (default: the base's)")
-    train.add_argument("--init", choices=["wccn", "base", "random"], default="wccn",
+    train.add_argument("--init", choices=["wccn", "lda", "base", "random"], default="wccn",
                        help="head start: base head + within-class covariance normalisation "
-                       "(wccn), the base head as is, or random")
+                       "(wccn), its classes - 1 discriminant directions only (lda), the base "
+                       "head as is, or random")
     train.add_argument("--wccn-shrinkage", type=float, default=1.0)
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--patience", type=int, default=8)

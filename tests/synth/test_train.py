@@ -115,16 +115,29 @@ def test_checkpoint_of_another_kind_is_rejected(tmp_path):
         create_encoder("finetuned")
 
 
-def test_wccn_start_weighs_between_class_over_within_class_variation(sface, features):
-    def separation(encoder) -> float:
-        e = embed_features(encoder, features["train"].features).astype(np.float64)
-        e /= np.linalg.norm(e, axis=1, keepdims=True)
-        labels = np.array(features["train"].labels)
-        means = {c: e[labels == c].mean(0) for c in CLASSES}
-        within = np.mean([np.sum((e[i] - means[c]) ** 2) for i, c in enumerate(labels)])
-        between = np.mean([np.sum((m - e.mean(0)) ** 2) for m in means.values()])
-        return between / within
+def _separation(encoder, faces) -> float:
+    """Between-class over within-class spread of ``faces``' unit embeddings."""
+    e = embed_features(encoder, faces.features).astype(np.float64)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    labels = np.array(faces.labels)
+    means = {c: e[labels == c].mean(0) for c in CLASSES}
+    within = np.mean([np.sum((e[i] - means[c]) ** 2) for i, c in enumerate(labels)])
+    between = np.mean([np.sum((m - e.mean(0)) ** 2) for m in means.values()])
+    return between / within
 
+
+def test_wccn_start_weighs_between_class_over_within_class_variation(sface, features):
     start = train_head(sface, features["train"], None, TrainConfig(max_epochs=0, init="wccn"))
-    assert separation(start.model) > 2 * separation(sface)
+    assert _separation(start.model, features["train"]) > 2 * _separation(sface, features["train"])
+
+
+def test_lda_start_keeps_the_discriminant_directions_and_separates_held_out_syndromes(
+        sface, features):
+    wccn = train_head(sface, features["train"], None, TrainConfig(max_epochs=0, init="wccn"))
+    lda = train_head(sface, features["train"], None, TrainConfig(max_epochs=0, init="lda"))
+    assert lda.model.spec.embedding_dim == len(CLASSES) - 1
+    assert embed_features(lda.model, features["test"].features).shape[1] == len(CLASSES) - 1
+    # on subjects it never saw, the syndromes stand further apart than with the WCCN start
+    assert (_separation(lda.model, features["test"])
+            > 1.2 * _separation(wccn.model, features["test"]))
 
