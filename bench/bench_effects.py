@@ -8,12 +8,16 @@ unless --threads), medians of ``--reps`` rounds in which every measurement runs 
 turn (``bench.timing.time_interleaved``):
 
 - encode: one query encode (both views of one crop) — the unit of the targets;
-- effects, pixels (served): ``region_effects(query, K cached hits, mode="pixels")`` — per
-  hit 27 edited crops (query with the hit's region, hit with the query's, hit with the
-  neutral face's; 9 regions) and, once per query, 9 (query with the neutral face's);
+- effects, pixels: ``region_effects(query, K cached hits, mode="pixels")`` on a query seen
+  for the first time (its kept neutral edits forgotten first) — per hit 27 edited crops
+  (query with the hit's region, hit with the query's, hit with the neutral face's; 9
+  regions) and, once per query, 9 (query with the neutral face's): hits without stored
+  neutral edits, the most a call makes;
 - the same with the hits' neutral edits kept (they do not depend on the query: the server
   makes them when a face is imported and keeps them in the feature store, and beside the
-  hits' cached features): 18 crops per hit — the served path for gallery hits;
+  hits' cached features): 18 crops per hit — the served path for gallery hits; once for a
+  query seen for the first time, and once for a query whose own 9 neutral edits are kept
+  (``explain.effects.QUERY_EDITS_KEPT``: Match, Explain and the report of one photo);
 - effects, features: the same edits made on the contrast layer, then the network's tail;
 - contrast cached: ``explain_matches(..., ["contrast"])`` for the same K hits.
 
@@ -34,7 +38,13 @@ from bench.timing import time_interleaved
 from explain.attribution.engine import Explainer
 from explain.attribution.matches import explain_matches
 from explain.attribution.views import SingleEncoderViews
-from explain.effects import KeptEdits, RegionEffects, bundled_neutral, region_effects
+from explain.effects import (
+    KeptEdits,
+    RegionEffects,
+    bundled_neutral,
+    forget_query_edits,
+    region_effects,
+)
 
 TARGET = 3.0
 CAP = 10.0
@@ -52,10 +62,18 @@ def measure(reps: int = 3, k: int = 3, threads: int = 1) -> dict:
     q, g = explainer.encode(query), explainer.encode(hits)
     kept = KeptEdits()  # as the server's feature cache keeps them
     RegionEffects(explainer, q, neutral=neutral).of(g, kept)
+
+    def first(fn):  # a query seen for the first time: its neutral edits made in the call
+        def call():
+            forget_query_edits()
+            return fn()
+        return call
+
     times = time_interleaved({
         "encode": lambda: explainer.encode(query),
-        "pixels": lambda: region_effects(explainer, q, g, neutral=neutral, mode="pixels"),
-        "kept": lambda: RegionEffects(explainer, q, neutral=neutral).of(g, kept),
+        "pixels": first(lambda: region_effects(explainer, q, g, neutral=neutral, mode="pixels")),
+        "kept": first(lambda: RegionEffects(explainer, q, neutral=neutral).of(g, kept)),
+        "kept_warm": lambda: RegionEffects(explainer, q, neutral=neutral).of(g, kept),
         "features": lambda: region_effects(explainer, q, g, neutral=neutral, mode="features"),
         "contrast": lambda: list(explain_matches(explainer, query, g, ["contrast"])),
     }, reps, warmup=1)
@@ -64,6 +82,7 @@ def measure(reps: int = 3, k: int = 3, threads: int = 1) -> dict:
     return {"k": k, "encode_ms": encode, "ms_per_hit": ms["pixels"] / k,
             "ratio": ms["pixels"] / k / encode,
             "kept_ms_per_hit": ms["kept"] / k, "kept_ratio": ms["kept"] / k / encode,
+            "warm_ms_per_hit": ms["kept_warm"] / k, "warm_ratio": ms["kept_warm"] / k / encode,
             "features_ms_per_hit": ms["features"] / k,
             "features_ratio": ms["features"] / k / encode,
             "contrast_ms": ms["contrast"], "contrast_ratio": ms["contrast"] / encode}
@@ -85,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         return "met" if ratio <= TARGET else (
             "not met (under the cap)" if ratio <= CAP else "not met (over the cap)")
 
-    print("| K | encode | effects per hit, hits' neutral edits stored (served) | × encode "
-          "| target ≤ 3× (cap 10×) | hits without stored edits | × encode | cap 10× "
+    print("| K | encode | served: hits' neutral edits stored, query's kept | × encode "
+          "| served, query seen first | × encode | target ≤ 3× (cap 10×) "
+          "| hits without stored edits, query seen first | × encode | cap 10× "
           "| contrast-layer edits | × encode | contrast (all K) | × encode |")
-    print("|---:|---:|---:|---:|:---|---:|---:|:---|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|:---|---:|---:|:---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['k']} | {r['encode_ms']:.1f} ms | {r['kept_ms_per_hit']:.0f} ms | "
-              f"{r['kept_ratio']:.1f} | {status(r['kept_ratio'])} | {r['ms_per_hit']:.0f} ms | "
+        print(f"| {r['k']} | {r['encode_ms']:.1f} ms | {r['warm_ms_per_hit']:.0f} ms | "
+              f"{r['warm_ratio']:.1f} | {r['kept_ms_per_hit']:.0f} ms | {r['kept_ratio']:.1f} | "
+              f"{status(r['kept_ratio'])} | {r['ms_per_hit']:.0f} ms | "
               f"{r['ratio']:.1f} | {'met' if r['ratio'] <= CAP else 'not met'} | "
               f"{r['features_ms_per_hit']:.0f} ms | {r['features_ratio']:.1f} | "
               f"{r['contrast_ms']:.0f} ms | {r['contrast_ratio']:.1f} |")

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -64,7 +66,9 @@ FEATHER_SIGMA = 0.06  # Gaussian sigma of the alpha's blur
 PIXEL_BATCH = 8  # edited crops per forward (× views): SFace in channels-last bf16 on one CPU
 # thread is fastest per image at 8 images a batch (4.7 ms; 1 image 7.7 ms, 32 images 7.7 ms;
 # float32 contiguous, as the encoder serves: 14.7 ms for one image)
-LATE_BATCH = 16  # edited crops per pass through the layers after the early windows
+LATE_BATCH = 32  # edited crops x views per pass through the layers after the early windows:
+# SFace's late layers in bf16 on one CPU thread take 2.15 ms a crop at 16-32 a pass (the
+# activations stay in cache), 2.5 ms at 4 and 3.1 ms at 64
 PRECISIONS = ("bf16", "fp32")
 FEATURE_BATCH = 96  # at most this many edited activations per tail batch (``features``)
 # A server's (cancellable) call sizes its batches by time (``Guard.batches``), so it stops
@@ -353,6 +357,7 @@ class NeutralFace:
 
     def __init__(self, crop: np.ndarray) -> None:
         self.crop = np.ascontiguousarray(crop, dtype=np.uint8)
+        self.digest = hashlib.sha256(self.crop.data).hexdigest()  # names its pixels
         self._fine: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
@@ -370,6 +375,36 @@ class KeptEdits(dict):
 
     def put(self, index: int, embeddings: Sequence[torch.Tensor]) -> None:
         self[index] = embeddings
+
+
+# A query's neutral edits (9 crops x views) depend on its pixels, not on its hits: the last
+# QUERY_EDITS_KEPT queries' are kept by content (a few KB each), so Match, Explain and the
+# report of one photo make them once.
+QUERY_EDITS_KEPT = 32
+_QUERY_EDITS: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+_QUERY_EDITS_LOCK = threading.Lock()
+
+
+def _kept_query_edits(key: tuple) -> list[torch.Tensor] | None:
+    with _QUERY_EDITS_LOCK:
+        found = _QUERY_EDITS.get(key)
+        if found is not None:
+            _QUERY_EDITS.move_to_end(key)
+        return found
+
+
+def _keep_query_edits(key: tuple, embeddings: list[torch.Tensor]) -> None:
+    with _QUERY_EDITS_LOCK:
+        _QUERY_EDITS[key] = embeddings
+        _QUERY_EDITS.move_to_end(key)
+        while len(_QUERY_EDITS) > QUERY_EDITS_KEPT:
+            _QUERY_EDITS.popitem(last=False)
+
+
+def forget_query_edits() -> None:
+    """Drop every kept query's neutral edits (the next call makes them again)."""
+    with _QUERY_EDITS_LOCK:
+        _QUERY_EDITS.clear()
 
 
 def as_neutral(neutral: np.ndarray | NeutralFace) -> NeutralFace:
@@ -519,6 +554,8 @@ class RegionEffects:
         parts += [paste.edited(hits.crops[k], neutral, (call, k), "neutral") for k in todo]
         targets += [1 + k for k in todo for _ in range(r_count)]
         if self._query_alike is None:
+            self._query_alike = _kept_query_edits(self._query_key())
+        if self._query_alike is None:
             parts.append(paste.edited(q_crop, neutral, "query", "neutral"))
             targets += [0] * r_count
         paste.forget(call)
@@ -534,9 +571,19 @@ class RegionEffects:
                 kept.put(k, known[k])
         if self._query_alike is None:
             self._query_alike = [e[pairs + len(todo) * r_count:] for e in embs]
+            _keep_query_edits(self._query_key(), self._query_alike)
         g_alike = [torch.stack([known[k][v] for k in range(k_count)]) for v in range(len(embs))]
         return ([e[:, 0] for e in per_hit], [e[:, 1] for e in per_hit], g_alike,
                 self._query_alike)
+
+    def _query_key(self) -> tuple:
+        """What the query's neutral edits depend on: the encoders (weakly: a dead encoder's
+        key matches nothing), the views, the precision, the regions, and the query's and
+        the neutral face's pixels."""
+        crop = np.ascontiguousarray(self.query.crops[0])
+        return (tuple(weakref.ref(e) for e in self.query.encoders), tuple(self.query.flipped),
+                self.precision, self.regions, crop.shape,
+                hashlib.sha256(crop.data).hexdigest(), self.neutral.digest)
 
     def neutral_of(self, hits) -> list[list[torch.Tensor]]:
         """Each of ``hits``' neutral edits (pixel mode): per hit, per view, the (R, D) unit
@@ -595,10 +642,11 @@ class RegionEffects:
         changes). targets[i]: the face crop i edits (0 the query, 1 + k hit k); regions[i]:
         its region's index in ``self.masks``; splits: each view's ``EarlySplit``.
 
-        The edits go through the late layers ``LATE_BATCH`` at a time in order of region
-        (each batch's early windows run per region inside it), every view of one encoder in
-        the same pass (the mirrored view is the same network), in the precision's own
-        weights (bf16: no autocast, which would cast every weight at every call)."""
+        The edits go through the late layers ``LATE_BATCH`` at a time (crops x views) in
+        order of region (each batch's early windows run per region inside it), every view
+        of one encoder in the same pass (the mirrored view is the same network), in the
+        precision's own weights (bf16: no autocast, which would cast every weight at every
+        call)."""
         views = len(splits)
         faces = np.concatenate([self.query.crops[:1], hits.crops])
         order = np.argsort(regions, kind="stable")
@@ -612,7 +660,8 @@ class RegionEffects:
         with torch.no_grad():
             base = [self._early(v, faces, splits[v]) for v in range(views)]
             buffers: dict[int, torch.Tensor] = {}  # per group, its late batch (channels-last)
-            most = -(-len(order) // max(1, -(-len(order) // LATE_BATCH)))  # even, <= LATE_BATCH
+            per_pass = max(1, LATE_BATCH // max(len(m) for m in groups.values()))
+            most = -(-len(order) // max(1, -(-len(order) // per_pass)))  # even batches
             for part in self.guard.batches(len(order), kind, most):
                 rows = order[part]
                 n = len(rows)
@@ -641,13 +690,19 @@ class RegionEffects:
                     out = splits[members[0]].late(batch)
                     for m, v in enumerate(members):
                         features[v].append(out[m * n:(m + 1) * n])
-        # The head once per view for every edit, in float32 (a bf16 head would round the
-        # 50k-long dot products), on a contiguous copy (flattening channels-last copies).
+        # The head once per encoder for every edit of its views, in float32 (a bf16 head
+        # would round the 50k-long dot products), on a contiguous copy (flattening
+        # channels-last copies); its weights are read once for all the edits.
         where = torch.from_numpy(np.argsort(order))
+        out: list[torch.Tensor] = [torch.empty(0)] * views
         with torch.no_grad():
-            return [_unit(fast_copy(enc).head(
-                torch.cat(features[v]).to(torch.float32, memory_format=torch.contiguous_format)
-            )[where]) for v, enc in enumerate(self.query.encoders)]
+            for members in groups.values():
+                flat = torch.cat([f for v in members for f in features[v]]).to(
+                    torch.float32, memory_format=torch.contiguous_format)
+                embs = fast_copy(self.query.encoders[members[0]]).head(flat)
+                for v, e in zip(members, embs.split(len(order)), strict=True):
+                    out[v] = _unit(e[where])
+        return out
 
     def _window(self, region: int, view: int, split):
         """``_window`` of region ``region`` for view ``view`` (kept for the call)."""

@@ -15,6 +15,7 @@ from explain.effects import (
     edit_masks,
     edited_crops,
     effect_region_stack,
+    forget_query_edits,
     mean_face,
     paste_region,
     region_effects,
@@ -26,6 +27,14 @@ from explain.errors import BudgetExceeded
 @pytest.fixture(scope="module")
 def neutral(crops) -> np.ndarray:
     return mean_face(np.stack(list(crops.values())))
+
+
+@pytest.fixture(autouse=True)
+def _no_kept_query_edits():
+    """Each test counts its own passes: no query's neutral edits kept from another test."""
+    forget_query_edits()
+    yield
+    forget_query_edits()
 
 
 def test_words_name_regions_by_effect_and_skip_the_noise():
@@ -174,6 +183,7 @@ def test_kept_neutral_edits_of_the_hits_are_not_made_again(explainer, crops, neu
     kept = KeptEdits()
     cold, warm = Guard(), Guard()
     first = RegionEffects(explainer, q, neutral=neutral, guard=cold).of(g, kept)
+    forget_query_edits()  # only the hits' edits are kept here (the query's: the test below)
     second = RegionEffects(explainer, q, neutral=neutral, guard=warm).of(g, kept)
     assert sorted(kept) == [0, 1]
     assert cold.used - warm.used == 2 * len(EFFECT_REGIONS)  # each hit's 9 neutral edits
@@ -272,3 +282,42 @@ def test_neutral_edits_made_apart_are_the_ones_the_effects_use(explainer, crops,
     assert len(apart) == 2 and apart[0][0].shape == (len(EFFECT_REGIONS), 128)
     for a, b in zip(with_kept, fresh, strict=True):
         np.testing.assert_allclose(a.gallery.alike, b.gallery.alike, atol=1e-4)
+
+
+def test_served_edits_equal_float32_whole_crop_edits(flip_explainer, crops, neutral):
+    """The served path (bf16, early layers in windows, both views in one pass) measures the
+    effects of float32 forwards of the whole edited crops, up to bf16 rounding."""
+    q = flip_explainer.encode(crops["person_a_1.jpg"])
+    g = flip_explainer.encode(np.stack([crops["person_a_2.jpg"], crops["impostor_1.jpg"]]))
+    served = RegionEffects(flip_explainer, q, neutral=neutral).of(g)
+    whole = RegionEffects(flip_explainer, q, neutral=neutral, precision="fp32")
+    whole._splits = lambda: None  # every edited crop through the whole encoder
+    for a, b in zip(served, whole.of(g), strict=True):
+        for side in ("query", "gallery"):
+            for kind in ("differs", "alike"):
+                np.testing.assert_allclose(getattr(a.side(side), kind),
+                                           getattr(b.side(side), kind), atol=0.005)
+
+
+def test_a_querys_neutral_edits_are_kept_by_its_pixels(explainer, crops, neutral):
+    """Match, Explain and the report of one photo make its neutral edits once: a second
+    call with the same query pixels (a new FaceFeatures) makes only the pair edits."""
+    from explain.limits import Guard
+
+    g = explainer.encode(crops["person_a_2.jpg"])
+    first, second, other = Guard(), Guard(), Guard()
+    a = RegionEffects(explainer, explainer.encode(crops["person_a_1.jpg"]), neutral=neutral,
+                      guard=first).of(g)
+    b = RegionEffects(explainer, explainer.encode(crops["person_a_1.jpg"].copy()),
+                      neutral=neutral, guard=second).of(g)
+    regions = len(EFFECT_REGIONS)
+    assert first.used == 4 * regions and second.used == 3 * regions
+    np.testing.assert_allclose(a[0].query.alike, b[0].query.alike, atol=1e-6)
+    # another query, or the same one against another neutral face, makes its own
+    RegionEffects(explainer, explainer.encode(crops["impostor_1.jpg"]), neutral=neutral,
+                  guard=other).of(g)
+    assert other.used == 4 * regions
+    again = Guard()
+    RegionEffects(explainer, explainer.encode(crops["person_a_1.jpg"]),
+                  neutral=neutral[:, ::-1].copy(), guard=again).of(g)
+    assert again.used == 4 * regions
