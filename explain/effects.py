@@ -668,13 +668,13 @@ class RegionEffects:
                 self.guard.spend(n * views)
                 runs = np.flatnonzero(np.diff(regions[rows])) + 1
                 bounds = [0, *runs.tolist(), n]
-                chosen = pick[rows]
+                chosen = pick[rows].to(base[0].device)
                 for g, members in groups.items():
                     c, h, w = base[members[0]].shape[1:]
                     if g not in buffers or len(buffers[g]) < len(members) * n:
                         buffers[g] = torch.empty(
                             (len(members) * most, c, h, w), dtype=base[members[0]].dtype,
-                            memory_format=torch.channels_last)
+                            device=base[members[0]].device, memory_format=torch.channels_last)
                     batch = buffers[g][:len(members) * n]
                     for m, v in enumerate(members):
                         h_v = batch[m * n:(m + 1) * n]
@@ -687,9 +687,9 @@ class RegionEffects:
                             x = self._inputs(v, crops[rows[lo:hi]], (a, b, c0, d))
                             h_v[lo:hi, :, i0:i1, j0:j1] = splits[v].early(x)[
                                 ..., i0 - oi:i1 - oi, j0 - oj:j1 - oj]
-                    out = splits[members[0]].late(batch)
+                    late = splits[members[0]].late(batch)
                     for m, v in enumerate(members):
-                        features[v].append(out[m * n:(m + 1) * n])
+                        features[v].append(late[m * n:(m + 1) * n])
         # The head once per encoder for every edit of its views, in float32 (a bf16 head
         # would round the 50k-long dot products), on a contiguous copy (flattening
         # channels-last copies); its weights are read once for all the edits.
@@ -701,7 +701,7 @@ class RegionEffects:
                     torch.float32, memory_format=torch.contiguous_format)
                 embs = fast_copy(self.query.encoders[members[0]]).head(flat)
                 for v, e in zip(members, embs.split(len(order)), strict=True):
-                    out[v] = _unit(e[where])
+                    out[v] = _unit(e[where.to(e.device)])
         return out
 
     def _window(self, region: int, view: int, split):
