@@ -18,9 +18,11 @@ Two ways to make the edit, one contract:
 - ``pixels`` (served): the region is pasted into the aligned crop (colour-matched to the
   target inside the region, feathered edge; ``paste_region``) and the edited crops go
   through the encoder. This *is* the question the words answer. It is made affordable
-  without changing the answer: bf16 forwards; the encoder's high-resolution early layers
-  run only on a window around the region (exact, ``encoder.spec.EarlySplit``); the
-  query's neutral edits once per call; a gallery face's neutral edits kept between calls
+  without changing the answer: bf16 forwards (a bf16 copy of the encoder); the encoder's
+  high-resolution early layers run only on a window around the region (exact,
+  ``encoder.spec.EarlySplit``); every view of one encoder in one pass; the query's
+  neutral edits once per call and kept by the query's pixels for the next calls
+  (``QUERY_EDITS_KEPT``); a gallery face's neutral edits kept between calls
   (``NeutralEdits``, the server's feature cache).
 - ``features`` (research): the same edit made on the encoder's ``contrast_layer``
   activations (SFace: the last 14×14 block) with the region's feathered mask averaged over
@@ -480,8 +482,9 @@ class RegionEffects:
     the whole encoder, the served default) or "features" (edits of the contrast layer + the
     network tail). ``guard`` is polled between batches and charged one forward pass per
     edited crop and view (a tail pass as ``1/TAIL_PASSES_PER_FORWARD`` of one). The query's
-    neutral edits are made once and shared by every hit. ``precision``: the edited crops'
-    forwards in "bf16" (autocast; 1.8× faster on this CPU; on 56 real pairs every effect
+    neutral edits are made once and shared by every hit, and kept by the query's pixels
+    for later calls (not charged again). ``precision``: the edited crops' forwards in
+    "bf16" (a bf16 copy of the encoder; 1.8× faster on this CPU; on 56 real pairs every effect
     within 0.0036 of float32's, under the words' ``NOISE``, and the same first region named
     on all 112 faces) or "fp32"; the pair's own cosine, the reference of every change,
     stays the float32 one.
