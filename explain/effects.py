@@ -487,8 +487,7 @@ class RegionEffects:
     "bf16" (a bf16 copy of the encoder; on the 56 pairs of the bundled photos every effect
     within 0.0038 of float32 forwards of the whole edited crops, under the words'
     ``NOISE``, and the same first region named on all 112 faces) or "fp32"; the pair's
-    own cosine, the reference of every change,
-    stays the float32 one.
+    own cosine, the reference of every change, stays the float32 one.
     """
 
     def __init__(self, explainer, query, *, neutral: np.ndarray | NeutralFace,
