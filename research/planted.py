@@ -99,17 +99,30 @@ def _embeddings(features) -> np.ndarray:
 
 
 def _train_head(base, gallery, seed: int, init: str):
-    from research.train import LabelledFeatures, TrainConfig, extract_features, train_head
+    from explain.effects import mean_face
+    from research.train import (
+        LabelledFeatures,
+        TrainConfig,
+        extract_features,
+        neutral_edit_features,
+        train_head,
+    )
 
-    feats = LabelledFeatures(extract_features(base, np.stack([s.image for s in gallery])),
-                             tuple(s.label for s in gallery), tuple(s.subject for s in gallery),
+    crops = np.stack([s.image for s in gallery])
+    feats = LabelledFeatures(extract_features(base, crops), tuple(s.label for s in gallery),
+                             tuple(s.subject for s in gallery),
                              tuple(s.image_id for s in gallery))
     subjects = sorted(set(feats.subjects))
     rng = np.random.default_rng(seed)
     val_subjects = set(rng.choice(subjects, size=min(2, len(subjects) - 1), replace=False))
-    train = feats.select([i for i, s in enumerate(feats.subjects) if s not in val_subjects])
+    kept = [i for i, s in enumerate(feats.subjects) if s not in val_subjects]
+    train = feats.select(kept)
     val = feats.select([i for i, s in enumerate(feats.subjects) if s in val_subjects])
-    return train_head(base, train, val, TrainConfig(seed=seed, init=init), base_name="sface").model
+    # the edits region effects will make (the neutral face is the protocol's: the gallery's mean)
+    edits = (neutral_edit_features(base, train, crops[kept], neutral=mean_face(crops), seed=seed)
+             if init == "lda" else None)
+    return train_head(base, train, val, TrainConfig(seed=seed, init=init), base_name="sface",
+                      edits=edits).model
 
 
 def _fold(explainer, gallery, queries, classes, mode: str) -> list[dict]:

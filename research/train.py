@@ -11,10 +11,15 @@ The head starts from the base encoder's own (affine) head, so nothing it
 knew is thrown away: ``init="base"`` copies it exactly (epoch 0 *is* the frozen
 embedding); ``init="wccn"`` (default) also folds a within-class covariance
 normalisation of the training embeddings into the FC layer, a closed-form
-first step that suppresses identity and pose variation; ``init="lda"`` goes one
-step further and keeps only the ``classes - 1`` discriminant directions of the
-whitened embedding (Fisher's LDA; the embedding then has that many dimensions),
-so cosines weigh the syndrome and hardly the person. Cross-entropy training
+first step that suppresses identity and pose variation. ``init="lda"`` replaces the
+base head by Fisher's discriminant directions of the backbone maps themselves
+(``discriminant_head``: a PCA, then the ``classes - 1`` directions along which the
+class means spread most against the variation within a class; the embedding has
+that many dimensions), so cosines weigh the syndrome and hardly the person. Given
+``edits`` (the training faces with one region replaced by a neutral face, as region
+effects make them: ``neutral_edit_features``), the within-class variation also
+counts them, so the head does not react to a pasted region by itself and the
+region effects measured through it say where the syndrome is. Cross-entropy training
 then continues from there and early stopping keeps the best validation epoch
 (epoch 0 included).
 """
@@ -101,6 +106,9 @@ class TrainConfig:
     embedding_dim: int | None = None
     init: Literal["wccn", "lda", "base", "random"] = "wccn"
     wccn_shrinkage: float = 1.0  # ridge added to S_w, in units of its mean eigenvalue
+    lda_components: int = 512  # init="lda": PCA dimensions of the backbone maps
+    lda_shrinkage: float = 0.1  # init="lda": ridge added to S_w, as wccn_shrinkage
+    edit_weight: float = 10.0  # init="lda": weight of the edits' spread within a class
     dropout: float = 0.2
     lr: float = 5e-6  # the head: its weights start as the base's (~5e-3), keep steps small
     classifier_lr: float = 1e-3
@@ -182,46 +190,106 @@ def wccn_transform(embeddings: torch.Tensor, labels: Sequence[str],
     return a.float(), mean.float()
 
 
-def lda_transform(embeddings: torch.Tensor, labels: Sequence[str],
-                  shrinkage: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fisher's discriminant directions of (N, D) embeddings: (P (k, D), mean (D,)) with
-    ``k = min(classes - 1, D)``; ``e -> P (e - mean)`` whitens the within-class variation
-    (``wccn_transform``, same ridge) and keeps the k directions along which the class
-    means spread most."""
-    a, mean = wccn_transform(embeddings, labels, shrinkage)
-    x = embeddings.double() - mean.double()
-    lab = np.asarray(labels, dtype=object)
-    classes = sorted(set(lab.tolist()))
-    sb = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+def discriminant_head(train: LabelledFeatures, edits: LabelledFeatures | None,
+                      config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fisher's discriminant directions of the flattened backbone maps: (P (k, F), mean (F,))
+    with ``F = C*h*w`` and ``k = min(classes - 1, components)``; the embedding is
+    ``P (vec(F) - mean)``.
+
+    The maps (and ``edits``' maps) are centred on the training mean and reduced to their
+    first ``config.lda_components`` principal components; ``S_w`` is the spread of the
+    training faces around their class mean plus ``config.edit_weight`` times the spread of
+    the edits around their source's class mean (per edit), with a ridge of
+    ``config.lda_shrinkage`` times its mean eigenvalue; ``S_b`` the spread of the class
+    means. P keeps the top k eigenvectors of ``S_w^-1/2 S_b S_w^-1/2``, whitened."""
+    x = train.features.flatten(1).float()
+    mean = x.mean(0)
+    rows = [x - mean]
+    if edits is not None and len(edits):
+        rows.append(edits.features.flatten(1).float() - mean)
+    stacked = torch.cat(rows)
+    gram = (stacked @ stacked.T).double()
+    values, vectors = torch.linalg.eigh(gram)
+    keep = torch.argsort(values, descending=True)[:config.lda_components]
+    keep = keep[values[keep] > values.max() * 1e-9]
+    basis = (stacked.T.double() @ vectors[:, keep]) / values[keep].sqrt()  # (F, pcs)
+    z = rows[0].double() @ basis
+    labels = np.asarray(train.labels, dtype=object)
+    classes = sorted(set(labels.tolist()))
+    dim = basis.shape[1]
+    within = torch.zeros(dim, dim, dtype=torch.float64)
+    between = torch.zeros_like(within)
+    means = {}
     for c in classes:
-        members = torch.from_numpy(lab == c)
-        m = x[members].mean(0)
-        sb += int(members.sum()) * torch.outer(m, m)
-    a = a.double()
-    k = min(len(classes) - 1, x.shape[1])
-    _, vectors = torch.linalg.eigh(a @ (sb / len(x)) @ a)
-    return (vectors[:, -k:].flip(1).T @ a).float(), mean
+        d = z[torch.from_numpy(labels == c)]
+        means[c] = d.mean(0)
+        within += (d - means[c]).T @ (d - means[c]) / len(z)
+        between += len(d) * torch.outer(means[c], means[c]) / len(z)
+    if len(rows) > 1:
+        za = rows[1].double() @ basis
+        centre = torch.stack([means[c] for c in edits.labels])
+        within += config.edit_weight * (za - centre).T @ (za - centre) / len(za)
+    within += config.lda_shrinkage * torch.trace(within) / dim * torch.eye(dim, dtype=torch.float64)
+    w, v = torch.linalg.eigh(within)
+    whiten = v @ torch.diag(w.clamp_min(1e-12) ** -0.5) @ v.T
+    k = min(len(classes) - 1, dim)
+    _, directions = torch.linalg.eigh(whiten @ between @ whiten)
+    p = directions[:, -k:].flip(1).T @ whiten @ basis.T
+    return p.float(), mean
 
 
-def lda_dim(labels: Sequence[str], base: FaceEncoder) -> int:
-    """The embedding size ``init="lda"`` gives: classes - 1, at most the base's."""
-    return min(len(set(labels)) - 1, base.spec.embedding_dim)
+def lda_dim(labels: Sequence[str], config: TrainConfig) -> int:
+    """The embedding size ``init="lda"`` gives: classes - 1, at most ``lda_components``."""
+    return min(len(set(labels)) - 1, config.lda_components)
+
+
+def neutral_edit_features(encoder: FaceEncoder, faces: LabelledFeatures, crops: np.ndarray,
+                          neutral: np.ndarray | None = None, max_faces: int = 400,
+                          seed: int = 0) -> LabelledFeatures:
+    """Backbone maps of ``crops`` (the aligned crops of ``faces``, in order) with each
+    effect region replaced by ``neutral``'s (default: their mean face), exactly as region
+    effects edit a face (``explain.effects``); at most ``max_faces`` faces (drawn with
+    ``seed``), 9 edits each. Labels, subjects and ids are their source's."""
+    from explain.effects import EFFECT_REGIONS, edit_masks, edited_crops, mean_face
+
+    crops = np.asarray(crops)
+    neutral = mean_face(crops) if neutral is None else neutral
+    picked = np.arange(len(crops))
+    if len(picked) > max_faces:
+        picked = np.sort(np.random.default_rng(seed).choice(picked, max_faces, replace=False))
+    masks = edit_masks(tuple(crops.shape[1:3]), EFFECT_REGIONS)
+    edited = np.concatenate([edited_crops(crops[i], neutral, masks) for i in picked])
+    source = np.repeat(picked, len(EFFECT_REGIONS))
+    return LabelledFeatures(extract_features(encoder, edited),
+                            tuple(faces.labels[i] for i in source),
+                            tuple(faces.subjects[i] for i in source),
+                            tuple(f"{faces.image_ids[i]}~{r}" for i in picked
+                                  for r in EFFECT_REGIONS))
 
 
 def _init_head(model: FineTunedEncoder, base: FaceEncoder, train: LabelledFeatures,
-               config: TrainConfig) -> None:
+               config: TrainConfig, edits: LabelledFeatures | None = None) -> None:
     head = model.embedding
     features = train.features
     init = config.init
     if init not in ("wccn", "lda", "base", "random"):
         raise ValueError(f"init must be wccn, lda, base or random, not {init!r}")
     with torch.no_grad():
+        if init == "lda":
+            if model.config.embedding_dim != lda_dim(train.labels, config):
+                raise ValueError("init='lda' gives classes - 1 dimensions; leave embedding_dim unset")
+            p, centre = discriminant_head(train, edits, config)
+            head.norm.running_mean.zero_()  # the directions act on the maps as they are
+            head.norm.running_var.fill_(1.0 - head.norm.eps)
+            head.fc.weight.copy_(p)
+            head.fc.bias.copy_(-(p @ centre))
+            _identity_bn(head, features)
+            return
         mean = features.mean(dim=(0, 2, 3))
         var = features.var(dim=(0, 2, 3), unbiased=False)
         head.norm.running_mean.copy_(mean)
         head.norm.running_var.copy_(var)
-        start_dim = lda_dim(train.labels, base) if init == "lda" else base.spec.embedding_dim
-        if init == "random" or model.config.embedding_dim != start_dim:
+        if init == "random" or model.config.embedding_dim != base.spec.embedding_dim:
             return
         w_base, b_base = base_affine_head(base)
         c = features.shape[1]
@@ -229,20 +297,23 @@ def _init_head(model: FineTunedEncoder, base: FaceEncoder, train: LabelledFeatur
         sigma = torch.sqrt(var + head.norm.eps)
         w = (w_base.reshape(-1, c, p) * sigma[None, :, None]).reshape_as(w_base)
         b = b_base + w_base @ mean[:, None].expand(c, p).reshape(-1)
-        if init in ("wccn", "lda"):
+        if init == "wccn":
             emb = torch.cat([f.flatten(1) @ w_base.T + b_base for f in torch.split(features, 256)])
-            transform = wccn_transform if init == "wccn" else lda_transform
-            a, centre = transform(emb, train.labels, config.wccn_shrinkage)
+            a, centre = wccn_transform(emb, train.labels, config.wccn_shrinkage)
             w, b = a @ w, a @ (b - centre)
         head.fc.weight.copy_(w)
         head.fc.bias.copy_(b)
-        # BatchNorm1d as the identity on the training distribution.
-        z = torch.cat([head.fc(torch.flatten(head.norm(f), 1)) for f in torch.split(features, 256)])
-        zm, zv = z.mean(0), z.var(0, unbiased=False)
-        head.bn.running_mean.copy_(zm)
-        head.bn.running_var.copy_(zv)
-        head.bn.weight.copy_(torch.sqrt(zv + head.bn.eps))
-        head.bn.bias.copy_(zm)
+        _identity_bn(head, features)
+
+
+def _identity_bn(head, features: torch.Tensor) -> None:
+    """BatchNorm1d as the identity on the training distribution."""
+    z = torch.cat([head.fc(torch.flatten(head.norm(f), 1)) for f in torch.split(features, 256)])
+    zm, zv = z.mean(0), z.var(0, unbiased=False)
+    head.bn.running_mean.copy_(zm)
+    head.bn.running_var.copy_(zv)
+    head.bn.weight.copy_(torch.sqrt(zv + head.bn.eps))
+    head.bn.bias.copy_(zm)
 
 
 def _validation(model: FineTunedEncoder, train: LabelledFeatures, val: LabelledFeatures,
@@ -263,12 +334,15 @@ def _validation(model: FineTunedEncoder, train: LabelledFeatures, val: LabelledF
 def train_head(base: FaceEncoder, train: LabelledFeatures, val: LabelledFeatures | None = None,
                config: TrainConfig | None = None, *, base_name: str | None = None,
                base_weights: str | None = None,
-               class_names: Sequence[str] | None = None) -> TrainResult:
+               class_names: Sequence[str] | None = None,
+               edits: LabelledFeatures | None = None) -> TrainResult:
     """Fine-tune an embedding head + classifier on cached backbone maps.
 
     base: the frozen backbone encoder (its ``features`` made ``train.features``).
     val: subject-disjoint validation faces for early stopping (None: fixed epochs,
-    keep the last). Returns the best epoch's model in eval mode.
+    keep the last). edits: for ``init="lda"``, the training faces' neutral edits
+    (``neutral_edit_features``; None: the training faces only). Returns the best
+    epoch's model in eval mode.
     """
     from gallery.accuracy import assert_subject_disjoint
 
@@ -288,13 +362,14 @@ def train_head(base: FaceEncoder, train: LabelledFeatures, val: LabelledFeatures
         base_encoder=base_name or base.spec.name,
         base_weights=base_weights,
         feature_shape=tuple(int(v) for v in train.features.shape[1:]),
-        embedding_dim=config.embedding_dim or (lda_dim(train.labels, base) if config.init == "lda"
+        embedding_dim=config.embedding_dim or (lda_dim(train.labels, config)
+                                               if config.init == "lda"
                                                else base.spec.embedding_dim),
         class_names=names,
         dropout=config.dropout,
     )
     model = FineTunedEncoder(base, head_config)
-    _init_head(model, base, train, config)
+    _init_head(model, base, train, config, edits)
     weights = class_weights(train.labels, names, config.class_weighting)
     target = torch.tensor([index[lab] for lab in train.labels])
     metric = ("train_loss" if val is None or len(val) == 0

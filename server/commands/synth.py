@@ -79,8 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--embedding-dim", type=int, help="embedding size (default: the base's)")
     train.add_argument("--init", choices=["wccn", "lda", "base", "random"], default="wccn",
                        help="head start: base head + within-class covariance normalisation "
-                       "(wccn), its classes - 1 discriminant directions only (lda), the base "
-                       "head as is, or random")
+                       "(wccn), the backbone maps' classes - 1 discriminant directions, made "
+                       "blind to a region replaced by the mean face (lda), the base head as "
+                       "is, or random")
     train.add_argument("--wccn-shrinkage", type=float, default=1.0)
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--patience", type=int, default=8)
@@ -189,7 +190,13 @@ def run_train(args: argparse.Namespace) -> int:
     from encoder.models.finetuned import save_checkpoint
     from encoder.registry import create_encoder
     from research.synth import load_face_set
-    from research.train import TrainConfig, labelled_features, matching_accuracy, train_head
+    from research.train import (
+        TrainConfig,
+        labelled_features,
+        matching_accuracy,
+        neutral_edit_features,
+        train_head,
+    )
 
     base = create_encoder(args.base, weights=args.base_weights)
     sets = {name: load_face_set(args.data, name) for name in ("train", "val", "test")}
@@ -202,8 +209,13 @@ def run_train(args: argparse.Namespace) -> int:
         classifier_lr=args.classifier_lr, max_epochs=args.epochs, patience=args.patience,
         class_weighting="none" if args.no_class_weights else "balanced", seed=args.seed,
     )
+    # init lda: the training faces with a region replaced by their mean face count as
+    # variation within their class (research.train.discriminant_head)
+    edits = (neutral_edit_features(base, feats["train"], sets["train"].images, seed=args.seed)
+             if args.init == "lda" else None)
     result = train_head(base, feats["train"], feats.get("val"), config, base_name=args.base,
-                        base_weights=str(args.base_weights) if args.base_weights else None)
+                        base_weights=str(args.base_weights) if args.base_weights else None,
+                        edits=edits)
     report = {
         "checkpoint": str(args.out),
         "base": args.base,

@@ -17,6 +17,7 @@ from research.train import (
     class_weights,
     embed_features,
     labelled_features,
+    neutral_edit_features,
     train_head,
 )
 
@@ -141,3 +142,25 @@ def test_lda_start_keeps_the_discriminant_directions_and_separates_held_out_synd
     assert (_separation(lda.model, features["test"])
             > 1.2 * _separation(wccn.model, features["test"]))
 
+
+def test_lda_with_the_neutral_edits_counts_a_pasted_region_as_variation_within_a_class(
+        sface, features, splits):
+    train = features["train"]
+    edits = neutral_edit_features(sface, train, splits["train"].images)
+    assert len(edits) == 9 * len(train) and edits.labels[:9] == (train.labels[0],) * 9
+    assert edits.image_ids[0].startswith(train.image_ids[0])
+    plain = train_head(sface, train, None, TrainConfig(max_epochs=0, init="lda"))
+    blind = train_head(sface, train, None, TrainConfig(max_epochs=0, init="lda"), edits=edits)
+
+    def reaction(model) -> float:
+        """How far a pasted region moves a face, in units of the syndromes' spread."""
+        e = embed_features(model, train.features).astype(np.float64)
+        moved = embed_features(model, edits.features).astype(np.float64)
+        labels = np.array(train.labels)
+        means = np.stack([e[labels == c].mean(0) for c in sorted(set(train.labels))])
+        spread = np.linalg.norm(means - means.mean(0), axis=1).mean()
+        return float(np.linalg.norm(moved - np.repeat(e, 9, axis=0), axis=1).mean() / spread)
+
+    print(f"a pasted region moves a face {reaction(blind.model):.2f} (with the edits) and "
+          f"{reaction(plain.model):.2f} (without) of the syndromes' spread")
+    assert reaction(blind.model) < 0.5 * reaction(plain.model)
