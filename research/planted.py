@@ -21,12 +21,12 @@ gallery's). Per held-out query:
   (``gallery.calibration.fit_calibration``) read on the held-out queries' per-syndrome
   best cosines; the expected calibration error of that, pooled over folds.
 
-Encoders: ``frozen`` (the SFace weights as they are) and ``finetuned`` (a head trained
-per fold on that fold's gallery only, ``research.train.train_head``, with two of the
-gallery's subjects as its validation split; it starts from ``init``, by default Fisher's
-discriminant directions of the SFace embedding: on the bundled faces the trained head
-then ranks syndromes at macro top-1 0.67 and leans on the planted region in 0.44 of the
-queries, where the WCCN start gave 0.59 and 0.42). Nothing is tuned on the queries.
+Encoders: ``frozen`` (the SFace weights as they are) and ``finetuned`` (a head fitted per
+fold on that fold's gallery only, ``research.train.train_head``). By default (``init=
+"lda"``) it is Fisher's discriminant directions of the backbone maps, with the gallery
+faces' neutral edits counted as variation within their class, in closed form; with
+another ``init`` it is trained with two of the gallery's people as its validation split.
+Nothing is tuned on the queries.
 """
 
 from __future__ import annotations
@@ -99,6 +99,10 @@ def _embeddings(features) -> np.ndarray:
 
 
 def _train_head(base, gallery, seed: int, init: str):
+    """The fold's fine-tuned encoder. ``init="lda"`` is closed-form (no gradient steps, no
+    epoch to select), so it is fitted on every gallery face, with their neutral edits (the
+    protocol's neutral face: the gallery's mean); other starts are trained on all but two
+    gallery people and stopped early on those two."""
     from explain.effects import mean_face
     from research.train import (
         LabelledFeatures,
@@ -112,17 +116,16 @@ def _train_head(base, gallery, seed: int, init: str):
     feats = LabelledFeatures(extract_features(base, crops), tuple(s.label for s in gallery),
                              tuple(s.subject for s in gallery),
                              tuple(s.image_id for s in gallery))
+    if init == "lda":
+        edits = neutral_edit_features(base, feats, crops, neutral=mean_face(crops), seed=seed)
+        return train_head(base, feats, None, TrainConfig(seed=seed, init=init, max_epochs=0),
+                          base_name="sface", edits=edits).model
     subjects = sorted(set(feats.subjects))
     rng = np.random.default_rng(seed)
     val_subjects = set(rng.choice(subjects, size=min(2, len(subjects) - 1), replace=False))
-    kept = [i for i, s in enumerate(feats.subjects) if s not in val_subjects]
-    train = feats.select(kept)
+    train = feats.select([i for i, s in enumerate(feats.subjects) if s not in val_subjects])
     val = feats.select([i for i, s in enumerate(feats.subjects) if s in val_subjects])
-    # the edits region effects will make (the neutral face is the protocol's: the gallery's mean)
-    edits = (neutral_edit_features(base, train, crops[kept], neutral=mean_face(crops), seed=seed)
-             if init == "lda" else None)
-    return train_head(base, train, val, TrainConfig(seed=seed, init=init), base_name="sface",
-                      edits=edits).model
+    return train_head(base, train, val, TrainConfig(seed=seed, init=init), base_name="sface").model
 
 
 def _fold(explainer, gallery, queries, classes, mode: str) -> list[dict]:

@@ -212,8 +212,8 @@ def discriminant_head(train: LabelledFeatures, edits: LabelledFeatures | None,
     values, vectors = torch.linalg.eigh(gram)
     keep = torch.argsort(values, descending=True)[:config.lda_components]
     keep = keep[values[keep] > values.max() * 1e-9]
-    basis = (stacked.T.double() @ vectors[:, keep]) / values[keep].sqrt()  # (F, pcs)
-    z = rows[0].double() @ basis
+    basis = stacked.T @ (vectors[:, keep] / values[keep].sqrt()).float()  # (F, pcs)
+    z = (rows[0] @ basis).double()
     labels = np.asarray(train.labels, dtype=object)
     classes = sorted(set(labels.tolist()))
     dim = basis.shape[1]
@@ -226,7 +226,7 @@ def discriminant_head(train: LabelledFeatures, edits: LabelledFeatures | None,
         within += (d - means[c]).T @ (d - means[c]) / len(z)
         between += len(d) * torch.outer(means[c], means[c]) / len(z)
     if len(rows) > 1:
-        za = rows[1].double() @ basis
+        za = (rows[1] @ basis).double()
         centre = torch.stack([means[c] for c in edits.labels])
         within += config.edit_weight * (za - centre).T @ (za - centre) / len(za)
     within += config.lda_shrinkage * torch.trace(within) / dim * torch.eye(dim, dtype=torch.float64)
@@ -234,8 +234,8 @@ def discriminant_head(train: LabelledFeatures, edits: LabelledFeatures | None,
     whiten = v @ torch.diag(w.clamp_min(1e-12) ** -0.5) @ v.T
     k = min(len(classes) - 1, dim)
     _, directions = torch.linalg.eigh(whiten @ between @ whiten)
-    p = directions[:, -k:].flip(1).T @ whiten @ basis.T
-    return p.float(), mean
+    p = (directions[:, -k:].flip(1).T @ whiten).float() @ basis.T
+    return p, mean
 
 
 def lda_dim(labels: Sequence[str], config: TrainConfig) -> int:
