@@ -21,7 +21,8 @@ gallery's). Per held-out query:
   (``gallery.calibration.fit_calibration``) read on the held-out queries' per-syndrome
   best cosines; the expected calibration error of that, pooled over folds.
 
-Encoders: ``frozen`` (the SFace weights as they are) and ``finetuned`` (a head fitted per
+Both encoders explain with the mirrored view beside the face (``flip``), as the server
+does. Encoders: ``frozen`` (the SFace weights as they are) and ``finetuned`` (a head fitted per
 fold on that fold's gallery only, ``research.train.train_head``). By default (``init=
 "lda"``) it is Fisher's discriminant directions of the backbone maps, with the gallery
 faces' neutral edits counted as variation within their class, in closed form; with
@@ -51,6 +52,7 @@ class PlantedConfig:
     seed: int = 0
     mode: str = "pixels"  # region effects: "pixels" (as served) or "features" (contrast-layer edits)
     init: str = "lda"  # the fine-tuned head's start (research.train.TrainConfig.init)
+    flip: bool = True  # the mirrored view beside the face, as the server explains
     encoders: tuple[str, ...] = ENCODERS
 
 
@@ -98,11 +100,14 @@ def _embeddings(features) -> np.ndarray:
     return _unit(np.mean(views, axis=0))
 
 
-def _train_head(base, gallery, seed: int, init: str):
+def _train_head(base, gallery, seed: int, init: str, flip: bool):
     """The fold's fine-tuned encoder. ``init="lda"`` is closed-form (no gradient steps, no
-    epoch to select), so it is fitted on every gallery face, with their neutral edits (the
+    epoch to select), so it is fitted on every gallery face (and, with ``flip``, its
+    mirror image, which the mirrored view shows it), with their neutral edits (the
     protocol's neutral face: the gallery's mean); other starts are trained on all but two
     gallery people and stopped early on those two."""
+    import torch
+
     from explain.effects import mean_face
     from research.train import (
         LabelledFeatures,
@@ -117,7 +122,15 @@ def _train_head(base, gallery, seed: int, init: str):
                              tuple(s.subject for s in gallery),
                              tuple(s.image_id for s in gallery))
     if init == "lda":
-        edits = neutral_edit_features(base, feats, crops, neutral=mean_face(crops), seed=seed)
+        if flip:
+            mirrored = np.ascontiguousarray(crops[:, :, ::-1])
+            feats = LabelledFeatures(
+                torch.cat([feats.features, extract_features(base, mirrored)]),
+                feats.labels * 2, feats.subjects * 2,
+                feats.image_ids + tuple(f"{i}~mirror" for i in feats.image_ids))
+            crops = np.concatenate([crops, mirrored])
+        edits = neutral_edit_features(base, feats, crops, neutral=mean_face(crops[:len(gallery)]),
+                                      max_faces=len(crops), seed=seed)
         return train_head(base, feats, None, TrainConfig(seed=seed, init=init, max_epochs=0),
                           base_name="sface", edits=edits).model
     subjects = sorted(set(feats.subjects))
@@ -227,6 +240,7 @@ def run_planted(config: PlantedConfig | None = None, sources=None, log=print) ->
     summary + rows}}."""
     from encoder.registry import create_encoder
     from explain.attribution.engine import Explainer
+    from explain.attribution.views import SingleEncoderViews
     from research.synth import SYNDROMES, load_source_faces, subject_folds
 
     config = config or PlantedConfig()
@@ -244,8 +258,10 @@ def run_planted(config: PlantedConfig | None = None, sources=None, log=print) ->
                              config.queries_per_source, config.seed, classes)
         for name in config.encoders:
             t0 = time.monotonic()
-            model = base if name == "frozen" else _train_head(base, gallery, config.seed + n, config.init)
-            rows[name] += _fold(Explainer(model), gallery, queries, classes, config.mode)
+            model = base if name == "frozen" else _train_head(base, gallery, config.seed + n, config.init,
+                                                               config.flip)
+            views = SingleEncoderViews(model, flip=config.flip)
+            rows[name] += _fold(Explainer(views), gallery, queries, classes, config.mode)
             seconds[name] += time.monotonic() - t0
             log(f"fold {n}/{len(folds)} ({', '.join(held)}): {name} done")
     out = {"config": config.__dict__ | {"encoders": list(config.encoders)}, "encoders": {}}

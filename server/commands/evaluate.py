@@ -114,10 +114,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     acc.add_argument("--ks", default="1,5,10,30")
 
     planted = parser.add_argument_group(
-        "planted (synthetic syndromes: is the planted region found? research.planted)")
+        "planted (synthetic syndromes: is the planted region found? research.planted; "
+        "always with the mirrored view, as served)")
     planted.add_argument("--folds", type=int, default=5, help="subject-disjoint folds")
     planted.add_argument("--planted-encoders", default="frozen,finetuned",
-                         help="frozen (SFace as is) and/or finetuned (a head trained per fold)")
+                         help="frozen (SFace as is) and/or finetuned (a syndrome head fitted "
+                         "per fold: research.train init='lda')")
     planted.add_argument("--effects-mode", default="pixels",
                          help="pixels (the served region effects, default) or features "
                          "(contrast-layer edits: cheaper, agree less)")
