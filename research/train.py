@@ -177,17 +177,35 @@ def wccn_transform(embeddings: torch.Tensor, labels: Sequence[str],
     """
     x = embeddings.double()
     mean = x.mean(0)
+    within, _, _ = _class_scatter(x, labels)
+    a = _inverse_sqrt(within, shrinkage)
+    return a.float(), mean.float()
+
+
+def _class_scatter(x: torch.Tensor, labels: Sequence[str]
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(within, between, class means) of (N, D) float64 rows: the spread of the rows around
+    their class mean and of the class means (weighted by their size) around the rows'
+    mean, both divided by N."""
     lab = np.asarray(labels, dtype=object)
-    sw = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    centre = x.mean(0)
+    within = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    between = torch.zeros_like(within)
+    means = {}
     for c in sorted(set(lab.tolist())):
         d = x[torch.from_numpy(lab == c)]
-        d = d - d.mean(0)
-        sw += d.T @ d
-    sw /= len(x)
-    ridge = shrinkage * torch.trace(sw) / sw.shape[0]
-    w, v = torch.linalg.eigh(sw + ridge * torch.eye(sw.shape[0], dtype=torch.float64))
-    a = v @ torch.diag(w.clamp_min(1e-12) ** -0.5) @ v.T
-    return a.float(), mean.float()
+        means[c] = d.mean(0)
+        within += (d - means[c]).T @ (d - means[c])
+        between += len(d) * torch.outer(means[c] - centre, means[c] - centre)
+    return within / len(x), between / len(x), means
+
+
+def _inverse_sqrt(scatter: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``(S + λ tr(S)/D I)^(-1/2)`` of a (D, D) float64 scatter S, λ = ``shrinkage``."""
+    d = scatter.shape[0]
+    ridge = shrinkage * torch.trace(scatter) / d
+    w, v = torch.linalg.eigh(scatter + ridge * torch.eye(d, dtype=torch.float64))
+    return v @ torch.diag(w.clamp_min(1e-12) ** -0.5) @ v.T
 
 
 def discriminant_head(train: LabelledFeatures, edits: LabelledFeatures | None,
@@ -214,25 +232,13 @@ def discriminant_head(train: LabelledFeatures, edits: LabelledFeatures | None,
     keep = keep[values[keep] > values.max() * 1e-9]
     basis = stacked.T @ (vectors[:, keep] / values[keep].sqrt()).float()  # (F, pcs)
     z = (rows[0] @ basis).double()
-    labels = np.asarray(train.labels, dtype=object)
-    classes = sorted(set(labels.tolist()))
-    dim = basis.shape[1]
-    within = torch.zeros(dim, dim, dtype=torch.float64)
-    between = torch.zeros_like(within)
-    means = {}
-    for c in classes:
-        d = z[torch.from_numpy(labels == c)]
-        means[c] = d.mean(0)
-        within += (d - means[c]).T @ (d - means[c]) / len(z)
-        between += len(d) * torch.outer(means[c], means[c]) / len(z)
+    within, between, means = _class_scatter(z, train.labels)
     if len(rows) > 1:
         za = (rows[1] @ basis).double()
         centre = torch.stack([means[c] for c in edits.labels])
         within += config.edit_weight * (za - centre).T @ (za - centre) / len(za)
-    within += config.lda_shrinkage * torch.trace(within) / dim * torch.eye(dim, dtype=torch.float64)
-    w, v = torch.linalg.eigh(within)
-    whiten = v @ torch.diag(w.clamp_min(1e-12) ** -0.5) @ v.T
-    k = min(len(classes) - 1, dim)
+    whiten = _inverse_sqrt(within, config.lda_shrinkage)
+    k = min(len(means) - 1, basis.shape[1])
     _, directions = torch.linalg.eigh(whiten @ between @ whiten)
     p = (directions[:, -k:].flip(1).T @ whiten).float() @ basis.T
     return p, mean
