@@ -100,12 +100,12 @@ def _embeddings(features) -> np.ndarray:
     return _unit(np.mean(views, axis=0))
 
 
-def _train_head(base, gallery, seed: int, init: str, flip: bool):
-    """The fold's fine-tuned encoder. ``init="lda"`` is closed-form (no gradient steps, no
-    epoch to select), so it is fitted on every gallery face (and, with ``flip``, its
-    mirror image, which the mirrored view shows it), with their neutral edits (the
-    protocol's neutral face: the gallery's mean); other starts are trained on all but two
-    gallery people and stopped early on those two."""
+def _train_head(base, gallery, seed: int, config: PlantedConfig):
+    """The fold's fine-tuned encoder, started as ``config.init`` says. ``init="lda"`` is
+    closed-form (no gradient steps, no epoch to select), so it is fitted on every gallery
+    face (and, with ``config.flip``, its mirror image, which the mirrored view shows it),
+    with their neutral edits (the protocol's neutral face: the gallery's mean); other
+    starts are trained on all but two gallery people and stopped early on those two."""
     import torch
 
     from explain.effects import mean_face
@@ -121,24 +121,26 @@ def _train_head(base, gallery, seed: int, init: str, flip: bool):
     feats = LabelledFeatures(extract_features(base, crops), tuple(s.label for s in gallery),
                              tuple(s.subject for s in gallery),
                              tuple(s.image_id for s in gallery))
-    if init == "lda":
-        if flip:
+    if config.init == "lda":
+        neutral = mean_face(crops)
+        if config.flip:
             mirrored = np.ascontiguousarray(crops[:, :, ::-1])
             feats = LabelledFeatures(
                 torch.cat([feats.features, extract_features(base, mirrored)]),
                 feats.labels * 2, feats.subjects * 2,
                 feats.image_ids + tuple(f"{i}~mirror" for i in feats.image_ids))
             crops = np.concatenate([crops, mirrored])
-        edits = neutral_edit_features(base, feats, crops, neutral=mean_face(crops[:len(gallery)]),
-                                      max_faces=len(crops), seed=seed)
-        return train_head(base, feats, None, TrainConfig(seed=seed, init=init, max_epochs=0),
+        edits = neutral_edit_features(base, feats, crops, neutral=neutral, max_faces=len(crops),
+                                      seed=seed)
+        return train_head(base, feats, None, TrainConfig(seed=seed, init="lda", max_epochs=0),
                           base_name="sface", edits=edits).model
     subjects = sorted(set(feats.subjects))
     rng = np.random.default_rng(seed)
     val_subjects = set(rng.choice(subjects, size=min(2, len(subjects) - 1), replace=False))
     train = feats.select([i for i, s in enumerate(feats.subjects) if s not in val_subjects])
     val = feats.select([i for i, s in enumerate(feats.subjects) if s in val_subjects])
-    return train_head(base, train, val, TrainConfig(seed=seed, init=init), base_name="sface").model
+    return train_head(base, train, val, TrainConfig(seed=seed, init=config.init),
+                      base_name="sface").model
 
 
 def _fold(explainer, gallery, queries, classes, mode: str) -> list[dict]:
@@ -258,8 +260,8 @@ def run_planted(config: PlantedConfig | None = None, sources=None, log=print) ->
                              config.queries_per_source, config.seed, classes)
         for name in config.encoders:
             t0 = time.monotonic()
-            model = base if name == "frozen" else _train_head(base, gallery, config.seed + n, config.init,
-                                                               config.flip)
+            model = base if name == "frozen" else _train_head(base, gallery, config.seed + n,
+                                                               config)
             views = SingleEncoderViews(model, flip=config.flip)
             rows[name] += _fold(Explainer(views), gallery, queries, classes, config.mode)
             seconds[name] += time.monotonic() - t0
