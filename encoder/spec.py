@@ -151,7 +151,13 @@ class FaceEncoder(nn.Module):
                 f"encoder {self.spec.name} expects {w}x{h} aligned crops, got "
                 f"{arr.shape[2]}x{arr.shape[1]}"
             )
-        x = torch.from_numpy(np.ascontiguousarray(arr)).float().permute(0, 3, 1, 2)
+        return self.normalise(arr)
+
+    def normalise(self, pixels: np.ndarray) -> torch.Tensor:
+        """(N, h, w, 3) uint8 RGB pixels of any size -> (N, C, h, w) float input on the
+        encoder's device, pixel by pixel as ``preprocess`` makes it (so a window of the crop
+        gives the same values as the same window of the whole input)."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).float().permute(0, 3, 1, 2)
         if self.spec.channels == 1:
             x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
         x = (x - self.spec.mean) / self.spec.std

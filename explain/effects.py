@@ -720,8 +720,8 @@ class RegionEffects:
                 box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
         """Crops as view ``view``'s channels-last input in the edits' precision; ``box``
         (rows a:b, cols c:d of the view's input) cuts a window out. The encoder's own
-        ``preprocess``, on the window's pixels only where it is ``FaceEncoder``'s (a
-        per-pixel map: the same values as cutting the window out of the whole input)."""
+        ``preprocess``; where that is ``FaceEncoder``'s, its per-pixel ``normalise`` on the
+        window's pixels only (the same values as cutting the window out of the input)."""
         encoder = self.query.encoders[view]
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         flipped = self.query.flipped[view]
@@ -739,12 +739,7 @@ class RegionEffects:
         if box is not None:
             pixels = pixels[:, box[0]:box[1], box[2]:box[3]]
         # (N, H, W, 3) uint8 as an (N, 3, H, W) channels-last tensor: no copy to permute
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
-        if encoder.spec.channels == 1:
-            x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = (x - encoder.spec.mean) / encoder.spec.std
-        device = next(encoder.parameters()).device
-        return x.to(device, dtype, memory_format=torch.channels_last)
+        return encoder.normalise(pixels).to(dtype, memory_format=torch.channels_last)
 
     def _early(self, view: int, faces: np.ndarray, split) -> torch.Tensor:
         """Early activations of the unedited faces (the query's computed once per call)."""
