@@ -103,40 +103,31 @@ def _embeddings(features) -> np.ndarray:
 def _train_head(base, gallery, seed: int, config: PlantedConfig):
     """The fold's fine-tuned encoder, started as ``config.init`` says. ``init="lda"`` is
     closed-form (no gradient steps, no epoch to select), so it is fitted on every gallery
-    face (and, with ``config.flip``, its mirror image, which the mirrored view shows it),
-    with their neutral edits (the protocol's neutral face: the gallery's mean); other
-    starts are trained on all but two gallery people and stopped early on those two."""
-    import torch
-
+    face (``research.train.fit_lda_head``: with ``config.flip``, also its mirror image,
+    which the mirrored view shows it; with their neutral edits, the protocol's neutral face
+    being the gallery's mean); other starts are trained on all but two gallery people and
+    stopped early on those two."""
     from explain.effects import mean_face
     from research.train import (
         LabelledFeatures,
         TrainConfig,
         extract_features,
-        neutral_edit_features,
+        fit_lda_head,
         train_head,
     )
 
     crops = np.stack([s.image for s in gallery])
-    feats = LabelledFeatures(extract_features(base, crops), tuple(s.label for s in gallery),
-                             tuple(s.subject for s in gallery),
-                             tuple(s.image_id for s in gallery))
+    labels, subjects = [s.label for s in gallery], [s.subject for s in gallery]
+    ids = [s.image_id for s in gallery]
     if config.init == "lda":
-        neutral = mean_face(crops)
-        if config.flip:
-            mirrored = np.ascontiguousarray(crops[:, :, ::-1])
-            feats = LabelledFeatures(
-                torch.cat([feats.features, extract_features(base, mirrored)]),
-                feats.labels * 2, feats.subjects * 2,
-                feats.image_ids + tuple(f"{i}~mirror" for i in feats.image_ids))
-            crops = np.concatenate([crops, mirrored])
-        edits = neutral_edit_features(base, feats, crops, neutral=neutral, max_faces=len(crops),
-                                      seed=seed)
-        return train_head(base, feats, None, TrainConfig(seed=seed, init="lda", max_epochs=0),
-                          base_name="sface", edits=edits).model
-    subjects = sorted(set(feats.subjects))
+        return fit_lda_head(base, crops, labels, subjects, ids, neutral=mean_face(crops),
+                            mirror=config.flip,
+                            config=TrainConfig(seed=seed, init="lda", max_epochs=0)).model
+    feats = LabelledFeatures(extract_features(base, crops), tuple(labels), tuple(subjects),
+                             tuple(ids))
     rng = np.random.default_rng(seed)
-    val_subjects = set(rng.choice(subjects, size=min(2, len(subjects) - 1), replace=False))
+    people = sorted(set(subjects))
+    val_subjects = set(rng.choice(people, size=min(2, len(people) - 1), replace=False))
     train = feats.select([i for i, s in enumerate(feats.subjects) if s not in val_subjects])
     val = feats.select([i for i, s in enumerate(feats.subjects) if s in val_subjects])
     return train_head(base, train, val, TrainConfig(seed=seed, init=config.init),

@@ -273,6 +273,32 @@ def neutral_edit_features(encoder: FaceEncoder, faces: LabelledFeatures, crops: 
                                   for r in EFFECT_REGIONS))
 
 
+def fit_lda_head(base: FaceEncoder, crops: np.ndarray, labels: Sequence[str],
+                 subjects: Sequence[str], image_ids: Sequence[str], *,
+                 neutral: np.ndarray | None = None, mirror: bool = True,
+                 config: TrainConfig | None = None, base_name: str = "sface") -> TrainResult:
+    """A syndrome head in closed form (``init="lda"``) on aligned ``crops`` (N, 112, 112, 3)
+    of the given labels: each face (and, with ``mirror``, its mirror image, which the
+    server's mirrored view shows the head) and each one's neutral edits (``neutral`` pasted
+    into one region at a time, as region effects paste it; default: the faces' mean)
+    counted as variation within its class. The one recipe ``phenolens evaluate planted``
+    measures and the demo serves."""
+    from explain.effects import mean_face
+
+    config = config or TrainConfig(init="lda", max_epochs=0)
+    crops = np.asarray(crops)
+    neutral = mean_face(crops) if neutral is None else neutral
+    labels, subjects, image_ids = tuple(labels), tuple(subjects), tuple(image_ids)
+    if mirror:
+        crops = np.concatenate([crops, np.ascontiguousarray(crops[:, :, ::-1])])
+        labels, subjects = labels * 2, subjects * 2
+        image_ids = image_ids + tuple(f"{i}~mirror" for i in image_ids)
+    faces = LabelledFeatures(extract_features(base, crops), labels, subjects, image_ids)
+    edits = neutral_edit_features(base, faces, crops, neutral=neutral, max_faces=len(crops),
+                                  seed=config.seed)
+    return train_head(base, faces, None, config, base_name=base_name, edits=edits)
+
+
 def _init_head(model: FineTunedEncoder, base: FaceEncoder, train: LabelledFeatures,
                config: TrainConfig, edits: LabelledFeatures | None = None) -> None:
     head = model.embedding
