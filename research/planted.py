@@ -195,6 +195,30 @@ def _fold(explainer, gallery, queries, classes, mode: str) -> list[dict]:
     return rows
 
 
+def deformation_shares(sources, classes: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per syndrome, where its deformation changes the pixels: the share of the summed
+    absolute pixel change (strength 1, no augmentation, pooled over ``sources``) in each
+    effect region (the regions region effects paste, disjoint). The planted region's share
+    is the most any region-level explanation can give it; the rest is where the planted
+    change spills over (e.g. the broad nose's alae pushed into the cheeks)."""
+    from explain.effects import EFFECT_REGIONS, effect_region_stack
+    from research.synth import Augmentation, AugmentConfig, make_sample, syndrome
+
+    stack = effect_region_stack((112, 112), EFFECT_REGIONS)
+    still = Augmentation.sample(np.random.default_rng(0), AugmentConfig.none())
+    out = {}
+    for label in classes:
+        total = np.zeros(len(EFFECT_REGIONS))
+        for src in sources:
+            plain = make_sample(src, syndrome(label), 0.0, still)[0].astype(np.float32)
+            bent = make_sample(src, syndrome(label), 1.0, still)[0].astype(np.float32)
+            change = np.abs(bent - plain).sum(-1)
+            total += [float(change[m].sum()) for m in stack]
+        total /= max(total.sum(), 1e-12)
+        out[label] = {r: round(float(v), 4) for r, v in zip(EFFECT_REGIONS, total, strict=True)}
+    return out
+
+
 def summarise(rows: list[dict]) -> dict:
     """Per syndrome and overall (macro over syndromes) shares of the rows of one encoder."""
     from gallery.calibration import expected_calibration_error
@@ -257,7 +281,8 @@ def run_planted(config: PlantedConfig | None = None, sources=None, log=print) ->
             rows[name] += _fold(Explainer(views), gallery, queries, classes, config.mode)
             seconds[name] += time.monotonic() - t0
             log(f"fold {n}/{len(folds)} ({', '.join(held)}): {name} done")
-    out = {"config": config.__dict__ | {"encoders": list(config.encoders)}, "encoders": {}}
+    out = {"config": config.__dict__ | {"encoders": list(config.encoders)}, "encoders": {},
+           "deformation": deformation_shares(sources, classes)}
     for name in config.encoders:
         out["encoders"][name] = summarise(rows[name]) | {"seconds": round(seconds[name], 1),
                                                          "rows": rows[name]}
@@ -285,4 +310,19 @@ def markdown(result: dict) -> str:
                      f"{m['top5']:.2f} |")
         lines.append(f"| {name} | held-out ECE of the syndrome confidence | | | {ece} "
                      "| | | | | |")
+    shares = result.get("deformation")
+    if shares:
+        from research.synth import planted_region
+
+        lines += ["", "Where each syndrome's deformation changes the pixels (strength 1, no "
+                  "augmentation, every source face): the planted region's share of the change, "
+                  "and the region with the next largest share.", "",
+                  "| syndrome | planted | share in the planted region | next region |",
+                  "|---|---|---|---|"]
+        for label, by_region in shares.items():
+            planted = planted_region(label)
+            other = max((r for r in by_region if r != planted), key=by_region.get)
+            lines.append(f"| {label} | {planted} | {by_region[planted]:.2f} | "
+                         f"{other} {by_region[other]:.2f} |")
     return "\n".join(lines) + "\n"
+

@@ -46,3 +46,19 @@ def test_summary_is_a_macro_over_syndromes_with_the_pooled_calibration_error():
     assert abs(s["macro"]["held_out_ece"] - expected) < 1e-9
     table = markdown({"encoders": {"frozen": s}})
     assert "| frozen | wide_eyes | eyes | 2 | 0.50 |" in table and "**0.75**" in table
+
+
+def test_each_deformation_changes_its_planted_region_most_and_the_table_says_how_much():
+    from explain.effects import bundled_neutral
+    from research.planted import deformation_shares
+    from research.synth import source_from_crop
+
+    source = source_from_crop(bundled_neutral().crop, None, "neutral", "neutral")
+    shares = deformation_shares([source], list(SYNDROMES))
+    for label, by_region in shares.items():
+        assert abs(sum(by_region.values()) - 1.0) < 1e-3
+        assert max(by_region, key=by_region.get) == planted_region(label), (label, by_region)
+    # the broad nose spills into the cheeks (its alae move outwards): the table shows it
+    assert shares["broad_nose"]["cheeks"] > 0.1
+    table = markdown({"encoders": {}, "deformation": shares})
+    assert "| broad_nose | nose | " in table and "cheeks" in table
