@@ -470,7 +470,9 @@ def _markdown(summary: dict) -> str:
     lines = [
         "# PhenoLens demo: synthetic syndromes", "",
         f"> **{summary['disclaimer']}**", "",
-        f"Encoder served: {encoder_words(summary)}.", "",
+        f"Encoder served: {encoder_words(summary)}. People (a seeded, subject-disjoint "
+        f"split): head {', '.join(c.get('head_subjects', []))}; gallery "
+        f"{', '.join(c['gallery_subjects'])}.", "",
         f"Gallery: {g.get('images')} synthetic faces of {len(c['syndromes'])} syndromes on "
         f"{len(c['gallery_subjects'])} people, imported through the client in "
         f"{g.get('import_s')} s. Held out: {', '.join(c['held_out_subjects'])} "
