@@ -387,7 +387,7 @@ def _words(e) -> str:
 
     words = "; ".join(f"{who}: {text}" for who, text in side_words(e, e.methods[0]))
     warning = leans_on_outside(e)
-    return f"{words}. {warning}" if warning else words
+    return f"{words}. {warning.rstrip('.')}" if warning else words  # the caller ends it
 
 
 def _explain(client, image, top_k: int = 3, **options):
