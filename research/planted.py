@@ -325,4 +325,3 @@ def markdown(result: dict) -> str:
             lines.append(f"| {label} | {planted} | {by_region[planted]:.2f} | "
                          f"{other} {by_region[other]:.2f} |")
     return "\n".join(lines) + "\n"
-
