@@ -309,37 +309,33 @@ def _box(alpha: np.ndarray) -> tuple[slice, slice] | None:
 
 def edited_crops(target: np.ndarray, donor: np.ndarray, masks: EditMasks) -> np.ndarray:
     """(R, H, W, 3) uint8: ``target`` with each region of ``masks`` pasted from ``donor``."""
-    return _Pastes(masks).edited(target, donor)
+    pastes = _Pastes(masks)
+    return pastes.edited(target, donor, pastes.stats(target), pastes.stats(donor))
 
 
 class _Pastes:
-    """``edited_crops`` for many pairs of a few faces: each face's colour statistics per
-    region are taken once (``key`` names the face; None: not kept), each region's box once.
-    The same pixels as ``paste_region``."""
+    """``edited_crops`` for many pairs of a few faces: each region's box is taken once, and
+    a face's colour statistics per region (``stats``) once, kept under ``key`` for faces
+    met in every call (the query, the neutral face). The same pixels as ``paste_region``."""
 
     def __init__(self, masks: EditMasks) -> None:
         self.masks = masks
         self.boxes = [_box(a) for a in masks.alpha]
-        self._stats: dict[object, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._kept: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
 
-    def stats(self, face: np.ndarray, key: object = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        found = None if key is None else self._stats.get(key)
+    def stats(self, face: np.ndarray, key: str | None = None
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+        found = None if key is None else self._kept.get(key)
         if found is None:
             found = [_colour_stats(face, c) for c in self.masks.colour]
             if key is not None:
-                self._stats[key] = found
+                self._kept[key] = found
         return found
 
-    def forget(self, call: object) -> None:
-        """Drop the statistics kept under keys ``(call, ...)``."""
-        for key in [k for k in self._stats if isinstance(k, tuple) and k[0] is call]:
-            del self._stats[key]
-
-    def edited(self, target: np.ndarray, donor: np.ndarray, target_key: object = None,
-               donor_key: object = None) -> np.ndarray:
-        t_stats, d_stats = self.stats(target, target_key), self.stats(donor, donor_key)
+    def edited(self, target: np.ndarray, donor: np.ndarray, target_stats: list,
+               donor_stats: list) -> np.ndarray:
         return np.stack([_blend(target, donor, a, ts, ds, box) for a, ts, ds, box in zip(
-            self.masks.alpha, t_stats, d_stats, self.boxes, strict=True)])
+            self.masks.alpha, target_stats, donor_stats, self.boxes, strict=True)])
 
 
 def mean_face(crops: np.ndarray) -> np.ndarray:
@@ -548,20 +544,21 @@ class RegionEffects:
         known = [None if kept is None else kept.get(k) for k in range(k_count)]
         todo = [k for k in range(k_count) if known[k] is None]
         parts, targets = [], []  # edited crops; which face each edits (0 query, 1 + k hit k)
-        paste, call = self._pastes, object()  # a hit's colour statistics are this call's
+        paste = self._pastes
+        q_stats, n_stats = paste.stats(q_crop, "query"), paste.stats(neutral, "neutral")
+        g_stats = [paste.stats(crop) for crop in hits.crops]
         for k in range(k_count):
             g_crop = hits.crops[k]
-            parts += [paste.edited(q_crop, g_crop, "query", (call, k)),
-                      paste.edited(g_crop, q_crop, (call, k), "query")]
+            parts += [paste.edited(q_crop, g_crop, q_stats, g_stats[k]),
+                      paste.edited(g_crop, q_crop, g_stats[k], q_stats)]
             targets += [0] * r_count + [1 + k] * r_count
-        parts += [paste.edited(hits.crops[k], neutral, (call, k), "neutral") for k in todo]
+        parts += [paste.edited(hits.crops[k], neutral, g_stats[k], n_stats) for k in todo]
         targets += [1 + k for k in todo for _ in range(r_count)]
         if self._query_alike is None:
             self._query_alike = _kept_query_edits(self._query_key())
         if self._query_alike is None:
-            parts.append(paste.edited(q_crop, neutral, "query", "neutral"))
+            parts.append(paste.edited(q_crop, neutral, q_stats, n_stats))
             targets += [0] * r_count
-        paste.forget(call)
         embs = self._embed(np.concatenate(parts), np.array(targets),
                            np.tile(np.arange(r_count), len(parts)), hits)
         pairs = 2 * k_count * r_count
@@ -598,7 +595,9 @@ class RegionEffects:
         if hits.crops is None:
             raise InvalidOption("region effects need the faces' aligned crops")
         r_count = len(self.regions)
-        crops = np.concatenate([self._pastes.edited(crop, self.neutral.crop, None, "neutral")
+        paste = self._pastes
+        n_stats = paste.stats(self.neutral.crop, "neutral")
+        crops = np.concatenate([paste.edited(crop, self.neutral.crop, paste.stats(crop), n_stats)
                                 for crop in hits.crops])
         embs = self._embed(crops, np.repeat(np.arange(1, len(hits) + 1), r_count),
                            np.tile(np.arange(r_count), len(hits)), hits)
@@ -823,6 +822,7 @@ def _window(alpha: np.ndarray, split, flipped: bool
 
 _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAST_LOCK = threading.Lock()
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fast copy -> EarlySplit
 
 
 def fast_copy(encoder, dtype: torch.dtype = torch.float32):
@@ -849,9 +849,6 @@ def fast_split(encoder, dtype: torch.dtype = torch.float32):
         if fast not in _SPLITS:
             _SPLITS[fast] = fast.early_split()
         return _SPLITS[fast]
-
-
-_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _floats(values: np.ndarray) -> tuple[float, ...]:
