@@ -359,9 +359,10 @@ def _held_out(client, cohort) -> dict:
 
 def _confidence_summary(faces: list[dict]) -> dict:
     """The top syndrome's calibrated confidence against whether it was right."""
-    given = [f for f in faces if f["top_confidence"] is not None]
-    right = [f["top_confidence"] for f in given if f["rank"] == 1]
-    wrong = [f["top_confidence"] for f in given if f["rank"] != 1]
+    right = [f["top_confidence"] for f in faces
+             if f["top_confidence"] is not None and f["rank"] == 1]
+    wrong = [f["top_confidence"] for f in faces
+             if f["top_confidence"] is not None and f["rank"] != 1]
     given = right + wrong
     return {"mean": float(np.mean(given)) if given else None,
             "mean_right": float(np.mean(right)) if right else None,
