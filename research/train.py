@@ -276,13 +276,17 @@ def neutral_edit_features(encoder: FaceEncoder, faces: LabelledFeatures, crops: 
 def fit_lda_head(base: FaceEncoder, crops: np.ndarray, labels: Sequence[str],
                  subjects: Sequence[str], image_ids: Sequence[str], *,
                  neutral: np.ndarray | None = None, mirror: bool = True,
-                 config: TrainConfig | None = None, base_name: str = "sface") -> TrainResult:
+                 config: TrainConfig | None = None, base_name: str = "sface",
+                 base_weights: str | None = None,
+                 val: LabelledFeatures | None = None) -> TrainResult:
     """A syndrome head in closed form (``init="lda"``) on aligned ``crops`` (N, 112, 112, 3)
     of the given labels: each face (and, with ``mirror``, its mirror image, which the
     server's mirrored view shows the head) and each one's neutral edits (``neutral`` pasted
     into one region at a time, as region effects paste it; default: the faces' mean)
     counted as variation within its class. The one recipe ``phenolens evaluate planted``
-    measures and the demo serves."""
+    measures, the demo serves and ``phenolens train --init lda`` starts from; ``config``'s
+    epochs (none by default) then continue it by cross-entropy, stopped early on ``val``
+    (subject-disjoint faces; None: keep the last epoch)."""
     from explain.effects import mean_face
 
     config = config or TrainConfig(init="lda", max_epochs=0)
@@ -296,7 +300,8 @@ def fit_lda_head(base: FaceEncoder, crops: np.ndarray, labels: Sequence[str],
     faces = LabelledFeatures(extract_features(base, crops), labels, subjects, image_ids)
     edits = neutral_edit_features(base, faces, crops, neutral=neutral, max_faces=len(crops),
                                   seed=config.seed)
-    return train_head(base, faces, None, config, base_name=base_name, edits=edits)
+    return train_head(base, faces, val, config, base_name=base_name,
+                      base_weights=base_weights, edits=edits)
 
 
 def _init_head(model: FineTunedEncoder, base: FaceEncoder, train: LabelledFeatures,

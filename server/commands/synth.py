@@ -80,8 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--init", choices=["wccn", "lda", "base", "random"], default="wccn",
                        help="head start: base head + within-class covariance normalisation "
                        "(wccn), the backbone maps' classes - 1 discriminant directions, made "
-                       "blind to a region replaced by the mean face (lda), the base head as "
-                       "is, or random")
+                       "blind to a region replaced by the mean face, fitted on each face and its "
+                       "mirror image (lda: research.train.fit_lda_head, the demo's recipe; "
+                       "--epochs 0 keeps it as fitted), the base head as is, or random")
     train.add_argument("--wccn-shrinkage", type=float, default=1.0)
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--patience", type=int, default=8)
@@ -192,9 +193,9 @@ def run_train(args: argparse.Namespace) -> int:
     from research.synth import load_face_set
     from research.train import (
         TrainConfig,
+        fit_lda_head,
         labelled_features,
         matching_accuracy,
-        neutral_edit_features,
         train_head,
     )
 
@@ -209,13 +210,15 @@ def run_train(args: argparse.Namespace) -> int:
         classifier_lr=args.classifier_lr, max_epochs=args.epochs, patience=args.patience,
         class_weighting="none" if args.no_class_weights else "balanced", seed=args.seed,
     )
-    # init lda: the training faces with a region replaced by their mean face count as
-    # variation within their class (research.train.discriminant_head)
-    edits = (neutral_edit_features(base, feats["train"], sets["train"].images, seed=args.seed)
-             if args.init == "lda" else None)
-    result = train_head(base, feats["train"], feats.get("val"), config, base_name=args.base,
-                        base_weights=str(args.base_weights) if args.base_weights else None,
-                        edits=edits)
+    weights = str(args.base_weights) if args.base_weights else None
+    if args.init == "lda":  # the recipe the planted protocol measures and the demo serves
+        train = sets["train"]
+        result = fit_lda_head(base, train.images, train.labels, train.subjects,
+                              train.image_ids, config=config, base_name=args.base,
+                              base_weights=weights, val=feats.get("val"))
+    else:
+        result = train_head(base, feats["train"], feats.get("val"), config,
+                            base_name=args.base, base_weights=weights)
     report = {
         "checkpoint": str(args.out),
         "base": args.base,

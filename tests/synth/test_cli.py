@@ -52,3 +52,34 @@ def test_synth_then_train_writes_a_dataset_a_gallery_and_a_loadable_checkpoint(t
 def test_synth_rejects_an_unknown_syndrome(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path), "--classes", "big_ears"]) == 2
     assert "unknown synthetic syndrome" in capsys.readouterr().err
+
+
+def test_train_with_the_lda_start_is_the_recipe_the_demo_serves(tmp_path, capsys, sface):
+    """``phenolens train --init lda --epochs 0`` writes the head ``fit_lda_head`` fits (each
+    face and its mirror image, with their neutral edits), not a second recipe."""
+    import numpy as np
+
+    from encoder.models.finetuned import load_finetuned
+    from research.synth import load_face_set
+    from research.train import embed_features, extract_features, fit_lda_head
+
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--photos", PHOTOS, "--classes",
+                 "wide_eyes,small_chin,broad_nose", "--size", "3", "--eval-size", "1",
+                 "--split", "train=0.67,test=0.33"]) == 0
+    ckpt = tmp_path / "lda.pt"
+    assert main(["train", "--data", str(data), "--out", str(ckpt), "--init", "lda",
+                 "--epochs", "0", "--json"]) == 0
+    capsys.readouterr()
+    served = load_finetuned(ckpt)
+    train = load_face_set(data, "train")
+    fitted = fit_lda_head(sface, train.images, train.labels, train.subjects,
+                          train.image_ids).model
+    assert served.spec.embedding_dim == 2
+    maps = extract_features(sface, train.images)
+    np.testing.assert_allclose(embed_features(served, maps), embed_features(fitted, maps),
+                               atol=1e-4)
+    # the mirror images are part of the fit: without them the head differs
+    unmirrored = fit_lda_head(sface, train.images, train.labels, train.subjects,
+                              train.image_ids, mirror=False).model
+    assert np.abs(embed_features(unmirrored, maps) - embed_features(fitted, maps)).max() > 1e-2
