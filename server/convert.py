@@ -221,10 +221,12 @@ def explained_match(p: PresentedMatch, encoder_id: str, view_scheme: str, *,
     for m in p.maps:
         _map(out.maps.add(), m.method, SIDE_QUERY, m.query_aligned, m.query_regions,
              m.query_overlay_png, photo=m.query_photo, feature=m.query_feature,
-             photo_overlay_png=m.photo_overlay_png, pair_figure_png=m.pair_figure_png)
+             photo_overlay_png=m.photo_overlay_png, pair_figure_png=m.pair_figure_png,
+             drawn=m.query_drawn)
         _map(out.maps.add(), m.method, SIDE_GALLERY, m.gallery_aligned, m.gallery_regions,
              m.gallery_overlay_png,
-             feature=m.gallery_feature if m.query_feature is not None else None)
+             feature=m.gallery_feature if m.query_feature is not None else None,
+             drawn=m.gallery_drawn)
     out.residual = pair.residual
     out.bias_share = pair.bias_share
     out.gallery_crop_png = p.gallery_crop_png
@@ -237,7 +239,7 @@ def explained_match(p: PresentedMatch, encoder_id: str, view_scheme: str, *,
 def _map(out: phenolens_pb2.Map, method: str, side: int, aligned: np.ndarray,
          summary: RegionSummary, overlay_png: bytes, *, photo: np.ndarray | None = None,
          feature: np.ndarray | None = None, photo_overlay_png: bytes = b"",
-         pair_figure_png: bytes = b"") -> None:
+         pair_figure_png: bytes = b"", drawn: np.ndarray | None = None) -> None:
     """Fill one face's Map in place; arrays are written straight into its fields."""
     out.method = method
     out.side = side
@@ -250,6 +252,8 @@ def _map(out: phenolens_pb2.Map, method: str, side: int, aligned: np.ndarray,
     out.photo_overlay_png = photo_overlay_png
     out.regions.extend(regions(summary))
     out.pair_figure_png = pair_figure_png
+    if drawn is not None:
+        set_float_array(out.drawn, drawn)
 
 
 def face_effects(effects: Any) -> list[phenolens_pb2.FaceEffects]:

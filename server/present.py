@@ -76,6 +76,8 @@ class PresentedMap:
     gallery_overlay_png: bytes = b""
     photo_overlay_png: bytes = b""
     pair_figure_png: bytes = b""
+    query_drawn: np.ndarray | None = None  # what the pictures draw, when not *_aligned
+    gallery_drawn: np.ndarray | None = None
 
     @property
     def method(self) -> str:
@@ -165,9 +167,11 @@ def present_maps(pair: MatchMaps, photo_maps: Sequence[np.ndarray | None] | None
             pictures["gallery_overlay_png"] = overlay_png(gallery_crop, drawn_g)
             if query_photo is not None and photo is not None:
                 pictures["photo_overlay_png"] = overlay_png(query_photo, photo)
+        weighted = is_weighted(pair, m)
         out.append(PresentedMap(m, qa, ga, region_summary(qa), region_summary(ga),
                                 m.query if feature else None, m.gallery if feature else None,
-                                photo, **pictures))
+                                photo, **pictures, query_drawn=drawn_q if weighted else None,
+                                gallery_drawn=drawn_g if weighted else None))
     return tuple(out)
 
 
@@ -182,11 +186,18 @@ def drawn_maps(pair: MatchMaps, m: MethodMaps) -> tuple[np.ndarray, np.ndarray, 
 
     qa = np.asarray(m.query_aligned, np.float32)
     ga = np.asarray(m.gallery_aligned, np.float32)
-    kind = WEIGHTED_KIND.get(m.method) if pair.effects is not None else None
-    if kind is None:
+    if not is_weighted(pair, m):
         return qa, ga, sum_note(m.method, pair.contrast_share)
+    kind = WEIGHTED_KIND[m.method]
     return (pair.effects.weighted("query", kind, qa), pair.effects.weighted("gallery", kind, ga),
             weighted_note(m.method, pair.contrast_share))
+
+
+def is_weighted(pair: MatchMaps, m: MethodMaps) -> bool:
+    """Whether ``m``'s pictures draw its maps weighted by ``pair``'s region effects."""
+    from explain.effects import WEIGHTED_KIND
+
+    return pair.effects is not None and m.method in WEIGHTED_KIND
 
 
 def face_name(h: Hit) -> str:

@@ -81,9 +81,11 @@ LEGEND_HEIGHT = 46
 
 
 def legend_strip(width: int, method: str | None, *,
-                 faces: str = "left: query face · right: gallery match") -> np.ndarray:
+                 faces: str = "left: query face · right: gallery match",
+                 weighted: bool = False) -> np.ndarray:
     """(46, width, 3) uint8 under a figure: a colour bar, which face is which, what the
-    colours mean for ``method`` and how strong they are."""
+    colours mean for ``method`` and how strong they are (``weighted``: the map drawn is
+    weighted by the region effects, ``ExplanationMap.drawn``)."""
     Image = require_pillow()
     from PIL import ImageDraw
 
@@ -97,8 +99,10 @@ def legend_strip(width: int, method: str | None, *,
     draw = ImageDraw.Draw(image)
     draw.text((bar.shape[0] + 10, 1), f"{method or 'map'} · {faces}", fill=(40, 40, 40))
     draw.text((4, 14), " · ".join((*words, "pale: weak")), fill=(40, 40, 40))
-    draw.text((4, 28), "strength relative to the strongest spot on each face",
-              fill=(90, 90, 90))
+    scale = "strength relative to the strongest spot on each face"
+    if weighted:
+        scale = "weighted by the region effects · relative to the strongest spot"
+    draw.text((4, 28), scale, fill=(90, 90, 90))
     return np.asarray(image)
 
 

@@ -23,7 +23,6 @@ import io
 import numpy as np
 
 from .arrays import require_pillow
-from .overlay import side_by_side
 from .results import ExplainedMatch, ExplainResult, FaceAlignment
 
 PHOTO_MAX_SIDE = 560
@@ -110,10 +109,7 @@ def _pair_figure(e: ExplainedMatch, method: str) -> bytes | np.ndarray:
     m = e.map(method, "query")
     if m.pair_figure_png:
         return m.pair_figure_png
-    from .overlay import legend_strip
-
-    row = side_by_side([e.overlay(method, "query", scale=2), e.overlay(method, "gallery", scale=2)])
-    return np.concatenate([row, legend_strip(row.shape[1], method)])
+    return e.overlay_pair(method, alpha=0.6)
 
 
 def gallery_name(e: ExplainedMatch) -> str:

@@ -251,6 +251,9 @@ class ExplanationMap:
     photo_overlay_png: bytes = b""
     regions: tuple[RegionShare, ...] = ()  # eyes, brows, nasal_bridge, nose, mouth, chin, ...
     pair_figure_png: bytes = b""  # query side, when pair figures were asked for
+    # (h, w) what pictures draw when it is not ``aligned``: with region effects, contrast
+    # and similarity weighted by them (each region's measured effect as its mass)
+    drawn: np.ndarray | None = None
 
     @classmethod
     def from_proto(cls, m: phenolens_pb2.Map) -> ExplanationMap:
@@ -258,7 +261,13 @@ class ExplanationMap:
                    optional_array(m.photo, copy=False), optional_array(m.feature, copy=False),
                    m.overlay_png, m.photo_overlay_png,
                    tuple(RegionShare(r.region, r.positive, r.negative) for r in m.regions),
-                   m.pair_figure_png)
+                   m.pair_figure_png, optional_array(m.drawn, copy=False))
+
+    @property
+    def picture(self) -> np.ndarray:
+        """(h, w) on the aligned crop: what a picture of this map draws (``drawn`` when the
+        server weighted it by the region effects, else ``aligned``)."""
+        return self.aligned if self.drawn is None else self.drawn
 
     def regions_json(self) -> dict[str, dict[str, float]]:
         """``{"eyes": {"positive": 0.1, "negative": 0.48}, ...}`` (the CLI's ``"regions"``)."""
@@ -445,7 +454,7 @@ class ExplainedMatch:
         crop = decode_png(crop_png)
         if scale > 1:
             crop = np.repeat(np.repeat(crop, scale, axis=0), scale, axis=1)
-        return overlay.render_overlay(crop, m.aligned, alpha=alpha)
+        return overlay.render_overlay(crop, m.picture, alpha=alpha)
 
     def save_overlay(self, path: str | Path, method: str | None = None,
                      side: Side | Literal["both"] = "both", *,
@@ -456,14 +465,23 @@ class ExplainedMatch:
         Red cells pull the faces together, blue cells push them apart (for ``contrast``:
         blue marks what differs from the other face); a legend line says so under the faces."""
         if side == "both":
-            images = [self.overlay(method, "query", coords=coords, alpha=alpha, scale=scale),
-                      self.overlay(method, "gallery", alpha=alpha, scale=scale)]
-            row = overlay.side_by_side(images)
-            name = method or (self.methods[0] if self.methods else None)
-            legend = overlay.legend_strip(row.shape[1], name)
-            return overlay.save_png(np.concatenate([row, legend]), path)
+            return overlay.save_png(
+                self.overlay_pair(method, coords=coords, alpha=alpha, scale=scale), path)
         return overlay.save_png(
             self.overlay(method, side, coords=coords, alpha=alpha, scale=scale), path)
+
+    def overlay_pair(self, method: str | None = None, *,
+                     coords: Literal["aligned", "photo"] = "aligned", alpha: float = 0.75,
+                     scale: int = 2) -> np.ndarray:
+        """(H, W, 3) uint8: query | gallery overlays side by side (``coords`` for the
+        query), with the legend in words under them (needs Pillow)."""
+        row = overlay.side_by_side(
+            [self.overlay(method, "query", coords=coords, alpha=alpha, scale=scale),
+             self.overlay(method, "gallery", alpha=alpha, scale=scale)])
+        name = method or (self.methods[0] if self.methods else None)
+        legend = overlay.legend_strip(row.shape[1], name,
+                                      weighted=self.map(method).drawn is not None)
+        return np.concatenate([row, legend])
 
 
 @dataclass(frozen=True, eq=False)

@@ -58,6 +58,9 @@ def _from_parts(p, encoder_id: str, view_scheme: str) -> phenolens_pb2.Explained
         if m.query_feature is not None:
             q.feature.CopyFrom(to_float_array(m.query_feature))
             g.feature.CopyFrom(to_float_array(m.gallery_feature))
+        if m.query_drawn is not None:
+            q.drawn.CopyFrom(to_float_array(m.query_drawn))
+            g.drawn.CopyFrom(to_float_array(m.gallery_drawn))
         maps += [q, g]
     pair = p.pair
     return phenolens_pb2.ExplainedMatch(

@@ -316,3 +316,28 @@ def test_explain_sends_region_effects_for_the_hits_asked(reader, photo_paths, ga
     assert min(r.alike for r in query.regions) < -0.02
     assert top.contrast_share is not None and 0.2 < top.contrast_share < 2.0
     assert "region effects not measured" in second.describe("query")
+
+
+def test_with_region_effects_the_maps_sent_for_pictures_carry_each_regions_measured_effect(
+        reader, photo_paths):
+    """``Map.drawn`` is what the server's figures draw: each region's mass is minus the
+    region's measured effect (alike for similarity, differs for contrast), so a picture the
+    client draws from it names the region the words name; maps without effects send none."""
+    from explain.effects import effect_region_stack
+
+    result = reader.explain(photo_paths["person_a_2.jpg"], top_k=2, effects=1,
+                            methods=["similarity", "contrast", "gradcam"], photo_maps=False)
+    top, second = result.explanations
+    for side in ("query", "gallery"):
+        effects = {r.region: r for r in top.effects_of(side).regions}
+        masks = effect_region_stack(top.map("similarity", side).aligned.shape, tuple(effects))
+        for method, kind in (("similarity", "alike"), ("contrast", "differs")):
+            m = top.map(method, side)
+            assert m.drawn is not None and m.picture is m.drawn
+            assert not np.allclose(m.drawn, m.aligned)
+            mass = [float(m.drawn[mask].sum()) for mask in masks]
+            want = [-getattr(effects[r], kind) for r in effects]
+            np.testing.assert_allclose(mass, want, atol=2e-4)
+        assert top.map("gradcam", side).drawn is None  # gradcam is drawn as it is
+    assert all(m.drawn is None for m in second.maps)
+    assert second.map("contrast").picture is second.map("contrast").aligned

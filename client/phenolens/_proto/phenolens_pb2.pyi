@@ -155,7 +155,7 @@ class RegionShare(_message.Message):
     def __init__(self, region: _Optional[str] = ..., positive: _Optional[float] = ..., negative: _Optional[float] = ...) -> None: ...
 
 class Map(_message.Message):
-    __slots__ = ("method", "side", "aligned", "photo", "feature", "overlay_png", "photo_overlay_png", "regions", "pair_figure_png")
+    __slots__ = ("method", "side", "aligned", "photo", "feature", "overlay_png", "photo_overlay_png", "regions", "pair_figure_png", "drawn")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SIDE_FIELD_NUMBER: _ClassVar[int]
     ALIGNED_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class Map(_message.Message):
     PHOTO_OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     PAIR_FIGURE_PNG_FIELD_NUMBER: _ClassVar[int]
+    DRAWN_FIELD_NUMBER: _ClassVar[int]
     method: str
     side: Side
     aligned: _types_pb2.FloatArray
@@ -174,7 +175,8 @@ class Map(_message.Message):
     photo_overlay_png: bytes
     regions: _containers.RepeatedCompositeFieldContainer[RegionShare]
     pair_figure_png: bytes
-    def __init__(self, method: _Optional[str] = ..., side: _Optional[_Union[Side, str]] = ..., aligned: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., photo: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., feature: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., photo_overlay_png: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[RegionShare, _Mapping]]] = ..., pair_figure_png: _Optional[bytes] = ...) -> None: ...
+    drawn: _types_pb2.FloatArray
+    def __init__(self, method: _Optional[str] = ..., side: _Optional[_Union[Side, str]] = ..., aligned: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., photo: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., feature: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., photo_overlay_png: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[RegionShare, _Mapping]]] = ..., pair_figure_png: _Optional[bytes] = ..., drawn: _Optional[_Union[_types_pb2.FloatArray, _Mapping]] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("match", "methods", "photo_maps", "overlays", "gallery_crops", "feature_maps", "gallery_ids", "method_options", "pair_figures", "effects")
