@@ -104,10 +104,9 @@ def _train_head(base, gallery, seed: int, config: PlantedConfig):
     """The fold's fine-tuned encoder, started as ``config.init`` says. ``init="lda"`` is
     closed-form (no gradient steps, no epoch to select), so it is fitted on every gallery
     face (``research.train.fit_lda_head``: with ``config.flip``, also its mirror image,
-    which the mirrored view shows it; with their neutral edits, the protocol's neutral face
-    being the gallery's mean); other starts are trained on all but two gallery people and
+    which the mirrored view shows it; with their neutral edits, the neutral face being the
+    gallery's mean, ``fit_lda_head``'s default); other starts are trained on all but two gallery people and
     stopped early on those two."""
-    from explain.effects import mean_face
     from research.train import (
         LabelledFeatures,
         TrainConfig,
@@ -120,8 +119,7 @@ def _train_head(base, gallery, seed: int, config: PlantedConfig):
     labels, subjects = [s.label for s in gallery], [s.subject for s in gallery]
     ids = [s.image_id for s in gallery]
     if config.init == "lda":
-        return fit_lda_head(base, crops, labels, subjects, ids, neutral=mean_face(crops),
-                            mirror=config.flip,
+        return fit_lda_head(base, crops, labels, subjects, ids, mirror=config.flip,
                             config=TrainConfig(seed=seed, init="lda", max_epochs=0)).model
     feats = LabelledFeatures(extract_features(base, crops), tuple(labels), tuple(subjects),
                              tuple(ids))
