@@ -439,9 +439,12 @@ class ExplainedMatch:
 
     def overlay(self, method: str | None = None, side: Side = "query", *,
                 coords: Literal["aligned", "photo"] = "aligned", alpha: float = 0.6,
-                scale: int = 1) -> np.ndarray:
+                scale: int = 1, weighted: bool = True) -> np.ndarray:
         """(H, W, 3) uint8 rendering of one map over its face (needs Pillow); aligned crops
-        are enlarged ``scale`` times first (crops are small: 112 pixels for ArcFace)."""
+        are enlarged ``scale`` times first (crops are small: 112 pixels for ArcFace). On the
+        crop it draws ``ExplanationMap.picture`` (weighted by the region effects when the
+        server sent them), or with ``weighted=False`` the method's own map; on the photo
+        always the method's own (the weighting is made on the crop's regions)."""
         m = self.map(method, side)
         if coords == "photo":
             if side != "query" or m.photo is None or self.query_photo is None:
@@ -454,7 +457,7 @@ class ExplainedMatch:
         crop = decode_png(crop_png)
         if scale > 1:
             crop = np.repeat(np.repeat(crop, scale, axis=0), scale, axis=1)
-        return overlay.render_overlay(crop, m.picture, alpha=alpha)
+        return overlay.render_overlay(crop, m.picture if weighted else m.aligned, alpha=alpha)
 
     def save_overlay(self, path: str | Path, method: str | None = None,
                      side: Side | Literal["both"] = "both", *,
@@ -474,14 +477,15 @@ class ExplainedMatch:
                      coords: Literal["aligned", "photo"] = "aligned", alpha: float = 0.75,
                      scale: int = 2) -> np.ndarray:
         """(H, W, 3) uint8: query | gallery overlays side by side (``coords`` for the
-        query), with the legend in words under them (needs Pillow)."""
+        query), with the legend in words under them (needs Pillow). Both faces are drawn
+        alike: weighted by the region effects when the server sent them and the query is
+        on its crop, else with the method's own maps."""
+        weighted = coords == "aligned" and self.map(method).drawn is not None
         row = overlay.side_by_side(
             [self.overlay(method, "query", coords=coords, alpha=alpha, scale=scale),
-             self.overlay(method, "gallery", alpha=alpha, scale=scale)])
+             self.overlay(method, "gallery", alpha=alpha, scale=scale, weighted=weighted)])
         name = method or (self.methods[0] if self.methods else None)
-        legend = overlay.legend_strip(row.shape[1], name,
-                                      weighted=self.map(method).drawn is not None)
-        return np.concatenate([row, legend])
+        return np.concatenate([row, overlay.legend_strip(row.shape[1], name, weighted=weighted)])
 
 
 @dataclass(frozen=True, eq=False)

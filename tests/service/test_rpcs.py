@@ -339,5 +339,8 @@ def test_with_region_effects_the_maps_sent_for_pictures_carry_each_regions_measu
             want = [-getattr(effects[r], kind) for r in effects]
             np.testing.assert_allclose(mass, want, atol=2e-4)
         assert top.map("gradcam", side).drawn is None  # gradcam is drawn as it is
+        # the client's overlay draws the weighted map unless asked for the method's own
+        assert not np.array_equal(top.overlay("similarity", side),
+                                  top.overlay("similarity", side, weighted=False))
     assert all(m.drawn is None for m in second.maps)
     assert second.map("contrast").picture is second.map("contrast").aligned
